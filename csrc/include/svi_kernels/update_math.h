@@ -1,0 +1,116 @@
+#pragma once
+// The one per-element formula of every update in svi_kernels.
+//
+// csrc/cpu instantiates these templates with float/double (scalar tail) and
+// at::vec::Vectorized<float>/<double> (vector body); csrc/cuda instantiates them
+// with float/double in registers. svi_kernels/triton mirrors the same expression
+// order, and svi_kernels/backends/reference.py is the plain PyTorch oracle.
+// docs/kernels.md is the formula table all of them cite.
+//
+// Only + - * / and svi_sqrt() are used, so V may be a scalar or a SIMD vector.
+// Coefficients arrive already broadcast to V (the caller does it once per chunk).
+// Low-precision params (fp16/bf16) are converted to float before these are called.
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SVI_HD __host__ __device__ __forceinline__
+#else
+#define SVI_HD inline
+#endif
+
+#include <cmath>
+
+namespace svi_kernels {
+namespace math {
+
+// Scalar sqrt for host and device; the CPU code adds an overload for
+// at::vec::Vectorized (declared before this header's templates are instantiated).
+SVI_HD float svi_sqrt(float x) { return ::sqrtf(x); }
+SVI_HD double svi_sqrt(double x) { return ::sqrt(x); }
+
+// ---------------------------------------------------------------- Adam / AdamW
+// Matches torch.optim.AdamW (decoupled) and torch.optim.Adam (L2) for one element.
+// Host computes (in double): step_size = lr / (1 - beta1^t),
+//   bias_correction2_sqrt = sqrt(1 - beta2^t), decay = 1 - lr * weight_decay.
+// Without bias correction (original BERT Adam) both corrections are 1.
+template <typename V>
+struct AdamCoeffs {
+  V one_minus_beta1;        // 1 - beta1
+  V beta2;
+  V one_minus_beta2;        // 1 - beta2
+  V eps;
+  V weight_decay;           // used only for L2 (decoupled == false)
+  V decay;                  // 1 - lr * weight_decay, used only when decoupled
+  V step_size;              // lr / bias_correction1
+  V bias_correction2_sqrt;
+};
+
+template <typename V>
+SVI_HD void adam_elem(V& p, V g, V& m, V& v, const AdamCoeffs<V>& c,
+                      bool decoupled, bool has_weight_decay, bool maximize) {
+  if (maximize) g = V(0) - g;
+  if (has_weight_decay) {
+    if (decoupled) p = p * c.decay;
+    else g = g + c.weight_decay * p;
+  }
+  m = m + c.one_minus_beta1 * (g - m);            // torch.lerp for weight < 0.5
+  v = c.beta2 * v + c.one_minus_beta2 * (g * g);
+  V denom = svi_sqrt(v) / c.bias_correction2_sqrt + c.eps;
+  p = p - c.step_size * (m / denom);
+}
+
+// ------------------------------------------------- momentum SGD (SVI-SGD base)
+// Matches torch.optim.SGD(momentum, dampening=0, nesterov, weight_decay) given a
+// zero-initialised buffer (mu * 0 + g == g, so the first step equals torch's).
+template <typename V>
+struct SgdCoeffs {
+  V lr;
+  V momentum;
+  V weight_decay;
+};
+
+template <typename V>
+SVI_HD void sgd_momentum_elem(V& p, V g, V& buf, const SgdCoeffs<V>& c,
+                              bool nesterov, bool has_weight_decay, bool maximize) {
+  if (maximize) g = V(0) - g;
+  if (has_weight_decay) g = g + c.weight_decay * p;
+  buf = c.momentum * buf + g;
+  V d = nesterov ? g + c.momentum * buf : buf;
+  p = p - c.lr * d;
+}
+
+// ------------------------------------------------------------- line search
+// (a) SGD: save w0 = p and accumulate ||g||^2 (the caller sums g * g).
+template <typename V>
+SVI_HD V ls_sq(V g) { return g * g; }
+
+// (a) Adam: update the moments before the search, save w0, and return the
+// preconditioned term g^2 / (sqrt(v_hat) + eps) for the sufficient-decrease sum.
+template <typename V>
+SVI_HD V ls_adam_prepare_elem(V g, V& m, V& v, V one_minus_beta1, V beta2,
+                              V one_minus_beta2, V eps, V bias_correction2_sqrt) {
+  m = m + one_minus_beta1 * (g - m);
+  v = beta2 * v + one_minus_beta2 * (g * g);
+  V denom = svi_sqrt(v) / bias_correction2_sqrt + eps;
+  return (g * g) / denom;
+}
+
+// (b) trial points: p = w0 - eta * d, with d = g (SGD) or g / (sqrt(v_hat) + eps) (Adam).
+template <typename V>
+SVI_HD V ls_trial_sgd_elem(V w0, V g, V eta) { return w0 - eta * g; }
+
+template <typename V>
+SVI_HD V ls_trial_adam_elem(V w0, V g, V v, V eta, V eps, V bias_correction2_sqrt) {
+  V denom = svi_sqrt(v) / bias_correction2_sqrt + eps;
+  return w0 - eta * (g / denom);
+}
+
+// (c) final Adam step from w0 with momentum: p = w0 - (eta / bc1) * m / (sqrt(v_hat) + eps).
+// The host passes eta_over_bc1 = eta / bias_correction1.
+template <typename V>
+SVI_HD V ls_final_adam_elem(V w0, V m, V v, V eta_over_bc1, V eps, V bias_correction2_sqrt) {
+  V denom = svi_sqrt(v) / bias_correction2_sqrt + eps;
+  return w0 - eta_over_bc1 * (m / denom);
+}
+
+}  // namespace math
+}  // namespace svi_kernels

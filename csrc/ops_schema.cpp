@@ -1,0 +1,29 @@
+// Declares the svi_kernels operator library. CPU kernels register in csrc/cpu,
+// CUDA kernels in csrc/cuda; Python fake (meta) kernels live in
+// svi_kernels/backends/compiled.py so torch.compile can trace the ops.
+// Every op takes lists of tensors of ONE device and ONE dtype (a fused group),
+// and launches once for the whole list.
+#include <torch/library.h>
+
+TORCH_LIBRARY(svi_kernels, m) {
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, float bias_correction1, "
+      "float bias_correction2_sqrt, bool maximize) -> ()");
+  m.def(
+      "sgd_momentum_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, float momentum, bool nesterov, float weight_decay, bool maximize) -> ()");
+  m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
+  m.def(
+      "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
+      "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] w0, float beta1, float beta2, float eps, "
+      "float bias_correction2_sqrt) -> Tensor");
+  m.def("ls_trial_sgd(Tensor(a!)[] params, Tensor[] w0, Tensor[] grads, float[] etas) -> ()");
+  m.def(
+      "ls_trial_adam(Tensor(a!)[] params, Tensor[] w0, Tensor[] grads, Tensor[] exp_avg_sqs, "
+      "float[] etas, float eps, float bias_correction2_sqrt) -> ()");
+  m.def(
+      "ls_final_adam(Tensor(a!)[] params, Tensor[] w0, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "float[] etas, float eps, float bias_correction1, float bias_correction2_sqrt) -> ()");
+}

@@ -1,0 +1,86 @@
+"""The compiled extension's ops (``torch.ops.svi_kernels.*``), for the "cpu" and "cuda" backends.
+
+The C++ library (``svi_kernels._C``) registers one schema per op (csrc/ops_schema.cpp) with a CPU
+kernel (csrc/cpu) and, when built with CUDA, a CUDA kernel (csrc/cuda). PyTorch's dispatcher picks
+the kernel from the tensors' device, so both backends share these wrappers; they differ only in
+which device they accept. Importing this module never fails: ``load()`` reports why the extension
+is missing instead.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_load_error: Optional[str] = None
+_loaded = False
+
+
+def load() -> tuple[bool, str]:
+    """Import the extension once; returns (ok, reason)."""
+    global _loaded, _load_error
+    if not _loaded and _load_error is None:
+        try:
+            importlib.import_module("svi_kernels._C")
+            _loaded = True
+        except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
+            _load_error = (
+                f"the compiled extension svi_kernels._C could not be imported ({type(exc).__name__}: {exc}); "
+                "build it with `pip install --no-build-isolation .` after installing torch"
+            )
+    return (True, "compiled extension svi_kernels._C") if _loaded else (False, _load_error or "")
+
+
+def has_cuda_kernels() -> bool:
+    if not load()[0]:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("svi_kernels::adam_step", "CUDA")
+
+
+def _ops():
+    ok, why = load()
+    if not ok:
+        raise RuntimeError(why)
+    return torch.ops.svi_kernels
+
+
+def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
+    _ops().adam_step(params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
+                     float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
+                     bool(maximize))
+
+
+def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
+                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
+    _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
+                             float(weight_decay), bool(maximize))
+
+
+def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
+    return _ops().ls_save_sgd(params, grads, w0)
+
+
+def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                 w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
+    return _ops().ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
+                               float(bias_correction2_sqrt))
+
+
+def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
+    _ops().ls_trial_sgd(params, w0, grads, [float(e) for e in etas])
+
+
+def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
+                  etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
+    _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, [float(e) for e in etas], float(eps),
+                         float(bias_correction2_sqrt))
+
+
+def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                  etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, [float(e) for e in etas], float(eps),
+                         float(bias_correction1), float(bias_correction2_sqrt))
