@@ -1,0 +1,95 @@
+"""Closure evaluation for the line-search optimizers (the SLS closure contract).
+
+The closure returns the loss and does not call backward. The first evaluation runs with grad
+enabled and is backpropagated here; trial evaluations run under ``torch.no_grad()``. Every
+evaluation of one step starts from the same RNG state, so dropout masks match (Vaswani et al. run
+the closure under a fixed seed for the same reason). Under ``torch.distributed`` the losses are
+averaged over ranks, so every rank takes the same Armijo decision and replicas stay identical.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, List
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss at the start of a line-search step is NaN or inf."""
+
+
+class ClosureRunner:
+    def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor], counters: dict):
+        if closure is None:
+            raise RuntimeError(
+                f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
+                "the closure returns the loss and must not call backward()")
+        self.name = opt_name
+        self.closure = closure
+        self.params = params
+        self.counters = counters
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = (torch.cuda.get_rng_state_all()
+                         if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+    def _restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def _check_loss(self, loss) -> Tensor:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"{self.name}: the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"{self.name}: the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+        return loss
+
+    def first(self) -> tuple[Tensor, float]:
+        """Evaluate f(w0) with grad, check it, backpropagate; returns (loss, f0 as float)."""
+        self._restore_rng()
+        before = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
+        with torch.enable_grad():
+            loss = self._check_loss(self.closure())
+        after = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
+        self.counters["n_forwards"] += 1
+        if before != after:
+            raise RuntimeError(
+                f"{self.name}: the closure changed gradients (it called backward itself?). The closure must "
+                "only return the loss; step() calls backward on the first evaluation")
+        if not loss.requires_grad:
+            raise RuntimeError(
+                f"{self.name}: the closure's loss does not require grad (was it detached or computed under "
+                "no_grad?); step() needs to call backward on it")
+        f0 = reduce_loss(float(loss.detach()))
+        if not math.isfinite(f0):
+            raise NonFiniteLossError(
+                f"{self.name}: the loss at the start of the line-search step is {f0}; parameters and optimizer "
+                "state were left unchanged")
+        loss.backward()
+        self.counters["n_backwards"] += 1
+        return loss, f0
+
+    def trial(self) -> float:
+        """Evaluate f at the current (trial) parameters without grad; NaN/inf is returned as is."""
+        self._restore_rng()
+        with torch.no_grad():
+            loss = self._check_loss(self.closure())
+        self.counters["n_forwards"] += 1
+        return reduce_loss(float(loss))
+
+
+def reduce_loss(value: float) -> float:
+    """Average a loss over ranks when torch.distributed is initialised (same decision on every rank)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return value
+
+
+def all_params(groups: Iterable[dict]) -> List[Tensor]:
+    return [p for g in groups for p in g["params"]]

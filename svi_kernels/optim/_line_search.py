@@ -1,0 +1,229 @@
+"""Machinery shared by ArmijoSGD, AdamSLS and LayerwiseAdamSLS.
+
+A step works on the tensors of several param groups at once: it buckets them by (device, dtype)
+so each phase (save w0 and reduce, trial point, final step) is one fused launch per bucket, with
+one step size per tensor where groups differ. Scratch copies ``w0`` live outside ``self.state``:
+they are meaningful only inside a step, so checkpoints do not carry them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _common as C
+from .adamw import adam_scalars
+
+LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
+
+
+def reset_step_size(eta: float, group: dict) -> float:
+    """Vaswani et al.'s reset before each search: 0 keep, 1 grow by gamma^(1/n_batches_per_epoch), 2 restart."""
+    option = group["reset_option"]
+    if option == 0:
+        return eta
+    if option == 1:
+        return eta * group["gamma"] ** (1.0 / group["n_batches_per_epoch"])
+    if option == 2:
+        return float(group["init_step_size"])
+    raise ValueError(f"Invalid reset_option {option!r} (expected 0, 1 or 2)")
+
+
+def check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks) -> None:
+    if int(n_batches_per_epoch) < 1:
+        raise ValueError(f"Invalid n_batches_per_epoch: {n_batches_per_epoch} (must be >= 1)")
+    C.check_positive(init_step_size, "init_step_size")
+    C.check_open_unit(c, "c")
+    C.check_open_unit(beta_b, "beta_b")
+    C.check_positive(gamma, "gamma")
+    if int(max_backtracks) < 1:
+        raise ValueError(f"Invalid max_backtracks: {max_backtracks} (must be >= 1)")
+
+
+class StepTensors:
+    """The tensors with gradients of some param groups for one step, with their group index."""
+
+    def __init__(self, opt: "LineSearchOptimizer", with_moments: bool):
+        self.params: List[Tensor] = []
+        self.grads: List[Tensor] = []
+        self.exp_avgs: List[Tensor] = []
+        self.exp_avg_sqs: List[Tensor] = []
+        self.w0: List[Tensor] = []
+        self.gid: List[int] = []
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.params.append(p)
+                self.grads.append(p.grad)
+                self.w0.append(opt._scratch(p))
+                self.gid.append(gi)
+                if with_moments:
+                    st = opt.state[p]
+                    if "exp_avg" not in st:
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.exp_avgs.append(st["exp_avg"])
+                    self.exp_avg_sqs.append(st["exp_avg_sq"])
+        self.n_groups = len(opt.param_groups)
+        self.groups = opt.param_groups
+        self.launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
+
+    def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
+        """(device, group, lists, positions) per fused bucket over the selected groups.
+
+        A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps, backend),
+        so groups that agree on them share one launch.
+        """
+        sel = [i for i, g in enumerate(self.gid) if gids is None or g in gids]
+        if not sel:
+            return []
+        lists = [[getattr(self, n)[i] for i in sel] for n in names]
+        keys = [self.launch_key[self.gid[i]] for i in sel]
+        out = []
+        for key, (blists, idx) in C.group_by(lists, extra_keys=keys).items():
+            pos = [sel[i] for i in idx]
+            out.append((key[0], self.groups[self.gid[pos[0]]], blists, pos))
+        return out
+
+    def per_group(self, per_tensor: Dict[int, float]) -> List[float]:
+        sums = [0.0] * self.n_groups
+        for i, v in per_tensor.items():
+            sums[self.gid[i]] += v
+        return sums
+
+
+class LineSearchOptimizer(Optimizer):
+    """Base class: state bookkeeping, scratch buffers and the fused phases."""
+
+    _name = "LineSearchOptimizer"
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        self._w0: Dict[Tensor, Tensor] = {}
+
+    # ---------------------------------------------------------------- state
+    @property
+    def ls_state(self) -> dict:
+        """Counters and step sizes: ``step``, ``n_forwards``, ``n_backwards``, ``step_sizes`` (one per
+        param group), ``n_backtracks`` and ``found`` (last step, per group), ``total_backtracks``."""
+        if LS_KEY not in self.state:
+            self.state[LS_KEY] = {
+                "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
+                "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],
+                "n_backtracks": [0] * len(self.param_groups),
+                "found": [True] * len(self.param_groups),
+            }
+        return self.state[LS_KEY]
+
+    @property
+    def n_forwards(self) -> int:
+        return self.ls_state["n_forwards"]
+
+    @property
+    def n_backwards(self) -> int:
+        return self.ls_state["n_backwards"]
+
+    def load_state_dict(self, state_dict):
+        # torch keeps non-parameter state entries by reference; copy ours so that stepping after a
+        # load never mutates the checkpoint the caller still holds.
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        if LS_KEY in state_dict["state"]:
+            state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise KeyError(f"{self._name}.load_state_dict: state_dict lacks {missing}")
+        super().load_state_dict(state_dict)
+        ls = self.state.get(LS_KEY)
+        if ls is not None and len(ls["step_sizes"]) != len(self.param_groups):
+            raise ValueError(f"{self._name}.load_state_dict: {len(ls['step_sizes'])} step sizes for "
+                             f"{len(self.param_groups)} param groups")
+
+    def _scratch(self, p: Tensor) -> Tensor:
+        buf = self._w0.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.contiguous_format if p.is_contiguous()
+                                   else torch.preserve_format)
+            self._w0[p] = buf
+        return buf
+
+    def _check_inputs(self) -> None:
+        for group in self.param_groups:
+            C.check_params(self._name, group["params"])
+
+    # --------------------------------------------------------- fused phases
+    # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
+    def _save_sgd(self, t: StepTensors) -> List[float]:
+        """w0 <- p and sum(g^2) per group."""
+        per_tensor: Dict[int, float] = {}
+        for device, g, lists, pos in t.buckets(["params", "grads", "w0"]):
+            impl = C.backend_for(g["backend"], device, lists)
+            per_tensor.update(zip(pos, impl.ls_save_sgd(*lists).double().cpu().tolist()))
+        return t.per_group(per_tensor)
+
+    def _save_adam(self, t: StepTensors, step: int) -> List[float]:
+        """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per group."""
+        per_tensor: Dict[int, float] = {}
+        for device, g, lists, pos in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
+            beta1, beta2 = g["betas"]
+            _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
+            impl = C.backend_for(g["backend"], device, lists)
+            sums = impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
+            per_tensor.update(zip(pos, sums.double().cpu().tolist()))
+        return t.per_group(per_tensor)
+
+    def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
+        for device, g, lists, pos in t.buckets(["params", "w0", "grads"], gids=list(etas)):
+            impl = C.backend_for(g["backend"], device, lists)
+            impl.ls_trial_sgd(*lists, [etas[t.gid[i]] for i in pos])
+
+    def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
+        for device, g, lists, pos in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
+            _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
+            impl = C.backend_for(g["backend"], device, lists)
+            impl.ls_trial_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
+
+    def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
+        for device, g, lists, pos in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
+            bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
+            impl = C.backend_for(g["backend"], device, lists)
+            impl.ls_final_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction1=bc1,
+                               bias_correction2_sqrt=bc2_sqrt)
+
+    # --------------------------------------------------------- the search
+    def _armijo(self, runner, f0: float, eta: float, s: float, group: dict, try_point) -> tuple[float, int, bool]:
+        """Backtrack from ``eta`` until f0 - f(trial) >= c * eta * s (NaN/inf counts as a failure).
+
+        Returns (eta, number of failed trials, found). After ``max_backtracks`` failures eta has been
+        reduced once per failure, as in the reference code.
+        """
+        c, beta_b = group["c"], group["beta_b"]
+        for e in range(int(group["max_backtracks"])):
+            try_point(eta)
+            f1 = runner.trial()
+            if math.isfinite(f1) and f1 <= f0 - c * eta * s:
+                return eta, e, True
+            eta *= beta_b
+        return eta, int(group["max_backtracks"]), False
+
+    def _record(self, gi: int, eta: float, backtracks: int, found: bool) -> None:
+        ls = self.ls_state
+        ls["step_sizes"][gi] = eta
+        ls["n_backtracks"][gi] = backtracks
+        ls["found"][gi] = found
+        ls["total_backtracks"] += backtracks
+
+
+def grads_finite(t: StepTensors) -> bool:
+    """One reduction pass over the gradients (Adam variants check before touching their moments)."""
+    for _device, _g, lists, _pos in t.buckets(["grads"]):
+        low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
+        norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
+        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+            return False
+    return True

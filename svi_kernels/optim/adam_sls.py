@@ -1,0 +1,75 @@
+"""AdamSLS: Adam with an Armijo line search on the preconditioned gradient (Kenneweg et al. 2023, ADAMSLS).
+
+Per step: Adam moments are updated before the search; trials ``w0 - eta * g / (sqrt(v_hat) + eps)``
+(no momentum) are accepted when ``f0 - f1 >= c * eta * sum(g^2 / (sqrt(v_hat) + eps))``, backtracking
+by ``beta_b`` from ``eta * gamma^(1/n_batches_per_epoch)``; the final step is
+``w0 - eta * m_hat / (sqrt(v_hat) + eps)`` (with momentum). Bias correction uses t = completed steps + 1.
+After ``max_backtracks`` failures eta is simply the reduced value (the authors' code has no 1e-6 fallback)
+and ``ls_state["found"]`` says so. The search is skipped (final step with the grown eta) when the
+preconditioned norm is below 1e-8 or the loss is exactly 0. With several param groups each group is
+searched in turn, the earlier ones already at their new values.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+from . import _common as C
+from ._closure import ClosureRunner, all_params
+from ._line_search import (LineSearchOptimizer, StepTensors, check_ls_hyperparameters, grads_finite,
+                           reset_step_size)
+
+MIN_PRECOND_NORM = 1e-8
+
+
+class AdamSLS(LineSearchOptimizer):
+    _name = "AdamSLS"
+
+    def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
+                 betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
+                 backend: Optional[str] = None):
+        check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
+        C.check_betas(betas)
+        C.check_nonneg(eps, "eps")
+        if reset_option not in (0, 1, 2):
+            raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
+        defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
+                        beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
+                        reset_option=reset_option, backend=C._backends.validate(backend))
+        super().__init__(params, defaults)
+
+    def _begin(self, closure):
+        """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step)."""
+        self._check_inputs()
+        ls = self.ls_state
+        runner = ClosureRunner(self._name, closure, all_params(self.param_groups), ls)
+        loss, f0 = runner.first()
+        self._check_inputs()
+        t = StepTensors(self, with_moments=True)
+        if not grads_finite(t):
+            raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
+        step = ls["step"] + 1
+        s = self._save_adam(t, step)
+        return runner, loss, f0, t, s, step
+
+    def _search(self, runner, f0, t, s: float, gids: List[int], eta: float, group: dict, step: int):
+        """Armijo search moving the groups ``gids`` together with one eta; returns (eta, backtracks, found)."""
+        if s < MIN_PRECOND_NORM or f0 == 0.0:
+            return eta, 0, True
+        return self._armijo(runner, f0, eta, s, group,
+                            lambda e: self._trial_adam(t, {g: e for g in gids}, step))
+
+    def step(self, closure=None):
+        """One ADAMSLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
+        with torch.no_grad():
+            runner, loss, f0, t, s, step = self._begin(closure)
+            ls = self.ls_state
+            for gi, group in enumerate(self.param_groups):
+                eta = reset_step_size(ls["step_sizes"][gi], group)
+                eta, backtracks, found = self._search(runner, f0, t, s[gi], [gi], eta, group, step)
+                self._final_adam(t, {gi: eta}, step)
+                self._record(gi, eta, backtracks, found)
+            ls["step"] += 1
+        return loss

@@ -1,0 +1,114 @@
+"""AdamW with a fused multi-tensor step; ``correct_bias=False`` is the original BERT Adam.
+
+The state layout is torch.optim.AdamW's (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``), so a
+torch AdamW checkpoint loads into this optimizer and back.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _common as C
+
+
+class AdamW(Optimizer):
+    """Decoupled-weight-decay Adam (Loshchilov & Hutter), as ``torch.optim.AdamW``.
+
+    Args:
+        params: parameters or param groups.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (``lr`` may be a 0-d tensor).
+        correct_bias: apply Adam's bias corrections (True, Mosbach et al.'s stable recipe) or not
+            (False, the original BERT Adam).
+        maximize: maximise the objective instead of minimising it.
+        backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
+                 backend: Optional[str] = None):
+        C.check_lr(lr)
+        C.check_betas(betas)
+        C.check_nonneg(eps, "eps")
+        C.check_nonneg(weight_decay, "weight_decay")
+        if amsgrad:
+            raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad yet; use torch.optim.AdamW")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        maximize=maximize, amsgrad=False, backend=C._backends.validate(backend),
+                        foreach=None, capturable=False, differentiable=False, fused=None)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        # Groups loaded from a torch.optim.AdamW checkpoint lack our keys.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("correct_bias", True)
+            group.setdefault("backend", None)
+            group.setdefault("maximize", False)
+            group.setdefault("amsgrad", False)
+            if group["amsgrad"]:
+                raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad; the state_dict asks for it")
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every group before touching any: bad input never leaves a half-updated model.
+        for group in self.param_groups:
+            C.check_params("AdamW", group["params"])
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
+            adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                  eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
+                  maximize=group["maximize"], backend=group["backend"])
+        return loss
+
+
+def adam_scalars(step: float, beta1: float, beta2: float, correct_bias: bool) -> tuple[float, float]:
+    """(bias_correction1, sqrt(bias_correction2)) in double, as torch computes them."""
+    if not correct_bias:
+        return 1.0, 1.0
+    return 1.0 - beta1 ** step, math.sqrt(1.0 - beta2 ** step)
+
+
+def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+          state_steps: List[Tensor], *, lr, beta1: float, beta2: float, eps: float, weight_decay: float,
+          correct_bias: bool = True, maximize: bool = False, decoupled: bool = True,
+          backend: Optional[str] = None) -> None:
+    """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step)."""
+    if not params:
+        return
+    lr = C.as_float(lr, "lr")
+    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
+    for s in state_steps:
+        s.add_(1)
+    step_values = [float(s) for s in state_steps]
+    buckets = C.group_by([params, grads, exp_avgs, exp_avg_sqs], extra_keys=step_values)
+    for (device, _dtype, step), (lists, _idx) in buckets.items():
+        bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
+        impl = C.backend_for(backend, device, lists)
+        impl.adam_step(*lists, lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
+                       weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
+                       bias_correction2_sqrt=bc2_sqrt, maximize=maximize)

@@ -1,0 +1,60 @@
+"""ArmijoSGD: SGD with a backtracking Armijo line search (Vaswani et al. 2019, "Painless SGD").
+
+Reproduces the reference ``Sls`` (IssamLaradji/sls) step for step, with the step size kept per
+param group: reset ``eta * gamma^(1/n_batches_per_epoch)`` (reset_option 1; 0 keeps it, 2 restarts
+at init_step_size), trials ``w0 - eta * g`` until ``f(w0 - eta g) <= f(w0) - c * eta * ||g||^2``,
+backtracking by ``beta_b``; after ``max_backtracks`` failures the parameters move by ``1e-6 * g`` and
+the reduced eta is kept; no update when ``||g|| < 1e-8``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _common as C
+from ._closure import ClosureRunner, all_params
+from ._line_search import LineSearchOptimizer, StepTensors, check_ls_hyperparameters, reset_step_size
+
+FALLBACK_STEP = 1e-6
+MIN_GRAD_NORM = 1e-8
+
+
+class ArmijoSGD(LineSearchOptimizer):
+    _name = "ArmijoSGD"
+
+    def __init__(self, params, n_batches_per_epoch=500, init_step_size=1.0, c=0.1, beta_b=0.9, gamma=2.0,
+                 reset_option=1, max_backtracks=100, backend: Optional[str] = None):
+        check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
+        if reset_option not in (0, 1, 2):
+            raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
+        defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
+                        beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
+                        backend=C._backends.validate(backend))
+        super().__init__(params, defaults)
+
+    def step(self, closure=None):
+        """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
+        self._check_inputs()
+        ls = self.ls_state
+        runner = ClosureRunner(self._name, closure, all_params(self.param_groups), ls)
+        loss, f0 = runner.first()
+        self._check_inputs()  # gradients exist now
+        with torch.no_grad():
+            t = StepTensors(self, with_moments=False)
+            gn2 = self._save_sgd(t)
+            if not all(math.isfinite(v) for v in gn2):
+                raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
+            for gi, group in enumerate(self.param_groups):
+                eta = reset_step_size(ls["step_sizes"][gi], group)
+                if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
+                    self._record(gi, eta, 0, True)
+                    continue
+                eta, backtracks, found = self._armijo(
+                    runner, f0, eta, gn2[gi], group, lambda e, gi=gi: self._trial_sgd(t, {gi: e}))
+                if not found:
+                    self._trial_sgd(t, {gi: FALLBACK_STEP})
+                self._record(gi, eta, backtracks, found)
+        ls["step"] += 1
+        return loss

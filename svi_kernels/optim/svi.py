@@ -1,0 +1,97 @@
+"""The SVI optimizer: a fused momentum-SGD or Adam step along whatever is in ``p.grad``.
+
+With ``svi_kernels.svi.attach(model)`` the backward pass writes the monotone-VI field
+``D_W = Gᵀ X`` into the ``.grad`` of every (Linear, activation) layer, so this optimizer then moves
+along the SVI field (Xu, Cheng & Xie's released code feeds the field to ``torch.optim.SGD(lr=1e-3,
+momentum=0.95, nesterov=True)`` or ``torch.optim.Adam``; these are the defaults here).
+
+State layout: ``momentum_buffer`` (as torch.optim.SGD) for ``base="sgd"``; ``step``, ``exp_avg``,
+``exp_avg_sq`` (as torch.optim.Adam) for ``base="adam"``. Weight decay is L2 (added to the field),
+as in torch.optim.SGD and torch.optim.Adam.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _common as C
+from .adamw import adamw
+
+
+class SVI(Optimizer):
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, base="sgd",
+                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, backend: Optional[str] = None):
+        C.check_lr(lr)
+        C.check_nonneg(momentum, "momentum")
+        C.check_nonneg(weight_decay, "weight_decay")
+        C.check_betas(betas)
+        C.check_nonneg(eps, "eps")
+        if base not in ("sgd", "adam"):
+            raise ValueError(f"Invalid base {base!r}: expected 'sgd' or 'adam'")
+        if base == "sgd" and nesterov and C.as_float(momentum, "momentum") <= 0.0:
+            raise ValueError("Nesterov momentum requires momentum > 0")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, base=base,
+                        betas=betas, eps=eps, maximize=maximize, backend=C._backends.validate(backend))
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("base", "sgd")
+            group.setdefault("maximize", False)
+            group.setdefault("backend", None)
+            group.setdefault("betas", (0.9, 0.999))
+            group.setdefault("eps", 1e-8)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            C.check_params("SVI", group["params"])
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if group["base"] == "sgd":
+                bufs = []
+                for p in params:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st or st["momentum_buffer"] is None:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(st["momentum_buffer"])
+                svi_sgd(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                        nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                        maximize=group["maximize"], backend=group["backend"])
+            else:
+                exp_avgs, exp_avg_sqs, steps = [], [], []
+                for p in params:
+                    st = self.state[p]
+                    if "exp_avg" not in st:
+                        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    exp_avgs.append(st["exp_avg"])
+                    exp_avg_sqs.append(st["exp_avg_sq"])
+                    steps.append(st["step"])
+                beta1, beta2 = group["betas"]
+                adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                      eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=True,
+                      maximize=group["maximize"], decoupled=False, backend=group["backend"])
+        return loss
+
+
+def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr, momentum: float,
+            nesterov: bool, weight_decay: float, maximize: bool = False, backend: Optional[str] = None) -> None:
+    """Functional momentum SGD (torch.optim.SGD semantics, dampening 0), one launch per (device, dtype)."""
+    if not params:
+        return
+    lr = C.as_float(lr, "lr")
+    for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():
+        impl = C.backend_for(backend, device, lists)
+        impl.sgd_momentum_step(*lists, lr=lr, momentum=C.as_float(momentum, "momentum"), nesterov=bool(nesterov),
+                               weight_decay=C.as_float(weight_decay, "weight_decay"), maximize=maximize)

@@ -1,0 +1,225 @@
+"""Fused multi-tensor phases of the Armijo line search, one launch each per (device, dtype) group.
+
+(a) ``ls_save_sgd`` / ``ls_save_adam``: save w0 = p (Adam also updates the moments) and return
+    per-tensor sums (g^2, or g^2 / (sqrt(v_hat) + eps)) as float32 [n_tensors]; each program
+    reduces its chunk with ``tl.sum`` and adds it to its tensor's fp64 slot with one atomic.
+(b) ``ls_trial_sgd`` / ``ls_trial_adam``: p = w0 - eta_t * d, with one eta per tensor read from a
+    small device tensor (per-layer line search gives every tensor its own step size).
+(c) ``ls_final_adam``: p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps).
+
+Per element these are ``ls_sq``, ``ls_adam_prepare_elem``, ``ls_trial_*_elem`` and
+``ls_final_adam_elem`` of csrc/include/svi_kernels/update_math.h.
+"""
+from typing import List, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import runtime
+from .ieee import as_compute, chunk_of_program, div_rn, sqrt_rn, tensor_ptr
+from .table import Group
+
+Etas = Union[Sequence[float], Tensor]
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def ls_save_sgd_kernel(ptrs, chunks, sums,
+                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = chunk_of_program(chunks)
+    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE)
+    g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE)
+    w_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE)
+    acc = tl.zeros([BLOCK], dtype=COMPUTE)
+    for first in range(start, end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < end
+        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        acc += g * g  # ls_sq
+    tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def ls_save_adam_kernel(ptrs, chunks, sums,
+                        one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+                        eps: tl.float64, bias_correction2_sqrt: tl.float64,
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = chunk_of_program(chunks)
+    p_ptr = tensor_ptr(ptrs, t, 0, 5, DTYPE)
+    g_ptr = tensor_ptr(ptrs, t, 1, 5, DTYPE)
+    m_ptr = tensor_ptr(ptrs, t, 2, 5, DTYPE)
+    v_ptr = tensor_ptr(ptrs, t, 3, 5, DTYPE)
+    w_ptr = tensor_ptr(ptrs, t, 4, 5, DTYPE)
+    c_one_minus_beta1 = as_compute(one_minus_beta1, COMPUTE)
+    c_beta2 = as_compute(beta2, COMPUTE)
+    c_one_minus_beta2 = as_compute(one_minus_beta2, COMPUTE)
+    c_eps = as_compute(eps, COMPUTE)
+    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
+    acc = tl.zeros([BLOCK], dtype=COMPUTE)
+    for first in range(start, end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < end
+        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        # --- ls_adam_prepare_elem (update_math.h)
+        m = m + c_one_minus_beta1 * (g - m)
+        v = c_beta2 * v + c_one_minus_beta2 * (g * g)
+        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
+        term = div_rn(g * g, denom)
+        # ---
+        acc += tl.where(mask, term, 0.0)
+        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def ls_trial_sgd_kernel(ptrs, chunks, etas,
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = chunk_of_program(chunks)
+    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE)
+    w_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE)
+    g_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE)
+    eta = tl.load(etas + t).to(COMPUTE)
+    for first in range(start, end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < end
+        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
+        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+        p = w0 - eta * g  # ls_trial_sgd_elem
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def ls_trial_adam_kernel(ptrs, chunks, etas, eps: tl.float64, bias_correction2_sqrt: tl.float64,
+                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = chunk_of_program(chunks)
+    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE)
+    w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE)
+    g_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE)
+    eta = tl.load(etas + t).to(COMPUTE)
+    c_eps = as_compute(eps, COMPUTE)
+    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
+    for first in range(start, end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < end
+        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
+        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        # --- ls_trial_adam_elem (update_math.h)
+        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
+        p = w0 - eta * div_rn(g, denom)
+        # ---
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def ls_final_adam_kernel(ptrs, chunks, etas_over_bc1, eps: tl.float64, bias_correction2_sqrt: tl.float64,
+                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end = chunk_of_program(chunks)
+    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE)
+    w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE)
+    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE)
+    eta_over_bc1 = tl.load(etas_over_bc1 + t).to(COMPUTE)
+    c_eps = as_compute(eps, COMPUTE)
+    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
+    for first in range(start, end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < end
+        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        # --- ls_final_adam_elem (update_math.h)
+        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
+        p = w0 - eta_over_bc1 * div_rn(m, denom)
+        # ---
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+
+# ------------------------------------------------------------------------------------ launchers
+def _group(lists, written):
+    block, chunk = runtime.block_shape()
+    group = Group(lists, written=written, chunk=chunk)
+    if group.n_elements:
+        runtime.check_device(group.device)
+    return group, block
+
+
+def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tensor:
+    """One scalar per tensor as a device tensor in the compute dtype; host values are divided
+    by ``scale`` in double first (so eta / bc1 rounds once, as in the reference)."""
+    dtype = runtime.scalar_dtype(group.dtype)
+    if isinstance(values, Tensor):
+        out = values.to(device=group.device, dtype=torch.float64).reshape(-1)
+        if scale != 1.0:
+            out = out / scale
+        out = out.to(dtype)
+    else:
+        out = torch.tensor([float(e) / scale for e in values], dtype=dtype, device=group.device)
+    if out.numel() != n:
+        raise ValueError(f"expected {n} per-tensor step sizes, got {out.numel()}")
+    return out
+
+
+def _run_reduction(kernel, group: Group, block: int, args: tuple) -> Tensor:
+    sums = torch.zeros(group.n_tensors, dtype=torch.float64, device=group.device)
+    if group.n_elements:
+        dtype, compute = runtime.element_types(group.dtype)
+        ptrs, chunks = group.tables()
+        runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, sums) + args,
+                       dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block), group.device)
+        group.finish()
+    return sums.to(torch.float32)
+
+
+def _run_update(kernel, group: Group, block: int, per_tensor: Tensor, args: tuple) -> None:
+    if not group.n_elements:
+        return
+    dtype, compute = runtime.element_types(group.dtype)
+    ptrs, chunks = group.tables()
+    runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, per_tensor) + args,
+                   dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block), group.device)
+    group.finish()
+
+
+def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
+    """w0 <- p; returns float32 [n] with sum(g^2) per tensor."""
+    group, block = _group([params, grads, w0], written=(2,))
+    return _run_reduction(ls_save_sgd_kernel, group, block, ())
+
+
+def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                 w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
+    """Moments updated before the search, w0 <- p; returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    group, block = _group([params, grads, exp_avgs, exp_avg_sqs, w0], written=(2, 3, 4))
+    args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))
+    return _run_reduction(ls_save_adam_kernel, group, block, args)
+
+
+def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Etas) -> None:
+    """p <- w0 - eta_t * g, one eta per tensor."""
+    group, block = _group([params, w0, grads], written=(0,))
+    _run_update(ls_trial_sgd_kernel, group, block, _per_tensor(etas, group.n_tensors, group), ())
+
+
+def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
+                  etas: Etas, *, eps: float, bias_correction2_sqrt: float) -> None:
+    """p <- w0 - eta_t * g / (sqrt(v_hat) + eps): the search direction has no momentum."""
+    group, block = _group([params, w0, grads, exp_avg_sqs], written=(0,))
+    _run_update(ls_trial_adam_kernel, group, block, _per_tensor(etas, group.n_tensors, group),
+                (float(eps), float(bias_correction2_sqrt)))
+
+
+def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                  etas: Etas, *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    """p <- w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps): the final step uses the momentum."""
+    group, block = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,))
+    scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
+    _run_update(ls_final_adam_kernel, group, block, scaled, (float(eps), float(bias_correction2_sqrt)))

@@ -1,0 +1,92 @@
+"""How the kernels are launched: dtype mapping, device checks, launch counting and capture.
+
+Every launch goes through ``launch`` so it is counted (``svi_kernels.triton.launch_count``) and so
+``aot.py`` can record the exact arguments a real call would pass and compile them for sm_90.
+"""
+import contextlib
+import os
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch_count
+
+# GPU launch shape: 1024 elements per block step with 4 warps (8 fp32 per thread, two 16-byte
+# vectors), 4 block steps per program. The interpreter runs a block as numpy arrays, so bigger
+# blocks are much faster there; chunk boundaries and tails are still exercised by the tests.
+GPU_BLOCK, GPU_BLOCKS_PER_CHUNK, NUM_WARPS = 1024, 4, 4
+INTERPRETER_BLOCK, INTERPRETER_BLOCKS_PER_CHUNK = 4096, 4
+
+TORCH_TO_TL = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def interpreting() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return bool(triton.knobs.runtime.interpret) or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_shape() -> Tuple[int, int]:
+    """(BLOCK, CHUNK): elements per block step and per program."""
+    if interpreting():
+        return INTERPRETER_BLOCK, INTERPRETER_BLOCK * INTERPRETER_BLOCKS_PER_CHUNK
+    return GPU_BLOCK, GPU_BLOCK * GPU_BLOCKS_PER_CHUNK
+
+
+def element_types(dtype: torch.dtype):
+    """(storage dtype, compute dtype) in Triton terms: fp16/bf16 compute in fp32."""
+    if dtype not in TORCH_TO_TL:
+        raise TypeError(f"the Triton backend supports float32/float16/bfloat16/float64 tensors, got {dtype}")
+    return TORCH_TO_TL[dtype], (tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-tensor scalar tables (etas): the compute dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_device(device: torch.device) -> None:
+    """Raw pointers are dereferenced on the host by the interpreter and on the GPU otherwise."""
+    if interpreting():
+        if device.type != "cpu":
+            raise RuntimeError(f"under TRITON_INTERPRET=1 the Triton kernels take CPU tensors, got {device}")
+    elif device.type != "cuda":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {device} "
+                           "(set TRITON_INTERPRET=1 to run them on CPU tensors through the interpreter)")
+
+
+# ------------------------------------------------------------------------------------ launching
+_captured: Optional[List[tuple]] = None
+
+
+@contextlib.contextmanager
+def capture():
+    """Record launches as (kernel, args, constexprs) instead of running them (used by aot.py)."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def launch(kernel, n_programs: int, args: tuple, constexprs: dict, device: torch.device) -> None:
+    """One launch of ``kernel`` over a 1-D grid of ``n_programs``."""
+    name = kernel.__name__
+    if _captured is not None:
+        _captured.append((kernel, args, constexprs))
+        return
+    launch_count[name] += 1
+    # FMA contraction off: each + and * rounds once, as in update_math.h and the reference.
+    options = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[(n_programs,)](*args, **constexprs, **options)
+    else:
+        kernel[(n_programs,)](*args, **constexprs, **options)

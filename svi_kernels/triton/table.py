@@ -1,0 +1,130 @@
+"""Device tables that let one launch cover a whole tensor list, cached across calls.
+
+For lists ``L_0 .. L_{k-1}`` of n tensors (tensor i of every list has the same numel):
+
+- the pointer table: int64 [n, k], row i = ``data_ptr()`` of tensor i in each list;
+- the chunk table: int64 [n_chunks, 3], one row (tensor index, start, end) per program, so
+  a 1-D grid covers every tensor whatever their sizes (no idle programs for small tensors, as a
+  2-D (n_tensors, max_chunks) grid would have). Zero-size tensors have no rows.
+
+Both are keyed on what they hold (the pointers; the numels and chunk size) and rebuilt only when
+that changes, so a training loop copies nothing to the device after its first step. Pointers
+are addresses, so a reused address with another tensor behind it is still correct.
+"""
+from collections import Counter, OrderedDict
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
+
+stats: Counter = Counter()  # "pointer_builds", "chunk_builds", "pointer_hits", "chunk_hits"
+_pointer_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_chunk_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    _pointer_cache.clear()
+    _chunk_cache.clear()
+    stats.clear()
+
+
+def _cached(cache: OrderedDict, key: tuple, build, kind: str) -> Tensor:
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        stats[kind + "_hits"] += 1
+        return hit
+    stats[kind + "_builds"] += 1
+    value = build()
+    cache[key] = value
+    if len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def pointer_table(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+    ptrs = tuple(t.data_ptr() for row in zip(*lists) for t in row)
+    key = (device, len(lists), ptrs)
+
+    def build() -> Tensor:
+        return torch.tensor(ptrs, dtype=torch.int64).view(-1, len(lists)).to(device)
+
+    return _cached(_pointer_cache, key, build, "pointer")
+
+
+def chunk_table(numels: Tuple[int, ...], chunk: int, device: torch.device) -> Tensor:
+    key = (device, chunk, numels)
+
+    def build() -> Tensor:
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        per_tensor = (sizes + chunk - 1) // chunk
+        tensor_idx = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
+        first_row = torch.cumsum(per_tensor, 0) - per_tensor
+        start = (torch.arange(tensor_idx.numel()) - first_row[tensor_idx]) * chunk
+        end = torch.minimum(start + chunk, sizes[tensor_idx])
+        return torch.stack([tensor_idx, start, end], dim=1).contiguous().to(device)
+
+    return _cached(_chunk_cache, key, build, "chunk")
+
+
+def _dense(t: Tensor) -> bool:
+    """Elements fill their memory span exactly (any dim order), so a flat loop covers them."""
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Group:
+    """One fused call's tensor lists made launchable.
+
+    Tensors whose memory is not one dense block with the same layout in every list go through
+    contiguous staging copies (written back by ``finish``); ordinary parameters never do.
+    """
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], chunk: int):
+        self.n_tensors = len(lists[0])
+        for i, lst in enumerate(lists):
+            if len(lst) != self.n_tensors:
+                raise ValueError(f"tensor list {i} has {len(lst)} tensors, expected {self.n_tensors}")
+        first = lists[0][0] if self.n_tensors else None
+        self.dtype = first.dtype if first is not None else torch.float32
+        self.device = first.device if first is not None else torch.device("cpu")
+        self._writeback: List[Tuple[Tensor, Tensor]] = []
+        lists = [list(lst) for lst in lists]
+        numels = []
+        for i in range(self.n_tensors):
+            column = [lst[i] for lst in lists]
+            p = column[0]
+            for t in column:
+                if t.dtype != self.dtype or t.device != self.device:
+                    raise TypeError("a fused Triton call takes tensors of one dtype and one device, got "
+                                    f"{t.dtype}/{t.device} next to {self.dtype}/{self.device}")
+                if t.numel() != p.numel():
+                    raise ValueError(f"tensor {i}: numel {t.numel()} differs from {p.numel()} in another list")
+            if not all(t.is_contiguous() for t in column) and not (
+                    all(_dense(t) for t in column) and all(t.stride() == p.stride() for t in column)):
+                for li, t in enumerate(column):
+                    staged = t.contiguous()
+                    lists[li][i] = staged
+                    if li in written and staged is not t:
+                        self._writeback.append((t, staged))
+            numels.append(p.numel())
+        self.lists = lists
+        self.numels = tuple(numels)
+        self.n_elements = sum(numels)
+        self.chunk = chunk
+
+    def tables(self) -> Tuple[Tensor, Tensor]:
+        """(pointer table, chunk table) on the group's device."""
+        return pointer_table(self.lists, self.device), chunk_table(self.numels, self.chunk, self.device)
+
+    def finish(self) -> None:
+        for original, staged in self._writeback:
+            original.copy_(staged)
