@@ -1,0 +1,29 @@
+"""Which backends the optimizer tests run on here (CPU tensors)."""
+import pytest
+import torch
+
+from svi_kernels.backends import backends
+
+_AV = backends()
+
+
+def _param(name, why_dtype=None):
+    ok = _AV[name]["available"]
+    return pytest.param(name, id=name, marks=[] if ok else [pytest.mark.skip(reason=_AV[name]["reason"])])
+
+
+# float64 problems: the reference and the C++ CPU kernels (double math).
+LS_BACKENDS = [_param("reference"), _param("cpu")]
+# float32 models: every backend that runs on CPU tensors here (Triton through its interpreter).
+CPU_BACKENDS = [_param("reference"), _param("cpu"), _param("triton")]
+
+
+def tiny_mlp(seed=0, d_in=6, hidden=9, d_out=3, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)).to(dtype)
+
+
+def batch(seed=1, n=16, d_in=6, d_out=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=dtype), torch.randint(0, d_out, (n,), generator=g)
