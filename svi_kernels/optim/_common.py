@@ -108,3 +108,21 @@ def backend_for(name, device: torch.device, lists: Sequence[Sequence[Tensor]]):
     if any(needs_contiguous(chosen, tl) for tl in lists):
         chosen = "reference"
     return _backends.get(chosen)
+
+
+def check_state_dict(opt_name: str, state_dict, group_keys: Sequence[str], param_keys: Sequence[str] = ()) -> None:
+    """Refuse a state_dict from another optimizer (or a damaged one) before anything is loaded."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{opt_name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+    for i, g in enumerate(state_dict["param_groups"]):
+        missing = [k for k in group_keys if k not in g]
+        if missing:
+            raise ValueError(f"{opt_name}.load_state_dict: param group {i} lacks {missing}; "
+                             f"is this a state_dict of another optimizer?")
+    for k, st in state_dict["state"].items():
+        if not isinstance(k, int) or not st:
+            continue
+        missing = [key for key in param_keys if key not in st]
+        if missing:
+            raise ValueError(f"{opt_name}.load_state_dict: state of parameter {k} lacks {missing}; "
+                             f"is this a state_dict of another optimizer?")

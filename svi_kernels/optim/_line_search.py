@@ -101,6 +101,7 @@ class LineSearchOptimizer(Optimizer):
     """Base class: state bookkeeping, scratch buffers and the fused phases."""
 
     _name = "LineSearchOptimizer"
+    _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
@@ -131,13 +132,11 @@ class LineSearchOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         # torch keeps non-parameter state entries by reference; copy ours so that stepping after a
         # load never mutates the checkpoint the caller still holds.
+        C.check_state_dict(self._name, state_dict, self._group_keys)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
-        missing = [k for k in ("state", "param_groups") if k not in state_dict]
-        if missing:
-            raise KeyError(f"{self._name}.load_state_dict: state_dict lacks {missing}")
         super().load_state_dict(state_dict)
         ls = self.state.get(LS_KEY)
         if ls is not None and len(ls["step_sizes"]) != len(self.param_groups):

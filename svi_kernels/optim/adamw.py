@@ -52,6 +52,11 @@ class AdamW(Optimizer):
             if group["amsgrad"]:
                 raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad; the state_dict asks for it")
 
+    def load_state_dict(self, state_dict):
+        C.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
+                           ("step", "exp_avg", "exp_avg_sq"))
+        super().load_state_dict(state_dict)
+
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         for p in group["params"]:
             if p.grad is None:

@@ -46,6 +46,14 @@ class SVI(Optimizer):
             group.setdefault("betas", (0.9, 0.999))
             group.setdefault("eps", 1e-8)
 
+    def load_state_dict(self, state_dict):
+        C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
+        for k, st in state_dict["state"].items():
+            if st and not ({"momentum_buffer"} <= set(st) or {"step", "exp_avg", "exp_avg_sq"} <= set(st)):
+                raise ValueError(f"SVI.load_state_dict: state of parameter {k} has neither a momentum buffer nor "
+                                 f"Adam moments (keys {sorted(st)}); is this a state_dict of another optimizer?")
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

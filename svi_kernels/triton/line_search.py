@@ -18,129 +18,150 @@ import triton.language as tl
 from torch import Tensor
 
 from . import runtime
-from .ieee import as_compute, chunk_of_program, div_rn, sqrt_rn, tensor_ptr
+from .runtime import device_function
+from .ieee import chunk_of_program, div_rn, sqrt_rn, tensor_ptr, to_storage
 from .table import Group
 
 Etas = Union[Sequence[float], Tensor]
 
 
 # ------------------------------------------------------------------------------------ kernels
+@device_function
+def _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, mask, acc, COMPUTE: tl.constexpr):
+    tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    return acc + g * g  # ls_sq (update_math.h)
+
+
 @triton.jit
 def ls_save_sgd_kernel(ptrs, chunks, sums,
-                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of_program(chunks)
-    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE)
-    g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE)
-    w_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE)
+                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
+    w_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
-    for first in range(start, end, BLOCK):
-        offs = first + tl.arange(0, BLOCK)
-        mask = offs < end
-        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        acc += g * g  # ls_sq
+    for first in range(start, full_end, BLOCK):
+        acc = _save_sgd_block(p_ptr, g_ptr, w_ptr, first + tl.arange(0, BLOCK), None, acc, COMPUTE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        acc = _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, offs < end, acc, COMPUTE)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@device_function
+def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, mask,
+                     one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt,
+                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    # --- ls_adam_prepare_elem (update_math.h)
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    term = div_rn(g * g, denom)
+    # ---
+    tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=mask)
+    tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=mask)
+    return term
 
 
 @triton.jit
 def ls_save_adam_kernel(ptrs, chunks, sums,
                         one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
                         eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of_program(chunks)
-    p_ptr = tensor_ptr(ptrs, t, 0, 5, DTYPE)
-    g_ptr = tensor_ptr(ptrs, t, 1, 5, DTYPE)
-    m_ptr = tensor_ptr(ptrs, t, 2, 5, DTYPE)
-    v_ptr = tensor_ptr(ptrs, t, 3, 5, DTYPE)
-    w_ptr = tensor_ptr(ptrs, t, 4, 5, DTYPE)
-    c_one_minus_beta1 = as_compute(one_minus_beta1, COMPUTE)
-    c_beta2 = as_compute(beta2, COMPUTE)
-    c_one_minus_beta2 = as_compute(one_minus_beta2, COMPUTE)
-    c_eps = as_compute(eps, COMPUTE)
-    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    p_ptr = tensor_ptr(ptrs, t, 0, 5, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, 5, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, 5, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 5, DTYPE, ALIGNED)
+    w_ptr = tensor_ptr(ptrs, t, 4, 5, DTYPE, ALIGNED)
+    c_one_minus_beta1 = tl.full([], one_minus_beta1, COMPUTE)
+    c_beta2 = tl.full([], beta2, COMPUTE)
+    c_one_minus_beta2 = tl.full([], one_minus_beta2, COMPUTE)
+    c_eps = tl.full([], eps, COMPUTE)
+    c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
-    for first in range(start, end, BLOCK):
-        offs = first + tl.arange(0, BLOCK)
-        mask = offs < end
-        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
-        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-        # --- ls_adam_prepare_elem (update_math.h)
-        m = m + c_one_minus_beta1 * (g - m)
-        v = c_beta2 * v + c_one_minus_beta2 * (g * g)
-        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
-        term = div_rn(g * g, denom)
-        # ---
-        acc += tl.where(mask, term, 0.0)
-        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    for first in range(start, full_end, BLOCK):
+        acc += _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, first + tl.arange(0, BLOCK), None,
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        term = _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, offs < end,
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
+        acc += tl.where(offs < end, term, 0.0)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@device_function
+def _trial_sgd_block(p_ptr, w_ptr, g_ptr, offs, mask, eta, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    p = w0 - eta * g  # ls_trial_sgd_elem (update_math.h)
+    tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
 
 
 @triton.jit
 def ls_trial_sgd_kernel(ptrs, chunks, etas,
-                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of_program(chunks)
-    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE)
-    w_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE)
-    g_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE)
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
+    w_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
     eta = tl.load(etas + t).to(COMPUTE)
-    for first in range(start, end, BLOCK):
-        offs = first + tl.arange(0, BLOCK)
-        mask = offs < end
-        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
-        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-        p = w0 - eta * g  # ls_trial_sgd_elem
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    for first in range(start, full_end, BLOCK):
+        _trial_sgd_block(p_ptr, w_ptr, g_ptr, first + tl.arange(0, BLOCK), None, eta, DTYPE, COMPUTE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _trial_sgd_block(p_ptr, w_ptr, g_ptr, offs, offs < end, eta, DTYPE, COMPUTE)
+
+
+@device_function
+def _step_from_w0_block(p_ptr, w_ptr, d_ptr, v_ptr, offs, mask, eta, eps, bc2_sqrt,
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """p = w0 - eta * d / (sqrt(v)/bc2_sqrt + eps): ls_trial_adam_elem (d = g) and
+    ls_final_adam_elem (d = m, eta = eta / bc1) of update_math.h, which differ only in d and eta."""
+    w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
+    d = tl.load(d_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    p = w0 - eta * div_rn(d, denom)
+    tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
+
+
+@device_function
+def _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt,
+                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # table lists: p, w0, d (g or m), v
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
+    w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
+    d_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    eta = tl.load(etas + t).to(COMPUTE)
+    c_eps = tl.full([], eps, COMPUTE)
+    c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
+    for first in range(start, full_end, BLOCK):
+        _step_from_w0_block(p_ptr, w_ptr, d_ptr, v_ptr, first + tl.arange(0, BLOCK), None, eta, c_eps, c_bc2_sqrt,
+                            DTYPE, COMPUTE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _step_from_w0_block(p_ptr, w_ptr, d_ptr, v_ptr, offs, offs < end, eta, c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
 
 
 @triton.jit
 def ls_trial_adam_kernel(ptrs, chunks, etas, eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of_program(chunks)
-    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE)
-    w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE)
-    g_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE)
-    eta = tl.load(etas + t).to(COMPUTE)
-    c_eps = as_compute(eps, COMPUTE)
-    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
-    for first in range(start, end, BLOCK):
-        offs = first + tl.arange(0, BLOCK)
-        mask = offs < end
-        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
-        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-        # --- ls_trial_adam_elem (update_math.h)
-        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
-        p = w0 - eta * div_rn(g, denom)
-        # ---
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt, DTYPE, COMPUTE, BLOCK, ALIGNED)
 
 
 @triton.jit
 def ls_final_adam_kernel(ptrs, chunks, etas_over_bc1, eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = chunk_of_program(chunks)
-    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE)
-    w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE)
-    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE)
-    eta_over_bc1 = tl.load(etas_over_bc1 + t).to(COMPUTE)
-    c_eps = as_compute(eps, COMPUTE)
-    c_bc2_sqrt = as_compute(bias_correction2_sqrt, COMPUTE)
-    for first in range(start, end, BLOCK):
-        offs = first + tl.arange(0, BLOCK)
-        mask = offs < end
-        w0 = tl.load(w_ptr + offs, mask=mask).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-        # --- ls_final_adam_elem (update_math.h)
-        denom = div_rn(sqrt_rn(v), c_bc2_sqrt) + c_eps
-        p = w0 - eta_over_bc1 * div_rn(m, denom)
-        # ---
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    _step_from_w0(ptrs, chunks, etas_over_bc1, eps, bias_correction2_sqrt, DTYPE, COMPUTE, BLOCK, ALIGNED)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -172,9 +193,9 @@ def _run_reduction(kernel, group: Group, block: int, args: tuple) -> Tensor:
     sums = torch.zeros(group.n_tensors, dtype=torch.float64, device=group.device)
     if group.n_elements:
         dtype, compute = runtime.element_types(group.dtype)
-        ptrs, chunks = group.tables()
+        ptrs, chunks, aligned = group.tables()
         runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, sums) + args,
-                       dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block), group.device)
+                       dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
         group.finish()
     return sums.to(torch.float32)
 
@@ -183,9 +204,9 @@ def _run_update(kernel, group: Group, block: int, per_tensor: Tensor, args: tupl
     if not group.n_elements:
         return
     dtype, compute = runtime.element_types(group.dtype)
-    ptrs, chunks = group.tables()
+    ptrs, chunks, aligned = group.tables()
     runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, per_tensor) + args,
-                   dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block), group.device)
+                   dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
     group.finish()
 
 

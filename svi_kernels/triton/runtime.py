@@ -17,7 +17,7 @@ from . import launch_count
 # vectors), 4 block steps per program. The interpreter runs a block as numpy arrays, so bigger
 # blocks are much faster there; chunk boundaries and tails are still exercised by the tests.
 GPU_BLOCK, GPU_BLOCKS_PER_CHUNK, NUM_WARPS = 1024, 4, 4
-INTERPRETER_BLOCK, INTERPRETER_BLOCKS_PER_CHUNK = 4096, 4
+INTERPRETER_BLOCK, INTERPRETER_BLOCKS_PER_CHUNK = 16384, 2
 
 TORCH_TO_TL = {
     torch.float32: tl.float32,
@@ -27,9 +27,19 @@ TORCH_TO_TL = {
 }
 
 
+_captured: Optional[List[tuple]] = None  # launches recorded instead of run (see capture())
+
+
 def interpreting() -> bool:
     """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return bool(triton.knobs.runtime.interpret) or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_function(fn):
+    """``@triton.jit`` for a helper called from kernels. Under the interpreter the helper stays a
+    plain Python function: triton 3.9's interpreter re-patches triton.language on every nested
+    jit call (about 1 ms each), which made the many-tensor tests minutes long."""
+    return fn if interpreting() else triton.jit(fn)
 
 
 def block_shape() -> Tuple[int, int]:
@@ -53,6 +63,8 @@ def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_device(device: torch.device) -> None:
     """Raw pointers are dereferenced on the host by the interpreter and on the GPU otherwise."""
+    if _captured is not None:  # nothing runs while aot.py records launches
+        return
     if interpreting():
         if device.type != "cpu":
             raise RuntimeError(f"under TRITON_INTERPRET=1 the Triton kernels take CPU tensors, got {device}")
@@ -62,8 +74,6 @@ def check_device(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------ launching
-_captured: Optional[List[tuple]] = None
-
 
 @contextlib.contextmanager
 def capture():

@@ -14,18 +14,10 @@ Derivatives, written as PyTorch's backward kernels write them:
   sigmoid    g * (1 - s) * s,  s = sigmoid(z)
   silu       g * s * (1 + z * (1 - s))
 """
-import math
-
 import torch
 from torch import Tensor
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
-
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_PDF_SCALE = 1.0 / math.sqrt(2.0 * math.pi)  # M_2_SQRTPI * M_SQRT1_2 * 0.5
-_TANH_GELU_K = math.sqrt(2.0 / math.pi)
-_TANH_GELU_KAPPA = 0.044715
-
 
 def act_backward_torch(z: Tensor, g: Tensor, activation: str) -> Tensor:
     """The plain PyTorch path: the same backward ops autograd runs."""

@@ -1,20 +1,14 @@
 """The Triton kernel behind ``svi_backward.act_backward`` (imported only when Triton can run)."""
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import runtime
+from .runtime import device_function
+from .ieee import to_storage
 
-SQRT1_2 = 1.0 / math.sqrt(2.0)
-PDF_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
-TANH_GELU_K = math.sqrt(2.0 / math.pi)
-TANH_GELU_KAPPA = 0.044715
-
-
-@triton.jit
+@device_function
 def _tanh(x):
     # exp-based and overflow-free: tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1].
     e = tl.exp(-2.0 * tl.abs(x))
@@ -22,7 +16,7 @@ def _tanh(x):
     return tl.where(x < 0, -th, th)
 
 
-@triton.jit
+@device_function
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(0.0 - x))
 
@@ -34,6 +28,7 @@ def act_backward_kernel(z_ptr, g_ptr, out_ptr, n, ACTIVATION: tl.constexpr, COMP
     mask = offs < n
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    # Constants: 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh-GELU cubic coefficient 0.044715.
     if ACTIVATION == "relu":
         dz = tl.where(z > 0, g, 0.0)
     elif ACTIVATION == "gelu":
@@ -56,7 +51,7 @@ def act_backward_kernel(z_ptr, g_ptr, out_ptr, n, ACTIVATION: tl.constexpr, COMP
     else:  # silu
         s = _sigmoid(z)
         dz = g * s * (1.0 + z * (1.0 - s))
-    tl.store(out_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_storage(dz, out_ptr.dtype.element_ty), mask=mask)
 
 
 def act_backward_triton(z: Tensor, g: Tensor, activation: str) -> Tensor:

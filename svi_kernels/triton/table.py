@@ -20,7 +20,7 @@ from torch import Tensor
 CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
 
 stats: Counter = Counter()  # "pointer_builds", "chunk_builds", "pointer_hits", "chunk_hits"
-_pointer_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_pointer_cache: "OrderedDict[tuple, Tuple[Tensor, bool]]" = OrderedDict()
 _chunk_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
 
@@ -30,7 +30,7 @@ def clear_cache() -> None:
     stats.clear()
 
 
-def _cached(cache: OrderedDict, key: tuple, build, kind: str) -> Tensor:
+def _cached(cache: OrderedDict, key: tuple, build, kind: str):
     hit = cache.get(key)
     if hit is not None:
         cache.move_to_end(key)
@@ -44,12 +44,14 @@ def _cached(cache: OrderedDict, key: tuple, build, kind: str) -> Tensor:
     return value
 
 
-def pointer_table(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+def pointer_table(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Tuple[Tensor, bool]:
+    """(int64 [n, k] table of data_ptr()s, whether all are 16-byte aligned)."""
     ptrs = tuple(t.data_ptr() for row in zip(*lists) for t in row)
     key = (device, len(lists), ptrs)
 
-    def build() -> Tensor:
-        return torch.tensor(ptrs, dtype=torch.int64).view(-1, len(lists)).to(device)
+    def build() -> Tuple[Tensor, bool]:
+        table = torch.tensor(ptrs, dtype=torch.int64).view(-1, len(lists)).to(device)
+        return table, all(p % 16 == 0 for p in ptrs)
 
     return _cached(_pointer_cache, key, build, "pointer")
 
@@ -121,9 +123,10 @@ class Group:
         self.n_elements = sum(numels)
         self.chunk = chunk
 
-    def tables(self) -> Tuple[Tensor, Tensor]:
-        """(pointer table, chunk table) on the group's device."""
-        return pointer_table(self.lists, self.device), chunk_table(self.numels, self.chunk, self.device)
+    def tables(self) -> Tuple[Tensor, Tensor, bool]:
+        """(pointer table, chunk table, every pointer 16-byte aligned) on the group's device."""
+        ptrs, aligned = pointer_table(self.lists, self.device)
+        return ptrs, chunk_table(self.numels, self.chunk, self.device), aligned
 
     def finish(self) -> None:
         for original, staged in self._writeback:

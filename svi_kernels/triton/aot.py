@@ -1,0 +1,143 @@
+"""Ahead-of-time proof that every Triton kernel of the package lowers to PTX for sm_90.
+
+No GPU is needed: each op is called on small CPU tensors with launches *captured* instead of run
+(runtime.capture), so the kernels are compiled with exactly the argument types and constexprs a
+real call passes, via ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))``.
+Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD in fp32),
+every activation of the SVI backward.
+
+    python -m svi_kernels.triton.aot [--arch 90] [--dtypes fp32,fp16,bf16] [--keep DIR]
+
+prints one line per compiled variant and exits non-zero if any fails. Kernels defined under
+TRITON_INTERPRET=1 are interpreter objects, so the CLI turns the interpreter off for itself.
+"""
+import os
+import sys
+
+if __name__ == "__main__":  # before triton is imported: compile real kernels, not interpreted ones
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse
+import time
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
+
+
+def _tensors(dtype, sizes=(5, 3000)):
+    return [torch.rand(n, dtype=dtype) + 0.5 for n in sizes]
+
+
+def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, callable]]:
+    """(label, call) pairs; each call runs one op and so records one launch."""
+    from . import adam, line_search, sgd
+    from .svi_backward_kernel import act_backward_triton
+    L = lambda: _tensors(dtype)  # noqa: E731
+    adam_modes = [(True, 0.01, False), (False, 0.01, False), (True, 0.0, False), (True, 0.01, True)]
+    for decoupled, wd, maximize in adam_modes if all_modes else adam_modes[:1]:
+        yield (f"decoupled={decoupled},wd={wd},maximize={maximize}",
+               lambda d=decoupled, w=wd, mx=maximize: adam.adam_step(
+                   L(), L(), L(), L(), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=w, decoupled=d,
+                   bias_correction1=0.1, bias_correction2_sqrt=0.05, maximize=mx))
+    sgd_modes = [(True, 0.0, False), (False, 0.01, False), (True, 0.01, True)]
+    for nesterov, wd, maximize in sgd_modes if all_modes else sgd_modes[:1]:
+        yield (f"nesterov={nesterov},wd={wd},maximize={maximize}",
+               lambda n=nesterov, w=wd, mx=maximize: sgd.sgd_momentum_step(
+                   L(), L(), L(), lr=0.1, momentum=0.9, nesterov=n, weight_decay=w, maximize=mx))
+    yield "", lambda: line_search.ls_save_sgd(L(), L(), L())
+    yield "", lambda: line_search.ls_save_adam(L(), L(), L(), L(), L(), beta1=0.9, beta2=0.999, eps=1e-8,
+                                               bias_correction2_sqrt=0.05)
+    yield "", lambda: line_search.ls_trial_sgd(L(), L(), L(), [0.1, 0.2])
+    yield "", lambda: line_search.ls_trial_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction2_sqrt=0.05)
+    yield "", lambda: line_search.ls_final_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction1=0.1,
+                                                bias_correction2_sqrt=0.05)
+    for act in ACTIVATIONS:
+        yield f"activation={act}", lambda a=act: act_backward_triton(_tensors(dtype, (3000,))[0],
+                                                                      _tensors(dtype, (3000,))[0], a)
+
+
+def _signature(kernel, args: tuple, constexprs: dict) -> Tuple[Dict[str, str], dict]:
+    """Kernel argument types as the JIT would specialise them (annotations win, as in triton.jit)."""
+    from triton.runtime.jit import mangle_type
+    names = kernel.arg_names
+    signature, values = {}, dict(zip(names, args))
+    for param in kernel.params:
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        elif param.annotation_type:
+            signature[param.name] = param.annotation_type
+        else:
+            signature[param.name] = mangle_type(values[param.name])
+    return signature, dict(constexprs)
+
+
+def all_kernel_names() -> List[str]:
+    """Names of every @triton.jit kernel (launchable, not helper) defined in the package."""
+    from . import adam, line_search, sgd, svi_backward_kernel
+    names = []
+    for mod in (adam, sgd, line_search, svi_backward_kernel):
+        names += [name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "fn")]
+    return sorted(names)
+
+
+def compile_all(arch: int = 90, dtypes: Iterable[str] = ("fp32", "fp16", "bf16"), keep: str = None,
+                out=sys.stdout) -> List[str]:
+    """Compile every kernel variant to PTX for sm_<arch>; returns the failures (empty when all pass)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import runtime
+    if runtime.interpreting():
+        raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run `python -m svi_kernels.triton.aot` "
+                           "in a process without it")
+    target = GPUTarget("cuda", arch, 32)
+    failures, compiled = [], set()
+    for dtype_name in dtypes:
+        for label, call in _scenarios(DTYPES[dtype_name], all_modes=(dtype_name == "fp32")):
+            with runtime.capture() as launches:
+                call()
+            for kernel, args, constexprs in launches:
+                name = f"{kernel.__name__}[{dtype_name}{',' + label if label else ''}]"
+                start = time.perf_counter()
+                try:
+                    signature, consts = _signature(kernel, args, constexprs)
+                    binary = triton.compile(ASTSource(kernel, signature, consts), target=target,
+                                            options={"num_warps": runtime.NUM_WARPS, "enable_fp_fusion": False})
+                    ptx = binary.asm["ptx"]
+                    if f".target sm_{arch}" not in ptx:
+                        raise RuntimeError(f"PTX does not target sm_{arch}")
+                    if keep:
+                        os.makedirs(keep, exist_ok=True)
+                        with open(os.path.join(keep, name.replace("[", ".").replace("]", "") + ".ptx"), "w") as f:
+                            f.write(ptx)
+                    compiled.add(kernel.__name__)
+                    print(f"ok    {name:70s} sm_{arch} ptx {len(ptx):7d} B  "
+                          f"{binary.metadata.num_warps} warps  {time.perf_counter() - start:5.2f} s", file=out)
+                except Exception as exc:  # report every failure, not just the first
+                    failures.append(name)
+                    print(f"FAIL  {name:70s} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                          file=out)
+    for missing in sorted(set(all_kernel_names()) - compiled):
+        failures.append(missing)
+        print(f"FAIL  {missing:70s} no scenario compiled it", file=out)
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (sm_90), 80")
+    parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32,fp16,bf16,fp64")
+    parser.add_argument("--keep", default=None, help="directory to write the PTX files to")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    failures = compile_all(args.arch, [d.strip() for d in args.dtypes.split(",") if d.strip()], args.keep)
+    print(f"{'FAILED' if failures else 'passed'}: {len(failures)} failures, {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
