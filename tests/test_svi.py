@@ -1,0 +1,159 @@
+"""svi.attach: the SVI field Gᵀ X on a small MLP and on a tiny random HF BERT, nothing else changed."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import svi_kernels as sk
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def capture(model, pairs):
+    """Hooks on an unpatched model: X = input of each Linear, G = grad w.r.t. its activation's output."""
+    xs, gs = {}, {}
+    hooks = []
+    for name, lin, act in pairs:
+        hooks.append(lin.register_forward_hook(lambda m, i, o, name=name: xs.__setitem__(name, i[0].detach())))
+
+        def fwd(m, i, o, name=name):
+            o.register_hook(lambda g, name=name: gs.__setitem__(name, g.detach()))
+        hooks.append(act.register_forward_hook(fwd))
+    return xs, gs, hooks
+
+
+def field(x, g):
+    return torch.einsum("...o,...i->oi", g, x), g.reshape(-1, g.shape[-1]).sum(0)
+
+
+def test_mlp_field_equals_hand_computed():
+    ref, model = mlp(), mlp()
+    x = torch.randn(4, 6, 5)  # batch and token dimensions are both summed
+    y = torch.randn(4, 6, 3)
+    xs, gs, hooks = capture(ref, [("0", ref[0], ref[1]), ("2", ref[2], ref[3])])
+    ((ref(x) - y) ** 2).mean().backward()
+    handle = sk.svi.attach(model)
+    assert handle.layers == ["0", "2"]
+    out = model(x)
+    torch.testing.assert_close(out, ref(x))  # the forward is unchanged
+    ((out - y) ** 2).mean().backward()
+    for name in ("0", "2"):
+        dw, db = field(xs[name], gs[name])
+        torch.testing.assert_close(model[int(name)].weight.grad, dw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[int(name)].bias.grad, db, rtol=1e-5, atol=1e-6)
+        # and it differs from backprop (the activation derivative was dropped)
+        assert not torch.allclose(model[int(name)].weight.grad, ref[int(name)].weight.grad)
+    # the last Linear has no activation after it: ordinary gradient
+    torch.testing.assert_close(model[4].weight.grad, ref[4].weight.grad)
+    torch.testing.assert_close(model[4].bias.grad, ref[4].bias.grad)
+
+
+def test_lower_layers_get_exact_backprop():
+    """Only the layer's own weight gradient changes: gradients flowing down stay exact."""
+    ref, model = mlp(), mlp()
+    x = torch.randn(9, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x).pow(2).sum().backward()
+    sk.svi.attach(model)
+    model(x2).pow(2).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_remove_restores_model():
+    model = mlp()
+    before = [type(m) for m in model]
+    handle = sk.svi.attach(model)
+    assert isinstance(model[1], nn.Identity)
+    handle.remove()
+    assert [type(m) for m in model] == before and "forward" not in vars(model[0])
+    ref = mlp()
+    x = torch.randn(3, 5)
+    model(x).sum().backward()
+    ref(x).sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_warns_when_nothing_to_change():
+    with pytest.warns(UserWarning, match="no \\(Linear, activation\\)"):
+        handle = sk.svi.attach(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)))
+    assert handle.layers == []
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_extra_matmul():
+    ref, model = mlp(), mlp()
+    sk.svi.attach(model)
+    x = torch.randn(8, 5)
+    counts = []
+    for m in (ref, model):
+        with CountMatmuls() as c:
+            m(x).pow(2).sum().backward()
+        counts.append(c.n)
+    assert counts[0] == counts[1]
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=32, num_labels=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_bert_intermediate_and_pooler_get_the_field():
+    ref = tiny_bert()
+    model = copy.deepcopy(ref)
+    ids = torch.randint(0, 60, (3, 7))
+    labels = torch.tensor([0, 1, 1])
+    pairs = [(f"bert.encoder.layer.{i}.intermediate.dense", ref.bert.encoder.layer[i].intermediate.dense,
+              ref.bert.encoder.layer[i].intermediate) for i in range(2)]
+    pairs.append(("bert.pooler.dense", ref.bert.pooler.dense, ref.bert.pooler))
+    xs, gs, hooks = capture(ref, pairs)
+    ref(input_ids=ids, labels=labels).loss.backward()
+    handle = sk.svi.attach(model)
+    assert sorted(handle.layers) == sorted(n for n, _, _ in pairs)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    changed = set()
+    for name, _, _ in pairs:
+        dw, db = field(xs[name], gs[name])
+        torch.testing.assert_close(params[name + ".weight"].grad, dw, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(params[name + ".bias"].grad, db, rtol=1e-4, atol=1e-6)
+        changed |= {name + ".weight", name + ".bias"}
+    for name, p in ref.named_parameters():
+        if name not in changed:  # everything else keeps its ordinary gradient
+            torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_svi_optimizer_trains_with_attach():
+    model = tiny_bert().train()
+    sk.svi.attach(model)
+    opt = sk.SVI(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 60, (8, 5))
+    labels = torch.randint(0, 2, (8,))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
