@@ -20,7 +20,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class ClosureRunner:
-    def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor], counters: dict):
+    def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor]):
         if closure is None:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
@@ -28,7 +28,9 @@ class ClosureRunner:
         self.name = opt_name
         self.closure = closure
         self.params = params
-        self.counters = counters
+        # Counted here and added to the optimizer's state only when the step succeeds.
+        self.n_forwards = 0
+        self.n_backwards = 0
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = (torch.cuda.get_rng_state_all()
                          if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
@@ -52,7 +54,7 @@ class ClosureRunner:
         with torch.enable_grad():
             loss = self._check_loss(self.closure())
         after = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
-        self.counters["n_forwards"] += 1
+        self.n_forwards += 1
         if before != after:
             raise RuntimeError(
                 f"{self.name}: the closure changed gradients (it called backward itself?). The closure must "
@@ -67,7 +69,7 @@ class ClosureRunner:
                 f"{self.name}: the loss at the start of the line-search step is {f0}; parameters and optimizer "
                 "state were left unchanged")
         loss.backward()
-        self.counters["n_backwards"] += 1
+        self.n_backwards += 1
         return loss, f0
 
     def trial(self) -> float:
@@ -75,7 +77,7 @@ class ClosureRunner:
         self._restore_rng()
         with torch.no_grad():
             loss = self._check_loss(self.closure())
-        self.counters["n_forwards"] += 1
+        self.n_forwards += 1
         return reduce_loss(float(loss))
 
 

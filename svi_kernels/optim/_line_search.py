@@ -104,21 +104,28 @@ class LineSearchOptimizer(Optimizer):
     _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
 
     def __init__(self, params, defaults):
-        super().__init__(params, defaults)
         self._w0: Dict[Tensor, Tensor] = {}
+        super().__init__(params, defaults)
+        self.state[LS_KEY] = {
+            "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
+            "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],
+            "n_backtracks": [0] * len(self.param_groups),
+            "found": [True] * len(self.param_groups),
+        }
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        ls = self.state.get(LS_KEY)
+        if ls is not None:  # None while the constructor adds its first groups
+            ls["step_sizes"].append(float(self.param_groups[-1]["init_step_size"]))
+            ls["n_backtracks"].append(0)
+            ls["found"].append(True)
 
     # ---------------------------------------------------------------- state
     @property
     def ls_state(self) -> dict:
         """Counters and step sizes: ``step``, ``n_forwards``, ``n_backwards``, ``step_sizes`` (one per
         param group), ``n_backtracks`` and ``found`` (last step, per group), ``total_backtracks``."""
-        if LS_KEY not in self.state:
-            self.state[LS_KEY] = {
-                "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
-                "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],
-                "n_backtracks": [0] * len(self.param_groups),
-                "found": [True] * len(self.param_groups),
-            }
         return self.state[LS_KEY]
 
     @property
@@ -216,6 +223,12 @@ class LineSearchOptimizer(Optimizer):
         ls["n_backtracks"][gi] = backtracks
         ls["found"][gi] = found
         ls["total_backtracks"] += backtracks
+
+    def _finish(self, runner) -> None:
+        ls = self.ls_state
+        ls["step"] += 1
+        ls["n_forwards"] += runner.n_forwards
+        ls["n_backwards"] += runner.n_backwards
 
 
 def grads_finite(t: StepTensors) -> bool:

@@ -45,7 +45,7 @@ class AdamSLS(LineSearchOptimizer):
         """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step)."""
         self._check_inputs()
         ls = self.ls_state
-        runner = ClosureRunner(self._name, closure, all_params(self.param_groups), ls)
+        runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
         loss, f0 = runner.first()
         self._check_inputs()
         t = StepTensors(self, with_moments=True)
@@ -72,5 +72,5 @@ class AdamSLS(LineSearchOptimizer):
                 eta, backtracks, found = self._search(runner, f0, t, s[gi], [gi], eta, group, step)
                 self._final_adam(t, {gi: eta}, step)
                 self._record(gi, eta, backtracks, found)
-            ls["step"] += 1
+            self._finish(runner)
         return loss

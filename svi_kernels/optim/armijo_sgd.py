@@ -38,7 +38,7 @@ class ArmijoSGD(LineSearchOptimizer):
         """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         self._check_inputs()
         ls = self.ls_state
-        runner = ClosureRunner(self._name, closure, all_params(self.param_groups), ls)
+        runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
         loss, f0 = runner.first()
         self._check_inputs()  # gradients exist now
         with torch.no_grad():
@@ -56,5 +56,5 @@ class ArmijoSGD(LineSearchOptimizer):
                 if not found:
                     self._trial_sgd(t, {gi: FALLBACK_STEP})
                 self._record(gi, eta, backtracks, found)
-        ls["step"] += 1
+        self._finish(runner)
         return loss

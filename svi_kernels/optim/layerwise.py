@@ -87,7 +87,7 @@ class LayerwiseAdamSLS(AdamSLS):
                 for i in everyone:
                     self._record(i, etas[i], backtracks if i == k else 0, found if i == k else True)
                 ls["next_group"] = (k + 1) % n
-            ls["step"] += 1
+            self._finish(runner)
             self._merge()
         return loss
 

@@ -76,13 +76,13 @@ def adam_step_kernel(ptrs, chunks,
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
-    block, chunk = runtime.block_shape()
-    group = Group([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3), chunk=chunk)
+    group = Group([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3))
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
     dtype, compute = runtime.element_types(group.dtype)
-    ptrs, chunks, aligned = group.tables()
+    block, chunk = group.block_shape()
+    ptrs, chunks, aligned = group.tables(chunk)
     lr, weight_decay = float(lr), float(weight_decay)
     # Coefficients in double, as the C++ callers of update_math.h compute them.
     args = (ptrs, chunks, 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), weight_decay,

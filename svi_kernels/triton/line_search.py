@@ -10,7 +10,7 @@
 Per element these are ``ls_sq``, ``ls_adam_prepare_elem``, ``ls_trial_*_elem`` and
 ``ls_final_adam_elem`` of csrc/include/svi_kernels/update_math.h.
 """
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -166,11 +166,10 @@ def ls_final_adam_kernel(ptrs, chunks, etas_over_bc1, eps: tl.float64, bias_corr
 
 # ------------------------------------------------------------------------------------ launchers
 def _group(lists, written):
-    block, chunk = runtime.block_shape()
-    group = Group(lists, written=written, chunk=chunk)
+    group = Group(lists, written=written)
     if group.n_elements:
         runtime.check_device(group.device)
-    return group, block
+    return group, group.block_shape()
 
 
 def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tensor:
@@ -189,22 +188,24 @@ def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tenso
     return out
 
 
-def _run_reduction(kernel, group: Group, block: int, args: tuple) -> Tensor:
+def _run_reduction(kernel, group: Group, shape: Tuple[int, int], args: tuple) -> Tensor:
     sums = torch.zeros(group.n_tensors, dtype=torch.float64, device=group.device)
     if group.n_elements:
         dtype, compute = runtime.element_types(group.dtype)
-        ptrs, chunks, aligned = group.tables()
+        block, chunk = shape
+        ptrs, chunks, aligned = group.tables(chunk)
         runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, sums) + args,
                        dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
         group.finish()
     return sums.to(torch.float32)
 
 
-def _run_update(kernel, group: Group, block: int, per_tensor: Tensor, args: tuple) -> None:
+def _run_update(kernel, group: Group, shape: Tuple[int, int], per_tensor: Tensor, args: tuple) -> None:
     if not group.n_elements:
         return
     dtype, compute = runtime.element_types(group.dtype)
-    ptrs, chunks, aligned = group.tables()
+    block, chunk = shape
+    ptrs, chunks, aligned = group.tables(chunk)
     runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, per_tensor) + args,
                    dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
     group.finish()
@@ -212,35 +213,35 @@ def _run_update(kernel, group: Group, block: int, per_tensor: Tensor, args: tupl
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
     """w0 <- p; returns float32 [n] with sum(g^2) per tensor."""
-    group, block = _group([params, grads, w0], written=(2,))
-    return _run_reduction(ls_save_sgd_kernel, group, block, ())
+    group, shape = _group([params, grads, w0], written=(2,))
+    return _run_reduction(ls_save_sgd_kernel, group, shape, ())
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
     """Moments updated before the search, w0 <- p; returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
-    group, block = _group([params, grads, exp_avgs, exp_avg_sqs, w0], written=(2, 3, 4))
+    group, shape = _group([params, grads, exp_avgs, exp_avg_sqs, w0], written=(2, 3, 4))
     args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))
-    return _run_reduction(ls_save_adam_kernel, group, block, args)
+    return _run_reduction(ls_save_adam_kernel, group, shape, args)
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Etas) -> None:
     """p <- w0 - eta_t * g, one eta per tensor."""
-    group, block = _group([params, w0, grads], written=(0,))
-    _run_update(ls_trial_sgd_kernel, group, block, _per_tensor(etas, group.n_tensors, group), ())
+    group, shape = _group([params, w0, grads], written=(0,))
+    _run_update(ls_trial_sgd_kernel, group, shape, _per_tensor(etas, group.n_tensors, group), ())
 
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Etas, *, eps: float, bias_correction2_sqrt: float) -> None:
     """p <- w0 - eta_t * g / (sqrt(v_hat) + eps): the search direction has no momentum."""
-    group, block = _group([params, w0, grads, exp_avg_sqs], written=(0,))
-    _run_update(ls_trial_adam_kernel, group, block, _per_tensor(etas, group.n_tensors, group),
+    group, shape = _group([params, w0, grads, exp_avg_sqs], written=(0,))
+    _run_update(ls_trial_adam_kernel, group, shape, _per_tensor(etas, group.n_tensors, group),
                 (float(eps), float(bias_correction2_sqrt)))
 
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Etas, *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
     """p <- w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps): the final step uses the momentum."""
-    group, block = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,))
+    group, shape = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,))
     scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
-    _run_update(ls_final_adam_kernel, group, block, scaled, (float(eps), float(bias_correction2_sqrt)))
+    _run_update(ls_final_adam_kernel, group, shape, scaled, (float(eps), float(bias_correction2_sqrt)))

@@ -42,10 +42,13 @@ def device_function(fn):
     return fn if interpreting() else triton.jit(fn)
 
 
-def block_shape() -> Tuple[int, int]:
-    """(BLOCK, CHUNK): elements per block step and per program."""
+def block_shape(largest_numel: int = 1 << 30) -> Tuple[int, int]:
+    """(BLOCK, CHUNK): elements per block step and per program. The interpreter runs each block
+    as numpy arrays of BLOCK lanes, so there it is also capped at the largest tensor (many small
+    tensors would otherwise each pay for 16K-lane arrays)."""
     if interpreting():
-        return INTERPRETER_BLOCK, INTERPRETER_BLOCK * INTERPRETER_BLOCKS_PER_CHUNK
+        block = min(INTERPRETER_BLOCK, max(16, triton.next_power_of_2(max(1, largest_numel))))
+        return block, block * INTERPRETER_BLOCKS_PER_CHUNK
     return GPU_BLOCK, GPU_BLOCK * GPU_BLOCKS_PER_CHUNK
 
 

@@ -59,13 +59,13 @@ def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64,
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
-    block, chunk = runtime.block_shape()
-    group = Group([params, grads, momentum_buffers], written=(0, 2), chunk=chunk)
+    group = Group([params, grads, momentum_buffers], written=(0, 2))
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
     dtype, compute = runtime.element_types(group.dtype)
-    ptrs, chunks, aligned = group.tables()
+    block, chunk = group.block_shape()
+    ptrs, chunks, aligned = group.tables(chunk)
     args = (ptrs, chunks, float(lr), float(momentum), float(weight_decay))
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
                       HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize))

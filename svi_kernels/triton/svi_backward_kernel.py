@@ -62,7 +62,7 @@ def act_backward_triton(z: Tensor, g: Tensor, activation: str) -> Tensor:
     n = z_c.numel()
     if n == 0:
         return out.view_as(z)
-    block = runtime.block_shape()[0]
+    block = runtime.block_shape(n)[0]
     runtime.launch(act_backward_kernel, triton.cdiv(n, block), (z_c, g_c, out, n),
                    dict(ACTIVATION=activation, COMPUTE=compute, BLOCK=block), z.device)
     return out.view_as(z)

@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import runtime
+
 CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
 
 stats: Counter = Counter()  # "pointer_builds", "chunk_builds", "pointer_hits", "chunk_hits"
@@ -90,7 +92,7 @@ class Group:
     contiguous staging copies (written back by ``finish``); ordinary parameters never do.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], chunk: int):
+    def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int]):
         self.n_tensors = len(lists[0])
         for i, lst in enumerate(lists):
             if len(lst) != self.n_tensors:
@@ -121,12 +123,14 @@ class Group:
         self.lists = lists
         self.numels = tuple(numels)
         self.n_elements = sum(numels)
-        self.chunk = chunk
 
-    def tables(self) -> Tuple[Tensor, Tensor, bool]:
+    def tables(self, chunk: int) -> Tuple[Tensor, Tensor, bool]:
         """(pointer table, chunk table, every pointer 16-byte aligned) on the group's device."""
         ptrs, aligned = pointer_table(self.lists, self.device)
-        return ptrs, chunk_table(self.numels, self.chunk, self.device), aligned
+        return ptrs, chunk_table(self.numels, chunk, self.device), aligned
+
+    def block_shape(self) -> Tuple[int, int]:
+        return runtime.block_shape(max(self.numels, default=1))
 
     def finish(self) -> None:
         for original, staged in self._writeback:

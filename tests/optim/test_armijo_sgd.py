@@ -112,7 +112,7 @@ def test_nan_trial_counts_as_failure():
     opt.step(closure)
     eta = 0.3 * 2 ** (1 / 500) * 0.9 ** 4  # four NaN trials, then w = 1 - eta ~ 0.803 is accepted
     assert opt.ls_state["found"] == [True] and opt.ls_state["n_backtracks"] == [4]
-    assert float(param) == pytest.approx(1 - eta, rel=1e-12)
+    assert float(param.detach()) == pytest.approx(1 - eta, rel=1e-12)
 
 
 def test_same_rng_state_for_every_evaluation():
