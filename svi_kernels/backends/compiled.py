@@ -46,9 +46,16 @@ def _ops():
     return torch.ops.svi_kernels
 
 
+def _empty_sums() -> Tensor:
+    # The dispatcher picks a kernel from the tensors' device; an empty list has none.
+    return torch.zeros(0, dtype=torch.float32)
+
+
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
+    if not params:
+        return
     _ops().adam_step(params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
                      float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
                      bool(maximize))
@@ -56,31 +63,43 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
+    if not params:
+        return
     _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
                              float(weight_decay), bool(maximize))
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
+    if not params:
+        return _empty_sums()
     return _ops().ls_save_sgd(params, grads, w0)
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
+    if not params:
+        return _empty_sums()
     return _ops().ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
                                float(bias_correction2_sqrt))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
+    if not params:
+        return
     _ops().ls_trial_sgd(params, w0, grads, [float(e) for e in etas])
 
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
+    if not params:
+        return
     _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, [float(e) for e in etas], float(eps),
                          float(bias_correction2_sqrt))
 
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    if not params:
+        return
     _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, [float(e) for e in etas], float(eps),
                          float(bias_correction1), float(bias_correction2_sqrt))
