@@ -47,8 +47,13 @@ class ClosureRunner:
             raise ValueError(f"{self.name}: the closure must return a scalar loss, got shape {tuple(loss.shape)}")
         return loss
 
-    def first(self) -> tuple[Tensor, float]:
-        """Evaluate f(w0) with grad, check it, backpropagate; returns (loss, f0 as float)."""
+    def first(self) -> Tensor:
+        """Evaluate f(w0) with grad and backpropagate it; returns the loss (nothing read back yet).
+
+        The caller reads f0 together with the gradient reductions in one host sync and calls
+        ``check_f0``; backward has only filled ``.grad``, so a bad f0 still leaves params and state as
+        they were.
+        """
         self._restore_rng()
         before = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
         with torch.enable_grad():
@@ -63,34 +68,61 @@ class ClosureRunner:
             raise RuntimeError(
                 f"{self.name}: the closure's loss does not require grad (was it detached or computed under "
                 "no_grad?); step() needs to call backward on it")
-        f0 = reduce_loss(float(loss.detach()))
+        loss.backward()
+        self.n_backwards += 1
+        return loss
+
+    def check_f0(self, f0: float) -> None:
         if not math.isfinite(f0):
             raise NonFiniteLossError(
                 f"{self.name}: the loss at the start of the line-search step is {f0}; parameters and optimizer "
                 "state were left unchanged")
-        loss.backward()
-        self.n_backwards += 1
-        return loss, f0
 
-    def trial(self) -> float:
-        """Evaluate f at the current (trial) parameters without grad; NaN/inf is returned as is."""
+    def trial(self) -> Tensor:
+        """Evaluate f at the current (trial) parameters without grad; returns the (rank-averaged) loss
+        as a float64 tensor on its device, not read back. NaN/inf are returned as they are."""
         self._restore_rng()
         with torch.no_grad():
             loss = self._check_loss(self.closure())
         self.n_forwards += 1
-        return reduce_loss(float(loss))
+        return average_over_ranks(loss.detach())
+
+
+def average_over_ranks(loss: Tensor) -> Tensor:
+    """A float64 copy of ``loss`` averaged over ranks when torch.distributed is initialised, so that
+    every rank takes the same Armijo decision."""
+    out = loss.detach().reshape(1).to(torch.float64)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and not out.is_cuda:
+            out = out.cuda()
+        dist.all_reduce(out)
+        out /= dist.get_world_size()
+    return out
+
+
+def read_host(tensors: List[Tensor]) -> List[float]:
+    """Read several small device tensors back with one synchronisation per device."""
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: List[float] = []
+    values = [None] * len(tensors)
+    for _dev, idx in by_device.items():
+        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in idx]).tolist()
+        k = 0
+        for i in idx:
+            n = tensors[i].numel()
+            values[i] = flat[k:k + n]
+            k += n
+    for v in values:
+        out.extend(v)
+    return out
 
 
 def reduce_loss(value: float) -> float:
-    """Average a loss over ranks when torch.distributed is initialised (same decision on every rank)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return value
+    """Average a host loss value over ranks (see ``average_over_ranks``)."""
+    return float(average_over_ranks(torch.tensor(value, dtype=torch.float64)))
 
 
 def all_params(groups: Iterable[dict]) -> List[Tensor]:

@@ -164,24 +164,34 @@ class LineSearchOptimizer(Optimizer):
 
     # --------------------------------------------------------- fused phases
     # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
-    def _save_sgd(self, t: StepTensors) -> List[float]:
-        """w0 <- p and sum(g^2) per group."""
-        per_tensor: Dict[int, float] = {}
+    # The reductions stay on the device (``DeviceSums``) until the next host read, which they join.
+    def _save_sgd(self, t: StepTensors) -> "DeviceSums":
+        """w0 <- p and sum(g^2) per tensor."""
+        parts = []
         for device, g, lists, pos in t.buckets(["params", "grads", "w0"]):
             impl = C.backend_for(g["backend"], device, lists)
-            per_tensor.update(zip(pos, impl.ls_save_sgd(*lists).double().cpu().tolist()))
-        return t.per_group(per_tensor)
+            parts.append((pos, impl.ls_save_sgd(*lists)))
+        return DeviceSums(t, parts)
 
-    def _save_adam(self, t: StepTensors, step: int) -> List[float]:
-        """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per group."""
-        per_tensor: Dict[int, float] = {}
+    def _grad_norms(self, t: StepTensors) -> "DeviceSums":
+        """Per-tensor gradient norms (Adam variants check them before touching their moments)."""
+        parts = []
+        for _device, _g, lists, pos in t.buckets(["grads"]):
+            low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
+            norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
+            parts.append((pos, torch.stack([n.float() for n in norms])))
+        return DeviceSums(t, parts)
+
+    def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
+        """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
+        parts = []
         for device, g, lists, pos in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
             impl = C.backend_for(g["backend"], device, lists)
-            sums = impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
-            per_tensor.update(zip(pos, sums.double().cpu().tolist()))
-        return t.per_group(per_tensor)
+            parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
+                                                 bias_correction2_sqrt=bc2_sqrt)))
+        return DeviceSums(t, parts)
 
     def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
         for device, g, lists, pos in t.buckets(["params", "w0", "grads"], gids=list(etas)):
@@ -202,16 +212,20 @@ class LineSearchOptimizer(Optimizer):
                                bias_correction2_sqrt=bc2_sqrt)
 
     # --------------------------------------------------------- the search
-    def _armijo(self, runner, f0: float, eta: float, s: float, group: dict, try_point) -> tuple[float, int, bool]:
+    def _armijo(self, runner, f0: float, eta: float, group: dict, try_point, read) -> tuple[float, int, bool]:
         """Backtrack from ``eta`` until f0 - f(trial) >= c * eta * s (NaN/inf counts as a failure).
 
+        ``read(f1_tensor) -> (f1, s, skip)`` brings the trial loss (and, the first time, the pending
+        reductions) to the host in ONE sync per trial. ``skip`` ends the search at once (accepting eta).
         Returns (eta, number of failed trials, found). After ``max_backtracks`` failures eta has been
         reduced once per failure, as in the reference code.
         """
         c, beta_b = group["c"], group["beta_b"]
         for e in range(int(group["max_backtracks"])):
             try_point(eta)
-            f1 = runner.trial()
+            f1, s, skip = read(runner.trial())
+            if skip:
+                return eta, 0, True
             if math.isfinite(f1) and f1 <= f0 - c * eta * s:
                 return eta, e, True
             eta *= beta_b
@@ -231,11 +245,38 @@ class LineSearchOptimizer(Optimizer):
         ls["n_backwards"] += runner.n_backwards
 
 
-def grads_finite(t: StepTensors) -> bool:
-    """One reduction pass over the gradients (Adam variants check before touching their moments)."""
-    for _device, _g, lists, _pos in t.buckets(["grads"]):
-        low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
-        norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-            return False
-    return True
+class DeviceSums:
+    """Per-tensor reductions of one phase, on their device until read (joining another host read)."""
+
+    def __init__(self, t: StepTensors, parts):
+        self.t = t
+        self.parts = parts  # [(positions, float32 tensor of per-tensor sums)]
+        self.per_group: Optional[List[float]] = None
+        self.per_tensor: Optional[Dict[int, float]] = None
+
+    def tensors(self) -> List[Tensor]:
+        return [x for _, x in self.parts]
+
+    def load(self, host_values: Sequence[float]) -> List[float]:
+        """Take the host values of ``tensors()`` (in order); returns the per-group sums."""
+        per_tensor: Dict[int, float] = {}
+        k = 0
+        for pos, _x in self.parts:
+            per_tensor.update(zip(pos, host_values[k:k + len(pos)]))
+            k += len(pos)
+        self.per_tensor = per_tensor
+        self.per_group = self.t.per_group(per_tensor)
+        return self.per_group
+
+    def all_finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.per_tensor.values())
+
+
+def read_first(runner, loss: Tensor, sums: DeviceSums) -> float:
+    """One host sync for f0 (averaged over ranks) and a phase's reductions; checks f0."""
+    from ._closure import average_over_ranks, read_host
+    vals = read_host([average_over_ranks(loss)] + sums.tensors())
+    f0 = vals[0]
+    runner.check_f0(f0)
+    sums.load(vals[1:])
+    return f0

@@ -6,7 +6,8 @@ by ``beta_b`` from ``eta * gamma^(1/n_batches_per_epoch)``; the final step is
 ``w0 - eta * m_hat / (sqrt(v_hat) + eps)`` (with momentum). Bias correction uses t = completed steps + 1.
 After ``max_backtracks`` failures eta is simply the reduced value (the authors' code has no 1e-6 fallback)
 and ``ls_state["found"]`` says so. The search is skipped (final step with the grown eta) when the
-preconditioned norm is below 1e-8 or the loss is exactly 0. With several param groups each group is
+preconditioned norm is below 1e-8 or the loss is exactly 0 (one trial forward is
+still spent, as in the authors' code: the norm is read with the first trial's loss). With several param groups each group is
 searched in turn, the earlier ones already at their new values.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import List, Optional
 import torch
 
 from . import _common as C
-from ._closure import ClosureRunner, all_params
-from ._line_search import (LineSearchOptimizer, StepTensors, check_ls_hyperparameters, grads_finite,
+from ._closure import ClosureRunner, all_params, read_host
+from ._line_search import (DeviceSums, LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
                            reset_step_size)
 
 MIN_PRECOND_NORM = 1e-8
@@ -42,25 +43,41 @@ class AdamSLS(LineSearchOptimizer):
         super().__init__(params, defaults)
 
     def _begin(self, closure):
-        """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step)."""
+        """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step).
+
+        One host sync reads f0 and the gradient norms (checked before the moments are touched); the
+        preconditioned norms ``s`` stay on the device and join the first trial's read.
+        """
         self._check_inputs()
-        ls = self.ls_state
         runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
-        loss, f0 = runner.first()
+        loss = runner.first()
         self._check_inputs()
         t = StepTensors(self, with_moments=True)
-        if not grads_finite(t):
+        norms = self._grad_norms(t)
+        f0 = read_first(runner, loss, norms)
+        if not norms.all_finite():
             raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
-        step = ls["step"] + 1
+        step = self.ls_state["step"] + 1
         s = self._save_adam(t, step)
         return runner, loss, f0, t, s, step
 
-    def _search(self, runner, f0, t, s: float, gids: List[int], eta: float, group: dict, step: int):
-        """Armijo search moving the groups ``gids`` together with one eta; returns (eta, backtracks, found)."""
-        if s < MIN_PRECOND_NORM or f0 == 0.0:
-            return eta, 0, True
-        return self._armijo(runner, f0, eta, s, group,
-                            lambda e: self._trial_adam(t, {g: e for g in gids}, step))
+    def _search(self, runner, f0, t, s: DeviceSums, gids: List[int], eta: float, group: dict, step: int):
+        """Armijo search moving the groups ``gids`` together with one eta; returns (eta, backtracks, found).
+
+        The search is skipped (eta accepted) when the preconditioned norm is below 1e-8 or f0 == 0; as in
+        the authors' code, that is known only after the first trial's forward.
+        """
+        def read(f1):
+            if s.per_group is None:
+                vals = read_host([f1] + s.tensors())
+                s.load(vals[1:])
+                f1v = vals[0]
+            else:
+                f1v = read_host([f1])[0]
+            s_sel = sum(s.per_group[g] for g in gids)
+            return f1v, s_sel, (s_sel < MIN_PRECOND_NORM or f0 == 0.0)
+
+        return self._armijo(runner, f0, eta, group, lambda e: self._trial_adam(t, {g: e for g in gids}, step), read)
 
     def step(self, closure=None):
         """One ADAMSLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
@@ -69,7 +86,7 @@ class AdamSLS(LineSearchOptimizer):
             ls = self.ls_state
             for gi, group in enumerate(self.param_groups):
                 eta = reset_step_size(ls["step_sizes"][gi], group)
-                eta, backtracks, found = self._search(runner, f0, t, s[gi], [gi], eta, group, step)
+                eta, backtracks, found = self._search(runner, f0, t, s, [gi], eta, group, step)
                 self._final_adam(t, {gi: eta}, step)
                 self._record(gi, eta, backtracks, found)
             self._finish(runner)

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from . import _common as C
-from ._closure import ClosureRunner, all_params
-from ._line_search import LineSearchOptimizer, StepTensors, check_ls_hyperparameters, reset_step_size
+from ._closure import ClosureRunner, all_params, read_host
+from ._line_search import (LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
+                           reset_step_size)
 
 FALLBACK_STEP = 1e-6
 MIN_GRAD_NORM = 1e-8
@@ -35,24 +36,30 @@ class ArmijoSGD(LineSearchOptimizer):
         super().__init__(params, defaults)
 
     def step(self, closure=None):
-        """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
+        """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss.
+
+        Host syncs: one for f0 and the gradient norms, then one per trial.
+        """
         self._check_inputs()
-        ls = self.ls_state
         runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
-        loss, f0 = runner.first()
+        loss = runner.first()
         self._check_inputs()  # gradients exist now
+        ls = self.ls_state
         with torch.no_grad():
             t = StepTensors(self, with_moments=False)
-            gn2 = self._save_sgd(t)
-            if not all(math.isfinite(v) for v in gn2):
+            sums = self._save_sgd(t)  # writes only the scratch w0
+            f0 = read_first(runner, loss, sums)
+            if not sums.all_finite():
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
+            gn2 = sums.per_group
             for gi, group in enumerate(self.param_groups):
                 eta = reset_step_size(ls["step_sizes"][gi], group)
                 if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
                     self._record(gi, eta, 0, True)
                     continue
                 eta, backtracks, found = self._armijo(
-                    runner, f0, eta, gn2[gi], group, lambda e, gi=gi: self._trial_sgd(t, {gi: e}))
+                    runner, f0, eta, group, lambda e, gi=gi: self._trial_sgd(t, {gi: e}),
+                    lambda f1, gi=gi: (read_host([f1])[0], gn2[gi], False))
                 if not found:
                     self._trial_sgd(t, {gi: FALLBACK_STEP})
                 self._record(gi, eta, backtracks, found)

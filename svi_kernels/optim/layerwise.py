@@ -66,14 +66,14 @@ class LayerwiseAdamSLS(AdamSLS):
             etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
             everyone = list(range(n))
             if step <= self.warmup_steps:
-                eta, backtracks, found = self._search(runner, f0, t, sum(s), everyone, etas[0],
+                eta, backtracks, found = self._search(runner, f0, t, s, everyone, etas[0],
                                                       self.param_groups[0], step)
                 self._final_adam(t, {i: eta for i in everyone}, step)
                 for i in everyone:
                     self._record(i, eta, backtracks if i == 0 else 0, found)
             elif self.strategy == "all":
                 for i, group in enumerate(self.param_groups):
-                    eta, backtracks, found = self._search(runner, f0, t, s[i], [i], etas[i], group, step)
+                    eta, backtracks, found = self._search(runner, f0, t, s, [i], etas[i], group, step)
                     self._final_adam(t, {i: eta}, step)
                     self._record(i, eta, backtracks, found)
             else:
@@ -81,7 +81,7 @@ class LayerwiseAdamSLS(AdamSLS):
                 before = {i: etas[i] for i in range(k)}
                 if before:
                     self._final_adam(t, before, step)
-                eta, backtracks, found = self._search(runner, f0, t, s[k], [k], etas[k], self.param_groups[k], step)
+                eta, backtracks, found = self._search(runner, f0, t, s, [k], etas[k], self.param_groups[k], step)
                 etas[k] = eta
                 self._final_adam(t, {i: etas[i] for i in range(k, n)}, step)
                 for i in everyone:

@@ -27,10 +27,10 @@ Etas = Union[Sequence[float], Tensor]
 
 # ------------------------------------------------------------------------------------ kernels
 @device_function
-def _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, mask, acc, COMPUTE: tl.constexpr):
+def _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, mask, COMPUTE: tl.constexpr):
     tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    return acc + g * g  # ls_sq (update_math.h)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    return g * g  # ls_sq (update_math.h)
 
 
 @triton.jit
@@ -42,10 +42,10 @@ def ls_save_sgd_kernel(ptrs, chunks, sums,
     w_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
     for first in range(start, full_end, BLOCK):
-        acc = _save_sgd_block(p_ptr, g_ptr, w_ptr, first + tl.arange(0, BLOCK), None, acc, COMPUTE)
+        acc += _save_sgd_block(p_ptr, g_ptr, w_ptr, first + tl.arange(0, BLOCK), None, COMPUTE)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        acc = _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, offs < end, acc, COMPUTE)
+        acc += tl.where(offs < end, _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, offs < end, COMPUTE), 0.0)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
 
 

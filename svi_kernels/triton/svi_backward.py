@@ -19,6 +19,7 @@ from torch import Tensor
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 
+
 def act_backward_torch(z: Tensor, g: Tensor, activation: str) -> Tensor:
     """The plain PyTorch path: the same backward ops autograd runs."""
     aten = torch.ops.aten
@@ -37,9 +38,14 @@ def act_backward_torch(z: Tensor, g: Tensor, activation: str) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def _triton_usable(z: Tensor) -> bool:
+def triton_available() -> bool:
+    """Whether the Triton kernel can run here (triton imports, and a GPU or TRITON_INTERPRET=1)."""
     from ..backends import triton as backend
-    if not backend.available()[0]:
+    return backend.available()[0]
+
+
+def _triton_usable(z: Tensor) -> bool:
+    if not triton_available():
         return False
     from . import runtime
     return z.device.type == ("cpu" if runtime.interpreting() else "cuda") and z.dtype in runtime.TORCH_TO_TL
@@ -49,9 +55,9 @@ def act_backward(z: Tensor, g: Tensor, activation: str) -> Tensor:
     """dz = act'(z) * g for ``activation`` in ACTIVATIONS; Triton when usable, PyTorch otherwise."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if z.shape != g.shape or z.dtype != g.dtype or z.device != g.device:
-        raise ValueError("z and g must have the same shape, dtype and device")
-    if not _triton_usable(z):
+    if z.shape != g.shape:
+        raise ValueError(f"z and g must have the same shape, got {tuple(z.shape)} and {tuple(g.shape)}")
+    if z.dtype != g.dtype or z.device != g.device or not _triton_usable(z):
         return act_backward_torch(z, g, activation)
     from .svi_backward_kernel import act_backward_triton
     return act_backward_triton(z, g, activation)

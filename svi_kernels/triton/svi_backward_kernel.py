@@ -5,8 +5,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import runtime
-from .runtime import device_function
 from .ieee import to_storage
+from .runtime import device_function
+
 
 @device_function
 def _tanh(x):
@@ -22,8 +23,8 @@ def _sigmoid(x):
 
 
 @triton.jit
-def act_backward_kernel(z_ptr, g_ptr, out_ptr, n, ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def act_backward_kernel(z_ptr, g_ptr, out_ptr, n, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr,
+                        COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -43,20 +44,21 @@ def act_backward_kernel(z_ptr, g_ptr, out_ptr, n, ACTIVATION: tl.constexpr, COMP
         right_derivative = (0.5 * z) * (1.0 - th * th) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z_sq))
         dz = g * (left_derivative + right_derivative)
     elif ACTIVATION == "tanh":
-        y = _tanh(z)
+        # autograd differentiates through the stored output, rounded to the tensor dtype
+        y = to_storage(_tanh(z), DTYPE).to(COMPUTE)
         dz = g * (1.0 - y * y)
     elif ACTIVATION == "sigmoid":
-        s = _sigmoid(z)
+        s = to_storage(_sigmoid(z), DTYPE).to(COMPUTE)
         dz = g * (1.0 - s) * s
     else:  # silu
         s = _sigmoid(z)
         dz = g * s * (1.0 + z * (1.0 - s))
-    tl.store(out_ptr + offs, to_storage(dz, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_storage(dz, DTYPE), mask=mask)
 
 
 def act_backward_triton(z: Tensor, g: Tensor, activation: str) -> Tensor:
     runtime.check_device(z.device)
-    _, compute = runtime.element_types(z.dtype)
+    dtype, compute = runtime.element_types(z.dtype)
     z_c, g_c = z.contiguous(), g.contiguous()
     out = torch.empty_like(z_c)
     n = z_c.numel()
@@ -64,5 +66,5 @@ def act_backward_triton(z: Tensor, g: Tensor, activation: str) -> Tensor:
         return out.view_as(z)
     block = runtime.block_shape(n)[0]
     runtime.launch(act_backward_kernel, triton.cdiv(n, block), (z_c, g_c, out, n),
-                   dict(ACTIVATION=activation, COMPUTE=compute, BLOCK=block), z.device)
+                   dict(ACTIVATION=activation, DTYPE=dtype, COMPUTE=compute, BLOCK=block), z.device)
     return out.view_as(z)

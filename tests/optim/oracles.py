@@ -88,7 +88,9 @@ class AdamSlsOracle:
         s = float((g * g * P).sum())
         eta = self.step_size * self.gamma ** (1.0 / self.n)
         backtracks = 0
-        if s >= 1e-8 and f0 != 0:
+        if s < 1e-8 or f0 == 0:
+            self.n_forwards += 1  # the authors' code still spends one forward
+        else:
             for _ in range(self.max_bt):
                 w = w0 - eta * g * P
                 f1 = f(w)
