@@ -78,6 +78,17 @@ def check_params(opt_name: str, params: Iterable[Tensor]) -> None:
             raise RuntimeError(f"{opt_name}: gradient on {g.device} but parameter on {p.device}")
 
 
+def closure_then_check(opt_name: str, closure, param_groups):
+    """torch's optional closure, then every group checked before any is touched (no half updates)."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in param_groups:
+        check_params(opt_name, group["params"])
+    return loss
+
+
 def group_by(tensor_lists: Sequence[Sequence[Tensor]], extra_keys: Sequence[Hashable] | None = None
              ) -> Dict[tuple, Tuple[List[List[Tensor]], List[int]]]:
     """Bucket parallel tensor lists by (device, dtype[, extra key]); one fused launch per bucket.

@@ -74,13 +74,7 @@ class AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Check every group before touching any: bad input never leaves a half-updated model.
-        for group in self.param_groups:
-            C.check_params("AdamW", group["params"])
+        loss = C.closure_then_check("AdamW", closure, self.param_groups)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)

@@ -56,12 +56,7 @@ class SVI(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            C.check_params("SVI", group["params"])
+        loss = C.closure_then_check("SVI", closure, self.param_groups)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
