@@ -129,6 +129,24 @@ def _find_closure_driven(opt) -> Optional[_ClosureDriven]:
     return opt
 
 
+_FP16_REFUSED = (
+    "LineSearchTrainer does not support fp16 with a GradScaler: the scaler multiplies the loss before backward and "
+    "decides in optimizer.step() whether to skip the step, but the line search has already evaluated its trial "
+    "points and moved the parameters inside training_step by then, and its sufficient-decrease test would compare "
+    "scaled gradients with unscaled losses. Use bf16=True (autocast, no scaler) or fp32")
+
+
+def _check_args(args) -> None:
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"LineSearchTrainer does not support gradient_accumulation_steps={args.gradient_accumulation_steps}: "
+            "the Armijo test compares the loss of the whole batch at trial points, so every trial would have to "
+            "re-run all micro-batches. Use gradient_accumulation_steps=1 with a larger per_device_train_batch_size "
+            "(or more devices)")
+    if args.fp16:
+        raise ValueError(_FP16_REFUSED)
+
+
 class LineSearchTrainer(Trainer):
     """``transformers.Trainer`` for ArmijoSGD, AdamSLS and LayerwiseAdamSLS.
 
@@ -143,6 +161,9 @@ class LineSearchTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:  # before the Trainer sets up the accelerator for them
+            _check_args(targs)
         super().__init__(*args, **kwargs)
         self._check_supported()
         if self.lr_scheduler is not None and not isinstance(self.lr_scheduler, StepSizeSchedule):
@@ -156,19 +177,9 @@ class LineSearchTrainer(Trainer):
 
     # ------------------------------------------------------------------ checks
     def _check_supported(self) -> None:
-        args = self.args
-        if args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"LineSearchTrainer does not support gradient_accumulation_steps={args.gradient_accumulation_steps}: "
-                "the Armijo test compares the loss of the whole batch at trial points, so every trial would have "
-                "to re-run all micro-batches. Use gradient_accumulation_steps=1 with a larger "
-                "per_device_train_batch_size (or more devices)")
-        if args.fp16 or getattr(self.accelerator, "scaler", None) is not None:
-            raise ValueError(
-                "LineSearchTrainer does not support fp16 with a GradScaler: the scaler multiplies the loss before "
-                "backward and decides in optimizer.step() whether to skip it, but the line-search step has already "
-                "evaluated trial points and moved the parameters by then, and its sufficient-decrease test would "
-                "compare scaled gradients with unscaled losses. Use bf16=True (autocast, no scaler) or fp32")
+        _check_args(self.args)
+        if getattr(self.accelerator, "scaler", None) is not None:
+            raise ValueError(_FP16_REFUSED)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
             raise ValueError(
                 "LineSearchTrainer does not support DeepSpeed or FSDP: with sharded gradients each rank would "

@@ -3,6 +3,9 @@
 No GPU is needed: each op is called on small CPU tensors with launches *captured* instead of run
 (runtime.capture), so the kernels are compiled with exactly the argument types and constexprs a
 real call passes, via ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))``.
+Each captured launch is then also compiled through ``triton.jit``'s own argument binder
+(``kernel.run(..., warmup=True)``) with a stand-in driver that reports the target and launches
+nothing: the same path ``kernel[grid](...)`` takes on a GPU, argument specialisation included.
 Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD in fp32),
 every activation of the SVI backward.
 
@@ -18,6 +21,7 @@ if __name__ == "__main__":  # before triton is imported: compile real kernels, n
     os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse
+import contextlib
 import time
 from typing import Dict, Iterable, List, Tuple
 
@@ -74,6 +78,43 @@ def _signature(kernel, args: tuple, constexprs: dict) -> Tuple[Dict[str, str], d
     return signature, dict(constexprs)
 
 
+class _TargetOnlyDriver:
+    """What JITFunction.run asks of the driver before launching: a device, a stream, a target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def _jit_binder_for(target, kernels):
+    from triton.runtime import driver
+    previous = driver._active  # reset_active() would probe for a GPU
+    driver.set_active(_TargetOnlyDriver(target))
+    try:
+        yield
+    finally:
+        driver._active = previous
+        for kernel in kernels:  # drop binders and kernels made for the stand-in target
+            kernel.device_caches.clear()
+
+
+def _compile_through_jit(kernel, args, constexprs, target, options):
+    with _jit_binder_for(target, [kernel]):
+        compiled = kernel.run(*args, grid=(1,), warmup=True, **constexprs, **options)
+    if compiled is None or "ptx" not in compiled.asm:
+        raise RuntimeError("triton.jit produced no PTX")
+    return compiled
+
+
 def all_kernel_names() -> List[str]:
     """Names of every @triton.jit kernel (launchable, not helper) defined in the package."""
     from . import adam, line_search, sgd, svi_backward_kernel
@@ -104,10 +145,11 @@ def compile_all(arch: int = 90, dtypes: Iterable[str] = ("fp32", "fp16", "bf16")
                 name = f"{kernel.__name__}[{dtype_name}{',' + label if label else ''}]"
                 start = time.perf_counter()
                 try:
+                    options = {"num_warps": runtime.NUM_WARPS, "enable_fp_fusion": False}
                     signature, consts = _signature(kernel, args, constexprs)
-                    binary = triton.compile(ASTSource(kernel, signature, consts), target=target,
-                                            options={"num_warps": runtime.NUM_WARPS, "enable_fp_fusion": False})
+                    binary = triton.compile(ASTSource(kernel, signature, consts), target=target, options=options)
                     ptx = binary.asm["ptx"]
+                    _compile_through_jit(kernel, args, constexprs, target, options)
                     if f".target sm_{arch}" not in ptx:
                         raise RuntimeError(f"PTX does not target sm_{arch}")
                     if keep:
@@ -116,7 +158,7 @@ def compile_all(arch: int = 90, dtypes: Iterable[str] = ("fp32", "fp16", "bf16")
                             f.write(ptx)
                     compiled.add(kernel.__name__)
                     print(f"ok    {name:70s} sm_{arch} ptx {len(ptx):7d} B  "
-                          f"{binary.metadata.num_warps} warps  {time.perf_counter() - start:5.2f} s", file=out)
+                          f"{binary.metadata.num_warps} warps, also via triton.jit  {time.perf_counter() - start:5.2f} s", file=out)
                 except Exception as exc:  # report every failure, not just the first
                     failures.append(name)
                     print(f"FAIL  {name:70s} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

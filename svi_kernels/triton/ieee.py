@@ -9,7 +9,6 @@ interpreter that rounding is done by hand).
 Host scalars reach the kernels as fp64 arguments and are rounded once to the compute dtype
 with ``tl.full([], x, COMPUTE)``, as the C++ callers cast their double coefficients.
 """
-import triton
 import triton.language as tl
 
 from .runtime import device_function, interpreting

@@ -176,11 +176,11 @@ def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tenso
     """One scalar per tensor as a device tensor in the compute dtype; host values are divided
     by ``scale`` in double first (so eta / bc1 rounds once, as in the reference)."""
     dtype = runtime.scalar_dtype(group.dtype)
-    if isinstance(values, Tensor):
-        out = values.to(device=group.device, dtype=torch.float64).reshape(-1)
-        if scale != 1.0:
-            out = out / scale
-        out = out.to(dtype)
+    if isinstance(values, Tensor):  # already on the device: no host sync
+        if scale == 1.0:
+            out = values.to(device=group.device, dtype=dtype).reshape(-1)
+        else:
+            out = (values.to(device=group.device, dtype=torch.float64).reshape(-1) / scale).to(dtype)
     else:
         out = torch.tensor([float(e) / scale for e in values], dtype=dtype, device=group.device)
     if out.numel() != n:

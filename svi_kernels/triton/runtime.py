@@ -5,7 +5,7 @@ Every launch goes through ``launch`` so it is counted (``svi_kernels.triton.laun
 """
 import contextlib
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -25,7 +25,6 @@ TORCH_TO_TL = {
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
-
 
 _captured: Optional[List[tuple]] = None  # launches recorded instead of run (see capture())
 
@@ -77,7 +76,6 @@ def check_device(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------ launching
-
 @contextlib.contextmanager
 def capture():
     """Record launches as (kernel, args, constexprs) instead of running them (used by aot.py)."""

@@ -12,7 +12,7 @@ that changes, so a training loop copies nothing to the device after its first st
 are addresses, so a reused address with another tensor behind it is still correct.
 """
 from collections import Counter, OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -1,0 +1,81 @@
+"""Frozen-part caching: run the frozen bottom of the model once per dataset and keep its outputs.
+
+With the top k encoder layers trained, everything below them (embeddings + layers 0..L-k-1) is a
+fixed function of the input, so its output is computed once (eval mode: no dropout in the frozen
+part) and reused by every seed, learning rate and optimizer. A step then costs only the k trained
+layers, the pooler and the classifier, which is what makes multi-seed runs affordable on 2 cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from .model import Backbone, n_layers
+
+
+@dataclass
+class Features:
+    x: torch.Tensor        # [N, H] ([CLS] of last layer), [N, T, H] (hidden states) or [N, T] (token ids)
+    mask: torch.Tensor     # [N, T] attention mask (1 = token)
+    labels: torch.Tensor   # [N]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``idx``, trimmed to the longest sequence among them (exact: padding is masked)."""
+        mask = self.mask[idx]
+        x = self.x[idx]
+        if x.dim() == 3 or x.dtype == torch.long:  # per-token inputs ([CLS]-only rows have no T axis)
+            width = int(mask.sum(1).max())
+            x, mask = x[:, :width], mask[:, :width]
+        return x, mask, self.labels[idx]
+
+
+_MEMORY: Dict[tuple, Features] = {}
+
+
+@torch.no_grad()
+def _hidden_states(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, wanted: List[int],
+                   batch_size: int) -> Dict[int, torch.Tensor]:
+    """hidden_states[j] (input of layer j; j = L is the last layer's output) for j in ``wanted``."""
+    model = backbone.model.eval()
+    N, T = ids.shape
+    H = model.config.hidden_size
+    out = {j: torch.zeros(N, T, H) for j in wanted}
+    order = torch.argsort(mask.sum(1), descending=True)  # length-sorted batches: little padding
+    for start in range(0, N, batch_size):
+        rows = order[start:start + batch_size]
+        width = int(mask[rows].sum(1).max())
+        hs = model.bert(input_ids=ids[rows, :width], attention_mask=mask[rows, :width],
+                        output_hidden_states=True).hidden_states
+        for j in wanted:
+            out[j][rows, :width] = hs[j]
+    return out
+
+
+def frozen_features(backbone: Backbone, dataset_key: str, texts: List[str], labels: List[int],
+                    top_layers: int, max_len: int = 64, batch_size: int = 64) -> Features:
+    """Inputs of the trainable top for ``top_layers`` (see ``TrainableTop``), cached in memory."""
+    key = (backbone.name, dataset_key, max_len, top_layers)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    ids, mask = backbone.tokenize(texts, max_len)
+    y = torch.tensor(labels, dtype=torch.long)
+    if top_layers < 0:
+        feats = Features(ids, mask, y)
+    else:
+        L = n_layers(backbone.model)
+        if not 0 <= top_layers <= L:
+            raise ValueError(f"top_layers must be in 0..{L} or -1 (full), got {top_layers}")
+        j = L - top_layers if top_layers > 0 else L
+        hidden = _hidden_states(backbone, ids, mask, [j], batch_size)[j]
+        feats = Features(hidden[:, 0].contiguous() if top_layers == 0 else hidden, mask, y)
+    _MEMORY[key] = feats
+    return feats
+
+
+def clear_cache() -> None:
+    _MEMORY.clear()

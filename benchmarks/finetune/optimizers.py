@@ -1,0 +1,131 @@
+"""Optimizer factory: names used by the study -> svi_kernels optimizers (torch stand-ins where ours are missing).
+
+| name        | optimizer                                                                 | loop       |
+|-------------|---------------------------------------------------------------------------|------------|
+| sgd         | torch.optim.SGD, momentum 0.95, Nesterov (the SVI base without the field) | plain      |
+| svi         | sk.SVI(base="sgd", momentum 0.95, Nesterov) + sk.svi.attach(top)          | plain      |
+| svi-adam    | sk.SVI(base="adam") + sk.svi.attach(top)                                  | plain      |
+| adam        | sk.AdamW(weight_decay=0) = Adam                                           | plain      |
+| adamw       | sk.AdamW(correct_bias=True), wd on all but bias/LayerNorm                 | plain      |
+| adamw-nobc  | sk.AdamW(correct_bias=False) (BERT's original Adam), same wd rule         | plain      |
+| adamsls     | sk.AdamSLS (one group, paper constants c=0.1, eta0=0.1, 500 batches/epoch)| closure    |
+| plasls      | sk.LayerwiseAdamSLS(sk.layer_groups(model, 10) restricted to trained params) | closure |
+| sgdsls      | sk.ArmijoSGD                                                              | closure    |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+try:  # our package; absent or incomplete while it is being written
+    import svi_kernels as sk
+except Exception:  # pragma: no cover
+    sk = None
+
+LINE_SEARCH = {"adamsls", "plasls", "sgdsls"}
+NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "sgdsls"]
+
+
+def has(name: str) -> bool:
+    return sk is not None and hasattr(sk, name)
+
+
+@dataclass
+class Built:
+    optimizer: torch.optim.Optimizer
+    line_search: bool
+    implementation: str
+    svi_handle: Any = None
+    notes: List[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.svi_handle is not None:
+            self.svi_handle.remove()
+
+
+def _decay_groups(top: nn.Module, weight_decay: float) -> list:
+    """HF/Mosbach rule: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for n, p in top.named_parameters():
+        if p.requires_grad:
+            (no_decay if n.endswith("bias") or "LayerNorm" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _plasls_groups(full_model: nn.Module, n_groups: int) -> list:
+    groups = sk.layer_groups(full_model, n_groups=n_groups)
+    out = []
+    for g in groups:
+        params = g["params"] if isinstance(g, dict) else list(g)
+        params = [p for p in params if p.requires_grad]
+        if params:
+            out.append(dict(g, params=params) if isinstance(g, dict) else params)
+    return out
+
+
+def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_per_epoch: int,
+          weight_decay: float = 0.0, eps: float = 1e-8, momentum: float = 0.95,
+          sls_batches_per_epoch: int = 500, plasls_groups: int = 10, backend: Optional[str] = None) -> Built:
+    params = [p for p in top.parameters() if p.requires_grad]
+    kw = {} if backend is None else {"backend": backend}
+    if name == "sgd":
+        return Built(torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True), False, "torch.optim.SGD")
+    if name in ("svi", "svi-adam"):
+        if not (has("SVI") and hasattr(sk, "svi")):
+            raise RuntimeError("svi_kernels.SVI / svi_kernels.svi.attach are not available yet")
+        base = "sgd" if name == "svi" else "adam"
+        opt = sk.SVI(params, lr=lr, momentum=momentum, nesterov=True, base=base, eps=eps, **kw)
+        handle = sk.svi.attach(top)
+        layers = [str(l) for l in getattr(handle, "layers", [])]
+        return Built(opt, False, f"svi_kernels.SVI(base={base}) + svi.attach", handle,
+                     notes=[f"SVI field on {len(layers)} layers"])
+    if name in ("adam", "adamw", "adamw-nobc"):
+        groups = params if name == "adam" else _decay_groups(top, weight_decay)
+        wd = 0.0 if name == "adam" else weight_decay
+        correct = name != "adamw-nobc"
+        why = "svi_kernels.AdamW missing"
+        if has("AdamW"):
+            try:
+                opt = sk.AdamW(groups, lr=lr, eps=eps, weight_decay=wd, correct_bias=correct, **kw)
+                return Built(opt, False, f"svi_kernels.AdamW(correct_bias={correct})")
+            except Exception as exc:  # still being written: fall back, and say so in the results
+                why = f"svi_kernels.AdamW failed: {type(exc).__name__}: {exc}"
+        if not correct:
+            raise RuntimeError(f"adamw-nobc needs svi_kernels.AdamW(correct_bias=False) ({why})")
+        return Built(torch.optim.AdamW(groups, lr=lr, eps=eps, weight_decay=wd), False,
+                     "torch.optim.AdamW (stand-in)", notes=[why])
+    if name == "adamsls":
+        if not has("AdamSLS"):
+            raise RuntimeError("svi_kernels.AdamSLS is not available yet")
+        opt = sk.AdamSLS(params, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, **kw)
+        return Built(opt, True, "svi_kernels.AdamSLS")
+    if name == "plasls":
+        if not (has("LayerwiseAdamSLS") and has("layer_groups")):
+            raise RuntimeError("svi_kernels.LayerwiseAdamSLS / layer_groups are not available yet")
+        groups = _plasls_groups(full_model, plasls_groups)
+        opt = sk.LayerwiseAdamSLS(groups, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, **kw)
+        return Built(opt, True, "svi_kernels.LayerwiseAdamSLS", notes=[f"{len(groups)} trained groups"])
+    if name == "sgdsls":
+        if not has("ArmijoSGD"):
+            raise RuntimeError("svi_kernels.ArmijoSGD is not available yet")
+        return Built(sk.ArmijoSGD(params, n_batches_per_epoch=sls_batches_per_epoch, **kw), True, "svi_kernels.ArmijoSGD")
+    raise ValueError(f"unknown optimizer {name!r}; choose from {NAMES}")
+
+
+def line_search_stats(opt: torch.optim.Optimizer) -> dict:
+    """Counters the line-search optimizers keep in ``opt.state["ls"]`` (empty for others)."""
+    ls = opt.state.get("ls") if isinstance(opt.state, dict) else None
+    if not isinstance(ls, dict):
+        return {}
+    out = {}
+    for k, v in ls.items():
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif torch.is_tensor(v) and v.numel() == 1:
+            out[k] = float(v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(e, (int, float)) for e in v):
+            out[k] = list(v)
+    return out

@@ -1,0 +1,171 @@
+"""``svi-bench``: time the fused optimizer kernels against torch AdamW and reference-style line search.
+
+Every row is timed in the same run as torch fused AdamW (its ratio) and as this machine's streaming
+bandwidth (its fraction of stream), so the numbers stay comparable on a noisy, shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import platform
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import report, rows as rows_mod, stream, targets, timing, traffic, workloads
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OUT_DIR = "bench_out"
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="svi-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default=",".join(workloads.DEFAULT_WORKLOADS),
+                    help=f"comma-separated, from {sorted(workloads.WORKLOADS)}, or 'all' "
+                         f"(default: %(default)s; bert-base is opt-in)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--backend", default=None,
+                    help="comma-separated backends for our rows (default: every available compiled "
+                         "backend for the device, else 'reference'); 'all' adds 'reference'")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed windows per row (median taken)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
+    ap.add_argument("--row-budget", type=float, default=4.0,
+                    help="seconds one row may spend; slow rows get fewer repeats (at least 3) (default: %(default)s)")
+    ap.add_argument("--stream-numel", type=int, default=stream.DEFAULT_STREAM_NUMEL,
+                    help="float32 elements of the bandwidth probe (default: %(default)s)")
+    ap.add_argument("--json", default=os.path.join(OUT_DIR, "bench.json"), help="JSON rows (default: %(default)s)")
+    ap.add_argument("--plot", default=os.path.join(OUT_DIR, "bench.png"), help="PNG chart (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return ap.parse_args(argv)
+
+
+def _pick_backends(spec: Optional[str], device: torch.device) -> List[str]:
+    registry = importlib.import_module("svi_kernels.backends")
+
+    status = registry.backends()
+    usable = []
+    for name in registry.BACKENDS:
+        if not status[name]["available"]:
+            continue
+        try:
+            registry.resolve(name, device)
+        except RuntimeError:
+            continue
+        usable.append(name)
+    if spec is None:
+        fused = [b for b in usable if b != "reference"]
+        return fused or ["reference"]
+    if spec == "all":
+        return usable
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    for name in chosen:
+        if name not in usable:
+            raise SystemExit(f"svi-bench: backend {name!r} is not usable on {device}: "
+                             f"{status.get(name, {}).get('reason', 'unknown backend')}")
+    return chosen
+
+
+def _run_row(row, ctx, args, device, closure_ms, param_itemsize):
+    fn, opt = row.build(ctx)
+    try:
+        ms = timing.median_ms(fn, device, args.warmup + row.extra_warmup, args.repeats, args.row_budget)
+        launches, syncs = timing.launches_and_syncs(fn, device)
+        state_size = rows_mod.state_itemsize(opt, param_itemsize)
+    finally:
+        del fn, opt
+        gc.collect()
+    if row.bookkeeping:
+        ms = max(ms - closure_ms, 1e-6)
+    return ms, launches, syncs, state_size
+
+
+def run(args: argparse.Namespace):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    names = list(workloads.WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",")]
+    if args.workload == "all":
+        names.remove("tiny")
+    wls = [workloads.get(n) for n in names]
+    backends = _pick_backends(args.backend, device)
+    all_rows = rows_mod.build_rows(backends)
+    if args.rows:
+        wanted = {s.strip() for s in args.rows.split(",")}
+        wanted.add("torch_adamw_fused")  # every ratio needs it
+        all_rows = [r for r in all_rows if r.name in wanted]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=1 + len(wls) * len(all_rows), disable=args.no_progress, unit="row", dynamic_ncols=True)
+    bar.set_description("stream bandwidth")
+    bw = stream.measure_stream(args.stream_numel, device=device)
+    bar.update(1)
+
+    results, skipped = [], []
+    for wl in wls:
+        params, grads = workloads.make_tensors(wl, dtype, device)
+        ctx = rows_mod.Context(params, grads, device, dtype, rows_mod.trivial_closure(device))
+        closure_ms = timing.median_ms(rows_mod.closure_overhead(ctx.closure), device, 3, args.repeats)
+        itemsize = params[0].element_size() if params else torch.empty((), dtype=dtype).element_size()
+        wl_results = []
+        for row in all_rows:
+            bar.set_description(f"{wl.name}: {row.name} [{row.backend}]")
+            try:
+                ms, launches, syncs, state_size = _run_row(row, ctx, args, device, closure_ms, itemsize)
+            except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
+                skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
+                bar.update(1)
+                continue
+            bpp = traffic.bytes_per_param(row.phases(ctx), itemsize, state_size)
+            gbps = bpp * wl.numel / (ms * 1e-3) / 1e9
+            wl_results.append({
+                "name": row.name, "backend": row.backend, "kind": row.kind, "workload": wl.name,
+                "dtype": args.dtype, "device": str(device), "n_tensors": len(wl.shapes), "numel": wl.numel,
+                "ms": ms, "ratio_to_torch_fused_adamw": None, "bytes_per_param": bpp, "gbps": gbps,
+                "fraction_of_stream": gbps / bw["gbps"], "stream_gbps": bw["gbps"],
+                "launches_per_step": launches, "syncs_per_step": syncs,
+                "closure_ms_subtracted": closure_ms if row.bookkeeping else None,
+                "compare_to": row.compare_to,
+            })
+            bar.update(1)
+        fused = next((r for r in wl_results if r["name"] == "torch_adamw_fused"), None)
+        for r in wl_results:
+            r["ratio_to_torch_fused_adamw"] = r["ms"] / fused["ms"] if fused else None
+        results += wl_results
+        del params, grads, ctx
+        gc.collect()
+    bar.close()
+    targets.evaluate(results)
+    return results, skipped, bw, backends
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    t0 = time.perf_counter()
+    results, skipped, bw, backends = run(args)
+    wall = time.perf_counter() - t0
+
+    print(f"\nsvi-bench on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, dtype {args.dtype}, backends {','.join(backends)}")
+    print(f"streaming bandwidth (a.add_(b, alpha=s), {bw['numel']:,} fp32, 12 B/elem): {bw['gbps']:.1f} GB/s")
+    print(report.format_table(results))
+    for line in skipped:
+        print(f"skipped {line}")
+    met, missed = targets.summary(results)
+    print(f"targets: {met} met, {missed} missed; wall time {wall:.0f} s")
+    if args.json:
+        report.write_json(args.json, results)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.write_plot(args.plot, results, title=f"svi-bench, {args.dtype}, {results[0]['device'] if results else ''}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""What each benchmark row runs, and the traffic (phases) its bytes/param are counted from."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from . import traffic
+from .reference_sls import ReferenceStyleSLS
+
+LR, WEIGHT_DECAY = 1e-3, 1e-2
+# PLASLS's global-search warm-up is skipped: the rows time the steady "cycle" steps (and the
+# reference-style steps are too slow to spend 6 warm-up steps on).
+LAYERWISE_WARMUP_STEPS = 0
+N_LAYER_GROUPS = 10
+
+
+@dataclass
+class Context:
+    """One workload's tensors, shared by its rows (each row makes its own optimizer state)."""
+    params: List[torch.nn.Parameter]
+    grads: List[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    closure: Callable[[], torch.Tensor] = None
+
+    def layer_groups(self) -> List[List[torch.nn.Parameter]]:
+        """Contiguous chunks of the tensor list, like PLASLS's groups of consecutive layers."""
+        n = max(1, min(N_LAYER_GROUPS, len(self.params)))
+        bounds = [round(i * len(self.params) / n) for i in range(n + 1)]
+        return [self.params[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+@dataclass
+class Row:
+    name: str              # stable id used in the JSON
+    backend: str           # "torch", one of ours, or "reference-style"
+    kind: str              # "torch" | "ours" | "reference-style"
+    phases: Callable[[Context], list]
+    build: Callable[[Context], Tuple[Callable[[], Any], Any]]  # -> (one step, optimizer or None)
+    bookkeeping: bool = False  # a whole line-search step minus the forwards (closure cost subtracted)
+    extra_warmup: int = 0
+    compare_to: Optional[str] = None  # the reference-style row this one must beat by >= 5x
+    targets: list = field(default_factory=list)
+
+
+def trivial_closure(device: torch.device) -> Callable[[], torch.Tensor]:
+    """A closure whose 'forward' is free and whose first trial is always accepted.
+
+    With grad enabled (the optimizer's first evaluation) it returns 1 through a one-scalar graph,
+    so backward costs microseconds and leaves the parameters' precomputed .grad untouched; under
+    no_grad (a trial) it returns a loss far below any Armijo bound.
+    """
+    leaf = torch.zeros((), device=device, requires_grad=True)
+    start = torch.tensor(1.0, device=device)
+    trial = torch.tensor(1.0 - 1e12, device=device)
+
+    def closure():
+        if torch.is_grad_enabled():
+            return leaf * 0.0 + start
+        return trial
+
+    return closure
+
+
+def closure_overhead(closure) -> Callable[[], None]:
+    """What every line-search step spends in the closure here: one forward+backward, one trial forward."""
+    def run():
+        closure().backward()
+        with torch.no_grad():
+            closure()
+    return run
+
+
+def _sk():
+    import svi_kernels
+    return svi_kernels
+
+
+def _phases(*ops):
+    return lambda ctx: [(op, 1.0) for op in ops]
+
+
+def _layerwise_phases(ctx: Context) -> list:
+    return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()))
+
+
+# ---- builders ----
+def _torch_adamw(fused: bool):
+    def build(ctx):
+        opt = torch.optim.AdamW(ctx.params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=not fused, fused=fused)
+        return opt.step, opt
+    return build
+
+
+def _ours(make):
+    def build(ctx):
+        opt = make(_sk(), ctx)
+        return opt.step, opt
+    return build
+
+
+def _ours_line_search(make):
+    def build(ctx):
+        opt = make(_sk(), ctx)
+        return (lambda: opt.step(ctx.closure)), opt
+    return build
+
+
+def _trial(kind: str, backend: str):
+    def build(ctx):
+        mod = importlib.import_module("svi_kernels.backends").get(backend)
+        ps = [p.detach() for p in ctx.params]
+        w0 = [p.clone() for p in ps]
+        etas = [1e-3] * len(ps)
+        if kind == "sgd":
+            return (lambda: mod.ls_trial_sgd(ps, w0, ctx.grads, etas)), None
+        v = [g * g + 1e-12 for g in ctx.grads]
+        return (lambda: mod.ls_trial_adam(ps, w0, ctx.grads, v, etas, eps=1e-8,
+                                          bias_correction2_sqrt=0.5)), None
+    return build
+
+
+def _reference_style(mode: str, layerwise: bool = False):
+    def build(ctx):
+        if layerwise:
+            opt = ReferenceStyleSLS(ctx.layer_groups(), "adam", init_step_size=0.1, strategy="cycle",
+                                    warmup_steps=LAYERWISE_WARMUP_STEPS)
+        else:
+            opt = ReferenceStyleSLS([ctx.params], mode, init_step_size=1.0 if mode == "sgd" else 0.1)
+        return (lambda: opt.step(ctx.closure)), None
+    return build
+
+
+def _groups(ctx):
+    return [{"params": g} for g in ctx.layer_groups()]
+
+
+def build_rows(backends: List[str]) -> List[Row]:
+    """All rows, in table order: torch baselines, then ours per backend, then reference-style."""
+    adam, sgd = _phases("adam_step"), _phases("sgd_momentum_step")
+    armijo = lambda ctx: traffic.ARMIJO_SGD_PHASES  # noqa: E731
+    adam_sls = lambda ctx: traffic.adam_sls_phases()  # noqa: E731
+    rows = [
+        Row("torch_adamw_foreach", "torch", "torch", adam, _torch_adamw(False)),
+        Row("torch_adamw_fused", "torch", "torch", adam, _torch_adamw(True)),
+    ]
+    for b in backends:
+        rows += [
+            Row("adamw", b, "ours", adam, _ours(
+                lambda sk, ctx, b=b: sk.AdamW(ctx.params, lr=LR, weight_decay=WEIGHT_DECAY, backend=b))),
+            Row("svi_sgd", b, "ours", sgd, _ours(
+                lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="sgd", backend=b))),
+            Row("svi_adam", b, "ours", adam, _ours(
+                lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="adam", backend=b))),
+            Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b)),
+            Row("ls_trial_adam", b, "ours", _phases("ls_trial_adam"), _trial("adam", b)),
+            Row("armijo_sgd_bookkeeping", b, "ours", armijo, _ours_line_search(
+                lambda sk, ctx, b=b: sk.ArmijoSGD(ctx.params, backend=b)),
+                bookkeeping=True, compare_to="reference_style_armijo_sgd_bookkeeping"),
+            Row("adam_sls_bookkeeping", b, "ours", adam_sls, _ours_line_search(
+                lambda sk, ctx, b=b: sk.AdamSLS(ctx.params, backend=b)),
+                bookkeeping=True, compare_to="reference_style_adam_sls_bookkeeping"),
+            Row("layerwise_adam_sls_bookkeeping", b, "ours", _layerwise_phases, _ours_line_search(
+                lambda sk, ctx, b=b: sk.LayerwiseAdamSLS(_groups(ctx), warmup_steps=LAYERWISE_WARMUP_STEPS,
+                                                         backend=b)),
+                bookkeeping=True, compare_to="reference_style_layerwise_adam_sls_bookkeeping"),
+        ]
+    rows += [
+        Row("reference_style_armijo_sgd_bookkeeping", "reference-style", "reference-style", armijo,
+            _reference_style("sgd"), bookkeeping=True),
+        Row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", adam_sls,
+            _reference_style("adam"), bookkeeping=True),
+        Row("reference_style_layerwise_adam_sls_bookkeeping", "reference-style", "reference-style",
+            _layerwise_phases, _reference_style("adam", layerwise=True), bookkeeping=True),
+    ]
+    return rows
+
+
+def state_itemsize(opt, default: int) -> int:
+    """Element size of the optimizer's per-parameter state (it may differ from the params' dtype)."""
+    if opt is None:
+        return default
+    for key, value in getattr(opt, "state", {}).items():
+        if not isinstance(key, torch.Tensor) or not isinstance(value, dict):
+            continue
+        for t in value.values():
+            if isinstance(t, torch.Tensor) and t.numel() > 1:
+                return t.element_size()
+    return default

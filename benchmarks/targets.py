@@ -1,0 +1,64 @@
+"""The performance targets of the benchmark, checked per row.
+
+Targets apply to our rows on a compiled backend (cpu, cuda, triton). The plain-PyTorch
+"reference" backend is the correctness oracle and torch's own rows are the baselines, so those
+rows are measured but carry no target.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+COMPILED_BACKENDS = ("cpu", "cuda", "triton")
+
+# row name -> max ratio of its ms to torch fused AdamW's ms on the same workload
+RATIO_LIMITS = {"adamw": 1.0, "svi_sgd": 0.8, "ls_trial_sgd": 0.5, "ls_trial_adam": 0.5}
+BOOKKEEPING_MIN_SPEEDUP = 5.0   # vs the reference-style bookkeeping of the same optimizer
+MIN_FRACTION_OF_STREAM = 0.8    # every fused row
+MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
+
+
+def _check(label: str, value: Optional[float], limit: float, upper: bool) -> dict:
+    met = None if value is None else (value <= limit if upper else value >= limit)
+    return {"target": label, "value": value, "limit": limit, "met": met}
+
+
+def evaluate(results: List[dict]) -> None:
+    """Adds ``targets`` (list of checks) and ``status`` ("ok", "MISSING ...", "-") to every row."""
+    by_key: Dict[Tuple[str, str, str], dict] = {(r["workload"], r["name"], r["backend"]): r for r in results}
+    for r in results:
+        checks = []
+        if r["kind"] == "ours" and r["backend"] in COMPILED_BACKENDS:
+            if r["name"] in RATIO_LIMITS:
+                limit = RATIO_LIMITS[r["name"]]
+                checks.append(_check(f"<= {limit:g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit, True))
+            ref_name = r.get("compare_to")
+            if ref_name:
+                ref = by_key.get((r["workload"], ref_name, "reference-style"))
+                speedup = ref["ms"] / r["ms"] if ref and r["ms"] > 0 else None
+                r["speedup_vs_reference_style"] = speedup
+                checks.append(_check(f">= {BOOKKEEPING_MIN_SPEEDUP:g}x faster than reference-style", speedup,
+                                     BOOKKEEPING_MIN_SPEEDUP, False))
+            checks.append(_check(f">= {MIN_FRACTION_OF_STREAM:.0%} of stream", r["fraction_of_stream"],
+                                 MIN_FRACTION_OF_STREAM, False))
+            if r["workload"] == "many-small":
+                huge = by_key.get(("huge", r["name"], r["backend"]))
+                if huge is not None and huge["gbps"] and r["gbps"]:
+                    cost = huge["gbps"] / r["gbps"]  # (s/byte here) / (s/byte on huge)
+                    r["per_byte_cost_vs_huge"] = cost
+                    checks.append(_check(f"<= {MANY_SMALL_MAX_COST:g}x per-byte cost of huge", cost,
+                                         MANY_SMALL_MAX_COST, True))
+        r["targets"] = checks
+        missing = [c["target"] for c in checks if c["met"] is False]
+        if not checks:
+            r["status"] = "-"
+        elif missing:
+            r["status"] = "MISSING " + "; ".join(missing)
+        else:
+            r["status"] = "ok"
+
+
+def summary(results: List[dict]) -> Tuple[int, int]:
+    """(met, missed) over all checks."""
+    checks = [c for r in results for c in r.get("targets", []) if c["met"] is not None]
+    met = sum(1 for c in checks if c["met"])
+    return met, len(checks) - met

@@ -1,0 +1,73 @@
+"""Median time per call, and (on a GPU) kernel launches and host syncs per call."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Optional, Tuple
+
+import torch
+
+MIN_WINDOW_S = {"cpu": 0.02, "cuda": 0.005}  # calls are batched into windows at least this long
+MIN_REPEATS = 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+              budget_s: float = float("inf")) -> float:
+    """Median over ``repeats`` windows of the mean ms per call, after ``warmup`` untimed calls.
+
+    Short calls are grouped so each window lasts at least MIN_WINDOW_S, which keeps timer and
+    synchronisation overhead out of the per-call figure. Slow calls get fewer windows (never fewer
+    than MIN_REPEATS, nor fewer than one warm-up call) so one row spends about ``budget_s``.
+    """
+    estimate = _timed(fn, 1, device)  # first call: allocates state, so it is never timed
+    spent = estimate
+    for _ in range(max(warmup - 1, 0)):
+        if spent > budget_s / 3:
+            break
+        estimate = _timed(fn, 1, device)  # the last warm-up call sizes the windows
+        spent += estimate
+    calls = max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(estimate, 1e-7)))
+    affordable = int(max(budget_s - spent, 0.0) / max(estimate * calls, 1e-9))
+    windows = max(min(repeats, affordable), min(repeats, MIN_REPEATS), 1)
+    return 1e3 * statistics.median(_timed(fn, calls, device) for _ in range(windows))
+
+
+_LAUNCH_MARKERS = ("LaunchKernel", "cuLaunchCooperativeKernel")
+_SYNC_NAMES = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+               "cuCtxSynchronize", "cuEventSynchronize"}
+
+
+def launches_and_syncs(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[int], Optional[int]]:
+    """Kernel launches and host<->device synchronisations in one call, from the profiler's CUDA
+    runtime/driver API events. ``(None, None)`` on CPU or when the profiler cannot tell."""
+    if device.type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+        names = [evt.name for evt in prof.events()]
+    except Exception:  # profiler unavailable (e.g. CUPTI missing): report n/a rather than fail the run
+        return None, None
+    launches = sum(1 for n in names if any(m in n for m in _LAUNCH_MARKERS))
+    # The trailing synchronize above is ours, not the step's.
+    syncs = max(sum(1 for n in names if n in _SYNC_NAMES) - 1, 0)
+    return launches, syncs

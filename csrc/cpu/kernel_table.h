@@ -1,0 +1,66 @@
+#pragma once
+// The interface between the ISA-neutral op code (adam.cpp, sgd.cpp, line_search.cpp) and the
+// per-instruction-set builds of the element loops (isa_default.cpp, isa_avx2.cpp,
+// isa_avx512.cpp). Each build fills one CpuKernels table; cpu_kernels() picks the best one the
+// CPU supports, once. A kernel processes one segment: ptrs[k] is the segment's first element
+// in the k-th tensor list of the op, n the element count, dtype the lists' dtype.
+// Scalars travel in double (computed on the host as in torch) and are rounded to the compute
+// type (float for fp32/fp16/bf16, double for fp64) inside the kernels.
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace svi_kernels::cpu {
+
+struct AdamScalars {
+  double one_minus_beta1, beta2, one_minus_beta2, eps;
+  double weight_decay;  // L2 coefficient (decoupled == false)
+  double decay;         // 1 - lr * weight_decay (decoupled == true)
+  double step_size;     // lr / bias_correction1
+  double bias_correction2_sqrt;
+  bool decoupled, has_weight_decay, maximize;
+};
+
+struct SgdScalars {
+  double lr, momentum, weight_decay;
+  bool nesterov, has_weight_decay, maximize;
+};
+
+struct LsAdamSaveScalars {
+  double one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+};
+
+// Trial/final line-search steps: eta is the tensor's step size (eta / bias_correction1 for the
+// final Adam step).
+struct LsStepScalars {
+  double eta, eps, bias_correction2_sqrt;
+};
+
+struct CpuKernels {
+  const char* isa;  // "default", "avx2" or "avx512"
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs
+  void (*adam)(at::ScalarType, void* const* ptrs, int64_t n, const AdamScalars&);
+  // ptrs: params, grads, momentum_buffers
+  void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);
+  // ptrs: params, grads, w0; returns the segment's sum of g^2
+  double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n);
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0; returns the segment's sum of g^2 / denom
+  double (*ls_save_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsAdamSaveScalars&);
+  // ptrs: params, w0, grads (eps and bias_correction2_sqrt unused)
+  void (*ls_trial_sgd)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
+  // ptrs: params, w0, grads, exp_avg_sqs
+  void (*ls_trial_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
+  // ptrs: params, w0, exp_avgs, exp_avg_sqs
+  void (*ls_final_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
+};
+
+// One table per build; avx2_kernels()/avx512_kernels() return nullptr when the compiler could
+// not build that variant (non-x86, or a compiler without GCC's target pragma).
+const CpuKernels* default_kernels();
+const CpuKernels* avx2_kernels();
+const CpuKernels* avx512_kernels();
+
+// The table for this CPU. Honours ATEN_CPU_CAPABILITY=default|avx2|avx512 like torch does.
+const CpuKernels& cpu_kernels();
+
+}  // namespace svi_kernels::cpu

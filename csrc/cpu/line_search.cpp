@@ -1,0 +1,80 @@
+// Fused Armijo line-search ops over a list of CPU tensors: (a) save w0 and the
+// sufficient-decrease sums, (b) trial points, (c) the final Adam step.
+#include "kernel_table.h"
+#include "multi_tensor.h"
+#include "ops.h"
+#include "tensor_checks.h"
+
+#include <vector>
+
+namespace svi_kernels::cpu {
+
+namespace {
+
+at::Tensor no_sums() { return at::empty({0}, at::TensorOptions().dtype(at::kFloat)); }
+
+}  // namespace
+
+at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0) {
+  const at::ScalarType dtype = check_fused_group("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
+  if (params.empty()) return no_sums();
+  const auto kernel = cpu_kernels().ls_save_sgd;
+  const MultiTensor<3> lists({params, grads, w0});
+  std::vector<double> partial(lists.num_segments(), 0.0);
+  lists.parallel_segments(
+      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length); });
+  return lists.per_tensor_sums(partial);
+}
+
+at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
+                        double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_fused_group(
+      "ls_save_adam",
+      {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+  if (params.empty()) return no_sums();
+  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt};
+  const auto kernel = cpu_kernels().ls_save_adam;
+  const MultiTensor<5> lists({params, grads, exp_avgs, exp_avg_sqs, w0});
+  std::vector<double> partial(lists.num_segments(), 0.0);
+  lists.parallel_segments(
+      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, sc); });
+  return lists.per_tensor_sums(partial);
+}
+
+void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads, c10::ArrayRef<double> etas) {
+  const at::ScalarType dtype = check_fused_group("ls_trial_sgd", {{"params", params}, {"w0", w0}, {"grads", grads}});
+  check_per_tensor_scalars("ls_trial_sgd", "etas", etas.size(), params.size());
+  if (params.empty()) return;
+  const auto kernel = cpu_kernels().ls_trial_sgd;
+  MultiTensor<3>({params, w0, grads}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0});
+  });
+}
+
+void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
+                   c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_fused_group(
+      "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
+  if (params.empty()) return;
+  const auto kernel = cpu_kernels().ls_trial_adam;
+  MultiTensor<4>({params, w0, grads, exp_avg_sqs}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt});
+  });
+}
+
+void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_fused_group(
+      "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
+  if (params.empty()) return;
+  const auto kernel = cpu_kernels().ls_final_adam;
+  MultiTensor<4>({params, w0, exp_avgs, exp_avg_sqs}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+    // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
+    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt});
+  });
+}
+
+}  // namespace svi_kernels::cpu

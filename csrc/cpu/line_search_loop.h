@@ -1,0 +1,111 @@
+#pragma once
+// Line-search element loops of one segment (per-ISA; see isa_kernels.h): save (w0 <- p and
+// the sufficient-decrease sum), trial points, and the final Adam step.
+#include "kernel_table.h"
+#include "vec_helpers.h"
+#include "svi_kernels/update_math.h"
+
+#include <cstring>
+
+namespace svi_kernels::cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename V>
+struct LsAdamSaveCoeffs {
+  V one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+};
+
+template <typename V>
+struct LsStepCoeffs {
+  V eta, eps, bias_correction2_sqrt;
+};
+
+template <typename V, typename S>
+LsAdamSaveCoeffs<V> ls_adam_save_coeffs(const LsAdamSaveScalars& s) {
+  auto c = [](double x) { return V(static_cast<S>(x)); };
+  return {c(s.one_minus_beta1), c(s.beta2), c(s.one_minus_beta2), c(s.eps), c(s.bias_correction2_sqrt)};
+}
+
+template <typename V, typename S>
+LsStepCoeffs<V> ls_step_coeffs(const LsStepScalars& s) {
+  auto c = [](double x) { return V(static_cast<S>(x)); };
+  return {c(s.eta), c(s.eps), c(s.bias_correction2_sqrt)};
+}
+
+template <typename T>
+double ls_save_sgd_segment(void* const* ptrs, int64_t n) {
+  enum { P, G, W0 };
+  std::memcpy(ptrs[W0], ptrs[P], n * sizeof(T));
+  return for_each_element<bit(G), 0, true>(typed<T, 3>(ptrs), n, [](auto& x) { return math::ls_sq(x[G]); });
+}
+
+template <typename T>
+double ls_save_adam_segment(void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {
+  using S = at::opmath_type<T>;
+  enum { P, G, M, V, W0 };
+  std::memcpy(ptrs[W0], ptrs[P], n * sizeof(T));
+  const BothWidths<LsAdamSaveCoeffs, S> coeffs{ls_adam_save_coeffs<S, S>(s), ls_adam_save_coeffs<Vectorized<S>, S>(s)};
+  return for_each_element<bit(G) | bit(M) | bit(V), bit(M) | bit(V), true>(typed<T, 5>(ptrs), n, [coeffs](auto& x) {
+    const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+    return math::ls_adam_prepare_elem(x[G], x[M], x[V], c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.eps,
+                                      c.bias_correction2_sqrt);
+  });
+}
+
+template <typename T>
+void ls_trial_sgd_segment(void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  using S = at::opmath_type<T>;
+  enum { P, W0, G };
+  const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
+  for_each_element<bit(W0) | bit(G), bit(P), false>(typed<T, 3>(ptrs), n, [coeffs](auto& x) {
+    const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+    x[P] = math::ls_trial_sgd_elem(x[W0], x[G], c.eta);
+  });
+}
+
+template <typename T>
+void ls_trial_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  using S = at::opmath_type<T>;
+  enum { P, W0, G, V };
+  const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
+  for_each_element<bit(W0) | bit(G) | bit(V), bit(P), false>(typed<T, 4>(ptrs), n, [coeffs](auto& x) {
+    const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+    x[P] = math::ls_trial_adam_elem(x[W0], x[G], x[V], c.eta, c.eps, c.bias_correction2_sqrt);
+  });
+}
+
+template <typename T>
+void ls_final_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  using S = at::opmath_type<T>;
+  enum { P, W0, M, V };
+  const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
+  for_each_element<bit(W0) | bit(M) | bit(V), bit(P), false>(typed<T, 4>(ptrs), n, [coeffs](auto& x) {
+    const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+    x[P] = math::ls_final_adam_elem(x[W0], x[M], x[V], c.eta, c.eps, c.bias_correction2_sqrt);
+  });
+}
+
+// Type-erased entries of the CpuKernels table.
+inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n) {
+  return dispatch_dtype(dtype, [&](auto tag) { return ls_save_sgd_segment<typename decltype(tag)::type>(ptrs, n); });
+}
+
+inline double ls_save_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {
+  return dispatch_dtype(dtype,
+                        [&](auto tag) { return ls_save_adam_segment<typename decltype(tag)::type>(ptrs, n, s); });
+}
+
+inline void ls_trial_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  dispatch_dtype(dtype, [&](auto tag) { ls_trial_sgd_segment<typename decltype(tag)::type>(ptrs, n, s); });
+}
+
+inline void ls_trial_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  dispatch_dtype(dtype, [&](auto tag) { ls_trial_adam_segment<typename decltype(tag)::type>(ptrs, n, s); });
+}
+
+inline void ls_final_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  dispatch_dtype(dtype, [&](auto tag) { ls_final_adam_segment<typename decltype(tag)::type>(ptrs, n, s); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace svi_kernels::cpu

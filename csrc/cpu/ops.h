@@ -1,0 +1,29 @@
+#pragma once
+// CPU kernels of the svi_kernels ops (schemas in csrc/ops_schema.cpp), registered in register.cpp.
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace svi_kernels::cpu {
+
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+               double bias_correction1, double bias_correction2_sqrt, bool maximize);
+
+void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                       double momentum, bool nesterov, double weight_decay, bool maximize);
+
+at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
+
+at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
+                        double bias_correction2_sqrt);
+
+void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads, c10::ArrayRef<double> etas);
+
+void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
+                   c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt);
+
+void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt);
+
+}  // namespace svi_kernels::cpu

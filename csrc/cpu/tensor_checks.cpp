@@ -1,0 +1,56 @@
+#include "tensor_checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace svi_kernels::cpu {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList> lists) {
+  const NamedList& first = *lists.begin();
+  const size_t n = first.tensors.size();
+  for (const NamedList& l : lists) {
+    TORCH_CHECK(l.tensors.size() == n, "svi_kernels::", op, ": ", first.name, " has ", n, " tensors but ",
+                l.name, " has ", l.tensors.size(), "; every list needs one tensor per parameter");
+  }
+  if (n == 0) return at::ScalarType::Undefined;
+
+  const at::ScalarType dtype = first.tensors[0].scalar_type();
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = first.tensors[i].numel();
+    for (const NamedList& l : lists) {
+      const at::Tensor& t = l.tensors[i];
+      TORCH_CHECK(t.defined(), "svi_kernels::", op, ": ", l.name, "[", i, "] is an undefined tensor");
+      TORCH_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", l.name, "[", i, "] has layout ",
+                  t.layout(), "; the fused ops need dense tensors (sparse gradients are not supported)");
+      TORCH_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", l.name, "[", i, "] is on ", t.device(),
+                  "; the CPU kernel needs all tensors on the CPU");
+      TORCH_CHECK(!at::isComplexType(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i,
+                  "] is complex (", t.scalar_type(), "); complex tensors are not supported, pass "
+                  "torch.view_as_real views instead");
+      TORCH_CHECK(supported_dtype(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+                  t.scalar_type(), "; supported dtypes are float32, float64, float16 and bfloat16");
+      TORCH_CHECK(t.scalar_type() == dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but ", first.name, "[0] has ", dtype,
+                  "; all tensors of one call must share a dtype (group them by dtype)");
+      TORCH_CHECK(t.numel() == numel, "svi_kernels::", op, ": ", l.name, "[", i, "] has ", t.numel(),
+                  " elements but ", first.name, "[", i, "] has ", numel);
+      TORCH_CHECK(t.is_contiguous(), "svi_kernels::", op, ": ", l.name, "[", i,
+                  "] is not contiguous; the fused ops need contiguous tensors");
+    }
+  }
+  return dtype;
+}
+
+void check_per_tensor_scalars(const char* op, const char* name, size_t count, size_t num_tensors) {
+  TORCH_CHECK(count == num_tensors, "svi_kernels::", op, ": ", name, " has ", count, " values but there are ",
+              num_tensors, " tensors; pass one value per tensor");
+}
+
+}  // namespace svi_kernels::cpu

@@ -1,0 +1,203 @@
+// CUDA kernels of the Armijo line-search ops (ArmijoSGD, AdamSLS, LayerwiseAdamSLS):
+//   ls_save_sgd / ls_save_adam   save w0 = p (Adam: update the moments first) and return the
+//                                per-tensor sufficient-decrease sums as float32 [n] on the device;
+//   ls_trial_sgd / ls_trial_adam p = w0 - eta_t * d, one eta per tensor (per-layer search);
+//   ls_final_adam                p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps).
+// The sums never leave the device here: block sums are added atomically into one float64
+// slot per tensor and rounded to float32 once, so the caller decides when to sync.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "list_checks.h"
+#include "multi_tensor_apply.cuh"
+#include "svi_kernels/update_math.h"
+
+namespace svi_kernels {
+namespace cuda {
+namespace {
+
+// Lists: 0 params, 1 grads, 2 w0. Reads p, g; writes w0; sums g^2.
+template <typename M>
+struct SaveSgdElem {
+  static constexpr int kDepth = 3;
+  static constexpr int kReadMask = 0b011;
+  static constexpr int kWriteMask = 0b100;
+  static constexpr bool kReduce = true;
+  static constexpr bool kWithScalars = false;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
+    x[2] = x[0];
+    return math::ls_sq(x[1]);
+  }
+};
+
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 w0.
+// Reads p, g, m, v; writes m, v, w0; sums g^2 / (sqrt(v_hat) + eps).
+template <typename M>
+struct SaveAdamElem {
+  static constexpr int kDepth = 5;
+  static constexpr int kReadMask = 0b01111;
+  static constexpr int kWriteMask = 0b11100;
+  static constexpr bool kReduce = true;
+  static constexpr bool kWithScalars = false;
+
+  M one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
+    x[4] = x[0];
+    return math::ls_adam_prepare_elem(x[1], x[2], x[3], one_minus_beta1, beta2, one_minus_beta2, eps,
+                                      bias_correction2_sqrt);
+  }
+};
+
+// Lists: 0 params, 1 w0, 2 grads; scalar = eta of the tensor. Reads w0, g; writes p.
+template <typename M>
+struct TrialSgdElem {
+  static constexpr int kDepth = 3;
+  static constexpr int kReadMask = 0b110;
+  static constexpr int kWriteMask = 0b001;
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = true;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M eta) const {
+    x[0] = math::ls_trial_sgd_elem(x[1], x[2], eta);
+    return M(0);
+  }
+};
+
+// Lists: 0 params, 1 w0, 2 grads, 3 exp_avg_sqs; scalar = eta. Reads w0, g, v; writes p.
+template <typename M>
+struct TrialAdamElem {
+  static constexpr int kDepth = 4;
+  static constexpr int kReadMask = 0b1110;
+  static constexpr int kWriteMask = 0b0001;
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = true;
+
+  M eps, bias_correction2_sqrt;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M eta) const {
+    x[0] = math::ls_trial_adam_elem(x[1], x[2], x[3], eta, eps, bias_correction2_sqrt);
+    return M(0);
+  }
+};
+
+// Lists: 0 params, 1 w0, 2 exp_avgs, 3 exp_avg_sqs; scalar = eta / bc1. Reads w0, m, v; writes p.
+template <typename M>
+struct FinalAdamElem {
+  static constexpr int kDepth = 4;
+  static constexpr int kReadMask = 0b1110;
+  static constexpr int kWriteMask = 0b0001;
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = true;
+
+  M eps, bias_correction2_sqrt;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M eta_over_bc1) const {
+    x[0] = math::ls_final_adam_elem(x[1], x[2], x[3], eta_over_bc1, eps, bias_correction2_sqrt);
+    return M(0);
+  }
+};
+
+at::Tensor empty_sums() {
+  return at::empty({0}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+}
+
+// float64 accumulators, one per tensor, zeroed on the current stream.
+at::Tensor sum_slots(const at::Tensor& like, size_t n) {
+  return at::zeros({static_cast<int64_t>(n)}, like.options().dtype(at::kDouble));
+}
+
+at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList w0) {
+  const at::ScalarType dtype = check_lists("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
+  if (params.empty()) return empty_sums();
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor sums = sum_slots(params[0], params.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_save_sgd", [&] {
+    using M = opmath_t<scalar_t>;
+    const std::array<at::TensorList, 3> lists{params, grads, w0};
+    multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M>{}, sums.data_ptr<double>());
+  });
+  return sums.to(at::kFloat);
+}
+
+at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
+                             double bias_correction2_sqrt) {
+  const at::ScalarType dtype =
+      check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                   {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+  if (params.empty()) return empty_sums();
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor sums = sum_slots(params[0], params.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_save_adam", [&] {
+    using M = opmath_t<scalar_t>;
+    const SaveAdamElem<M> op{static_cast<M>(1.0 - beta1), static_cast<M>(beta2), static_cast<M>(1.0 - beta2),
+                             static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
+    multi_tensor_apply<scalar_t>(lists, nullptr, op, sums.data_ptr<double>());
+  });
+  return sums.to(at::kFloat);
+}
+
+void ls_trial_sgd_cuda(at::TensorList params, at::TensorList w0, at::TensorList grads, at::ArrayRef<double> etas) {
+  const at::ScalarType dtype = check_lists("ls_trial_sgd", {{"params", params}, {"w0", w0}, {"grads", grads}});
+  check_scalars("ls_trial_sgd", "etas", etas, params.size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_trial_sgd", [&] {
+    using M = opmath_t<scalar_t>;
+    const std::array<at::TensorList, 3> lists{params, w0, grads};
+    multi_tensor_apply<scalar_t>(lists, etas.data(), TrialSgdElem<M>{}, nullptr);
+  });
+}
+
+void ls_trial_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
+                        at::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_lists(
+      "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars("ls_trial_adam", "etas", etas, params.size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_trial_adam", [&] {
+    using M = opmath_t<scalar_t>;
+    const TrialAdamElem<M> op{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    const std::array<at::TensorList, 4> lists{params, w0, grads, exp_avg_sqs};
+    multi_tensor_apply<scalar_t>(lists, etas.data(), op, nullptr);
+  });
+}
+
+void ls_final_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_lists(
+      "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars("ls_final_adam", "etas", etas, params.size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // eta / bc1 per tensor, in double on the host (the reference divides the Python floats).
+  std::vector<double> eta_over_bc1(etas.begin(), etas.end());
+  for (double& e : eta_over_bc1) e /= bias_correction1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_final_adam", [&] {
+    using M = opmath_t<scalar_t>;
+    const FinalAdamElem<M> op{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    const std::array<at::TensorList, 4> lists{params, w0, exp_avgs, exp_avg_sqs};
+    multi_tensor_apply<scalar_t>(lists, eta_over_bc1.data(), op, nullptr);
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace svi_kernels
+
+TORCH_LIBRARY_IMPL(svi_kernels, CUDA, m) {
+  m.impl("ls_save_sgd", &svi_kernels::cuda::ls_save_sgd_cuda);
+  m.impl("ls_save_adam", &svi_kernels::cuda::ls_save_adam_cuda);
+  m.impl("ls_trial_sgd", &svi_kernels::cuda::ls_trial_sgd_cuda);
+  m.impl("ls_trial_adam", &svi_kernels::cuda::ls_trial_adam_cuda);
+  m.impl("ls_final_adam", &svi_kernels::cuda::ls_final_adam_cuda);
+}

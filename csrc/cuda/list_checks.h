@@ -1,0 +1,60 @@
+#pragma once
+// Argument checks shared by the CUDA ops: every list has one tensor per param,
+// all on one CUDA device, one floating dtype, and laid out densely in the same
+// order as the param (so walking raw memory pairs up the same elements).
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <utility>
+
+namespace svi_kernels {
+namespace cuda {
+
+using NamedList = std::pair<const char*, at::TensorList>;
+
+inline bool same_dense_layout(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.is_contiguous() && ref.is_contiguous()) return true;
+  return t.is_non_overlapping_and_dense() && t.strides() == ref.strides();
+}
+
+// The first list is the reference (params); returns its dtype (kFloat when empty).
+inline at::ScalarType check_lists(const char* op, std::initializer_list<NamedList> lists) {
+  const NamedList& first = *lists.begin();
+  const size_t n = first.second.size();
+  for (const NamedList& l : lists)
+    TORCH_CHECK(l.second.size() == n, op, ": ", l.first, " has ", l.second.size(), " tensors but ",
+                first.first, " has ", n);
+  if (n == 0) return at::kFloat;
+  const at::Tensor& p0 = first.second[0];
+  TORCH_CHECK(p0.defined() && p0.is_cuda(), op, ": expected CUDA tensors, got ", first.first,
+              "[0] on ", p0.defined() ? p0.device().str() : std::string("<undefined>"));
+  const at::ScalarType dtype = p0.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              op, ": supported dtypes are float32, float64, float16 and bfloat16, got ", dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& ref = first.second[i];
+    for (const NamedList& l : lists) {
+      const at::Tensor& t = l.second[i];
+      TORCH_CHECK(t.defined(), op, ": ", l.first, "[", i, "] is undefined");
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", l.first, "[", i, "] must be a strided (dense) tensor");
+      TORCH_CHECK(t.device() == p0.device(), op, ": all tensors must be on ", p0.device(), ", but ", l.first,
+                  "[", i, "] is on ", t.device());
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors must have dtype ", dtype, ", but ", l.first,
+                  "[", i, "] has ", t.scalar_type());
+      TORCH_CHECK(t.numel() == ref.numel(), op, ": ", l.first, "[", i, "] has ", t.numel(),
+                  " elements but ", first.first, "[", i, "] has ", ref.numel());
+      TORCH_CHECK(same_dense_layout(t, ref), op, ": ", l.first, "[", i,
+                  "] must be contiguous (or dense with the same strides as ", first.first, "[", i, "])");
+    }
+  }
+  return dtype;
+}
+
+inline void check_scalars(const char* op, const char* name, at::ArrayRef<double> values, size_t n) {
+  TORCH_CHECK(values.size() == n, op, ": ", name, " has ", values.size(), " values but there are ", n, " tensors");
+}
+
+}  // namespace cuda
+}  // namespace svi_kernels

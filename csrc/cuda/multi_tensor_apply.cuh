@@ -1,0 +1,182 @@
+#pragma once
+// Device side of the CUDA multi-tensor apply, shared by every op in csrc/cuda.
+//
+// An op is a small "element op" struct (see adam.cu) that says which of its DEPTH
+// tensor lists it reads and writes, whether it sums a per-element term per tensor,
+// and what it does to one element in opmath registers (float for fp16/bf16/fp32,
+// double for fp64). The formulas themselves come from svi_kernels/update_math.h.
+// One generic kernel runs any element op over one chunk per block; launch_plan.h
+// packs tensors and chunks into as few launches as fit.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "launch_plan.h"
+
+namespace svi_kernels {
+namespace cuda {
+
+constexpr int kBlockSize = 512;
+constexpr int kILP = 4;  // elements per thread per pass; one 16-byte load for fp32
+static_assert(kChunkSize % kILP == 0, "a chunk must split into whole vectors");
+
+template <typename T> struct OpMath { using type = float; };
+template <> struct OpMath<double> { using type = double; };
+template <typename T> using opmath_t = typename OpMath<T>::type;
+
+// kILP consecutive elements moved with one vector load/store.
+template <typename T>
+struct alignas(sizeof(T) * kILP) Vec {
+  T val[kILP];
+};
+
+template <typename T>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kILP) == 0;
+}
+
+constexpr bool has_bit(int mask, int d) { return (mask >> d) & 1; }
+
+// Sum over the block, then one atomicAdd per block into the tensor's slot.
+// Accumulating in double keeps the fp32 result independent of the block order
+// in practice (the slots are rounded to float32 once, afterwards).
+__device__ __forceinline__ void block_sum_to(double value, double* out) {
+  __shared__ double warp_sums[kBlockSize / 32];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0;
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+    if (lane == 0 && value != 0.0) atomicAdd(out, value);
+  }
+}
+
+// One block = one chunk of one tensor. Offsets into the tensor are 64-bit
+// (chunk * kChunkSize); offsets inside a chunk fit in int.
+template <typename T, typename ElemOp, typename Meta>
+__global__ void __launch_bounds__(kBlockSize)
+multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
+  using M = opmath_t<T>;
+  constexpr int D = ElemOp::kDepth;
+  constexpr int kRead = ElemOp::kReadMask;
+  constexpr int kWrite = ElemOp::kWriteMask;
+  static_assert(D == Meta::kDepth, "element op and metadata disagree on the number of lists");
+
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t left = meta.numel[slot] - begin;
+  const int n = left < kChunkSize ? static_cast<int>(left) : kChunkSize;
+
+  T* ptr[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) ptr[d] = static_cast<T*>(meta.addresses[d][slot]) + begin;
+  M scalar = M(0);
+  if constexpr (Meta::kWithScalars) scalar = static_cast<M>(meta.scalars[slot]);
+
+  double acc = 0.0;
+  bool aligned = n % kILP == 0;
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (has_bit(kRead | kWrite, d)) aligned = aligned && vec_aligned(ptr[d]);
+
+  if (aligned) {
+    // Vector path: thread i owns elements [kILP*i, kILP*i + kILP) of each pass.
+    for (int i = threadIdx.x; i < n / kILP; i += blockDim.x) {
+      M x[D][kILP];
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        if (has_bit(kRead, d)) {
+          const Vec<T> v = reinterpret_cast<const Vec<T>*>(ptr[d])[i];
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) x[d][j] = M(0);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        M e[D];
+#pragma unroll
+        for (int d = 0; d < D; ++d) e[d] = x[d][j];
+        const M term = op(e, scalar);
+        if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
+#pragma unroll
+        for (int d = 0; d < D; ++d) x[d][j] = e[d];
+      }
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        if (has_bit(kWrite, d)) {
+          Vec<T> v;
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) v.val[j] = static_cast<T>(x[d][j]);
+          reinterpret_cast<Vec<T>*>(ptr[d])[i] = v;
+        }
+      }
+    }
+  } else {
+    // Tail/unaligned path: element loads strided by the block so warps stay coalesced.
+    for (int base = 0; base < n; base += blockDim.x * kILP) {
+      M x[D][kILP];
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        const int idx = base + threadIdx.x + j * blockDim.x;
+#pragma unroll
+        for (int d = 0; d < D; ++d)
+          x[d][j] = (has_bit(kRead, d) && idx < n) ? static_cast<M>(ptr[d][idx]) : M(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        const int idx = base + threadIdx.x + j * blockDim.x;
+        if (idx < n) {
+          M e[D];
+#pragma unroll
+          for (int d = 0; d < D; ++d) e[d] = x[d][j];
+          const M term = op(e, scalar);
+          if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
+#pragma unroll
+          for (int d = 0; d < D; ++d)
+            if (has_bit(kWrite, d)) ptr[d][idx] = static_cast<T>(e[d]);
+        }
+      }
+    }
+  }
+  if constexpr (ElemOp::kReduce) block_sum_to(acc, sums + meta.list_index[slot]);
+}
+
+// Runs op over every element of the lists (all of dtype T, on the current device),
+// with one launch per kMaxBlocks chunks or per Meta::kMaxTensors tensors.
+// sums: device doubles, one per tensor, for reducing ops (else null).
+template <typename T, typename ElemOp, size_t N_LISTS>
+int multi_tensor_apply(const std::array<at::TensorList, N_LISTS>& lists, const double* scalars,
+                       const ElemOp& op, double* sums) {
+  constexpr int DEPTH = static_cast<int>(N_LISTS);
+  constexpr bool kWithScalars = ElemOp::kWithScalars;
+  using Meta = TensorListMeta<DEPTH, kWithScalars>;
+  static_assert(sizeof(Meta) + sizeof(ElemOp) + sizeof(double*) <= kParamBytes,
+                "kernel arguments exceed the 4 KB parameter space");
+  const size_t n = lists[0].size();
+  std::array<std::vector<void*>, DEPTH> addresses;
+  std::vector<int64_t> numels(n);
+  for (int d = 0; d < DEPTH; ++d) {
+    addresses[d].resize(n);
+    for (size_t t = 0; t < n; ++t) addresses[d][t] = lists[d][t].data_ptr();
+  }
+  for (size_t t = 0; t < n; ++t) numels[t] = lists[0][t].numel();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return plan_launches<DEPTH, kWithScalars>(addresses, numels, scalars, [&](const Meta& meta, int n_blocks) {
+    multi_tensor_kernel<T><<<n_blocks, kBlockSize, 0, stream>>>(meta, op, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace svi_kernels

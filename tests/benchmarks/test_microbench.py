@@ -1,0 +1,105 @@
+"""svi-bench: a smoke run on a tiny workload (schema of the JSON, the plot), and the bytes/param
+accounting. No timing assertions: the numbers depend on the machine and its load."""
+import importlib
+import json
+
+import pytest
+import torch
+
+from svi_kernels import bench
+
+microbench = bench._microbench()  # benchmarks/ from a checkout, svi_kernels._benchmarks when installed
+_pkg = microbench.__package__
+traffic = importlib.import_module(_pkg + ".traffic")
+rows_mod = importlib.import_module(_pkg + ".rows")
+targets = importlib.import_module(_pkg + ".targets")
+workloads = importlib.import_module(_pkg + ".workloads")
+
+REQUIRED = {"name": str, "backend": str, "workload": str, "ms": float, "ratio_to_torch_fused_adamw": float,
+            "bytes_per_param": float, "gbps": float, "fraction_of_stream": float}
+
+
+def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = microbench.main(["--workload", "tiny", "--backend", "reference", "--repeats", "1", "--warmup", "1",
+                          "--stream-numel", "100000", "--json", str(out_json), "--plot", str(out_png),
+                          "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "torch_adamw_fused" in printed and "streaming bandwidth" in printed
+
+    rows = json.loads(out_json.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        for key, typ in REQUIRED.items():
+            assert isinstance(row[key], typ), (key, row)
+        assert row["workload"] == "tiny" and row["ms"] > 0 and row["bytes_per_param"] > 0
+        assert "status" in row and isinstance(row["targets"], list)
+    names = {(r["name"], r["backend"]) for r in rows}
+    assert ("torch_adamw_fused", "torch") in names and ("torch_adamw_foreach", "torch") in names
+    assert ("reference_style_adam_sls_bookkeeping", "reference-style") in names
+    fused = next(r for r in rows if r["name"] == "torch_adamw_fused")
+    assert fused["ratio_to_torch_fused_adamw"] == pytest.approx(1.0)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("op,fp32,bf16", [
+    ("adam_step", 28, 14), ("sgd_momentum_step", 20, 10), ("ls_trial_sgd", 12, 6), ("ls_trial_adam", 16, 8),
+    ("ls_save_sgd", 12, 6), ("ls_save_adam", 28, 14), ("ls_final_adam", 16, 8),
+])
+def test_op_bytes_from_reads_and_writes(op, fp32, bf16):
+    assert traffic.op_bytes(op, 4) == fp32
+    assert traffic.op_bytes(op, 2) == bf16
+
+
+def test_fp32_state_with_bf16_params():
+    # bf16 p and g (2+2 read, 2 written) with fp32 m, v (8 read, 8 written)
+    assert traffic.op_bytes("adam_step", 2, state_itemsize=4) == 22
+    assert traffic.op_bytes("sgd_momentum_step", 2, state_itemsize=4) == 14
+
+
+def test_line_search_bookkeeping_is_the_sum_of_its_phases():
+    assert traffic.bytes_per_param(traffic.ARMIJO_SGD_PHASES, 4) == 12 + 12
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 28 + 16 + 16
+    # PLASLS with 10 groups: every step saves and finalises all, searches a tenth on average
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(28 + 1.6 + 16)
+
+
+def test_every_row_is_accounted():
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(20)]
+    ctx = rows_mod.Context(params, [torch.zeros(3)] * 20, torch.device("cpu"), torch.float32)
+    expected = {"torch_adamw_foreach": 28, "torch_adamw_fused": 28, "adamw": 28, "svi_sgd": 20, "svi_adam": 28,
+                "ls_trial_sgd": 12, "ls_trial_adam": 16, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 60,
+                "layerwise_adam_sls_bookkeeping": 44 + 1.6}
+    seen = set()
+    for row in rows_mod.build_rows(["cpu"]):
+        name = row.name.replace("reference_style_", "")
+        assert traffic.bytes_per_param(row.phases(ctx), 4) == pytest.approx(expected[name]), row.name
+        seen.add(row.name)
+    assert {"reference_style_armijo_sgd_bookkeeping", "layerwise_adam_sls_bookkeeping"} <= seen
+
+
+def test_targets_mark_missing_rows():
+    def row(name, backend, kind, ms, ratio, frac, workload="w", gbps=10.0):
+        return {"name": name, "backend": backend, "kind": kind, "workload": workload, "ms": ms,
+                "ratio_to_torch_fused_adamw": ratio, "fraction_of_stream": frac, "gbps": gbps,
+                "compare_to": "reference_style_adam_sls_bookkeeping" if "sls" in name else None}
+    rows = [row("adamw", "cpu", "ours", 1.0, 0.9, 0.9), row("svi_sgd", "cpu", "ours", 1.0, 0.9, 0.9),
+            row("adam_sls_bookkeeping", "cpu", "ours", 1.0, 2.0, 0.9),
+            row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", 4.0, 8.0, 0.2),
+            row("adamw", "reference", "ours", 9.0, 9.0, 0.1),
+            row("adamw", "cpu", "ours", 1.0, 0.9, 0.9, workload="huge", gbps=30.0),
+            row("adamw", "cpu", "ours", 1.0, 0.9, 0.9, workload="many-small", gbps=10.0)]
+    targets.evaluate(rows)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"].startswith("MISSING") and "0.8x" in rows[1]["status"]
+    assert "5x faster" in rows[2]["status"] and rows[2]["speedup_vs_reference_style"] == pytest.approx(4.0)
+    assert rows[3]["status"] == "-" and rows[4]["status"] == "-"  # baselines and the oracle carry no target
+    assert rows[6]["per_byte_cost_vs_huge"] == pytest.approx(3.0) and "per-byte" in rows[6]["status"]
+
+
+def test_workload_shapes_come_from_bert_config():
+    pytest.importorskip("transformers")
+    mini = workloads.minilm()
+    assert len(mini.shapes) == 103 and 20e6 < mini.numel < 25e6
+    assert workloads.many_small().numel == 1000 * 4096 and len(workloads.huge().shapes) == 1
