@@ -42,8 +42,11 @@ def want_cuda():
 def extension():
     sources = rel([os.path.join(HERE, "csrc", "ops_schema.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
-    # Vectorised builds of the CPU kernels are selected at run time (csrc/cpu/README in docs/kernels.md).
+    # No -march: csrc/cpu/isa_avx2.cpp and isa_avx512.cpp enable their instruction sets with GCC
+    # target pragmas and are picked at run time, so one build runs on any x86-64 CPU
+    # (docs/kernels.md, "CPU backend"). -fno-math-errno lets sqrt compile to one instruction;
+    # -Wno-unknown-pragmas silences ATen's `#pragma unroll` in the at::vec headers.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
     extra_link = ["-fopenmp"]
     use_cuda, why = want_cuda()
     if os.environ.get("SVI_KERNELS_FORCE_CUDA") == "1" and not use_cuda:

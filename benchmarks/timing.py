@@ -42,8 +42,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
         estimate = _timed(fn, 1, device)  # the last warm-up call sizes the windows
         spent += estimate
     calls = max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(estimate, 1e-7)))
-    affordable = int(max(budget_s - spent, 0.0) / max(estimate * calls, 1e-9))
-    windows = max(min(repeats, affordable), min(repeats, MIN_REPEATS), 1)
+    affordable = max(budget_s - spent, 0.0) / max(estimate * calls, 1e-9)
+    windows = max(int(min(repeats, affordable)), min(repeats, MIN_REPEATS), 1)
     return 1e3 * statistics.median(_timed(fn, calls, device) for _ in range(windows))
 
 

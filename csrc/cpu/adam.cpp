@@ -17,8 +17,8 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lr / bias_correction1,
       bias_correction2_sqrt, decoupled, weight_decay != 0.0, maximize};
   const auto kernel = cpu_kernels().adam;
-  MultiTensor<4>({params, grads, exp_avgs, exp_avg_sqs})
-      .parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  const MultiTensor<4> lists({params, grads, exp_avgs, exp_avg_sqs});
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
 }
 
 }  // namespace svi_kernels::cpu

@@ -20,8 +20,9 @@ void empty_lists_or_no_kernel(const c10::OperatorHandle& op, torch::jit::Stack* 
     const auto list = args[a].toTensorList();
     for (size_t i = 0; i < list.size(); ++i) {
       const at::Tensor t = list.get(i);
-      TORCH_CHECK(!t.defined() || t.layout() == at::kStrided, schema.name(), ": ", schema.arguments()[a].name(), "[",
-                  i, "] has layout ", t.layout(), "; the fused ops need dense tensors (sparse gradients are not supported)");
+      TORCH_CHECK(!t.defined() || t.layout() == at::kStrided, schema.name(), ": ", schema.arguments()[a].name(),
+                  "[", i, "] has layout ", t.layout(),
+                  "; the fused ops need dense tensors (sparse gradients are not supported)");
     }
   }
   for (size_t a = 0; a < num_args; ++a) {

@@ -47,7 +47,8 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
   check_per_tensor_scalars("ls_trial_sgd", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_trial_sgd;
-  MultiTensor<3>({params, w0, grads}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+  const MultiTensor<3> lists({params, w0, grads});
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0});
   });
 }
@@ -59,7 +60,8 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
   check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_trial_adam;
-  MultiTensor<4>({params, w0, grads, exp_avg_sqs}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+  const MultiTensor<4> lists({params, w0, grads, exp_avg_sqs});
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt});
   });
 }
@@ -71,7 +73,8 @@ void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_
   check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_final_adam;
-  MultiTensor<4>({params, w0, exp_avgs, exp_avg_sqs}).parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+  const MultiTensor<4> lists({params, w0, exp_avgs, exp_avg_sqs});
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt});
   });

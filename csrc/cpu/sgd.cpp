@@ -13,8 +13,8 @@ void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorLi
   if (params.empty()) return;
   const SgdScalars s{lr, momentum, weight_decay, nesterov, weight_decay != 0.0, maximize};
   const auto kernel = cpu_kernels().sgd_momentum;
-  MultiTensor<3>({params, grads, momentum_buffers})
-      .parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  const MultiTensor<3> lists({params, grads, momentum_buffers});
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
 }
 
 }  // namespace svi_kernels::cpu

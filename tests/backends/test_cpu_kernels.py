@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -160,7 +161,8 @@ def test_chunk_boundaries(cpu, dtype, offset):
 
     w0 = [torch.empty_like(t) for t in p]
     sums = cpu.ls_save_sgd(p, g, w0)
-    ref_sums = torch.tensor([float((x.to(dtype).float().double() ** 2).sum()) for x in want[1]], dtype=torch.float64)
+    ref_sums = torch.tensor([float((x.to(dtype).float().double() ** 2).sum()) for x in want[1]],
+                            dtype=torch.float64)
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(w0, p))
 
@@ -202,6 +204,18 @@ def test_isa_is_reported():
     assert C.cpu_isa() in ("default", "avx2", "avx512")
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="the AVX builds exist for x86-64 Linux (GCC)")
+def test_simd_build_used_when_torch_uses_one():
+    import svi_kernels._C as C
+    torch_isa = torch.backends.cpu.get_cpu_capability()
+    if torch_isa not in ("AVX2", "AVX512"):
+        pytest.skip(f"torch runs its {torch_isa} kernels here")
+    assert C.cpu_isa() == torch_isa.lower(), (
+        f"torch uses {torch_isa} but the CPU kernels run the {C.cpu_isa()!r} build; "
+        "was svi_kernels._C compiled by a compiler without GCC target pragmas (see docs/kernels.md)?")
+
+
 _BASELINE_SCRIPT = textwrap.dedent("""
     import math, torch
     import svi_kernels._C as C
@@ -222,7 +236,8 @@ _BASELINE_SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(a.double(), b.to(dtype).double(), rtol=tol, atol=tol)
         w0 = [torch.empty_like(t) for t in p]
         s = cpu.ls_save_sgd(p, g, w0)
-        r = torch.tensor([float((t.to(dtype).float().double() ** 2).sum()) for t in want[1]], dtype=torch.float64)
+        r = torch.tensor([float((t.to(dtype).float().double() ** 2).sum()) for t in want[1]],
+                         dtype=torch.float64)
         torch.testing.assert_close(s.double(), r, rtol=1e-5, atol=1e-6)
     print("ok")
 """)
