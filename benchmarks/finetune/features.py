@@ -8,7 +8,7 @@ layers, the pooler and the classifier, which is what makes multi-seed runs affor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -57,24 +57,33 @@ def _hidden_states(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, wa
 
 
 def frozen_features(backbone: Backbone, dataset_key: str, texts: List[str], labels: List[int],
-                    top_layers: int, max_len: int = 64, batch_size: int = 64) -> Features:
-    """Inputs of the trainable top for ``top_layers`` (see ``TrainableTop``), cached in memory."""
-    key = (backbone.name, dataset_key, max_len, top_layers)
-    if key in _MEMORY:
-        return _MEMORY[key]
+                    top_layers: int, max_len: int = 64, batch_size: int = 64,
+                    also: Iterable[int] = ()) -> Features:
+    """Inputs of the trainable top for ``top_layers`` (see ``TrainableTop``), cached in memory.
+
+    ``also``: other ``top_layers`` values to compute in the same frozen pass (one pass serves all).
+    """
+    key = (backbone.name, dataset_key, max_len)
+    if (*key, top_layers) in _MEMORY:
+        return _MEMORY[(*key, top_layers)]
     ids, mask = backbone.tokenize(texts, max_len)
     y = torch.tensor(labels, dtype=torch.long)
-    if top_layers < 0:
-        feats = Features(ids, mask, y)
-    else:
-        L = n_layers(backbone.model)
-        if not 0 <= top_layers <= L:
-            raise ValueError(f"top_layers must be in 0..{L} or -1 (full), got {top_layers}")
-        j = L - top_layers if top_layers > 0 else L
-        hidden = _hidden_states(backbone, ids, mask, [j], batch_size)[j]
-        feats = Features(hidden[:, 0].contiguous() if top_layers == 0 else hidden, mask, y)
-    _MEMORY[key] = feats
-    return feats
+    L = n_layers(backbone.model)
+    ks = [k for k in dict.fromkeys([top_layers, *also]) if (*key, k) not in _MEMORY]
+    for k in ks:
+        if not (k == -1 or 0 <= k <= L):
+            raise ValueError(f"top_layers must be in 0..{L} or -1 (full), got {k}")
+    layer_in = {k: (L - k if k > 0 else L) for k in ks if k >= 0}
+    hidden = _hidden_states(backbone, ids, mask, sorted(set(layer_in.values())), batch_size) if layer_in else {}
+    for k in ks:
+        if k < 0:
+            x = ids
+        elif k == 0:
+            x = hidden[L][:, 0].contiguous()
+        else:
+            x = hidden[layer_in[k]]
+        _MEMORY[(*key, k)] = Features(x, mask, y)
+    return _MEMORY[(*key, top_layers)]
 
 
 def clear_cache() -> None:

@@ -117,7 +117,7 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
             wall += time.perf_counter() - t_wall
             cpu += time.process_time() - t_cpu
             step += 1
-            lv = float(loss)
+            lv = float(loss.detach())
             window.append(lv)
             if not math.isfinite(lv):
                 diverged = True

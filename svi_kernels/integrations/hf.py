@@ -250,6 +250,7 @@ class LineSearchTrainer(Trainer):
                 loss = loss.mean()  # nn.DataParallel returns one loss per GPU
             return loss
 
+        driven.stepped = False
         driven.optimizer.zero_grad()
         loss = driven.optimizer.step(closure)
         driven.stepped = True

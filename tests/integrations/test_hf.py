@@ -137,6 +137,23 @@ def test_line_search_trainer_matches_manual_loop(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_checkpoint_resume_is_exact(tmp_path):
+    """save_strategy checkpoints carry the line-search state: a resumed run ends bit-identical."""
+    def run(resume=None, **kw):
+        model = tiny_bert(dropout=0.0)
+        opt = sk.AdamSLS(model.parameters(), n_batches_per_epoch=3)
+        LineSearchTrainer(model=model, args=targs(tmp_path, max_steps=4, **kw), train_dataset=Synthetic(),
+                          optimizers=(opt, None)).train(resume_from_checkpoint=resume)
+        return model, opt
+
+    full, full_opt = run(save_strategy="steps", save_steps=2)
+    resumed, resumed_opt = run(resume=str(tmp_path / "checkpoint-2"), save_steps=2)
+    assert resumed_opt.n_backwards == 4 and resumed_opt.ls_state["step"] == 4
+    assert resumed_opt.ls_state["step_sizes"] == full_opt.ls_state["step_sizes"]
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_bf16_autocast(tmp_path):
     model = tiny_bert()
     seen = []
