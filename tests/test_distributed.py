@@ -2,7 +2,7 @@
 
 Each rank sees different data. DDP averages the gradients in the backward of the line-search
 closure's first evaluation; trial forwards run under no_grad (DDP then skips its reducer) and their
-losses are averaged over ranks by ``reduce_loss``, so every rank takes the same Armijo decision.
+losses are averaged over ranks by ``average_over_ranks``, so every rank takes the same Armijo decision.
 Both processes run every configuration in one spawn (process start-up dominates the cost); rank 0
 writes what both ranks saw to a file that the tests below read.
 """

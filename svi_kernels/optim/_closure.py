@@ -20,7 +20,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class ClosureRunner:
-    def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor]):
+    def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor], process_group=None):
         if closure is None:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
@@ -28,6 +28,7 @@ class ClosureRunner:
         self.name = opt_name
         self.closure = closure
         self.params = params
+        self.process_group = process_group
         # Counted here and added to the optimizer's state only when the step succeeds.
         self.n_forwards = 0
         self.n_backwards = 0
@@ -85,19 +86,27 @@ class ClosureRunner:
         with torch.no_grad():
             loss = self._check_loss(self.closure())
         self.n_forwards += 1
-        return average_over_ranks(loss.detach())
+        return self.average(loss)
+
+    def average(self, loss: Tensor) -> Tensor:
+        return average_over_ranks(loss, self.process_group)
 
 
-def average_over_ranks(loss: Tensor) -> Tensor:
-    """A float64 copy of ``loss`` averaged over ranks when torch.distributed is initialised, so that
-    every rank takes the same Armijo decision."""
+def average_over_ranks(loss: Tensor, process_group=None) -> Tensor:
+    """A float64 copy of ``loss`` averaged over the ranks of ``process_group`` (default: the world)
+    when torch.distributed is initialised, so that every rank takes the same Armijo decision.
+    ``process_group=False`` turns averaging off (independent models on each rank)."""
     out = loss.detach().reshape(1).to(torch.float64)
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl" and not out.is_cuda:
+    if process_group is False or not (dist.is_available() and dist.is_initialized()):
+        return out
+    group = process_group
+    size = dist.get_world_size(group)
+    if size > 1:
+        if dist.get_backend(group) == "nccl" and not out.is_cuda:
             out = out.cuda()
-        dist.all_reduce(out)
-        out /= dist.get_world_size()
+        dist.all_reduce(out, group=group)
+        out /= size
     return out
 
 
@@ -118,11 +127,6 @@ def read_host(tensors: List[Tensor]) -> List[float]:
     for v in values:
         out.extend(v)
     return out
-
-
-def reduce_loss(value: float) -> float:
-    """Average a host loss value over ranks (see ``average_over_ranks``)."""
-    return float(average_over_ranks(torch.tensor(value, dtype=torch.float64)))
 
 
 def all_params(groups: Iterable[dict]) -> List[Tensor]:

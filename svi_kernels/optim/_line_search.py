@@ -103,8 +103,10 @@ class LineSearchOptimizer(Optimizer):
     _name = "LineSearchOptimizer"
     _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, process_group=None):
         self._w0: Dict[Tensor, Tensor] = {}
+        # torch.distributed group whose ranks average each tested loss (None: the world; False: off).
+        self.process_group = process_group
         super().__init__(params, defaults)
         self.state[LS_KEY] = {
             "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
@@ -157,6 +159,10 @@ class LineSearchOptimizer(Optimizer):
                                    else torch.preserve_format)
             self._w0[p] = buf
         return buf
+
+    def _runner(self, closure):
+        from ._closure import ClosureRunner, all_params
+        return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group)
 
     def _check_inputs(self) -> None:
         for group in self.param_groups:
@@ -274,8 +280,8 @@ class DeviceSums:
 
 def read_first(runner, loss: Tensor, sums: DeviceSums) -> float:
     """One host sync for f0 (averaged over ranks) and a phase's reductions; checks f0."""
-    from ._closure import average_over_ranks, read_host
-    vals = read_host([average_over_ranks(loss)] + sums.tensors())
+    from ._closure import read_host
+    vals = read_host([runner.average(loss)] + sums.tensors())
     f0 = vals[0]
     runner.check_f0(f0)
     sums.load(vals[1:])

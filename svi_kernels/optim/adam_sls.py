@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from . import _common as C
-from ._closure import ClosureRunner, all_params, read_host
+from ._closure import read_host
 from ._line_search import (DeviceSums, LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
                            reset_step_size)
 
@@ -31,7 +31,7 @@ class AdamSLS(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, process_group=None):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         C.check_betas(betas)
         C.check_nonneg(eps, "eps")
@@ -40,7 +40,7 @@ class AdamSLS(LineSearchOptimizer):
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
                         reset_option=reset_option, backend=C._backends.validate(backend))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _begin(self, closure):
         """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step).
@@ -49,7 +49,7 @@ class AdamSLS(LineSearchOptimizer):
         preconditioned norms ``s`` stay on the device and join the first trial's read.
         """
         self._check_inputs()
-        runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
+        runner = self._runner(closure)
         loss = runner.first()
         self._check_inputs()
         t = StepTensors(self, with_moments=True)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import _common as C
-from ._closure import ClosureRunner, all_params, read_host
+from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
                            reset_step_size)
 
@@ -26,14 +26,14 @@ class ArmijoSGD(LineSearchOptimizer):
     _name = "ArmijoSGD"
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=1.0, c=0.1, beta_b=0.9, gamma=2.0,
-                 reset_option=1, max_backtracks=100, backend: Optional[str] = None):
+                 reset_option=1, max_backtracks=100, backend: Optional[str] = None, process_group=None):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         if reset_option not in (0, 1, 2):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
                         backend=C._backends.validate(backend))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def step(self, closure=None):
         """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss.
@@ -41,7 +41,7 @@ class ArmijoSGD(LineSearchOptimizer):
         Host syncs: one for f0 and the gradient norms, then one per trial.
         """
         self._check_inputs()
-        runner = ClosureRunner(self._name, closure, all_params(self.param_groups))
+        runner = self._runner(closure)
         loss = runner.first()
         self._check_inputs()  # gradients exist now
         ls = self.ls_state
