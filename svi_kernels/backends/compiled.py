@@ -24,6 +24,7 @@ def load() -> tuple[bool, str]:
     if not _loaded and _load_error is None:
         try:
             importlib.import_module("svi_kernels._C")
+            _register_fakes()
             _loaded = True
         except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
             _load_error = (
@@ -31,6 +32,26 @@ def load() -> tuple[bool, str]:
                 "build it with `pip install --no-build-isolation .` after installing torch"
             )
     return (True, "compiled extension svi_kernels._C") if _loaded else (False, _load_error or "")
+
+
+_MUTATING = ("adam_step", "sgd_momentum_step", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam")
+_REDUCING = ("ls_save_sgd", "ls_save_adam")
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels, so torch.compile / FakeTensor tracing can see through the ops."""
+    def no_output(*args, **kwargs):
+        return None
+
+    def per_tensor_sums(params, *args, **kwargs):
+        if not params:
+            return torch.empty(0, dtype=torch.float32)
+        return params[0].new_empty(len(params), dtype=torch.float32)
+
+    for name in _MUTATING:
+        torch.library.register_fake(f"svi_kernels::{name}")(no_output)
+    for name in _REDUCING:
+        torch.library.register_fake(f"svi_kernels::{name}")(per_tensor_sums)
 
 
 def has_cuda_kernels() -> bool:
