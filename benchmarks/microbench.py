@@ -35,12 +35,15 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     ap.add_argument("--repeats", type=int, default=7, help="timed windows per row (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
-    ap.add_argument("--row-budget", type=float, default=4.0,
+    ap.add_argument("--row-budget", type=float, default=3.0,
                     help="seconds one row may spend; slow rows get fewer repeats (at least 3) (default: %(default)s)")
     ap.add_argument("--stream-numel", type=int, default=stream.DEFAULT_STREAM_NUMEL,
                     help="float32 elements of the bandwidth probe (default: %(default)s)")
     ap.add_argument("--json", default=os.path.join(OUT_DIR, "bench.json"), help="JSON rows (default: %(default)s)")
     ap.add_argument("--plot", default=os.path.join(OUT_DIR, "bench.png"), help="PNG chart (default: %(default)s)")
+    ap.add_argument("--markdown", default=None, help="also write the table as Markdown to this file (for docs)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's choice, one per core)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return ap.parse_args(argv)
 
@@ -71,21 +74,20 @@ def _pick_backends(spec: Optional[str], device: torch.device) -> List[str]:
     return chosen
 
 
-def _run_row(row, ctx, args, device, closure_ms, param_itemsize):
+BASELINE = "torch_adamw_fused"
+
+
+def _measure(row, ctx, args, device, pair, param_itemsize):
+    """(ms, the baseline's ms in the same windows or None, launches, syncs, state itemsize, step fn)."""
     fn, opt = row.build(ctx)
-    try:
-        ms = timing.median_ms(fn, device, args.warmup + row.extra_warmup, args.repeats, args.row_budget)
-        launches, syncs = timing.launches_and_syncs(fn, device)
-        state_size = rows_mod.state_itemsize(opt, param_itemsize)
-    finally:
-        del fn, opt
-        gc.collect()
-    if row.bookkeeping:
-        ms = max(ms - closure_ms, 1e-6)
-    return ms, launches, syncs, state_size
+    ms, pair_ms = timing.median_ms(fn, device, args.warmup, args.repeats, args.row_budget, pair)
+    launches, syncs = timing.launches_and_syncs(fn, device)
+    return ms, pair_ms, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn
 
 
 def run(args: argparse.Namespace):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     names = list(workloads.WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",")]
@@ -110,32 +112,42 @@ def run(args: argparse.Namespace):
     for wl in wls:
         params, grads = workloads.make_tensors(wl, dtype, device)
         ctx = rows_mod.Context(params, grads, device, dtype, rows_mod.trivial_closure(device))
-        closure_ms = timing.median_ms(rows_mod.closure_overhead(ctx.closure), device, 3, args.repeats)
+        closure_ms, _ = timing.median_ms(rows_mod.closure_overhead(ctx.closure), device, 3, args.repeats)
         itemsize = params[0].element_size() if params else torch.empty((), dtype=dtype).element_size()
-        wl_results = []
-        for row in all_rows:
+        measured = {}
+        baseline = None  # (step fn, ms): timed first, then interleaved with every other row
+        for row in sorted(all_rows, key=lambda r: r.name != BASELINE):
             bar.set_description(f"{wl.name}: {row.name} [{row.backend}]")
             try:
-                ms, launches, syncs, state_size = _run_row(row, ctx, args, device, closure_ms, itemsize)
+                ms, pair_ms, launches, syncs, state_size, fn = _measure(
+                    row, ctx, args, device, baseline, itemsize)
             except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
                 skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
                 bar.update(1)
                 continue
+            if row.name == BASELINE:
+                baseline, pair_ms = (fn, ms), ms
+            del fn
+            gc.collect()
+            if row.bookkeeping:
+                ms = max(ms - closure_ms, 1e-6)
             bpp = traffic.bytes_per_param(row.phases(ctx), itemsize, state_size)
             gbps = bpp * wl.numel / (ms * 1e-3) / 1e9
-            wl_results.append({
+            measured[id(row)] = {
                 "name": row.name, "backend": row.backend, "kind": row.kind, "workload": wl.name,
-                "dtype": args.dtype, "device": str(device), "n_tensors": len(wl.shapes), "numel": wl.numel,
-                "ms": ms, "ratio_to_torch_fused_adamw": None, "bytes_per_param": bpp, "gbps": gbps,
+                "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+                "n_tensors": len(wl.shapes), "numel": wl.numel,
+                "ms": ms, "ratio_to_torch_fused_adamw": ms / pair_ms if pair_ms else None,
+                "torch_fused_adamw_ms_paired": pair_ms,
+                "bytes_per_param": bpp, "gbps": gbps,
                 "fraction_of_stream": gbps / bw["gbps"], "stream_gbps": bw["gbps"],
                 "launches_per_step": launches, "syncs_per_step": syncs,
                 "closure_ms_subtracted": closure_ms if row.bookkeeping else None,
                 "compare_to": row.compare_to,
-            })
+            }
             bar.update(1)
-        fused = next((r for r in wl_results if r["name"] == "torch_adamw_fused"), None)
-        for r in wl_results:
-            r["ratio_to_torch_fused_adamw"] = r["ms"] / fused["ms"] if fused else None
+        wl_results = [measured[id(r)] for r in all_rows if id(r) in measured]
+        del baseline
         results += wl_results
         del params, grads, ctx
         gc.collect()
@@ -144,25 +156,58 @@ def run(args: argparse.Namespace):
     return results, skipped, bw, backends
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # not on every platform
+        return "n/a"
+
+
+def _busy_warning() -> str:
+    """torch's fused CPU AdamW opens one OpenMP region per tensor; with more runnable processes than
+    cores each region can wait a scheduler slice for its second thread, inflating the baseline."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    if load < cores or torch.get_num_threads() == 1:
+        return ""
+    return (f"warning: load average {load:.1f} on {cores} cores: other processes compete for the cores, so "
+            f"multi-threaded timings (torch's per-tensor OpenMP regions most of all) are inflated and ratios "
+            f"are unreliable; `--threads 1` gives steadier ratios on a busy machine")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     t0 = time.perf_counter()
+    load_before = _load_average()
     results, skipped, bw, backends = run(args)
     wall = time.perf_counter() - t0
 
     print(f"\nsvi-bench on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype}, backends {','.join(backends)}")
     print(f"streaming bandwidth (a.add_(b, alpha=s), {bw['numel']:,} fp32, 12 B/elem): {bw['gbps']:.1f} GB/s")
+    busy = _busy_warning()
+    if busy:
+        print(busy)
     print(report.format_table(results))
     for line in skipped:
         print(f"skipped {line}")
     met, missed = targets.summary(results)
-    print(f"targets: {met} met, {missed} missed; wall time {wall:.0f} s")
+    print(f"targets: {met} met, {missed} missed; wall time {wall:.0f} s; "
+          f"1-min load average {load_before} before, {_load_average()} after (other processes skew timings)")
     if args.json:
         report.write_json(args.json, results)
         print(f"wrote {args.json}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as fh:
+            fh.write(report.format_markdown(results) + "\n")
+        print(f"wrote {args.markdown}")
     if args.plot:
-        report.write_plot(args.plot, results, title=f"svi-bench, {args.dtype}, {results[0]['device'] if results else ''}")
+        device = results[0]["device"] if results else ""
+        report.write_plot(args.plot, results, title=f"svi-bench, {args.dtype}, {device}")
         print(f"wrote {args.plot}")
     return 0
 

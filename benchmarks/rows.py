@@ -41,7 +41,6 @@ class Row:
     phases: Callable[[Context], list]
     build: Callable[[Context], Tuple[Callable[[], Any], Any]]  # -> (one step, optimizer or None)
     bookkeeping: bool = False  # a whole line-search step minus the forwards (closure cost subtracted)
-    extra_warmup: int = 0
     compare_to: Optional[str] = None  # the reference-style row this one must beat by >= 5x
     targets: list = field(default_factory=list)
 

@@ -26,13 +26,22 @@ def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def _calls_per_window(seconds_per_call: float, device: torch.device) -> int:
+    return max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(seconds_per_call, 1e-7)))
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              budget_s: float = float("inf")) -> float:
+              budget_s: float = float("inf"),
+              paired: Optional[Tuple[Callable[[], object], float]] = None) -> Tuple[float, Optional[float]]:
     """Median over ``repeats`` windows of the mean ms per call, after ``warmup`` untimed calls.
 
     Short calls are grouped so each window lasts at least MIN_WINDOW_S, which keeps timer and
     synchronisation overhead out of the per-call figure. Slow calls get fewer windows (never fewer
     than MIN_REPEATS, nor fewer than one warm-up call) so one row spends about ``budget_s``.
+
+    ``paired=(other_fn, its ms per call)``: a window of ``other_fn`` follows every window of ``fn``,
+    so a load burst from another process hits both; returns (ms, other's ms) and the ratio of the
+    two is the robust figure on a shared machine. Without it, returns (ms, None).
     """
     estimate = _timed(fn, 1, device)  # first call: allocates state, so it is never timed
     spent = estimate
@@ -41,10 +50,20 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
             break
         estimate = _timed(fn, 1, device)  # the last warm-up call sizes the windows
         spent += estimate
-    calls = max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(estimate, 1e-7)))
-    affordable = max(budget_s - spent, 0.0) / max(estimate * calls, 1e-9)
+    calls = _calls_per_window(estimate, device)
+    window_s = estimate * calls
+    if paired is not None:
+        other, other_ms = paired
+        other_calls = _calls_per_window(other_ms * 1e-3, device)
+        window_s += other_ms * 1e-3 * other_calls
+    affordable = max(budget_s - spent, 0.0) / max(window_s, 1e-9)
     windows = max(int(min(repeats, affordable)), min(repeats, MIN_REPEATS), 1)
-    return 1e3 * statistics.median(_timed(fn, calls, device) for _ in range(windows))
+    mine, theirs = [], []
+    for _ in range(windows):
+        mine.append(_timed(fn, calls, device))
+        if paired is not None:
+            theirs.append(_timed(other, other_calls, device))
+    return 1e3 * statistics.median(mine), (1e3 * statistics.median(theirs) if theirs else None)
 
 
 _LAUNCH_MARKERS = ("LaunchKernel", "cuLaunchCooperativeKernel")
