@@ -7,7 +7,7 @@
 #    TORCH_CUDA_ARCH_LIST=9.0 (H100).
 # 3. The real CUDAExtension build of setup.py (SVI_KERNELS_FORCE_CUDA=1) into build/cuda-check
 #    (never in place, so the CPU-only svi_kernels/_C*.so of the main venv is left alone), then
-#    import of the built module in that venv, a check that all 7 ops have a CUDA kernel, and a
+#    import of the built module in that venv, a check that all 9 ops have a CUDA kernel, and a
 #    check that the binary holds sm_90 code.
 # Nothing here runs a kernel: there is no GPU. Exits non-zero on any failure.
 #
@@ -18,7 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-cuda"
 OUT="$ROOT/build/cuda-check"
 TORCH_PIN="2.14.1"
-OPS=(adam_step sgd_momentum_step ls_save_sgd ls_save_adam ls_trial_sgd ls_trial_adam ls_final_adam)
+OPS=(adam_step sgd_momentum_step adam_step_tensor sgd_momentum_step_tensor ls_save_sgd ls_save_adam ls_trial_sgd ls_trial_adam ls_final_adam)
 t_start=$(date +%s)
 
 say() { echo "[cuda-build-check] $*"; }

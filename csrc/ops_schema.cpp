@@ -14,6 +14,20 @@ TORCH_LIBRARY(svi_kernels, m) {
   m.def(
       "sgd_momentum_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, float momentum, bool nesterov, float weight_decay, bool maximize) -> ()");
+  // Tensor-scalar variants for AMP (GradScaler) and CUDA-graph capture: lr (lr_tensor when given,
+  // else lr), the per-parameter step counts (already incremented by the caller), the loss scale
+  // and the skip flag are read from memory by the kernel, never by the host. When found_inf != 0
+  // nothing is written; when grad_scale is given, grads are unscaled in place (g / grad_scale)
+  // and the update uses the unscaled g.
+  m.def(
+      "adam_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool correct_bias, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "sgd_momentum_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, Tensor? lr_tensor, float momentum, bool nesterov, float weight_decay, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
   m.def(
       "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "

@@ -3,6 +3,10 @@
 #include "multi_tensor.h"
 #include "ops.h"
 #include "tensor_checks.h"
+#include "svi_kernels/update_math.h"
+
+#include <string>
+#include <vector>
 
 namespace svi_kernels::cpu {
 
@@ -19,6 +23,41 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const auto kernel = cpu_kernels().adam;
   const MultiTensor<4> lists({params, grads, exp_avgs, exp_avg_sqs});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+}
+
+void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool correct_bias, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "adam_step_tensor";
+  const at::ScalarType dtype = check_fused_group(
+      op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_per_tensor_scalars(op, "state_steps", state_steps.size(), params.size());
+  if (params.empty() || step_skipped(op, found_inf)) return;
+  if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
+  // One scalar set per tensor: the step count (hence the bias corrections) is per parameter.
+  // The same double arithmetic as adam_step's Python caller, so both paths agree bit for bit.
+  std::vector<AdamScalars> per_tensor;
+  per_tensor.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    double bc1 = 1.0, bc2_sqrt = 1.0;
+    if (correct_bias) {
+      const std::string name = "state_steps[" + std::to_string(i) + "]";
+      math::adam_bias_corrections(read_scalar(op, name.c_str(), state_steps[i]), beta1, beta2, bc1, bc2_sqrt);
+    }
+    AdamScalars s{1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lr / bc1,
+                  bc2_sqrt, decoupled, weight_decay != 0.0, maximize};
+    if (grad_scale.has_value()) {
+      s.unscale = true;
+      s.grad_scale = read_scalar(op, "grad_scale", *grad_scale);
+    }
+    per_tensor.push_back(s);
+  }
+  const auto kernel = cpu_kernels().adam;
+  const MultiTensor<4> lists({params, grads, exp_avgs, exp_avg_sqs});
+  lists.parallel_segments(
+      [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, per_tensor[seg.tensor]); });
 }
 
 }  // namespace svi_kernels::cpu

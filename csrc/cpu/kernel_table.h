@@ -19,11 +19,16 @@ struct AdamScalars {
   double step_size;     // lr / bias_correction1
   double bias_correction2_sqrt;
   bool decoupled, has_weight_decay, maximize;
+  // AMP: divide the gradient by grad_scale first and write the unscaled gradient back.
+  bool unscale = false;
+  double grad_scale = 1.0;
 };
 
 struct SgdScalars {
   double lr, momentum, weight_decay;
   bool nesterov, has_weight_decay, maximize;
+  bool unscale = false;  // as in AdamScalars
+  double grad_scale = 1.0;
 };
 
 struct LsAdamSaveScalars {
@@ -38,9 +43,9 @@ struct LsStepScalars {
 
 struct CpuKernels {
   const char* isa;  // "default", "avx2" or "avx512"
-  // ptrs: params, grads, exp_avgs, exp_avg_sqs
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs (grads written only when unscaling)
   void (*adam)(at::ScalarType, void* const* ptrs, int64_t n, const AdamScalars&);
-  // ptrs: params, grads, momentum_buffers
+  // ptrs: params, grads, momentum_buffers (grads written only when unscaling)
   void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);
   // ptrs: params, grads, w0; returns the segment's sum of g^2
   double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n);

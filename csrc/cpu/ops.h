@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
+
 namespace svi_kernels::cpu {
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -11,6 +13,19 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 
 void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                        double momentum, bool nesterov, double weight_decay, bool maximize);
+
+// AMP / capturable variants: lr (lr_tensor when given), the steps, grad_scale and found_inf are
+// read from CPU memory by the op; see csrc/ops_schema.cpp.
+void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool correct_bias, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, bool nesterov,
+                              double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf);
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
 

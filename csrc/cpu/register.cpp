@@ -6,6 +6,8 @@
 TORCH_LIBRARY_IMPL(svi_kernels, CPU, m) {
   m.impl("adam_step", &svi_kernels::cpu::adam_step);
   m.impl("sgd_momentum_step", &svi_kernels::cpu::sgd_momentum_step);
+  m.impl("adam_step_tensor", &svi_kernels::cpu::adam_step_tensor);
+  m.impl("sgd_momentum_step_tensor", &svi_kernels::cpu::sgd_momentum_step_tensor);
   m.impl("ls_save_sgd", &svi_kernels::cpu::ls_save_sgd);
   m.impl("ls_save_adam", &svi_kernels::cpu::ls_save_adam);
   m.impl("ls_trial_sgd", &svi_kernels::cpu::ls_trial_sgd);

@@ -53,4 +53,22 @@ void check_per_tensor_scalars(const char* op, const char* name, size_t count, si
               num_tensors, " tensors; pass one value per tensor");
 }
 
+double read_scalar(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "svi_kernels::", op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", name, " is on ", t.device(),
+              "; the CPU kernel reads it from host memory, so it must be a CPU tensor");
+  TORCH_CHECK(t.numel() == 1, "svi_kernels::", op, ": ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", name, " must be a dense tensor");
+  switch (t.scalar_type()) {
+    case at::kFloat: return static_cast<double>(*t.const_data_ptr<float>());
+    case at::kDouble: return *t.const_data_ptr<double>();
+    default: break;
+  }
+  TORCH_CHECK(false, "svi_kernels::", op, ": ", name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+bool step_skipped(const char* op, const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && read_scalar(op, "found_inf", *found_inf) != 0.0;
+}
+
 }  // namespace svi_kernels::cpu

@@ -4,6 +4,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <initializer_list>
+#include <optional>
 
 namespace svi_kernels::cpu {
 
@@ -19,5 +20,12 @@ at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList
 
 // Checks that a per-tensor scalar list (the line-search step sizes) has one value per tensor.
 void check_per_tensor_scalars(const char* op, const char* name, size_t count, size_t num_tensors);
+
+// The value of a one-element float32/float64 CPU tensor (lr, a step count, the AMP loss scale or
+// skip flag), read straight from memory: no device sync, no dispatch.
+double read_scalar(const char* op, const char* name, const at::Tensor& t);
+
+// found_inf given and non-zero: the step is skipped (GradScaler saw inf/nan in the gradients).
+bool step_skipped(const char* op, const std::optional<at::Tensor>& found_inf);
 
 }  // namespace svi_kernels::cpu

@@ -1,8 +1,12 @@
-// CUDA kernel of svi_kernels::adam_step (Adam / AdamW), one multi-tensor pass:
-// reads p, g, m, v and writes p, m, v (28 B/param in fp32).
+// CUDA kernels of svi_kernels::adam_step (Adam / AdamW), one multi-tensor pass:
+// reads p, g, m, v and writes p, m, v (28 B/param in fp32), and of its tensor-scalar variant
+// adam_step_tensor (AMP loss scale, capturable; also writes g when unscaling).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <string>
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
@@ -61,10 +65,114 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
 }
 
+// adam_step_tensor: lr, the step counts, the loss scale and the skip flag are read on the device,
+// so the op never waits for the host (GradScaler without a sync; CUDA-graph capture). Lists:
+// 0-3 as above, 4 state_steps. The steps ride in the address table as a fifth list that is
+// neither read nor written element-wise: each block reads its tensor's step once.
+template <typename M, bool DECOUPLED, bool UNSCALE>
+struct AdamTensorElem {
+  static constexpr int kDepth = 5;
+  static constexpr int kReadMask = 0b01111;
+  static constexpr int kWriteMask = UNSCALE ? 0b01111 : 0b01101;  // unscaled grads are written back
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = false;
+  static constexpr bool kDeviceScalars = true;
+
+  DeviceScalar lr, grad_scale, found_inf;
+  double beta1, beta2, eps, weight_decay;
+  bool steps_double, correct_bias, has_weight_decay, maximize;
+
+  // The op with one tensor's coefficients, computed in double as the host computes them.
+  struct Bound {
+    math::AdamCoeffs<M> c;
+    M grad_scale;
+    bool skip, has_weight_decay, maximize;
+
+    __device__ __forceinline__ bool skipped() const { return skip; }
+    __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
+      if constexpr (UNSCALE) x[1] = math::unscale_grad(x[1], grad_scale);  // stored back (write mask)
+      math::adam_elem(x[0], x[1], x[2], x[3], c, DECOUPLED, has_weight_decay, maximize);
+      return M(0);
+    }
+  };
+
+  template <typename Meta>
+  __device__ __forceinline__ Bound for_tensor(const Meta& meta, int slot) const {
+    Bound b{};
+    b.has_weight_decay = has_weight_decay;
+    b.maximize = maximize;
+    b.skip = found_inf.get() != 0.0;
+    if (b.skip) return b;
+    const double lr_value = lr.get();
+    double bc1 = 1.0, bc2_sqrt = 1.0;
+    if (correct_bias) {
+      const void* step = meta.addresses[4][slot];
+      const double t = steps_double ? *static_cast<const double*>(step)
+                                    : static_cast<double>(*static_cast<const float*>(step));
+      math::adam_bias_corrections(t, beta1, beta2, bc1, bc2_sqrt);
+    }
+    b.c.one_minus_beta1 = static_cast<M>(1.0 - beta1);
+    b.c.beta2 = static_cast<M>(beta2);
+    b.c.one_minus_beta2 = static_cast<M>(1.0 - beta2);
+    b.c.eps = static_cast<M>(eps);
+    b.c.weight_decay = static_cast<M>(weight_decay);
+    b.c.decay = static_cast<M>(1.0 - lr_value * weight_decay);
+    b.c.step_size = static_cast<M>(lr_value / bc1);
+    b.c.bias_correction2_sqrt = static_cast<M>(bc2_sqrt);
+    b.grad_scale = static_cast<M>(grad_scale.get());
+    return b;
+  }
+};
+
+void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
+                           const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                           double weight_decay, bool decoupled, bool correct_bias, bool maximize,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "adam_step_tensor";
+  const at::ScalarType dtype = check_lists(op, {{"params", params}, {"grads", grads},
+                                               {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
+              " tensors but params has ", params.size());
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  bool steps_double = false;
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const bool is_double = check_device_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
+    TORCH_CHECK(i == 0 || is_double == steps_double, op, ": all state_steps must share one dtype");
+    steps_double = is_double;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::adam_step_tensor", [&] {
+    using M = opmath_t<scalar_t>;
+    const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps};
+    auto run = [&](auto elem) {
+      elem.lr = device_scalar(op, "lr_tensor", lr_tensor, device, lr);
+      elem.grad_scale = device_scalar(op, "grad_scale", grad_scale, device, 1.0);
+      elem.found_inf = device_scalar(op, "found_inf", found_inf, device, 0.0);
+      elem.beta1 = beta1;
+      elem.beta2 = beta2;
+      elem.eps = eps;
+      elem.weight_decay = weight_decay;
+      elem.steps_double = steps_double;
+      elem.correct_bias = correct_bias;
+      elem.has_weight_decay = weight_decay != 0.0;
+      elem.maximize = maximize;
+      multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+    };
+    const bool unscale = grad_scale.has_value();
+    if (decoupled && unscale) run(AdamTensorElem<M, true, true>{});
+    else if (decoupled) run(AdamTensorElem<M, true, false>{});
+    else if (unscale) run(AdamTensorElem<M, false, true>{});
+    else run(AdamTensorElem<M, false, false>{});
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace svi_kernels
 
 TORCH_LIBRARY_IMPL(svi_kernels, CUDA, m) {
   m.impl("adam_step", &svi_kernels::cuda::adam_step_cuda);
+  m.impl("adam_step_tensor", &svi_kernels::cuda::adam_step_tensor_cuda);
 }

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 namespace svi_kernels {
@@ -54,6 +55,19 @@ inline at::ScalarType check_lists(const char* op, std::initializer_list<NamedLis
 
 inline void check_scalars(const char* op, const char* name, at::ArrayRef<double> values, size_t n) {
   TORCH_CHECK(values.size() == n, op, ": ", name, " has ", values.size(), " values but there are ", n, " tensors");
+}
+
+// A one-element float32/float64 tensor on `device` that a kernel reads in place (lr, a step
+// count, the AMP loss scale or skip flag). Returns whether it is float64.
+inline bool check_device_scalar(const char* op, const std::string& name, const at::Tensor& t,
+                                const at::Device& device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ", device,
+              "; the kernel reads it from device memory (move it with .to(device))");
+  TORCH_CHECK(t.numel() == 1 && t.layout() == at::kStrided, op, ": ", name, " must be a dense one-element tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  return t.scalar_type() == at::kDouble;
 }
 
 }  // namespace cuda

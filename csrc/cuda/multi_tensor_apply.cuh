@@ -15,8 +15,11 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include "launch_plan.h"
+#include "list_checks.h"
 
 namespace svi_kernels {
 namespace cuda {
@@ -41,6 +44,48 @@ __device__ __forceinline__ bool vec_aligned(const T* p) {
 }
 
 constexpr bool has_bit(int mask, int d) { return (mask >> d) & 1; }
+
+// An element op with kDeviceScalars = true reads some of its coefficients from device memory
+// (lr, step counts, AMP loss scale and skip flag; see adam.cu). Each block then asks it once for
+// the op of its tensor, op.for_tensor(meta, slot), and returns at once if that op is skipped().
+template <typename Op, typename = void>
+struct HasDeviceScalars : std::false_type {};
+template <typename Op>
+struct HasDeviceScalars<Op, std::void_t<decltype(Op::kDeviceScalars)>> : std::bool_constant<Op::kDeviceScalars> {};
+
+// The op itself (a reference: ops without device scalars run exactly as before), or the op
+// bound to one tensor's device scalars (a value).
+template <typename Op, typename Meta>
+__device__ __forceinline__ decltype(auto) op_for_tensor(const Op& op, const Meta& meta, int slot) {
+  if constexpr (HasDeviceScalars<Op>::value) return op.for_tensor(meta, slot);
+  else return op;
+}
+
+// A float32/float64 value the kernel reads from device memory, or a value fixed by the host
+// (ptr == nullptr): lr may be a device tensor or a number; an absent found_inf reads as 0.
+struct DeviceScalar {
+  const void* ptr = nullptr;
+  bool is_double = false;
+  double value = 0.0;
+
+  __device__ __forceinline__ double get() const {
+    if (ptr == nullptr) return value;
+    return is_double ? *static_cast<const double*>(ptr) : static_cast<double>(*static_cast<const float*>(ptr));
+  }
+};
+
+// Host side: the DeviceScalar of an optional one-element tensor (checked to be on `device`),
+// or of `fallback` when there is none.
+inline DeviceScalar device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                  const at::Device& device, double fallback) {
+  DeviceScalar s;
+  s.value = fallback;
+  if (t.has_value()) {
+    s.is_double = check_device_scalar(op, name, *t, device);
+    s.ptr = t->const_data_ptr();
+  }
+  return s;
+}
 
 // Sum over the block, then one atomicAdd per block into the tensor's slot.
 // Accumulating in double keeps the fp32 result independent of the block order
@@ -71,6 +116,10 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
   static_assert(D == Meta::kDepth, "element op and metadata disagree on the number of lists");
 
   const int slot = meta.block_to_tensor[blockIdx.x];
+  const auto& tensor_op = op_for_tensor(op, meta, slot);
+  if constexpr (HasDeviceScalars<ElemOp>::value) {
+    if (tensor_op.skipped()) return;  // the whole block: no reduction follows (kReduce is false)
+  }
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numel[slot] - begin;
   const int n = left < kChunkSize ? static_cast<int>(left) : kChunkSize;
@@ -107,7 +156,7 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
         M e[D];
 #pragma unroll
         for (int d = 0; d < D; ++d) e[d] = x[d][j];
-        const M term = op(e, scalar);
+        const M term = tensor_op(e, scalar);
         if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
 #pragma unroll
         for (int d = 0; d < D; ++d) x[d][j] = e[d];
@@ -140,7 +189,7 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
           M e[D];
 #pragma unroll
           for (int d = 0; d < D; ++d) e[d] = x[d][j];
-          const M term = op(e, scalar);
+          const M term = tensor_op(e, scalar);
           if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
 #pragma unroll
           for (int d = 0; d < D; ++d)

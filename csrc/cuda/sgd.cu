@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
 #include "svi_kernels/update_math.h"
@@ -53,10 +55,85 @@ void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   });
 }
 
+// sgd_momentum_step_tensor: lr, the loss scale and the skip flag are read on the device (AMP
+// without a host sync; CUDA-graph capture). Lists as above.
+template <typename M, bool NESTEROV, bool UNSCALE>
+struct SgdMomentumTensorElem {
+  static constexpr int kDepth = 3;
+  static constexpr int kReadMask = 0b111;
+  static constexpr int kWriteMask = UNSCALE ? 0b111 : 0b101;  // unscaled grads are written back
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = false;
+  static constexpr bool kDeviceScalars = true;
+
+  DeviceScalar lr, grad_scale, found_inf;
+  double momentum, weight_decay;
+  bool has_weight_decay, maximize;
+
+  struct Bound {
+    math::SgdCoeffs<M> c;
+    M grad_scale;
+    bool skip, has_weight_decay, maximize;
+
+    __device__ __forceinline__ bool skipped() const { return skip; }
+    __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
+      if constexpr (UNSCALE) x[1] = math::unscale_grad(x[1], grad_scale);
+      math::sgd_momentum_elem(x[0], x[1], x[2], c, NESTEROV, has_weight_decay, maximize);
+      return M(0);
+    }
+  };
+
+  template <typename Meta>
+  __device__ __forceinline__ Bound for_tensor(const Meta&, int) const {
+    Bound b{};
+    b.has_weight_decay = has_weight_decay;
+    b.maximize = maximize;
+    b.skip = found_inf.get() != 0.0;
+    b.c.lr = static_cast<M>(lr.get());
+    b.c.momentum = static_cast<M>(momentum);
+    b.c.weight_decay = static_cast<M>(weight_decay);
+    b.grad_scale = static_cast<M>(grad_scale.get());
+    return b;
+  }
+};
+
+void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                   double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                                   bool nesterov, double weight_decay, bool maximize,
+                                   const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "sgd_momentum_step_tensor";
+  const at::ScalarType dtype = check_lists(
+      op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::sgd_momentum_step_tensor", [&] {
+    using M = opmath_t<scalar_t>;
+    const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
+    auto run = [&](auto elem) {
+      elem.lr = device_scalar(op, "lr_tensor", lr_tensor, device, lr);
+      elem.grad_scale = device_scalar(op, "grad_scale", grad_scale, device, 1.0);
+      elem.found_inf = device_scalar(op, "found_inf", found_inf, device, 0.0);
+      elem.momentum = momentum;
+      elem.weight_decay = weight_decay;
+      elem.has_weight_decay = weight_decay != 0.0;
+      elem.maximize = maximize;
+      multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+    };
+    const bool unscale = grad_scale.has_value();
+    if (nesterov && unscale) run(SgdMomentumTensorElem<M, true, true>{});
+    else if (nesterov) run(SgdMomentumTensorElem<M, true, false>{});
+    else if (unscale) run(SgdMomentumTensorElem<M, false, true>{});
+    else run(SgdMomentumTensorElem<M, false, false>{});
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace svi_kernels
 
 TORCH_LIBRARY_IMPL(svi_kernels, CUDA, m) {
   m.impl("sgd_momentum_step", &svi_kernels::cuda::sgd_momentum_step_cuda);
+  m.impl("sgd_momentum_step_tensor", &svi_kernels::cuda::sgd_momentum_step_tensor_cuda);
 }

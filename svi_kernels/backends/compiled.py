@@ -9,7 +9,7 @@ is missing instead.
 from __future__ import annotations
 
 import importlib
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ def load() -> tuple[bool, str]:
     return (True, "compiled extension svi_kernels._C") if _loaded else (False, _load_error or "")
 
 
-_MUTATING = ("adam_step", "sgd_momentum_step", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam")
+_MUTATING = ("adam_step", "sgd_momentum_step", "adam_step_tensor", "sgd_momentum_step_tensor", "ls_trial_sgd",
+             "ls_trial_adam", "ls_final_adam")
 _REDUCING = ("ls_save_sgd", "ls_save_adam")
 
 
@@ -88,6 +89,32 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
         return
     _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
                              float(weight_decay), bool(maximize))
+
+
+def _lr_args(lr: Union[float, Tensor]) -> tuple:
+    """(lr, lr_tensor) of the tensor ops: a tensor is read by the kernel, a number passed as is."""
+    return (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
+
+
+def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                     state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
+                     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    if not params:
+        return
+    _ops().adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *_lr_args(lr), float(beta1),
+                            float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(correct_bias),
+                            bool(maximize), grad_scale, found_inf)
+
+
+def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
+                             lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
+                             maximize: bool = False, grad_scale: Optional[Tensor] = None,
+                             found_inf: Optional[Tensor] = None) -> None:
+    if not params:
+        return
+    _ops().sgd_momentum_step_tensor(params, grads, momentum_buffers, *_lr_args(lr), float(momentum), bool(nesterov),
+                                    float(weight_decay), bool(maximize), grad_scale, found_inf)
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:

@@ -9,7 +9,7 @@ kernels. Called on float64 copies this is the float64 reference of the tests.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -67,6 +67,112 @@ def sgd_momentum_step(
         pf = pf - lr * d
         _store(p, pf)
         _store(b, bf)
+
+
+# ------------------------------------------------------------ AMP / capturable (tensor scalars)
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _as_f64(x: Union[float, Tensor], like: Tensor) -> Union[float, Tensor]:
+    """A one-element tensor as a 0-d float64 tensor on ``like``'s device, a number as itself
+    (no host read, and no host-to-device copy that a CUDA graph could not capture)."""
+    if isinstance(x, Tensor):
+        return x.detach().reshape(()).to(device=like.device, dtype=torch.float64)
+    return float(x)
+
+
+def _as_compute(x: Union[float, Tensor], compute: torch.dtype) -> Union[float, Tensor]:
+    """Rounded once to the compute dtype (numbers are, by the tensor op they enter)."""
+    return x.to(compute) if isinstance(x, Tensor) else x
+
+
+def _keep(found_inf: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """0-d bool 'apply the update' (found_inf == 0), or None when nothing can skip the step."""
+    if found_inf is None:
+        return None
+    return found_inf.detach().reshape(()).to(like.device) == 0
+
+
+def _store_unless_skipped(dst: Tensor, value: Tensor, keep: Optional[Tensor]) -> None:
+    if keep is None:
+        _store(dst, value)
+    else:  # a select, not a branch: the host never reads found_inf
+        dst.copy_(torch.where(keep, value.to(dst.dtype), dst))
+
+
+def _unscaled(g: Tensor, grad_scale: Optional[Tensor], compute: torch.dtype) -> Tensor:
+    gf = _opmath(g)
+    if grad_scale is not None:
+        gf = gf / grad_scale.detach().reshape(()).to(device=g.device, dtype=compute)  # unscale_grad
+    return gf
+
+
+def adam_step_tensor(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
+    weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+) -> None:
+    """adam_step with lr, the step counts (already incremented), the loss scale and the skip flag as
+    tensors, never read by the host. found_inf != 0: nothing changes. grad_scale: g <- g / grad_scale,
+    written back to the gradient, before the update. Bias corrections in float64 from each step."""
+    if not params:
+        return
+    compute = _compute_dtype(params[0])
+    lr64 = _as_f64(lr, params[0])
+    keep = _keep(found_inf, params[0])
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step_size, bc2_sqrt = lr64, 1.0
+        if correct_bias:  # adam_bias_corrections (update_math.h), in float64
+            t = step.detach().reshape(()).to(device=p.device, dtype=torch.float64)
+            step_size = lr64 / (1.0 - torch.pow(float(beta1), t))
+            bc2_sqrt = torch.sqrt(1.0 - torch.pow(float(beta2), t))
+        step_size, bc2_sqrt = _as_compute(step_size, compute), _as_compute(bc2_sqrt, compute)
+        decay = _as_compute(1.0 - lr64 * weight_decay, compute)
+        pf, mf, vf = _opmath(p), _opmath(m), _opmath(v)
+        gu = _unscaled(g, grad_scale, compute)
+        gf = -gu if maximize else gu
+        if weight_decay != 0.0:
+            if decoupled:
+                pf = pf * decay
+            else:
+                gf = gf + weight_decay * pf
+        mf = mf + (1.0 - beta1) * (gf - mf)
+        vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
+        denom = vf.sqrt() / bc2_sqrt + eps
+        pf = pf - step_size * (mf / denom)
+        if grad_scale is not None:
+            _store_unless_skipped(g, gu, keep)
+        _store_unless_skipped(p, pf, keep)
+        _store_unless_skipped(m, mf, keep)
+        _store_unless_skipped(v, vf, keep)
+
+
+def sgd_momentum_step_tensor(
+    params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
+    lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+) -> None:
+    """sgd_momentum_step with lr, the loss scale and the skip flag as tensors (see adam_step_tensor)."""
+    if not params:
+        return
+    compute = _compute_dtype(params[0])
+    lr_c = _as_compute(_as_f64(lr, params[0]), compute)
+    keep = _keep(found_inf, params[0])
+    for p, g, b in zip(params, grads, momentum_buffers):
+        pf, bf = _opmath(p), _opmath(b)
+        gu = _unscaled(g, grad_scale, compute)
+        gf = -gu if maximize else gu
+        if weight_decay != 0.0:
+            gf = gf + weight_decay * pf
+        bf = momentum * bf + gf
+        d = gf + momentum * bf if nesterov else bf
+        pf = pf - lr_c * d
+        if grad_scale is not None:
+            _store_unless_skipped(g, gu, keep)
+        _store_unless_skipped(p, pf, keep)
+        _store_unless_skipped(b, bf, keep)
 
 
 def _sums(values: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:

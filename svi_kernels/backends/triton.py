@@ -61,6 +61,25 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
                                       weight_decay=weight_decay, maximize=maximize)
 
 
+def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                     state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
+                     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    _kernels("adam").adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                                      beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                                      correct_bias=correct_bias, maximize=maximize, grad_scale=grad_scale,
+                                      found_inf=found_inf)
+
+
+def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
+                             lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
+                             maximize: bool = False, grad_scale: Optional[Tensor] = None,
+                             found_inf: Optional[Tensor] = None) -> None:
+    _kernels("sgd").sgd_momentum_step_tensor(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                                             nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
+                                             grad_scale=grad_scale, found_inf=found_inf)
+
+
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
     return _kernels("line_search").ls_save_sgd(params, grads, w0)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Hashable, Iterable, List, Sequence, Tuple
+from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -137,3 +137,79 @@ def check_state_dict(opt_name: str, state_dict, group_keys: Sequence[str], param
         if missing:
             raise ValueError(f"{opt_name}.load_state_dict: state of parameter {k} lacks {missing}; "
                              f"is this a state_dict of another optimizer?")
+
+
+# ------------------------------------------------------------- AMP (GradScaler) and capturable steps
+def amp_attributes(opt) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad_scale, found_inf) as torch.amp.GradScaler sets them on an optimizer with
+    ``_step_supports_amp_scaling`` just before ``step()`` (and deletes them after)."""
+    return getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+
+
+def use_tensor_path(group, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
+    """The tensor ops (values read by the kernels) instead of the float path (host numbers)."""
+    return bool(group.get("capturable", False)) or grad_scale is not None or found_inf is not None
+
+
+def new_step(p: Tensor, on_device: bool) -> Tensor:
+    """A fresh ``step`` state, float32 0-d as in torch: on the host, or on p's device when the kernels
+    read it there (torch's capturable/fused layout)."""
+    if on_device:
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def step_to_param_device(state: dict, p: Tensor) -> None:
+    """Move a host ``step`` (from the float path or a checkpoint) to p's device, once."""
+    step = state["step"]
+    if step.device != p.device:
+        state["step"] = step.to(device=p.device)
+
+
+def check_steps_on(device: torch.device, steps: Sequence[Tensor]) -> None:
+    for s in steps:
+        if s.device != device:
+            raise RuntimeError(f"the capturable/AMP path reads each step count on its parameter's device ({device}), "
+                               f"but a step is on {s.device}; the optimizers move them, the functional API "
+                               f"expects them there")
+
+
+def increment_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
+    """step += 1, or += 0 where found_inf says the step is skipped (no host read either way)."""
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, (found_inf == 0).to(steps[0].dtype))
+
+
+class DeviceScalars:
+    """lr, grad_scale and found_inf for the tensor ops, on each device that needs them (moved there
+    once per step, asynchronously, never read back)."""
+
+    def __init__(self, lr: Union[float, Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+        self._lr, self._grad_scale, self._found_inf = lr, grad_scale, found_inf
+        self._moved: Dict[tuple, Tensor] = {}
+
+    def _on(self, name: str, t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+        if t is None or t.device == device:
+            return t
+        key = (name, device)
+        if key not in self._moved:
+            self._moved[key] = t.to(device, non_blocking=True)
+        return self._moved[key]
+
+    def lr(self, device: torch.device) -> Union[float, Tensor]:
+        lr = self._lr
+        if not isinstance(lr, Tensor):
+            return float(lr)
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        if lr.device != device and lr.device.type == "cpu":
+            return float(lr)  # a host tensor: reading it waits for nothing (put lr on the device for graphs)
+        return self._on("lr", lr, device)
+
+    def grad_scale(self, device: torch.device) -> Optional[Tensor]:
+        return self._on("grad_scale", self._grad_scale, device)
+
+    def found_inf(self, device: torch.device) -> Optional[Tensor]:
+        return self._on("found_inf", self._found_inf, device)

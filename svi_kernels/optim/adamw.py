@@ -2,6 +2,15 @@
 
 The state layout is torch.optim.AdamW's (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``), so a
 torch AdamW checkpoint loads into this optimizer and back.
+
+Two ways through ``step()``:
+
+- the float path (default): lr and the bias corrections are host numbers, the steps host tensors;
+- the tensor path, taken under ``torch.amp.GradScaler`` (which sets ``opt.grad_scale`` and
+  ``opt.found_inf``; ``_step_supports_amp_scaling``) or with ``capturable=True``: lr may be a device
+  tensor, the steps live on the parameters' device, and the kernels read lr, steps, loss scale and
+  skip flag in place, so ``step()`` never waits for the device (no host sync; CUDA-graph capturable).
+  The grads are unscaled in the fused kernel; a step with inf/nan grads changes nothing.
 """
 from __future__ import annotations
 
@@ -24,12 +33,19 @@ class AdamW(Optimizer):
         correct_bias: apply Adam's bias corrections (True, Mosbach et al.'s stable recipe) or not
             (False, the original BERT Adam).
         maximize: maximise the objective instead of minimising it.
+        capturable: keep the steps on the parameters' device and read lr (a number or a 0-d tensor
+            on that device), steps and AMP scale in the kernels: no host read in ``step()``.
         backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
+
+    Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands the loss scale and the inf flag
+    to the fused kernel (no separate unscale pass, no host sync).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
-                 backend: Optional[str] = None):
+                 capturable: bool = False, backend: Optional[str] = None):
         C.check_lr(lr)
         C.check_betas(betas)
         C.check_nonneg(eps, "eps")
@@ -38,7 +54,7 @@ class AdamW(Optimizer):
             raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad yet; use torch.optim.AdamW")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=False, backend=C._backends.validate(backend),
-                        foreach=None, capturable=False, differentiable=False, fused=None)
+                        foreach=None, capturable=bool(capturable), differentiable=False, fused=None)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -49,6 +65,7 @@ class AdamW(Optimizer):
             group.setdefault("backend", None)
             group.setdefault("maximize", False)
             group.setdefault("amsgrad", False)
+            group.setdefault("capturable", False)
             if group["amsgrad"]:
                 raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad; the state_dict asks for it")
 
@@ -57,15 +74,17 @@ class AdamW(Optimizer):
                            ("step", "exp_avg", "exp_avg_sq"))
         super().load_state_dict(state_dict)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, steps_on_device: bool) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = C.new_step(p, on_device=steps_on_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif steps_on_device:
+                C.step_to_param_device(state, p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -75,13 +94,16 @@ class AdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = C.closure_then_check("AdamW", closure, self.param_groups)
+        grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
+            tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, tensor_path)
             beta1, beta2 = group["betas"]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                   eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                  maximize=group["maximize"], backend=group["backend"])
+                  maximize=group["maximize"], backend=group["backend"], capturable=group["capturable"],
+                  grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
 
@@ -95,9 +117,20 @@ def adam_scalars(step: float, beta1: float, beta2: float, correct_bias: bool) ->
 def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
           state_steps: List[Tensor], *, lr, beta1: float, beta2: float, eps: float, weight_decay: float,
           correct_bias: bool = True, maximize: bool = False, decoupled: bool = True,
-          backend: Optional[str] = None) -> None:
-    """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step)."""
+          backend: Optional[str] = None, capturable: bool = False, grad_scale: Optional[Tensor] = None,
+          found_inf: Optional[Tensor] = None) -> None:
+    """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step).
+
+    With ``capturable`` or AMP tensors (``grad_scale``: grads are scaled by it; ``found_inf``: skip
+    the step when non-zero) it runs the tensor ops instead: one launch per (device, dtype), lr and
+    steps read on the device (the steps must then be on their parameters' device).
+    """
     if not params:
+        return
+    if capturable or grad_scale is not None or found_inf is not None:
+        _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize,
+                      decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
         return
     lr = C.as_float(lr, "lr")
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
@@ -111,3 +144,19 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
         impl.adam_step(*lists, lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
                        weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
                        bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
+
+
+def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf) -> None:
+    """The tensor path: no value is read back to the host (see the module docstring)."""
+    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
+    scalars = C.DeviceScalars(lr, grad_scale, found_inf)
+    for (device, _dtype), (lists, _idx) in C.group_by([params, grads, exp_avgs, exp_avg_sqs, state_steps]).items():
+        steps = lists[4]
+        C.check_steps_on(device, steps)
+        scale, skip = scalars.grad_scale(device), scalars.found_inf(device)
+        C.increment_steps(steps, skip)
+        impl = C.backend_for(backend, device, lists[:4])
+        impl.adam_step_tensor(*lists, lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
+                              weight_decay=float(weight_decay), decoupled=decoupled, correct_bias=correct_bias,
+                              maximize=maximize, grad_scale=scale, found_inf=skip)

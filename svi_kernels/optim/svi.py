@@ -8,6 +8,10 @@ momentum=0.95, nesterov=True)`` or ``torch.optim.Adam``; these are the defaults 
 State layout: ``momentum_buffer`` (as torch.optim.SGD) for ``base="sgd"``; ``step``, ``exp_avg``,
 ``exp_avg_sq`` (as torch.optim.Adam) for ``base="adam"``. Weight decay is L2 (added to the field),
 as in torch.optim.SGD and torch.optim.Adam.
+
+Like ``AdamW``, it takes ``torch.amp.GradScaler`` in its fused kernels (``_step_supports_amp_scaling``:
+the field of the scaled loss is unscaled in place, a step with inf/nan is skipped without a host
+sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on the device).
 """
 from __future__ import annotations
 
@@ -22,8 +26,11 @@ from .adamw import adamw
 
 
 class SVI(Optimizer):
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, base="sgd",
-                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, backend: Optional[str] = None):
+                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, capturable: bool = False,
+                 backend: Optional[str] = None):
         C.check_lr(lr)
         C.check_nonneg(momentum, "momentum")
         C.check_nonneg(weight_decay, "weight_decay")
@@ -34,7 +41,8 @@ class SVI(Optimizer):
         if base == "sgd" and nesterov and C.as_float(momentum, "momentum") <= 0.0:
             raise ValueError("Nesterov momentum requires momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, base=base,
-                        betas=betas, eps=eps, maximize=maximize, backend=C._backends.validate(backend))
+                        betas=betas, eps=eps, maximize=maximize, capturable=bool(capturable),
+                        backend=C._backends.validate(backend))
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -45,6 +53,7 @@ class SVI(Optimizer):
             group.setdefault("backend", None)
             group.setdefault("betas", (0.9, 0.999))
             group.setdefault("eps", 1e-8)
+            group.setdefault("capturable", False)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
@@ -57,7 +66,10 @@ class SVI(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = C.closure_then_check("SVI", closure, self.param_groups)
+        grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
+            tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
+            amp = dict(capturable=group["capturable"], grad_scale=grad_scale, found_inf=found_inf)
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
             if group["base"] == "sgd":
@@ -69,29 +81,46 @@ class SVI(Optimizer):
                     bufs.append(st["momentum_buffer"])
                 svi_sgd(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
                         nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                        maximize=group["maximize"], backend=group["backend"])
+                        maximize=group["maximize"], backend=group["backend"], **amp)
             else:
                 exp_avgs, exp_avg_sqs, steps = [], [], []
                 for p in params:
                     st = self.state[p]
                     if "exp_avg" not in st:
-                        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                        st["step"] = C.new_step(p, on_device=tensor_path)
                         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    elif tensor_path:
+                        C.step_to_param_device(st, p)
                     exp_avgs.append(st["exp_avg"])
                     exp_avg_sqs.append(st["exp_avg_sq"])
                     steps.append(st["step"])
                 beta1, beta2 = group["betas"]
                 adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                       eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=True,
-                      maximize=group["maximize"], decoupled=False, backend=group["backend"])
+                      maximize=group["maximize"], decoupled=False, backend=group["backend"], **amp)
         return loss
 
 
 def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr, momentum: float,
-            nesterov: bool, weight_decay: float, maximize: bool = False, backend: Optional[str] = None) -> None:
-    """Functional momentum SGD (torch.optim.SGD semantics, dampening 0), one launch per (device, dtype)."""
+            nesterov: bool, weight_decay: float, maximize: bool = False, backend: Optional[str] = None,
+            capturable: bool = False, grad_scale: Optional[Tensor] = None,
+            found_inf: Optional[Tensor] = None) -> None:
+    """Functional momentum SGD (torch.optim.SGD semantics, dampening 0), one launch per (device, dtype).
+
+    With ``capturable`` or AMP tensors it runs the tensor op: lr (number or device tensor), loss scale
+    and skip flag are read by the kernel, never by the host.
+    """
     if not params:
+        return
+    if capturable or grad_scale is not None or found_inf is not None:
+        scalars = C.DeviceScalars(lr, grad_scale, found_inf)
+        for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():
+            impl = C.backend_for(backend, device, lists)
+            impl.sgd_momentum_step_tensor(*lists, lr=scalars.lr(device), momentum=C.as_float(momentum, "momentum"),
+                                          nesterov=bool(nesterov), weight_decay=C.as_float(weight_decay, "weight_decay"),
+                                          maximize=maximize, grad_scale=scalars.grad_scale(device),
+                                          found_inf=scalars.found_inf(device))
         return
     lr = C.as_float(lr, "lr")
     for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():

@@ -2,8 +2,14 @@
 
 Per element this is ``adam_elem`` of csrc/include/svi_kernels/update_math.h, operation for
 operation; the host computes the coefficients in double exactly as the C++ callers do.
+
+``adam_step_tensor`` is the AMP / capturable variant: lr (a tensor or a number), each tensor's
+step count (a small table of pointers to the 0-d step tensors), the loss scale and the skip flag
+are read by the kernel, so the host never waits for the device; the bias corrections are then
+computed in float64 in the kernel (``adam_bias_corrections``), and the gradients are unscaled
+in place (``unscale_grad``) before the update.
 """
-from typing import List
+from typing import List, Optional, Union
 
 import triton
 import triton.language as tl
@@ -11,19 +17,23 @@ from torch import Tensor
 
 from . import runtime
 from .runtime import device_function
-from .ieee import chunk_of_program, div_rn, sqrt_rn, tensor_ptr, to_storage
-from .table import Group
+from .ieee import chunk_of_program, div_rn, pow_f64, sqrt_rn, tensor_ptr, to_storage
+from .table import Group, pointer_table
 
 
 @device_function
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
-                DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
+                grad_scale, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                UNSCALE: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    if UNSCALE:  # unscale_grad (update_math.h); the unscaled gradient is written back
+        g = div_rn(g, grad_scale)
+        tl.store(g_ptr + offs, to_storage(g, DTYPE), mask=mask)
     # --- adam_elem (update_math.h)
     if MAXIMIZE:
         g = 0.0 - g
@@ -65,12 +75,12 @@ def adam_step_kernel(ptrs, chunks,
     for first in range(start, full_end, BLOCK):
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, first + tl.arange(0, BLOCK), None,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE)
+                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE)
+                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False)
 
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
@@ -90,4 +100,87 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, DECOUPLED=bool(decoupled),
                       HAS_WEIGHT_DECAY=weight_decay != 0.0, MAXIMIZE=bool(maximize))
     runtime.launch(adam_step_kernel, chunks.shape[0], args, constexprs, group.device)
+    group.finish()
+
+
+@triton.jit
+def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, found_inf_ptr,
+                            lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
+                            weight_decay: tl.float64,
+                            DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                            DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                            CORRECT_BIAS: tl.constexpr, STEP_DTYPE: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+                            UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    if HAS_FOUND_INF:  # a skipped step (inf/nan in the scaled grads) touches nothing
+        run = tl.load(found_inf_ptr).to(tl.float64) == 0.0
+        full_end = tl.where(run, full_end, start)
+        end = tl.where(run, end, start)
+    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    # Coefficients in float64 as the host computes them, then rounded once to the compute dtype.
+    one = tl.full([], 1.0, tl.float64)
+    b1 = tl.full([], beta1, tl.float64)
+    b2 = tl.full([], beta2, tl.float64)
+    wd = tl.full([], weight_decay, tl.float64)
+    lr = tl.full([], lr_value, tl.float64)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    step_size = lr
+    bc2_sqrt = one
+    if CORRECT_BIAS:  # adam_bias_corrections (update_math.h)
+        step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(STEP_DTYPE))).to(tl.float64)
+        step_size = lr / (one - pow_f64(b1, step))
+        bc2_sqrt = tl.sqrt(one - pow_f64(b2, step))
+    c_one_minus_beta1 = (one - b1).to(COMPUTE)
+    c_beta2 = b2.to(COMPUTE)
+    c_one_minus_beta2 = (one - b2).to(COMPUTE)
+    c_eps = tl.full([], eps, COMPUTE)
+    c_weight_decay = wd.to(COMPUTE)
+    c_decay = (one - lr * wd).to(COMPUTE)
+    c_step_size = step_size.to(COMPUTE)
+    c_bc2_sqrt = bc2_sqrt.to(COMPUTE)
+    c_grad_scale = c_bc2_sqrt
+    if UNSCALE:
+        c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
+    for first in range(start, full_end, BLOCK):
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, first + tl.arange(0, BLOCK), None,
+                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
+                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end,
+                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
+                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+
+
+def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                     state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
+                     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    group = Group([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3) if grad_scale is None else (0, 1, 2, 3))
+    if len(state_steps) != group.n_tensors:
+        raise ValueError(f"state_steps has {len(state_steps)} tensors, expected {group.n_tensors}")
+    if group.n_elements == 0:
+        return
+    runtime.check_device(group.device)
+    dtype, compute = runtime.element_types(group.dtype)
+    block, chunk = group.block_shape()
+    ptrs, chunks, aligned = group.tables(chunk)
+    lr_ptr, lr_value = runtime.scalar_arg(lr, group.device, "lr", chunks)
+    step_ptrs, step_dtype = chunks, tl.float32
+    if correct_bias:
+        step_dtype = runtime.step_dtype(state_steps, group.device)
+        step_ptrs = pointer_table([state_steps], group.device)[0]
+    weight_decay = float(weight_decay)
+    args = (ptrs, chunks, step_ptrs, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
+            runtime.tensor_arg(found_inf, group.device, "found_inf", chunks),
+            lr_value, float(beta1), float(beta2), float(eps), weight_decay)
+    constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, DECOUPLED=bool(decoupled),
+                      HAS_WEIGHT_DECAY=weight_decay != 0.0, MAXIMIZE=bool(maximize), CORRECT_BIAS=bool(correct_bias),
+                      STEP_DTYPE=step_dtype, LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,
+                      HAS_FOUND_INF=found_inf is not None)
+    runtime.launch(adam_step_tensor_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()

@@ -6,8 +6,8 @@ real call passes, via ``triton.compile(ASTSource(fn, signature, constexprs), tar
 Each captured launch is then also compiled through ``triton.jit``'s own argument binder
 (``kernel.run(..., warmup=True)``) with a stand-in driver that reports the target and launches
 nothing: the same path ``kernel[grid](...)`` takes on a GPU, argument specialisation included.
-Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD in fp32),
-every activation of the SVI backward.
+Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD and of their
+AMP / capturable tensor variants in fp32), every activation of the SVI backward.
 
     python -m svi_kernels.triton.aot [--arch 90] [--dtypes fp32,fp16,bf16] [--keep DIR]
 
@@ -51,6 +51,21 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
         yield (f"nesterov={nesterov},wd={wd},maximize={maximize}",
                lambda n=nesterov, w=wd, mx=maximize: sgd.sgd_momentum_step(
                    L(), L(), L(), lr=0.1, momentum=0.9, nesterov=n, weight_decay=w, maximize=mx))
+    # AMP / capturable variants: (lr read from a tensor, loss scale + skip flag, bias correction)
+    one = lambda: torch.ones((), dtype=torch.float32)  # noqa: E731
+    steps = lambda: [torch.full((), 3.0) for _ in range(2)]  # noqa: E731
+    tensor_modes = [(True, True, True), (False, False, True), (True, False, False)]
+    for lr_tensor, amp, correct_bias in tensor_modes if all_modes else tensor_modes[:1]:
+        yield (f"lr_tensor={lr_tensor},amp={amp},correct_bias={correct_bias}",
+               lambda lt=lr_tensor, a=amp, cb=correct_bias: adam.adam_step_tensor(
+                   L(), L(), L(), L(), steps(), lr=one() * 1e-3 if lt else 1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.01, decoupled=True, correct_bias=cb, grad_scale=one() if a else None,
+                   found_inf=one() * 0 if a else None))
+    for lr_tensor, amp, _ in tensor_modes[:2] if all_modes else tensor_modes[:1]:
+        yield (f"lr_tensor={lr_tensor},amp={amp}",
+               lambda lt=lr_tensor, a=amp: sgd.sgd_momentum_step_tensor(
+                   L(), L(), L(), lr=one() * 0.1 if lt else 0.1, momentum=0.9, nesterov=True, weight_decay=0.0,
+                   grad_scale=one() if a else None, found_inf=one() * 0 if a else None))
     yield "", lambda: line_search.ls_save_sgd(L(), L(), L())
     yield "", lambda: line_search.ls_save_adam(L(), L(), L(), L(), L(), beta1=0.9, beta2=0.999, eps=1e-8,
                                                bias_correction2_sqrt=0.05)

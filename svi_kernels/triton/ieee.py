@@ -10,10 +10,12 @@ Host scalars reach the kernels as fp64 arguments and are rounded once to the com
 with ``tl.full([], x, COMPUTE)``, as the C++ callers cast their double coefficients.
 """
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .runtime import device_function, interpreting
 
 _BF16_BY_HAND = tl.constexpr(interpreting())
+_INTERPRETING = tl.constexpr(interpreting())
 
 
 @device_function
@@ -30,6 +32,17 @@ def div_rn(x, y):
         return x / y
     else:
         return tl.div_rn(x, y)
+
+
+@device_function
+def pow_f64(x, y):
+    """x ** y in float64 (the Adam bias corrections from a step count read on the device).
+    libdevice's pow on the GPU; the interpreter has no libdevice, so there exp(y * log(x)),
+    which agrees to a few float64 ulps (invisible once rounded to a float32 coefficient)."""
+    if _INTERPRETING:
+        return tl.exp(y * tl.log(x))
+    else:
+        return libdevice.pow(x, y)
 
 
 @device_function

@@ -63,6 +63,35 @@ def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tensor_arg(t, device: torch.device, name: str, placeholder):
+    """A one-element float32/float64 tensor the kernel reads (loss scale, skip flag, lr), checked to
+    be on ``device``; ``placeholder`` (any tensor, never read) when there is none."""
+    if t is None:
+        return placeholder
+    if t.numel() != 1 or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be a one-element float32/float64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if t.device != device and _captured is None:
+        raise RuntimeError(f"{name} is on {t.device} but the tensors are on {device}; the kernel reads it there")
+    return t
+
+
+def scalar_arg(value, device: torch.device, name: str, placeholder):
+    """(pointer argument, float64 argument) for a number-or-tensor kernel input such as lr."""
+    if isinstance(value, torch.Tensor):
+        return tensor_arg(value, device, name, placeholder), 0.0
+    return placeholder, float(value)
+
+
+def step_dtype(steps, device: torch.device):
+    """The Triton dtype of the per-tensor step counts (float32 or float64, one for all)."""
+    dtypes = {s.dtype for s in steps}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+        raise TypeError(f"state_steps must all be float32 or all float64 tensors, got {sorted(map(str, dtypes))}")
+    for s in steps:
+        tensor_arg(s, device, "state_steps[i]", None)
+    return TORCH_TO_TL[dtypes.pop()]
+
+
 def check_device(device: torch.device) -> None:
     """Raw pointers are dereferenced on the host by the interpreter and on the GPU otherwise."""
     if _captured is not None:  # nothing runs while aot.py records launches

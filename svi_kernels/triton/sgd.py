@@ -1,8 +1,10 @@
 """Fused multi-tensor momentum SGD step (the SVI-SGD base): one launch per (device, dtype) group.
 
 Per element this is ``sgd_momentum_elem`` of csrc/include/svi_kernels/update_math.h.
+``sgd_momentum_step_tensor`` is the AMP / capturable variant: lr (a tensor or a number), the loss
+scale and the skip flag are read by the kernel (see adam.py).
 """
-from typing import List
+from typing import List, Optional, Union
 
 import triton
 import triton.language as tl
@@ -10,17 +12,21 @@ from torch import Tensor
 
 from . import runtime
 from .runtime import device_function
-from .ieee import chunk_of_program, tensor_ptr, to_storage
+from .ieee import chunk_of_program, div_rn, tensor_ptr, to_storage
 from .table import Group
 
 
 @device_function
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay,
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, grad_scale,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-               NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
+               NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+               UNSCALE: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     buf = tl.load(b_ptr + offs, mask=mask).to(COMPUTE)
+    if UNSCALE:  # unscale_grad (update_math.h); the unscaled gradient is written back
+        g = div_rn(g, grad_scale)
+        tl.store(g_ptr + offs, to_storage(g, DTYPE), mask=mask)
     # --- sgd_momentum_elem (update_math.h)
     if MAXIMIZE:
         g = 0.0 - g
@@ -50,11 +56,11 @@ def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64,
     c_weight_decay = tl.full([], weight_decay, COMPUTE)
     for first in range(start, full_end, BLOCK):
         _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, c_lr, c_momentum, c_weight_decay,
-                   DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE)
+                   c_lr, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, c_lr, c_momentum, c_weight_decay,
-                   DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE)
+                   c_lr, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -70,4 +76,59 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
                       HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize))
     runtime.launch(sgd_momentum_step_kernel, chunks.shape[0], args, constexprs, group.device)
+    group.finish()
+
+
+@triton.jit
+def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_value: tl.float64,
+                                    momentum: tl.float64, weight_decay: tl.float64,
+                                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+                                    ALIGNED: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+                                    MAXIMIZE: tl.constexpr, LR_FROM_PTR: tl.constexpr, UNSCALE: tl.constexpr,
+                                    HAS_FOUND_INF: tl.constexpr):
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    if HAS_FOUND_INF:  # a skipped step (inf/nan in the scaled grads) touches nothing
+        run = tl.load(found_inf_ptr).to(tl.float64) == 0.0
+        full_end = tl.where(run, full_end, start)
+        end = tl.where(run, end, start)
+    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
+    b_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
+    c_lr = tl.full([], lr_value, COMPUTE)
+    if LR_FROM_PTR:
+        c_lr = tl.load(lr_ptr).to(tl.float64).to(COMPUTE)
+    c_momentum = tl.full([], momentum, COMPUTE)
+    c_weight_decay = tl.full([], weight_decay, COMPUTE)
+    c_grad_scale = c_lr
+    if UNSCALE:
+        c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
+    for first in range(start, full_end, BLOCK):
+        _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, c_lr, c_momentum, c_weight_decay,
+                   c_grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, c_lr, c_momentum, c_weight_decay,
+                   c_grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+
+
+def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
+                             lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
+                             maximize: bool = False, grad_scale: Optional[Tensor] = None,
+                             found_inf: Optional[Tensor] = None) -> None:
+    group = Group([params, grads, momentum_buffers], written=(0, 2) if grad_scale is None else (0, 1, 2))
+    if group.n_elements == 0:
+        return
+    runtime.check_device(group.device)
+    dtype, compute = runtime.element_types(group.dtype)
+    block, chunk = group.block_shape()
+    ptrs, chunks, aligned = group.tables(chunk)
+    lr_ptr, lr_value = runtime.scalar_arg(lr, group.device, "lr", chunks)
+    args = (ptrs, chunks, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
+            runtime.tensor_arg(found_inf, group.device, "found_inf", chunks),
+            lr_value, float(momentum), float(weight_decay))
+    constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
+                      HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize),
+                      LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,
+                      HAS_FOUND_INF=found_inf is not None)
+    runtime.launch(sgd_momentum_step_tensor_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()

@@ -32,7 +32,8 @@ def test_every_kernel_compiles_to_sm90_ptx(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert lines and all(line.startswith("ok") for line in lines), report
     compiled = {line.split()[1].split("[")[0] for line in lines}
-    assert compiled == {"adam_step_kernel", "sgd_momentum_step_kernel", "ls_save_sgd_kernel", "ls_save_adam_kernel",
+    assert compiled == {"adam_step_kernel", "sgd_momentum_step_kernel", "adam_step_tensor_kernel",
+                        "sgd_momentum_step_tensor_kernel", "ls_save_sgd_kernel", "ls_save_adam_kernel",
                         "ls_trial_sgd_kernel", "ls_trial_adam_kernel", "ls_final_adam_kernel",
                         "act_backward_kernel"}, report
     for dtype in ("fp32", "fp16", "bf16"):

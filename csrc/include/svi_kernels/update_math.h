@@ -48,6 +48,14 @@ struct AdamCoeffs {
   V bias_correction2_sqrt;
 };
 
+// Bias corrections from the step count t, in double, as torch computes them on the host:
+// bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t). The capturable kernels call this with the
+// step read from device memory (on the host for CPU tensors).
+SVI_HD void adam_bias_corrections(double step, double beta1, double beta2, double& bc1, double& bc2_sqrt) {
+  bc1 = 1.0 - ::pow(beta1, step);
+  bc2_sqrt = ::sqrt(1.0 - ::pow(beta2, step));
+}
+
 template <typename V>
 SVI_HD void adam_elem(V& p, V g, V& m, V& v, const AdamCoeffs<V>& c,
                       bool decoupled, bool has_weight_decay, bool maximize) {
@@ -81,6 +89,13 @@ SVI_HD void sgd_momentum_elem(V& p, V g, V& buf, const SgdCoeffs<V>& c,
   V d = nesterov ? g + c.momentum * buf : buf;
   p = p - c.lr * d;
 }
+
+// ------------------------------------------------------------- AMP (GradScaler)
+// A gradient of the scaled loss, unscaled before the update: g / scale. The callers write the
+// unscaled g back to the gradient (as torch's fused optimizers do) and then call adam_elem or
+// sgd_momentum_elem with it, so the update itself is the unscaled formula above.
+template <typename V>
+SVI_HD V unscale_grad(V g, V grad_scale) { return g / grad_scale; }
 
 // ------------------------------------------------------------- line search
 // (a) SGD: save w0 = p and accumulate ||g||^2 (the caller sums g * g).
