@@ -56,26 +56,26 @@ def check_positive(value, name: str) -> None:
 
 
 def check_params(opt_name: str, params: Iterable[Tensor]) -> None:
-    """Reject what no backend supports, before anything is modified."""
+    """Reject what no backend supports, before anything is modified.
+
+    Kept to a few attribute reads per tensor: it runs every step. Shape and device agreement of a
+    gradient with its parameter are checked by the kernels (autograd guarantees them anyway).
+    """
+    strided = torch.strided
     for p in params:
-        if p.is_complex():
-            raise RuntimeError(
-                f"{opt_name} does not support complex parameters (got {p.dtype}); "
-                "optimise torch.view_as_real(p) as a real parameter instead")
         if not p.is_floating_point():
+            if p.is_complex():
+                raise RuntimeError(
+                    f"{opt_name} does not support complex parameters (got {p.dtype}); "
+                    "optimise torch.view_as_real(p) as a real parameter instead")
             raise RuntimeError(f"{opt_name} needs floating-point parameters, got {p.dtype}")
         g = p.grad
         if g is None:
             continue
-        if g.is_sparse or g.layout != torch.strided:
+        if g.layout is not strided:
             raise RuntimeError(f"{opt_name} does not support sparse gradients (got layout {g.layout})")
         if g.is_complex():
             raise RuntimeError(f"{opt_name} does not support complex gradients (got {g.dtype})")
-        if g.shape != p.shape:
-            raise RuntimeError(f"{opt_name}: gradient shape {tuple(g.shape)} does not match parameter shape "
-                               f"{tuple(p.shape)}")
-        if g.device != p.device:
-            raise RuntimeError(f"{opt_name}: gradient on {g.device} but parameter on {p.device}")
 
 
 def closure_then_check(opt_name: str, closure, param_groups):
@@ -95,10 +95,14 @@ def group_by(tensor_lists: Sequence[Sequence[Tensor]], extra_keys: Sequence[Hash
 
     Returns {key: (lists, indices)}, where ``indices`` are the positions in the input lists.
     """
-    buckets: Dict[tuple, Tuple[List[List[Tensor]], List[int]]] = {}
     first = tensor_lists[0]
-    for i, p in enumerate(first):
-        key = (p.device, p.dtype) if extra_keys is None else (p.device, p.dtype, extra_keys[i])
+    keys = [(p.device, p.dtype) for p in first]
+    if extra_keys is not None:
+        keys = [k + (e,) for k, e in zip(keys, extra_keys)]
+    if keys and keys.count(keys[0]) == len(keys):  # the common case: one bucket, no copying
+        return {keys[0]: ([list(tl) for tl in tensor_lists], list(range(len(first))))}
+    buckets: Dict[tuple, Tuple[List[List[Tensor]], List[int]]] = {}
+    for i, key in enumerate(keys):
         if key not in buckets:
             buckets[key] = ([[] for _ in tensor_lists], [])
         lists, idx = buckets[key]
@@ -113,10 +117,14 @@ def needs_contiguous(backend: str, tensors: Sequence[Tensor]) -> bool:
     return backend != "reference" and not all(t.is_contiguous() for t in tensors)
 
 
-def backend_for(name, device: torch.device, lists: Sequence[Sequence[Tensor]]):
-    """Resolve the backend module for one fused bucket (reference for non-contiguous tensors)."""
+def backend_for(name, device: torch.device, lists: Sequence[Sequence[Tensor]], n_check: int = 2):
+    """Resolve the backend module for one fused bucket (reference for non-contiguous tensors).
+
+    Only the first ``n_check`` lists (params, grads) are checked: the state is created with
+    ``zeros_like(p)`` and so shares the parameter's layout.
+    """
     chosen = _backends.resolve(name, device)
-    if any(needs_contiguous(chosen, tl) for tl in lists):
+    if any(needs_contiguous(chosen, tl) for tl in lists[:n_check]):
         chosen = "reference"
     return _backends.get(chosen)
 

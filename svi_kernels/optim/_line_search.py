@@ -201,13 +201,13 @@ class LineSearchOptimizer(Optimizer):
 
     def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
         for device, g, lists, pos in t.buckets(["params", "w0", "grads"], gids=list(etas)):
-            impl = C.backend_for(g["backend"], device, lists)
+            impl = C.backend_for(g["backend"], device, lists, n_check=3)
             impl.ls_trial_sgd(*lists, [etas[t.gid[i]] for i in pos])
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         for device, g, lists, pos in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = C.backend_for(g["backend"], device, lists)
+            impl = C.backend_for(g["backend"], device, lists, n_check=3)
             impl.ls_trial_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 
     def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:

@@ -134,9 +134,8 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
         return
     lr = C.as_float(lr, "lr")
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
-    for s in state_steps:
-        s.add_(1)
-    step_values = [float(s) for s in state_steps]
+    torch._foreach_add_(state_steps, 1)
+    step_values = [s.item() for s in state_steps]
     buckets = C.group_by([params, grads, exp_avgs, exp_avg_sqs], extra_keys=step_values)
     for (device, _dtype, step), (lists, _idx) in buckets.items():
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
