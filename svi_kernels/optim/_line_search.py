@@ -71,23 +71,36 @@ class StepTensors:
                     self.exp_avg_sqs.append(st["exp_avg_sq"])
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
-        self.launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
+        launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
+        # Computed once per step; every phase (and every trial) reuses them.
+        self.key = [(p.device, p.dtype) + launch_key[gi] for p, gi in zip(self.params, self.gid)]
+        self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
+        self._partitions: Dict[Optional[tuple], List[List[int]]] = {}
+
+    def _partition(self, gids: Optional[Sequence[int]]) -> List[List[int]]:
+        """Positions of the selected groups' tensors, split into fused buckets (memoised per step).
+
+        A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps,
+        backend), so groups that agree on them share one launch.
+        """
+        memo = None if gids is None else tuple(sorted(gids))
+        if memo not in self._partitions:
+            chosen = None if gids is None else set(gids)
+            buckets: Dict[tuple, List[int]] = {}
+            for i, key in enumerate(self.key):
+                if chosen is None or self.gid[i] in chosen:
+                    buckets.setdefault(key, []).append(i)
+            self._partitions[memo] = list(buckets.values())
+        return self._partitions[memo]
 
     def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
-        """(device, group, lists, positions) per fused bucket over the selected groups.
-
-        A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps, backend),
-        so groups that agree on them share one launch.
-        """
-        sel = [i for i, g in enumerate(self.gid) if gids is None or g in gids]
-        if not sel:
-            return []
-        lists = [[getattr(self, n)[i] for i in sel] for n in names]
-        keys = [self.launch_key[self.gid[i]] for i in sel]
+        """(device, group, lists, positions, n_check) per fused bucket over the selected groups;
+        ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
         out = []
-        for key, (blists, idx) in C.group_by(lists, extra_keys=keys).items():
-            pos = [sel[i] for i in idx]
-            out.append((key[0], self.groups[self.gid[pos[0]]], blists, pos))
+        for pos in self._partition(gids):
+            lists = [[getattr(self, n)[i] for i in pos] for n in names]
+            n_check = 0 if all(self.contiguous[i] for i in pos) else len(names)
+            out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], lists, pos, n_check))
         return out
 
     def per_group(self, per_tensor: Dict[int, float]) -> List[float]:
@@ -174,15 +187,15 @@ class LineSearchOptimizer(Optimizer):
     def _save_sgd(self, t: StepTensors) -> "DeviceSums":
         """w0 <- p and sum(g^2) per tensor."""
         parts = []
-        for device, g, lists, pos in t.buckets(["params", "grads", "w0"]):
-            impl = C.backend_for(g["backend"], device, lists)
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"]):
+            impl = C.backend_for(g["backend"], device, lists, n_check)
             parts.append((pos, impl.ls_save_sgd(*lists)))
         return DeviceSums(t, parts)
 
     def _grad_norms(self, t: StepTensors) -> "DeviceSums":
         """Per-tensor gradient norms (Adam variants check them before touching their moments)."""
         parts = []
-        for _device, _g, lists, pos in t.buckets(["grads"]):
+        for _device, _g, lists, pos, _n in t.buckets(["grads"]):
             low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
             norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
             parts.append((pos, torch.stack([n.float() for n in norms])))
@@ -191,29 +204,29 @@ class LineSearchOptimizer(Optimizer):
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
         """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
         parts = []
-        for device, g, lists, pos in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            impl = C.backend_for(g["backend"], device, lists)
+            impl = C.backend_for(g["backend"], device, lists, n_check)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
                                                  bias_correction2_sqrt=bc2_sqrt)))
         return DeviceSums(t, parts)
 
     def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
-        for device, g, lists, pos in t.buckets(["params", "w0", "grads"], gids=list(etas)):
-            impl = C.backend_for(g["backend"], device, lists, n_check=3)
+        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads"], gids=list(etas)):
+            impl = C.backend_for(g["backend"], device, lists, n_check)
             impl.ls_trial_sgd(*lists, [etas[t.gid[i]] for i in pos])
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
-        for device, g, lists, pos in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
+        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = C.backend_for(g["backend"], device, lists, n_check=3)
+            impl = C.backend_for(g["backend"], device, lists, n_check)
             impl.ls_trial_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 
     def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
-        for device, g, lists, pos in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
+        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = C.backend_for(g["backend"], device, lists)
+            impl = C.backend_for(g["backend"], device, lists, n_check)
             impl.ls_final_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction1=bc1,
                                bias_correction2_sqrt=bc2_sqrt)
 
