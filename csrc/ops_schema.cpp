@@ -6,11 +6,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(svi_kernels, m) {
+  // max_exp_avg_sqs given: AMSGrad (torch's amsgrad=True); max_v = max(max_v, v) feeds the
+  // denominator instead of v. None: plain Adam.
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, float bias_correction1, "
-      "float bias_correction2_sqrt, bool maximize) -> ()");
+      "float bias_correction2_sqrt, bool maximize, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
   m.def(
       "sgd_momentum_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, float momentum, bool nesterov, float weight_decay, bool maximize) -> ()");
@@ -23,7 +25,7 @@ TORCH_LIBRARY(svi_kernels, m) {
       "adam_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool correct_bias, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
   m.def(
       "sgd_momentum_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, Tensor? lr_tensor, float momentum, bool nesterov, float weight_decay, bool maximize, "

@@ -9,30 +9,55 @@
 #include <vector>
 
 namespace svi_kernels::cpu {
+namespace {
+
+at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  if (max_exp_avg_sqs.has_value()) {
+    return check_fused_group(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                  {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", *max_exp_avg_sqs}});
+  }
+  return check_fused_group(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                {"exp_avg_sqs", exp_avg_sqs}});
+}
+
+// Runs kernel(segment, ptrs) over 4 lists, or 5 with AMSGrad's max_exp_avg_sqs last.
+template <typename F>
+void run_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+              const std::optional<at::TensorList>& max_exp_avg_sqs, const F& kernel) {
+  auto each = [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(seg, ptrs); };
+  if (max_exp_avg_sqs.has_value()) {
+    MultiTensor<5>({params, grads, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs}).parallel_segments(each);
+  } else {
+    MultiTensor<4>({params, grads, exp_avgs, exp_avg_sqs}).parallel_segments(each);
+  }
+}
+
+}  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               double bias_correction1, double bias_correction2_sqrt, bool maximize) {
-  const at::ScalarType dtype = check_fused_group(
-      "adam_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+               double bias_correction1, double bias_correction2_sqrt, bool maximize,
+               const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  const at::ScalarType dtype = check_adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   if (params.empty()) return;
   // Host scalars in double, as torch computes them (see update_math.h).
-  const AdamScalars s{
+  AdamScalars s{
       1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lr / bias_correction1,
       bias_correction2_sqrt, decoupled, weight_decay != 0.0, maximize};
-  const auto kernel = cpu_kernels().adam;
-  const MultiTensor<4> lists({params, grads, exp_avgs, exp_avg_sqs});
-  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  s.amsgrad = max_exp_avg_sqs.has_value();
+  run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+           [&](const Segment& seg, void* const* ptrs) { cpu_kernels().adam(dtype, ptrs, seg.length, s); });
 }
 
 void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
                       const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool decoupled, bool correct_bias, bool maximize,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::TensorList>& max_exp_avg_sqs) {
   constexpr const char* op = "adam_step_tensor";
-  const at::ScalarType dtype = check_fused_group(
-      op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  const at::ScalarType dtype = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   check_per_tensor_scalars(op, "state_steps", state_steps.size(), params.size());
   if (params.empty() || step_skipped(op, found_inf)) return;
   if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
@@ -52,12 +77,12 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
       s.unscale = true;
       s.grad_scale = read_scalar(op, "grad_scale", *grad_scale);
     }
+    s.amsgrad = max_exp_avg_sqs.has_value();
     per_tensor.push_back(s);
   }
-  const auto kernel = cpu_kernels().adam;
-  const MultiTensor<4> lists({params, grads, exp_avgs, exp_avg_sqs});
-  lists.parallel_segments(
-      [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, per_tensor[seg.tensor]); });
+  run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [&](const Segment& seg, void* const* ptrs) {
+    cpu_kernels().adam(dtype, ptrs, seg.length, per_tensor[seg.tensor]);
+  });
 }
 
 }  // namespace svi_kernels::cpu

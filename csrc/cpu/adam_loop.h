@@ -14,19 +14,26 @@ math::AdamCoeffs<V> adam_coeffs(const AdamScalars& s) {
           c(s.weight_decay),    c(s.decay),     c(s.step_size),       c(s.bias_correction2_sqrt)};
 }
 
-template <typename T, bool kDecoupled, bool kWeightDecay, bool kMaximize, bool kUnscale>
+template <typename T, bool kDecoupled, bool kWeightDecay, bool kMaximize, bool kUnscale, bool kAmsgrad>
 void adam_segment(void* const* ptrs, int64_t n, const AdamScalars& s) {
   using S = at::opmath_type<T>;
-  enum { P, G, M, V };
-  constexpr unsigned kStore = bit(P) | bit(M) | bit(V) | (kUnscale ? bit(G) : 0u);
+  enum { P, G, M, V, MAXV };
+  constexpr size_t kLists = kAmsgrad ? 5 : 4;
+  constexpr unsigned kMax = kAmsgrad ? bit(MAXV) : 0u;
+  constexpr unsigned kStore = bit(P) | bit(M) | bit(V) | kMax | (kUnscale ? bit(G) : 0u);
   const BothWidths<math::AdamCoeffs, S> coeffs{adam_coeffs<S, S>(s), adam_coeffs<Vectorized<S>, S>(s)};
   const S grad_scale = static_cast<S>(s.grad_scale);
-  for_each_element<bit(P) | bit(G) | bit(M) | bit(V), kStore, false>(
-      typed<T, 4>(ptrs), n, [coeffs, grad_scale](auto& x) {
+  for_each_element<bit(P) | bit(G) | bit(M) | bit(V) | kMax, kStore, false>(
+      typed<T, kLists>(ptrs), n, [coeffs, grad_scale](auto& x) {
         using Val = std::decay_t<decltype(x[0])>;
         // adam_elem takes g by value: x[G] keeps the unscaled gradient for the store.
         if constexpr (kUnscale) x[G] = math::unscale_grad(x[G], Val(grad_scale));
-        math::adam_elem(x[P], x[G], x[M], x[V], coeffs.template get<Val>(), kDecoupled, kWeightDecay, kMaximize);
+        if constexpr (kAmsgrad) {
+          math::adam_amsgrad_elem(x[P], x[G], x[M], x[V], x[kLists - 1], coeffs.template get<Val>(), kDecoupled,
+                                  kWeightDecay, kMaximize);
+        } else {
+          math::adam_elem(x[P], x[G], x[M], x[V], coeffs.template get<Val>(), kDecoupled, kWeightDecay, kMaximize);
+        }
       });
 }
 
@@ -37,7 +44,9 @@ inline void adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, cons
       with_flag(s.has_weight_decay, [&](auto wd) {
         with_flag(s.maximize, [&](auto maximize) {
           with_flag(s.unscale, [&](auto unscale) {
-            adam_segment<T, decoupled(), wd(), maximize(), unscale()>(ptrs, n, s);
+            with_flag(s.amsgrad, [&](auto amsgrad) {
+              adam_segment<T, decoupled(), wd(), maximize(), unscale(), amsgrad()>(ptrs, n, s);
+            });
           });
         });
       });

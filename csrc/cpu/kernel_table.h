@@ -22,6 +22,8 @@ struct AdamScalars {
   // AMP: divide the gradient by grad_scale first and write the unscaled gradient back.
   bool unscale = false;
   double grad_scale = 1.0;
+  // AMSGrad: a fifth pointer, max_exp_avg_sqs, holds max(v) and feeds the denominator.
+  bool amsgrad = false;
 };
 
 struct SgdScalars {
@@ -43,7 +45,8 @@ struct LsStepScalars {
 
 struct CpuKernels {
   const char* isa;  // "default", "avx2" or "avx512"
-  // ptrs: params, grads, exp_avgs, exp_avg_sqs (grads written only when unscaling)
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs when amsgrad]
+  // (grads written only when unscaling)
   void (*adam)(at::ScalarType, void* const* ptrs, int64_t n, const AdamScalars&);
   // ptrs: params, grads, momentum_buffers (grads written only when unscaling)
   void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);

@@ -9,7 +9,8 @@ namespace svi_kernels::cpu {
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               double bias_correction1, double bias_correction2_sqrt, bool maximize);
+               double bias_correction1, double bias_correction2_sqrt, bool maximize,
+               const std::optional<at::TensorList>& max_exp_avg_sqs);
 
 void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                        double momentum, bool nesterov, double weight_decay, bool maximize);
@@ -20,7 +21,8 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
                       const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool decoupled, bool correct_bias, bool maximize,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::TensorList>& max_exp_avg_sqs);
 
 void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                               double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, bool nesterov,

@@ -21,6 +21,10 @@ template <typename T>
 inline Vectorized<T> svi_sqrt(const Vectorized<T>& x) {
   return x.sqrt();
 }
+template <typename T>
+inline Vectorized<T> svi_max(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return maximum(a, b);  // propagates NaN, like torch.maximum
+}
 }  // namespace CPU_CAPABILITY
 }  // namespace at::vec
 

@@ -1,12 +1,14 @@
 // CUDA kernels of svi_kernels::adam_step (Adam / AdamW), one multi-tensor pass:
 // reads p, g, m, v and writes p, m, v (28 B/param in fp32), and of its tensor-scalar variant
-// adam_step_tensor (AMP loss scale, capturable; also writes g when unscaling).
+// adam_step_tensor (AMP loss scale, capturable; also writes g when unscaling). With
+// max_exp_avg_sqs (AMSGrad) one more list is read and written (36 B/param in fp32).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
@@ -16,12 +18,33 @@ namespace svi_kernels {
 namespace cuda {
 namespace {
 
-// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs.
-template <typename M, bool DECOUPLED>
+// One element of Adam, or of AMSGrad when max_v is the list at index `max_list`.
+template <bool AMSGRAD, typename M, typename Coeffs>
+__device__ __forceinline__ void adam_or_amsgrad(M* x, int max_list, const Coeffs& c, bool decoupled,
+                                                bool has_weight_decay, bool maximize) {
+  if constexpr (AMSGRAD) {
+    math::adam_amsgrad_elem(x[0], x[1], x[2], x[3], x[max_list], c, decoupled, has_weight_decay, maximize);
+  } else {
+    math::adam_elem(x[0], x[1], x[2], x[3], c, decoupled, has_weight_decay, maximize);
+  }
+}
+
+at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  if (max_exp_avg_sqs.has_value()) {
+    return check_lists(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                            {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", *max_exp_avg_sqs}});
+  }
+  return check_lists(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                          {"exp_avg_sqs", exp_avg_sqs}});
+}
+
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, [4 max_exp_avg_sqs when AMSGRAD].
+template <typename M, bool DECOUPLED, bool AMSGRAD>
 struct AdamElem {
-  static constexpr int kDepth = 4;
-  static constexpr int kReadMask = 0b1111;
-  static constexpr int kWriteMask = 0b1101;
+  static constexpr int kDepth = AMSGRAD ? 5 : 4;
+  static constexpr int kReadMask = AMSGRAD ? 0b11111 : 0b1111;
+  static constexpr int kWriteMask = AMSGRAD ? 0b11101 : 0b1101;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
 
@@ -30,7 +53,7 @@ struct AdamElem {
   bool maximize;
 
   __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
-    math::adam_elem(x[0], x[1], x[2], x[3], c, DECOUPLED, has_weight_decay, maximize);
+    adam_or_amsgrad<AMSGRAD>(x, 4, c, DECOUPLED, has_weight_decay, maximize);
     return M(0);
   }
 };
@@ -38,9 +61,9 @@ struct AdamElem {
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled, double bias_correction1,
-                    double bias_correction2_sqrt, bool maximize) {
-  const at::ScalarType dtype = check_lists("adam_step", {{"params", params}, {"grads", grads},
-                                                         {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+                    double bias_correction2_sqrt, bool maximize,
+                    const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  const at::ScalarType dtype = check_adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::adam_step", [&] {
@@ -56,24 +79,29 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     c.step_size = static_cast<M>(lr / bias_correction1);
     c.bias_correction2_sqrt = static_cast<M>(bias_correction2_sqrt);
     const bool has_wd = weight_decay != 0.0;
-    const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
-    if (decoupled) {
-      multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, true>{c, has_wd, maximize}, nullptr);
+    if (max_exp_avg_sqs.has_value()) {
+      const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs};
+      if (decoupled) multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, true, true>{c, has_wd, maximize}, nullptr);
+      else multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, false, true>{c, has_wd, maximize}, nullptr);
     } else {
-      multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, false>{c, has_wd, maximize}, nullptr);
+      const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
+      if (decoupled) multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, true, false>{c, has_wd, maximize}, nullptr);
+      else multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, false, false>{c, has_wd, maximize}, nullptr);
     }
   });
 }
 
 // adam_step_tensor: lr, the step counts, the loss scale and the skip flag are read on the device,
 // so the op never waits for the host (GradScaler without a sync; CUDA-graph capture). Lists:
-// 0-3 as above, 4 state_steps. The steps ride in the address table as a fifth list that is
-// neither read nor written element-wise: each block reads its tensor's step once.
-template <typename M, bool DECOUPLED, bool UNSCALE>
+// 0-3 as above, 4 state_steps, [5 max_exp_avg_sqs when AMSGRAD]. The steps ride in the address
+// table as a list that is neither read nor written element-wise: each block reads its tensor's
+// step once.
+template <typename M, bool DECOUPLED, bool UNSCALE, bool AMSGRAD>
 struct AdamTensorElem {
-  static constexpr int kDepth = 5;
-  static constexpr int kReadMask = 0b01111;
-  static constexpr int kWriteMask = UNSCALE ? 0b01111 : 0b01101;  // unscaled grads are written back
+  static constexpr int kDepth = AMSGRAD ? 6 : 5;
+  static constexpr int kMax = AMSGRAD ? 0b100000 : 0;
+  static constexpr int kReadMask = 0b01111 | kMax;
+  static constexpr int kWriteMask = (UNSCALE ? 0b01111 : 0b01101) | kMax;  // unscaled grads are written back
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
   static constexpr bool kDeviceScalars = true;
@@ -91,7 +119,7 @@ struct AdamTensorElem {
     __device__ __forceinline__ bool skipped() const { return skip; }
     __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
       if constexpr (UNSCALE) x[1] = math::unscale_grad(x[1], grad_scale);  // stored back (write mask)
-      math::adam_elem(x[0], x[1], x[2], x[3], c, DECOUPLED, has_weight_decay, maximize);
+      adam_or_amsgrad<AMSGRAD>(x, 5, c, DECOUPLED, has_weight_decay, maximize);
       return M(0);
     }
   };
@@ -128,10 +156,10 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr,
                            const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                            double weight_decay, bool decoupled, bool correct_bias, bool maximize,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::TensorList>& max_exp_avg_sqs) {
   constexpr const char* op = "adam_step_tensor";
-  const at::ScalarType dtype = check_lists(op, {{"params", params}, {"grads", grads},
-                                               {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  const at::ScalarType dtype = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   if (params.empty()) return;
@@ -145,7 +173,6 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const c10::cuda::CUDAGuard guard(device);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::adam_step_tensor", [&] {
     using M = opmath_t<scalar_t>;
-    const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps};
     auto run = [&](auto elem) {
       elem.lr = device_scalar(op, "lr_tensor", lr_tensor, device, lr);
       elem.grad_scale = device_scalar(op, "grad_scale", grad_scale, device, 1.0);
@@ -158,13 +185,25 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
       elem.correct_bias = correct_bias;
       elem.has_weight_decay = weight_decay != 0.0;
       elem.maximize = maximize;
-      multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+      if constexpr (decltype(elem)::kDepth == 6) {
+        const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                                                  *max_exp_avg_sqs};
+        multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+      } else {
+        const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps};
+        multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+      }
     };
     const bool unscale = grad_scale.has_value();
-    if (decoupled && unscale) run(AdamTensorElem<M, true, true>{});
-    else if (decoupled) run(AdamTensorElem<M, true, false>{});
-    else if (unscale) run(AdamTensorElem<M, false, true>{});
-    else run(AdamTensorElem<M, false, false>{});
+    auto run_amsgrad = [&](auto amsgrad) {
+      constexpr bool A = decltype(amsgrad)::value;
+      if (decoupled && unscale) run(AdamTensorElem<M, true, true, A>{});
+      else if (decoupled) run(AdamTensorElem<M, true, false, A>{});
+      else if (unscale) run(AdamTensorElem<M, false, true, A>{});
+      else run(AdamTensorElem<M, false, false, A>{});
+    };
+    if (max_exp_avg_sqs.has_value()) run_amsgrad(std::true_type{});
+    else run_amsgrad(std::false_type{});
   });
 }
 

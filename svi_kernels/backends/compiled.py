@@ -75,12 +75,13 @@ def _empty_sums() -> Tensor:
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
+              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
+              max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     if not params:
         return
     _ops().adam_step(params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
                      float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
-                     bool(maximize))
+                     bool(maximize), max_exp_avg_sqs)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -99,12 +100,13 @@ def _lr_args(lr: Union[float, Tensor]) -> tuple:
 def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
-                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     if not params:
         return
     _ops().adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *_lr_args(lr), float(beta1),
                             float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(correct_bias),
-                            bool(maximize), grad_scale, found_inf)
+                            bool(maximize), grad_scale, found_inf, max_exp_avg_sqs)
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,

@@ -31,10 +31,13 @@ def adam_step(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
     bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
+    max_exp_avg_sqs: Optional[List[Tensor]] = None,
 ) -> None:
+    """max_exp_avg_sqs given: AMSGrad, max_v <- max(max_v, v) and the denominator uses max_v."""
     step_size = lr / bias_correction1
     decay = 1.0 - lr * weight_decay
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
+    for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, maxes):
         pf, gf, mf, vf = _opmath(p), _opmath(g), _opmath(m), _opmath(v)
         if maximize:
             gf = -gf
@@ -45,11 +48,14 @@ def adam_step(
                 gf = gf + weight_decay * pf
         mf = mf + (1.0 - beta1) * (gf - mf)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-        denom = vf.sqrt() / bias_correction2_sqrt + eps
+        second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)
+        denom = second.sqrt() / bias_correction2_sqrt + eps
         pf = pf - step_size * (mf / denom)
         _store(p, pf)
         _store(m, mf)
         _store(v, vf)
+        if vmax is not None:
+            _store(vmax, second)
 
 
 def sgd_momentum_step(
@@ -113,16 +119,19 @@ def adam_step_tensor(
     state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+    max_exp_avg_sqs: Optional[List[Tensor]] = None,
 ) -> None:
     """adam_step with lr, the step counts (already incremented), the loss scale and the skip flag as
     tensors, never read by the host. found_inf != 0: nothing changes. grad_scale: g <- g / grad_scale,
-    written back to the gradient, before the update. Bias corrections in float64 from each step."""
+    written back to the gradient, before the update. Bias corrections in float64 from each step.
+    max_exp_avg_sqs: AMSGrad, as in adam_step."""
     if not params:
         return
     compute = _compute_dtype(params[0])
     lr64 = _as_f64(lr, params[0])
     keep = _keep(found_inf, params[0])
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
+    for p, g, m, v, step, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, maxes):
         step_size, bc2_sqrt = lr64, 1.0
         if correct_bias:  # adam_bias_corrections (update_math.h), in float64
             t = step.detach().reshape(()).to(device=p.device, dtype=torch.float64)
@@ -140,13 +149,16 @@ def adam_step_tensor(
                 gf = gf + weight_decay * pf
         mf = mf + (1.0 - beta1) * (gf - mf)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-        denom = vf.sqrt() / bc2_sqrt + eps
+        second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)
+        denom = second.sqrt() / bc2_sqrt + eps
         pf = pf - step_size * (mf / denom)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
         _store_unless_skipped(m, mf, keep)
         _store_unless_skipped(v, vf, keep)
+        if vmax is not None:
+            _store_unless_skipped(vmax, second, keep)
 
 
 def sgd_momentum_step_tensor(

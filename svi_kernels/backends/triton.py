@@ -49,10 +49,12 @@ def _kernels(module: str):
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
+              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
+              max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     _kernels("adam").adam_step(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                weight_decay=weight_decay, decoupled=decoupled, bias_correction1=bias_correction1,
-                               bias_correction2_sqrt=bias_correction2_sqrt, maximize=maximize)
+                               bias_correction2_sqrt=bias_correction2_sqrt, maximize=maximize,
+                               max_exp_avg_sqs=max_exp_avg_sqs)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -64,11 +66,12 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
 def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
-                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     _kernels("adam").adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                                       correct_bias=correct_bias, maximize=maximize, grad_scale=grad_scale,
-                                      found_inf=found_inf)
+                                      found_inf=found_inf, max_exp_avg_sqs=max_exp_avg_sqs)
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,

@@ -1,7 +1,7 @@
 """AdamW with a fused multi-tensor step; ``correct_bias=False`` is the original BERT Adam.
 
-The state layout is torch.optim.AdamW's (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``), so a
-torch AdamW checkpoint loads into this optimizer and back.
+The state layout is torch.optim.AdamW's (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``, and
+``max_exp_avg_sq`` with ``amsgrad=True``), so a torch AdamW checkpoint loads into this optimizer and back.
 
 Two ways through ``step()``:
 
@@ -33,6 +33,8 @@ class AdamW(Optimizer):
         correct_bias: apply Adam's bias corrections (True, Mosbach et al.'s stable recipe) or not
             (False, the original BERT Adam).
         maximize: maximise the objective instead of minimising it.
+        amsgrad: AMSGrad (Reddi et al.), as torch's ``amsgrad=True``: the denominator uses the running
+            maximum of the second moment (state ``max_exp_avg_sq``), in the same fused launch.
         capturable: keep the steps on the parameters' device and read lr (a number or a 0-d tensor
             on that device), steps and AMP scale in the kernels: no host read in ``step()``.
         backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
@@ -50,10 +52,8 @@ class AdamW(Optimizer):
         C.check_betas(betas)
         C.check_nonneg(eps, "eps")
         C.check_nonneg(weight_decay, "weight_decay")
-        if amsgrad:
-            raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad yet; use torch.optim.AdamW")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        maximize=maximize, amsgrad=False, backend=C._backends.validate(backend),
+                        maximize=maximize, amsgrad=bool(amsgrad), backend=C._backends.validate(backend),
                         foreach=None, capturable=bool(capturable), differentiable=False, fused=None)
         super().__init__(params, defaults)
 
@@ -66,15 +66,14 @@ class AdamW(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("amsgrad", False)
             group.setdefault("capturable", False)
-            if group["amsgrad"]:
-                raise NotImplementedError("svi_kernels.AdamW does not implement amsgrad; the state_dict asks for it")
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
                            ("step", "exp_avg", "exp_avg_sq"))
         super().load_state_dict(state_dict)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, steps_on_device: bool) -> None:
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    steps_on_device: bool) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -85,6 +84,10 @@ class AdamW(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif steps_on_device:
                 C.step_to_param_device(state, p)
+            if group["amsgrad"]:
+                if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -97,13 +100,14 @@ class AdamW(Optimizer):
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, tensor_path)
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_path)
             beta1, beta2 = group["betas"]
             adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                   eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
                   maximize=group["maximize"], backend=group["backend"], capturable=group["capturable"],
-                  grad_scale=grad_scale, found_inf=found_inf)
+                  grad_scale=grad_scale, found_inf=found_inf,
+                  max_exp_avg_sqs=max_exp_avg_sqs if group["amsgrad"] else None)
         return loss
 
 
@@ -118,8 +122,10 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
           state_steps: List[Tensor], *, lr, beta1: float, beta2: float, eps: float, weight_decay: float,
           correct_bias: bool = True, maximize: bool = False, decoupled: bool = True,
           backend: Optional[str] = None, capturable: bool = False, grad_scale: Optional[Tensor] = None,
-          found_inf: Optional[Tensor] = None) -> None:
+          found_inf: Optional[Tensor] = None, max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step).
+
+    ``max_exp_avg_sqs`` given: AMSGrad (torch's ``amsgrad=True``), updated in the same launch.
 
     With ``capturable`` or AMP tensors (``grad_scale``: grads are scaled by it; ``found_inf``: skip
     the step when non-zero) it runs the tensor ops instead: one launch per (device, dtype), lr and
@@ -130,32 +136,44 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
     if capturable or grad_scale is not None or found_inf is not None:
         _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize,
-                      decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
+                      decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf,
+                      max_exp_avg_sqs=max_exp_avg_sqs)
         return
     lr = C.as_float(lr, "lr")
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
     torch._foreach_add_(state_steps, 1)
     step_values = [s.item() for s in state_steps]
-    buckets = C.group_by([params, grads, exp_avgs, exp_avg_sqs], extra_keys=step_values)
+    amsgrad = max_exp_avg_sqs is not None
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    buckets = C.group_by(tensor_lists, extra_keys=step_values)
     for (device, _dtype, step), (lists, _idx) in buckets.items():
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
-        impl = C.backend_for(backend, device, lists)
-        impl.adam_step(*lists, lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
+        impl = C.backend_for(backend, device, lists[:4])
+        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
                        weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
                        bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
 
 
 def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf) -> None:
+                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs) -> None:
     """The tensor path: no value is read back to the host (see the module docstring)."""
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
     scalars = C.DeviceScalars(lr, grad_scale, found_inf)
-    for (device, _dtype), (lists, _idx) in C.group_by([params, grads, exp_avgs, exp_avg_sqs, state_steps]).items():
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    if max_exp_avg_sqs is not None:
+        tensor_lists.append(max_exp_avg_sqs)
+    for (device, _dtype), (lists, _idx) in C.group_by(tensor_lists).items():
         steps = lists[4]
         C.check_steps_on(device, steps)
         scale, skip = scalars.grad_scale(device), scalars.found_inf(device)
         C.increment_steps(steps, skip)
         impl = C.backend_for(backend, device, lists[:4])
-        impl.adam_step_tensor(*lists, lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
+        impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]), lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
                               weight_decay=float(weight_decay), decoupled=decoupled, correct_bias=correct_bias,
                               maximize=maximize, grad_scale=scale, found_inf=skip)
+
+
+def _amsgrad_kwarg(lists) -> dict:
+    """``max_exp_avg_sqs`` for the backend op when the group carries it (a fifth list), else nothing,
+    so a backend without AMSGrad is only asked for it when it is used."""
+    return {"max_exp_avg_sqs": lists[4]} if len(lists) > 4 else {}

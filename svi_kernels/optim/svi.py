@@ -6,7 +6,8 @@ along the SVI field (Xu, Cheng & Xie's released code feeds the field to ``torch.
 momentum=0.95, nesterov=True)`` or ``torch.optim.Adam``; these are the defaults here).
 
 State layout: ``momentum_buffer`` (as torch.optim.SGD) for ``base="sgd"``; ``step``, ``exp_avg``,
-``exp_avg_sq`` (as torch.optim.Adam) for ``base="adam"``. Weight decay is L2 (added to the field),
+``exp_avg_sq`` (as torch.optim.Adam) for ``base="adam"``, plus ``max_exp_avg_sq`` with ``amsgrad=True``
+(AMSGrad, as torch.optim.Adam(amsgrad=True); fused in the same launch). Weight decay is L2 (added to the field),
 as in torch.optim.SGD and torch.optim.Adam.
 
 Like ``AdamW``, it takes ``torch.amp.GradScaler`` in its fused kernels (``_step_supports_amp_scaling``:
@@ -29,7 +30,7 @@ class SVI(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, base="sgd",
-                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, capturable: bool = False,
+                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, amsgrad: bool = False, capturable: bool = False,
                  backend: Optional[str] = None):
         C.check_lr(lr)
         C.check_nonneg(momentum, "momentum")
@@ -38,10 +39,12 @@ class SVI(Optimizer):
         C.check_nonneg(eps, "eps")
         if base not in ("sgd", "adam"):
             raise ValueError(f"Invalid base {base!r}: expected 'sgd' or 'adam'")
+        if amsgrad and base != "adam":
+            raise ValueError("amsgrad=True needs base='adam'")
         if base == "sgd" and nesterov and C.as_float(momentum, "momentum") <= 0.0:
             raise ValueError("Nesterov momentum requires momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, base=base,
-                        betas=betas, eps=eps, maximize=maximize, capturable=bool(capturable),
+                        betas=betas, eps=eps, maximize=maximize, amsgrad=bool(amsgrad), capturable=bool(capturable),
                         backend=C._backends.validate(backend))
         super().__init__(params, defaults)
 
@@ -54,6 +57,7 @@ class SVI(Optimizer):
             group.setdefault("betas", (0.9, 0.999))
             group.setdefault("eps", 1e-8)
             group.setdefault("capturable", False)
+            group.setdefault("amsgrad", False)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
@@ -83,7 +87,7 @@ class SVI(Optimizer):
                         nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                         maximize=group["maximize"], backend=group["backend"], **amp)
             else:
-                exp_avgs, exp_avg_sqs, steps = [], [], []
+                exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
                 for p in params:
                     st = self.state[p]
                     if "exp_avg" not in st:
@@ -92,13 +96,18 @@ class SVI(Optimizer):
                         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     elif tensor_path:
                         C.step_to_param_device(st, p)
+                    if group["amsgrad"]:
+                        if "max_exp_avg_sq" not in st:
+                            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        max_exp_avg_sqs.append(st["max_exp_avg_sq"])
                     exp_avgs.append(st["exp_avg"])
                     exp_avg_sqs.append(st["exp_avg_sq"])
                     steps.append(st["step"])
                 beta1, beta2 = group["betas"]
                 adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                       eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=True,
-                      maximize=group["maximize"], decoupled=False, backend=group["backend"], **amp)
+                      maximize=group["maximize"], decoupled=False, backend=group["backend"],
+                      max_exp_avg_sqs=max_exp_avg_sqs if group["amsgrad"] else None, **amp)
         return loss
 
 

@@ -8,6 +8,9 @@ step count (a small table of pointers to the 0-d step tensors), the loss scale a
 are read by the kernel, so the host never waits for the device; the bias corrections are then
 computed in float64 in the kernel (``adam_bias_corrections``), and the gradients are unscaled
 in place (``unscale_grad``) before the update.
+
+``max_exp_avg_sqs`` given (both ops): AMSGrad, a fifth list in the pointer table (AMSGRAD
+constexpr): max_v = max(max_v, v), and the denominator uses max_v (``adam_amsgrad_elem``).
 """
 from typing import List, Optional, Union
 
@@ -22,11 +25,11 @@ from .table import Group, pointer_table
 
 
 @device_function
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
                 grad_scale, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
                 DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
-                UNSCALE: tl.constexpr):
+                UNSCALE: tl.constexpr, AMSGRAD: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
@@ -44,12 +47,18 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
             g = g + weight_decay * p
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * (g * g)
-    denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    second = v
+    if AMSGRAD:  # adam_amsgrad_elem: max_v = max(max_v, v) feeds the denominator
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(COMPUTE)
+        second = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+    denom = div_rn(sqrt_rn(second), bc2_sqrt) + eps
     p = p - step_size * div_rn(m, denom)
     # ---
     tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
     tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=mask)
     tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, to_storage(second, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -58,12 +67,16 @@ def adam_step_kernel(ptrs, chunks,
                      eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
                      step_size: tl.float64, bias_correction2_sqrt: tl.float64,
                      DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                     DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
+                     DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                     AMSGRAD: tl.constexpr, N_LISTS: tl.constexpr):
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
-    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
-    g_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, DTYPE, ALIGNED)
+    vmax_ptr = v_ptr
+    if AMSGRAD:
+        vmax_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
     c_one_minus_beta1 = tl.full([], one_minus_beta1, COMPUTE)
     c_beta2 = tl.full([], beta2, COMPUTE)
     c_one_minus_beta2 = tl.full([], one_minus_beta2, COMPUTE)
@@ -73,20 +86,25 @@ def adam_step_kernel(ptrs, chunks,
     c_step_size = tl.full([], step_size, COMPUTE)
     c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
     for first in range(start, full_end, BLOCK):
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, first + tl.arange(0, BLOCK), None,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False)
+                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False,
+                    AMSGRAD)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False)
+                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False,
+                    AMSGRAD)
 
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False) -> None:
-    group = Group([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3))
+              bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
+              max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
+    amsgrad = max_exp_avg_sqs is not None
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    group = Group(lists, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3))
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
@@ -98,7 +116,8 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     args = (ptrs, chunks, 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), weight_decay,
             1.0 - lr * weight_decay, lr / float(bias_correction1), float(bias_correction2_sqrt))
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, DECOUPLED=bool(decoupled),
-                      HAS_WEIGHT_DECAY=weight_decay != 0.0, MAXIMIZE=bool(maximize))
+                      HAS_WEIGHT_DECAY=weight_decay != 0.0, MAXIMIZE=bool(maximize), AMSGRAD=amsgrad,
+                      N_LISTS=len(lists))
     runtime.launch(adam_step_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()
 
@@ -110,16 +129,20 @@ def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, fou
                             DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                             DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                             CORRECT_BIAS: tl.constexpr, STEP_DTYPE: tl.constexpr, LR_FROM_PTR: tl.constexpr,
-                            UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+                            UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, AMSGRAD: tl.constexpr,
+                            N_LISTS: tl.constexpr):
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     if HAS_FOUND_INF:  # a skipped step (inf/nan in the scaled grads) touches nothing
         run = tl.load(found_inf_ptr).to(tl.float64) == 0.0
         full_end = tl.where(run, full_end, start)
         end = tl.where(run, end, start)
-    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
-    g_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, DTYPE, ALIGNED)
+    vmax_ptr = v_ptr
+    if AMSGRAD:
+        vmax_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
     # Coefficients in float64 as the host computes them, then rounded once to the compute dtype.
     one = tl.full([], 1.0, tl.float64)
     b1 = tl.full([], beta1, tl.float64)
@@ -146,21 +169,27 @@ def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, fou
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
     for first in range(start, full_end, BLOCK):
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, first + tl.arange(0, BLOCK), None,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE,
+                    AMSGRAD)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
                     c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE,
+                    AMSGRAD)
 
 
 def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
-                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    group = Group([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3) if grad_scale is None else (0, 1, 2, 3))
+                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
+    amsgrad = max_exp_avg_sqs is not None
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    written = (0, 2, 3) if grad_scale is None else (0, 1, 2, 3)
+    group = Group(lists, written=written + ((4,) if amsgrad else ()))
     if len(state_steps) != group.n_tensors:
         raise ValueError(f"state_steps has {len(state_steps)} tensors, expected {group.n_tensors}")
     if group.n_elements == 0:
@@ -181,6 +210,6 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, DECOUPLED=bool(decoupled),
                       HAS_WEIGHT_DECAY=weight_decay != 0.0, MAXIMIZE=bool(maximize), CORRECT_BIAS=bool(correct_bias),
                       STEP_DTYPE=step_dtype, LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,
-                      HAS_FOUND_INF=found_inf is not None)
+                      HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, N_LISTS=len(lists))
     runtime.launch(adam_step_tensor_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()

@@ -7,7 +7,7 @@ Each captured launch is then also compiled through ``triton.jit``'s own argument
 (``kernel.run(..., warmup=True)``) with a stand-in driver that reports the target and launches
 nothing: the same path ``kernel[grid](...)`` takes on a GPU, argument specialisation included.
 Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD and of their
-AMP / capturable tensor variants in fp32), every activation of the SVI backward.
+AMP / capturable tensor variants in fp32; AMSGrad in every dtype), every activation of the SVI backward.
 
     python -m svi_kernels.triton.aot [--arch 90] [--dtypes fp32,fp16,bf16] [--keep DIR]
 
@@ -46,6 +46,9 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                lambda d=decoupled, w=wd, mx=maximize: adam.adam_step(
                    L(), L(), L(), L(), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=w, decoupled=d,
                    bias_correction1=0.1, bias_correction2_sqrt=0.05, maximize=mx))
+    yield ("amsgrad", lambda: adam.adam_step(
+        L(), L(), L(), L(), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
+        bias_correction1=0.1, bias_correction2_sqrt=0.05, max_exp_avg_sqs=L()))
     sgd_modes = [(True, 0.0, False), (False, 0.01, False), (True, 0.01, True)]
     for nesterov, wd, maximize in sgd_modes if all_modes else sgd_modes[:1]:
         yield (f"nesterov={nesterov},wd={wd},maximize={maximize}",
@@ -61,6 +64,9 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                    L(), L(), L(), L(), steps(), lr=one() * 1e-3 if lt else 1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                    weight_decay=0.01, decoupled=True, correct_bias=cb, grad_scale=one() if a else None,
                    found_inf=one() * 0 if a else None))
+    yield ("amsgrad,lr_tensor=True,amp=True", lambda: adam.adam_step_tensor(
+        L(), L(), L(), L(), steps(), lr=one() * 1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+        decoupled=True, correct_bias=True, grad_scale=one(), found_inf=one() * 0, max_exp_avg_sqs=L()))
     for lr_tensor, amp, _ in tensor_modes[:2] if all_modes else tensor_modes[:1]:
         yield (f"lr_tensor={lr_tensor},amp={amp}",
                lambda lt=lr_tensor, a=amp: sgd.sgd_momentum_step_tensor(

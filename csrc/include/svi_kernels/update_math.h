@@ -7,7 +7,7 @@
 // order, and svi_kernels/backends/reference.py is the plain PyTorch oracle.
 // docs/kernels.md is the formula table all of them cite.
 //
-// Only + - * / and svi_sqrt() are used, so V may be a scalar or a SIMD vector.
+// Only + - * / , svi_sqrt() and svi_max() are used, so V may be a scalar or a SIMD vector.
 // Coefficients arrive already broadcast to V (the caller does it once per chunk).
 // Low-precision params (fp16/bf16) are converted to float before these are called.
 
@@ -30,6 +30,9 @@ namespace math {
 // at::vec::Vectorized (declared before this header's templates are instantiated).
 SVI_HD float svi_sqrt(float x) { return ::sqrtf(x); }
 SVI_HD double svi_sqrt(double x) { return ::sqrt(x); }
+// Scalar max that propagates NaN like torch.maximum; the CPU code adds a vector overload.
+SVI_HD float svi_max(float a, float b) { return (a > b || a != a) ? a : b; }
+SVI_HD double svi_max(double a, double b) { return (a > b || a != a) ? a : b; }
 
 // ---------------------------------------------------------------- Adam / AdamW
 // Matches torch.optim.AdamW (decoupled) and torch.optim.Adam (L2) for one element.
@@ -56,9 +59,11 @@ SVI_HD void adam_bias_corrections(double step, double beta1, double beta2, doubl
   bc2_sqrt = ::sqrt(1.0 - ::pow(beta2, step));
 }
 
-template <typename V>
-SVI_HD void adam_elem(V& p, V g, V& m, V& v, const AdamCoeffs<V>& c,
-                      bool decoupled, bool has_weight_decay, bool maximize) {
+// AMSGRAD (torch's amsgrad=True): max_v = max(max_v, v) after the v update, and the
+// denominator uses max_v instead of v. Without AMSGRAD max_v is neither read nor written.
+template <bool AMSGRAD, typename V>
+SVI_HD void adam_elem_impl(V& p, V g, V& m, V& v, V& max_v, const AdamCoeffs<V>& c,
+                           bool decoupled, bool has_weight_decay, bool maximize) {
   if (maximize) g = V(0) - g;
   if (has_weight_decay) {
     if (decoupled) p = p * c.decay;
@@ -66,8 +71,25 @@ SVI_HD void adam_elem(V& p, V g, V& m, V& v, const AdamCoeffs<V>& c,
   }
   m = m + c.one_minus_beta1 * (g - m);            // torch.lerp for weight < 0.5
   v = c.beta2 * v + c.one_minus_beta2 * (g * g);
-  V denom = svi_sqrt(v) / c.bias_correction2_sqrt + c.eps;
+  V second = v;
+  if constexpr (AMSGRAD) {
+    max_v = svi_max(max_v, v);
+    second = max_v;
+  }
+  V denom = svi_sqrt(second) / c.bias_correction2_sqrt + c.eps;
   p = p - c.step_size * (m / denom);
+}
+
+template <typename V>
+SVI_HD void adam_elem(V& p, V g, V& m, V& v, const AdamCoeffs<V>& c,
+                      bool decoupled, bool has_weight_decay, bool maximize) {
+  adam_elem_impl<false>(p, g, m, v, v, c, decoupled, has_weight_decay, maximize);
+}
+
+template <typename V>
+SVI_HD void adam_amsgrad_elem(V& p, V g, V& m, V& v, V& max_v, const AdamCoeffs<V>& c,
+                              bool decoupled, bool has_weight_decay, bool maximize) {
+  adam_elem_impl<true>(p, g, m, v, max_v, c, decoupled, has_weight_decay, maximize);
 }
 
 // ------------------------------------------------- momentum SGD (SVI-SGD base)
