@@ -60,18 +60,20 @@ def parse_mode(text: str) -> int:
 # --------------------------------------------------------------------------------------------- profiles
 PROFILES: Dict[str, Dict[str, dict]] = {
     "smoke": {
-        "svi": dict(modes=[0, 1], lr_grid=[0.01, 0.1], seeds=[0, 1], tune_seeds=[0], epochs=2, batch_size=16),
+        "svi": dict(modes=[0, 1], lr_grid=[0.01, 0.1], seeds=[0, 1], tune_seeds={0: [0, 1], 1: [0]}, epochs=2,
+                    batch_size=16),
         "linesearch": dict(settings=[("n32", 32, 2), ("all", None, 1)], top_layers=1, adam_lrs=[1e-3],
                            seeds=[0, 1], batch_size=16),
         "stability": dict(subset=None, top_layers=1, seeds=[0, 1], lr=1e-3, batch_size=16,
                           few_epochs=1, many_epochs=2),
     },
     "study": {
-        "svi": dict(modes=[0, 1, 2], lr_grid=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2, 3, 4],
-                    tune_seeds=[0, 1], epochs=3, batch_size=32),
+        # tuning seeds per mode: classifier-only runs take seconds, top-2 runs minutes
+        "svi": dict(modes=[0, 1, 2], lr_grid=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2, 3, 4],
+                    tune_seeds={0: [0, 1, 2, 3, 4], 1: [0, 1], 2: [0]}, epochs=2, batch_size=32),
         "linesearch": dict(settings=[("n500", 500, 5), ("full", None, 2)], top_layers=2,
                            adam_lrs=[2e-5, 1e-4, 5e-4], seeds=[0, 1, 2], batch_size=32),
-        "stability": dict(subset=1000, top_layers=2, seeds=list(range(10)), lr=2e-5, batch_size=16,
+        "stability": dict(subset=1000, top_layers=1, seeds=list(range(10)), lr=2e-5, batch_size=16,
                           few_epochs=3, many_epochs=10),
     },
     "paper": {
@@ -90,8 +92,8 @@ def svi_settings(p: dict, optimizers=("sgd", "svi")) -> List[Setting]:
     out = []
     for k in p["modes"]:
         arms = [Arm(o, o, list(p["lr_grid"])) for o in optimizers]
-        # classifier-only runs take seconds: tune on every seed there
-        tune = list(p["seeds"]) if k == 0 else list(p["tune_seeds"])
+        tune = p["tune_seeds"]
+        tune = list(tune.get(k, p["seeds"][:1]) if isinstance(tune, dict) else tune)
         out.append(Setting(mode_name(k), k, p.get("subset"), arms, list(p["seeds"]), tune,
                            dict(epochs=p["epochs"], batch_size=p["batch_size"], evals_per_epoch=4)))
     return out
@@ -107,7 +109,7 @@ def linesearch_settings(p: dict, optimizers=("adam", "adamsls", "plasls")) -> Li
                 arms.append(Arm(o, o, [0.1]))  # lr slot = initial step size (ignored by the factory)
             else:
                 arms.append(Arm(o, o, list(p["adam_lrs"]), dict(schedule="cosine", warmup=0.1)))
-        evals = 4 if subset and subset <= 1000 else 8
+        evals = 2 if subset and subset <= 1000 else 4
         out.append(Setting(name, p["top_layers"], subset, arms, list(p["seeds"]), list(p["seeds"][:1]),
                            dict(epochs=epochs, batch_size=p["batch_size"], evals_per_epoch=evals)))
     return out
@@ -137,6 +139,7 @@ class Context:
         self.dataset = data_mod.load_dataset(dataset_spec, cache_dir)
         self.backbone: Backbone = load_backbone(model_spec, self.dataset.train_texts, self.dataset.n_classes)
         self.out_dir, self.max_len, self.backend, self.progress = out_dir, max_len, backend, progress
+        self.cache_dir = cache_dir or data_mod.default_cache_dir()
         self.model_spec, self.dataset_spec = model_spec, dataset_spec
         self._tops: Dict[int, TrainableTop] = {}
         self.all_top_layers: List[int] = []
@@ -151,9 +154,10 @@ class Context:
         also = [j for j in self.all_top_layers if j != k]
         # the full training set is encoded once; subsets are its first n rows
         tr = feat_mod.frozen_features(self.backbone, self.dataset.name + ":train", self.dataset.train_texts,
-                                      self.dataset.train_labels, k, self.max_len, also=also)
+                                      self.dataset.train_labels, k, self.max_len, also=also,
+                                      cache_dir=self.cache_dir)
         va = feat_mod.frozen_features(self.backbone, self.dataset.name + ":val", ds.val_texts, ds.val_labels,
-                                      k, self.max_len, also=also)
+                                      k, self.max_len, also=also, cache_dir=self.cache_dir)
         if subset and subset < len(tr):
             tr = feat_mod.Features(tr.x[:subset], tr.mask[:subset], tr.labels[:subset])
         return tr, va, ds

@@ -7,8 +7,10 @@ layers, the pooler and the classifier, which is what makes multi-seed runs affor
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -58,18 +60,30 @@ def _hidden_states(backbone: Backbone, ids: torch.Tensor, mask: torch.Tensor, wa
 
 def frozen_features(backbone: Backbone, dataset_key: str, texts: List[str], labels: List[int],
                     top_layers: int, max_len: int = 64, batch_size: int = 64,
-                    also: Iterable[int] = ()) -> Features:
+                    also: Iterable[int] = (), cache_dir: Optional[str] = None) -> Features:
     """Inputs of the trainable top for ``top_layers`` (see ``TrainableTop``), cached in memory.
 
     ``also``: other ``top_layers`` values to compute in the same frozen pass (one pass serves all).
+    ``cache_dir``: also keep them on disk (``<cache_dir>/features/``), for later processes.
     """
     key = (backbone.name, dataset_key, max_len)
     if (*key, top_layers) in _MEMORY:
         return _MEMORY[(*key, top_layers)]
-    ids, mask = backbone.tokenize(texts, max_len)
     y = torch.tensor(labels, dtype=torch.long)
+    ks = []
+    for k in dict.fromkeys([top_layers, *also]):
+        disk = _disk_path(backbone, texts, max_len, k, cache_dir)
+        if (*key, k) in _MEMORY:
+            continue
+        if disk and os.path.exists(disk):
+            saved = torch.load(disk)
+            _MEMORY[(*key, k)] = Features(saved["x"], saved["mask"], y)
+        else:
+            ks.append(k)
+    if not ks:
+        return _MEMORY[(*key, top_layers)]
+    ids, mask = backbone.tokenize(texts, max_len)
     L = n_layers(backbone.model)
-    ks = [k for k in dict.fromkeys([top_layers, *also]) if (*key, k) not in _MEMORY]
     for k in ks:
         if not (k == -1 or 0 <= k <= L):
             raise ValueError(f"top_layers must be in 0..{L} or -1 (full), got {k}")
@@ -83,7 +97,23 @@ def frozen_features(backbone: Backbone, dataset_key: str, texts: List[str], labe
         else:
             x = hidden[layer_in[k]]
         _MEMORY[(*key, k)] = Features(x, mask, y)
+        path = _disk_path(backbone, texts, max_len, k, cache_dir)
+        if path and k >= 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"x": x, "mask": mask}, path + ".tmp")
+            os.replace(path + ".tmp", path)
     return _MEMORY[(*key, top_layers)]
+
+
+def _disk_path(backbone: Backbone, texts: List[str], max_len: int, top_layers: int,
+               cache_dir: Optional[str]) -> Optional[str]:
+    """On-disk cache file (shared by processes of a study), or None for models without a stable id."""
+    if not cache_dir or not backbone.cache_id:
+        return None
+    h = hashlib.sha1(f"{backbone.cache_id}|{max_len}|{top_layers}|".encode())
+    for t in texts:
+        h.update(t.encode() + b"\0")
+    return os.path.join(cache_dir, "features", h.hexdigest()[:20] + ".pt")
 
 
 def clear_cache() -> None:

