@@ -11,9 +11,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from svi_kernels import finetune
+from svi_kernels import finetune  # noqa: F401  (the entry point itself must import)
+from svi_kernels._entry import load
 
-cli = finetune._cli()  # benchmarks.finetune from a checkout, svi_kernels._benchmarks.finetune when installed
+cli = load("finetune.cli")  # benchmarks.finetune from a checkout, svi_kernels._benchmarks.finetune when installed
 _pkg = cli.__package__
 data = importlib.import_module(_pkg + ".data")
 model_mod = importlib.import_module(_pkg + ".model")

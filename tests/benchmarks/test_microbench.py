@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from svi_kernels import bench
+from svi_kernels import bench  # noqa: F401  (the entry point itself must import)
+from svi_kernels._entry import load
 
-microbench = bench._microbench()  # benchmarks/ from a checkout, svi_kernels._benchmarks when installed
+microbench = load("microbench")  # benchmarks/ from a checkout, svi_kernels._benchmarks when installed
 _pkg = microbench.__package__
 traffic = importlib.import_module(_pkg + ".traffic")
 rows_mod = importlib.import_module(_pkg + ".rows")
