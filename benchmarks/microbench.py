@@ -35,7 +35,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     ap.add_argument("--repeats", type=int, default=7, help="timed windows per row (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
-    ap.add_argument("--row-budget", type=float, default=3.0,
+    ap.add_argument("--row-budget", type=float, default=2.0,
                     help="seconds one row may spend; slow rows get fewer repeats (at least 3) (default: %(default)s)")
     ap.add_argument("--stream-numel", type=int, default=stream.DEFAULT_STREAM_NUMEL,
                     help="float32 elements of the bandwidth probe (default: %(default)s)")
