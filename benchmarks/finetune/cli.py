@@ -34,7 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="svi_kernels backend (default: fastest available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--target", type=float, default=None, help="target val accuracy (default: 98%% of the best arm's mean)")
+    _report_opts(p)
     p.add_argument("--modes", nargs="+", default=None, help="classifier | topK | full (claim svi: list; others: first)")
     p.add_argument("--optimizers", nargs="+", default=None, help="optimizer names (see optimizers.py): sgd svi svi-adam adam adamw adamw-nobc adamsls plasls sgdsls")
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="learning-rate grid (shared by the arms)")
@@ -44,6 +44,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="epochs (stability: FEW MANY for the two recipes)")
     p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
     p.add_argument("--batch-size", type=int, default=None)
+
+
+def _report_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", type=float, default=None, help="target val accuracy (default: 98%% of the best arm's mean)")
+    p.add_argument("--time-axis", choices=["wall", "cpu"], default="wall",
+                   help="x axis of the time plots: wall-clock, or process CPU time (fairer on a shared machine)")
 
 
 def _overrides(claim: str, a: argparse.Namespace) -> dict:
@@ -103,11 +109,11 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
     rep.add_argument("--out", default="out/finetune")
     rep.add_argument("--img-dir", default=None)
-    rep.add_argument("--target", type=float, default=None)
+    _report_opts(rep)
     a = parser.parse_args(argv)
 
     if a.command == "report":
-        report.write_report(a.out, ["svi", "linesearch", "stability", "custom"], a.img_dir, a.target)
+        report.write_report(a.out, ["svi", "linesearch", "stability", "custom"], a.img_dir, a.target, a.time_axis)
         print(os.path.join(a.out, "report.md"))
         return 0
     t0 = time.time()
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
         claims_done = ["svi", "linesearch", "stability"] if a.command == "study" else [a.command]
         for claim in claims_done:
             C.run_claim(ctx, claim, _settings(claim, a))
-    report.write_report(a.out, claims_done, a.img_dir, a.target)
+    report.write_report(a.out, claims_done, a.img_dir, a.target, a.time_axis)
     print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'report.md')}", file=sys.stderr)
     return 0
 

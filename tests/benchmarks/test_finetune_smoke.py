@@ -80,6 +80,17 @@ def test_custom_run_and_determinism(tmp_path):
         assert ra["history"]["train_loss"][1:] == rb["history"]["train_loss"][1:]
     ra = json.loads((tmp_path / "a" / "custom" / "runs" / "top1__svi__lr0.05__s3.json").read_text())
     assert "svi_kernels.SVI" in ra["implementation"]
+    assert "intermediate.dense" in ra["notes"][0] and "pooler.dense" in ra["notes"][0]
+
+
+def test_full_model_mode_with_plasls(tmp_path):
+    """Full fine-tuning (embeddings trained too): PLASLS gets the embeddings, layer and head groups."""
+    args = ["run", "--mode", "full", "--optimizer", "plasls", "adamw", "--lr", "1e-3", "--seeds", "0",
+            "--epochs", "1", "--out", str(tmp_path)] + COMMON
+    assert cli.main(args) == 0
+    run = json.loads((tmp_path / "custom" / "runs" / "full__plasls__lr0.001__s0.json").read_text())
+    assert len(run["line_search"]["step_sizes"]) == 4  # embeddings, 2 layers, head
+    assert run["forwards_per_step"] >= 2.0
 
 
 def test_trainable_top_matches_hf_forward():
