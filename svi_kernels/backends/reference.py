@@ -27,6 +27,34 @@ def _store(dst: Tensor, value: Tensor) -> None:
         dst.copy_(value)
 
 
+def _adam_math(pf, gf, mf, vf, vmax, *, beta1, beta2, eps, weight_decay, decoupled, decay, step_size,
+               bias_correction2_sqrt, maximize):
+    """adam_elem of update_math.h on opmath tensors; returns (p, m, v, the v used in the denominator)."""
+    if maximize:
+        gf = -gf
+    if weight_decay != 0.0:
+        if decoupled:
+            pf = pf * decay
+        else:
+            gf = gf + weight_decay * pf
+    mf = mf + (1.0 - beta1) * (gf - mf)
+    vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
+    second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)  # AMSGrad
+    denom = second.sqrt() / bias_correction2_sqrt + eps
+    return pf - step_size * (mf / denom), mf, vf, second
+
+
+def _sgd_math(pf, gf, bf, *, lr, momentum, nesterov, weight_decay, maximize):
+    """sgd_momentum_elem of update_math.h on opmath tensors; returns (p, momentum buffer)."""
+    if maximize:
+        gf = -gf
+    if weight_decay != 0.0:
+        gf = gf + weight_decay * pf
+    bf = momentum * bf + gf
+    d = gf + momentum * bf if nesterov else bf
+    return pf - lr * d, bf
+
+
 def adam_step(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
@@ -38,19 +66,10 @@ def adam_step(
     decay = 1.0 - lr * weight_decay
     maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
     for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, maxes):
-        pf, gf, mf, vf = _opmath(p), _opmath(g), _opmath(m), _opmath(v)
-        if maximize:
-            gf = -gf
-        if weight_decay != 0.0:
-            if decoupled:
-                pf = pf * decay
-            else:
-                gf = gf + weight_decay * pf
-        mf = mf + (1.0 - beta1) * (gf - mf)
-        vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-        second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)
-        denom = second.sqrt() / bias_correction2_sqrt + eps
-        pf = pf - step_size * (mf / denom)
+        pf, mf, vf, second = _adam_math(
+            _opmath(p), _opmath(g), _opmath(m), _opmath(v), vmax, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, decay=decay, step_size=step_size,
+            bias_correction2_sqrt=bias_correction2_sqrt, maximize=maximize)
         _store(p, pf)
         _store(m, mf)
         _store(v, vf)
@@ -63,14 +82,8 @@ def sgd_momentum_step(
     lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
 ) -> None:
     for p, g, b in zip(params, grads, momentum_buffers):
-        pf, gf, bf = _opmath(p), _opmath(g), _opmath(b)
-        if maximize:
-            gf = -gf
-        if weight_decay != 0.0:
-            gf = gf + weight_decay * pf
-        bf = momentum * bf + gf
-        d = gf + momentum * bf if nesterov else bf
-        pf = pf - lr * d
+        pf, bf = _sgd_math(_opmath(p), _opmath(g), _opmath(b), lr=lr, momentum=momentum, nesterov=nesterov,
+                           weight_decay=weight_decay, maximize=maximize)
         _store(p, pf)
         _store(b, bf)
 
@@ -139,19 +152,11 @@ def adam_step_tensor(
             bc2_sqrt = torch.sqrt(1.0 - torch.pow(float(beta2), t))
         step_size, bc2_sqrt = _as_compute(step_size, compute), _as_compute(bc2_sqrt, compute)
         decay = _as_compute(1.0 - lr64 * weight_decay, compute)
-        pf, mf, vf = _opmath(p), _opmath(m), _opmath(v)
         gu = _unscaled(g, grad_scale, compute)
-        gf = -gu if maximize else gu
-        if weight_decay != 0.0:
-            if decoupled:
-                pf = pf * decay
-            else:
-                gf = gf + weight_decay * pf
-        mf = mf + (1.0 - beta1) * (gf - mf)
-        vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-        second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)
-        denom = second.sqrt() / bc2_sqrt + eps
-        pf = pf - step_size * (mf / denom)
+        pf, mf, vf, second = _adam_math(
+            _opmath(p), gu, _opmath(m), _opmath(v), vmax, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, decay=decay, step_size=step_size,
+            bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
@@ -173,14 +178,9 @@ def sgd_momentum_step_tensor(
     lr_c = _as_compute(_as_f64(lr, params[0]), compute)
     keep = _keep(found_inf, params[0])
     for p, g, b in zip(params, grads, momentum_buffers):
-        pf, bf = _opmath(p), _opmath(b)
         gu = _unscaled(g, grad_scale, compute)
-        gf = -gu if maximize else gu
-        if weight_decay != 0.0:
-            gf = gf + weight_decay * pf
-        bf = momentum * bf + gf
-        d = gf + momentum * bf if nesterov else bf
-        pf = pf - lr_c * d
+        pf, bf = _sgd_math(_opmath(p), gu, _opmath(b), lr=lr_c, momentum=momentum, nesterov=nesterov,
+                           weight_decay=weight_decay, maximize=maximize)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
