@@ -28,7 +28,8 @@ def _interpreting() -> bool:
 
 def _status(name: str) -> tuple[bool, str]:
     if name == "reference":
-        return True, "plain PyTorch, always available"
+        from . import reference
+        return reference.available()
     if name == "cpu":
         from . import compiled
         return compiled.load()
