@@ -91,9 +91,10 @@ def _exact_sqrt(x):
 def header_oracle(op, lists, etas, kwargs):
     """update_math.h transcribed with torch fp32 element ops (each rounds once, no FMA) and a
     correctly rounded sqrt, written back with round-to-nearest-even: what the kernels must
-    reproduce bit for bit for fp32/fp16/bf16 inputs."""
+    reproduce bit for bit for fp32/fp16/bf16 inputs. Computed on the CPU: torch's CUDA division by
+    a Python number multiplies by its reciprocal, which is not one correctly rounded division."""
     k = dict(kwargs)
-    f = [[t.float() for t in lst] for lst in lists]
+    f = [[t.float().cpu() for t in lst] for lst in lists]
     out = [[None] * len(lst) for lst in lists]
     sums = []
     for i in range(len(lists[0])):
@@ -153,7 +154,7 @@ def check_parity(op, sizes, dtype, seed=0, etas=None):
                 torch.testing.assert_close(got, exp_same, atol=scale, rtol=0)
         if exact is not None:
             for i, (got, want) in enumerate(zip(lists[li], exact[li])):
-                assert torch.equal(got, want.to(dtype)), (op, dtype, li, i, (got.double() - want.double()).abs().max())
+                assert torch.equal(got.cpu(), want.to(dtype)), (op, dtype, li, i, (got.double().cpu() - want.double()).abs().max())
     if out64 is not None:
         assert out.dtype == torch.float32 and out.shape == (len(sizes),) and out.device.type == DEVICE.type
         torch.testing.assert_close(out.double().cpu(), out64.double().cpu(), rtol=1e-5, atol=1e-6)
