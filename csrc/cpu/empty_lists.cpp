@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "svi_kernels/check.h"
+
 namespace svi_kernels {
 namespace {
 
@@ -20,14 +22,14 @@ void empty_lists_or_no_kernel(const c10::OperatorHandle& op, torch::jit::Stack* 
     const auto list = args[a].toTensorList();
     for (size_t i = 0; i < list.size(); ++i) {
       const at::Tensor t = list.get(i);
-      TORCH_CHECK(!t.defined() || t.layout() == at::kStrided, schema.name(), ": ", schema.arguments()[a].name(),
+      SVI_CHECK(!t.defined() || t.layout() == at::kStrided, schema.name(), ": ", schema.arguments()[a].name(),
                   "[", i, "] has layout ", t.layout(),
                   "; the fused ops need dense tensors (sparse gradients are not supported)");
     }
   }
   for (size_t a = 0; a < num_args; ++a) {
     if (!args[a].isTensorList() || args[a].toTensorList().size() == 0) continue;
-    TORCH_CHECK(false, schema.name(), ": no kernel for tensors on ", args[a].toTensorList().get(0).device(),
+    SVI_CHECK(false, schema.name(), ": no kernel for tensors on ", args[a].toTensorList().get(0).device(),
                 " in this build of svi_kernels._C");
   }
   torch::jit::drop(*stack, num_args);

@@ -1,6 +1,6 @@
 #include "tensor_checks.h"
 
-#include <c10/util/Exception.h>
+#include "svi_kernels/check.h"
 
 namespace svi_kernels::cpu {
 
@@ -16,7 +16,7 @@ at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList
   const NamedList& first = *lists.begin();
   const size_t n = first.tensors.size();
   for (const NamedList& l : lists) {
-    TORCH_CHECK(l.tensors.size() == n, "svi_kernels::", op, ": ", first.name, " has ", n, " tensors but ",
+    SVI_CHECK(l.tensors.size() == n, "svi_kernels::", op, ": ", first.name, " has ", n, " tensors but ",
                 l.name, " has ", l.tensors.size(), "; every list needs one tensor per parameter");
   }
   if (n == 0) return at::ScalarType::Undefined;
@@ -26,22 +26,22 @@ at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList
     const int64_t numel = first.tensors[i].numel();
     for (const NamedList& l : lists) {
       const at::Tensor& t = l.tensors[i];
-      TORCH_CHECK(t.defined(), "svi_kernels::", op, ": ", l.name, "[", i, "] is an undefined tensor");
-      TORCH_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", l.name, "[", i, "] has layout ",
+      SVI_CHECK(t.defined(), "svi_kernels::", op, ": ", l.name, "[", i, "] is an undefined tensor");
+      SVI_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", l.name, "[", i, "] has layout ",
                   t.layout(), "; the fused ops need dense tensors (sparse gradients are not supported)");
-      TORCH_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", l.name, "[", i, "] is on ", t.device(),
+      SVI_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", l.name, "[", i, "] is on ", t.device(),
                   "; the CPU kernel needs all tensors on the CPU");
-      TORCH_CHECK(!at::isComplexType(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i,
+      SVI_CHECK(!at::isComplexType(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i,
                   "] is complex (", t.scalar_type(), "); complex tensors are not supported, pass "
                   "torch.view_as_real views instead");
-      TORCH_CHECK(supported_dtype(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+      SVI_CHECK(supported_dtype(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
                   t.scalar_type(), "; supported dtypes are float32, float64, float16 and bfloat16");
-      TORCH_CHECK(t.scalar_type() == dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+      SVI_CHECK(t.scalar_type() == dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
                   t.scalar_type(), " but ", first.name, "[0] has ", dtype,
                   "; all tensors of one call must share a dtype (group them by dtype)");
-      TORCH_CHECK(t.numel() == numel, "svi_kernels::", op, ": ", l.name, "[", i, "] has ", t.numel(),
+      SVI_CHECK(t.numel() == numel, "svi_kernels::", op, ": ", l.name, "[", i, "] has ", t.numel(),
                   " elements but ", first.name, "[", i, "] has ", numel);
-      TORCH_CHECK(t.is_contiguous(), "svi_kernels::", op, ": ", l.name, "[", i,
+      SVI_CHECK(t.is_contiguous(), "svi_kernels::", op, ": ", l.name, "[", i,
                   "] is not contiguous; the fused ops need contiguous tensors");
     }
   }
@@ -49,22 +49,22 @@ at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList
 }
 
 void check_per_tensor_scalars(const char* op, const char* name, size_t count, size_t num_tensors) {
-  TORCH_CHECK(count == num_tensors, "svi_kernels::", op, ": ", name, " has ", count, " values but there are ",
+  SVI_CHECK(count == num_tensors, "svi_kernels::", op, ": ", name, " has ", count, " values but there are ",
               num_tensors, " tensors; pass one value per tensor");
 }
 
 double read_scalar(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), "svi_kernels::", op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", name, " is on ", t.device(),
+  SVI_CHECK(t.defined(), "svi_kernels::", op, ": ", name, " is an undefined tensor");
+  SVI_CHECK(t.device().is_cpu(), "svi_kernels::", op, ": ", name, " is on ", t.device(),
               "; the CPU kernel reads it from host memory, so it must be a CPU tensor");
-  TORCH_CHECK(t.numel() == 1, "svi_kernels::", op, ": ", name, " must have one element, got ", t.numel());
-  TORCH_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", name, " must be a dense tensor");
+  SVI_CHECK(t.numel() == 1, "svi_kernels::", op, ": ", name, " must have one element, got ", t.numel());
+  SVI_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", name, " must be a dense tensor");
   switch (t.scalar_type()) {
     case at::kFloat: return static_cast<double>(*t.const_data_ptr<float>());
     case at::kDouble: return *t.const_data_ptr<double>();
     default: break;
   }
-  TORCH_CHECK(false, "svi_kernels::", op, ": ", name, " must be float32 or float64, got ", t.scalar_type());
+  SVI_CHECK(false, "svi_kernels::", op, ": ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
 bool step_skipped(const char* op, const std::optional<at::Tensor>& found_inf) {

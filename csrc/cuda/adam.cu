@@ -160,14 +160,14 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::TensorList>& max_exp_avg_sqs) {
   constexpr const char* op = "adam_step_tensor";
   const at::ScalarType dtype = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-  TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
+  SVI_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   if (params.empty()) return;
   const at::Device device = params[0].device();
   bool steps_double = false;
   for (size_t i = 0; i < state_steps.size(); ++i) {
     const bool is_double = check_device_scalar(op, "state_steps[" + std::to_string(i) + "]", state_steps[i], device);
-    TORCH_CHECK(i == 0 || is_double == steps_double, op, ": all state_steps must share one dtype");
+    SVI_CHECK(i == 0 || is_double == steps_double, op, ": all state_steps must share one dtype");
     steps_double = is_double;
   }
   const c10::cuda::CUDAGuard guard(device);

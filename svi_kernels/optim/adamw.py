@@ -11,6 +11,10 @@ Two ways through ``step()``:
   tensor, the steps live on the parameters' device, and the kernels read lr, steps, loss scale and
   skip flag in place, so ``step()`` never waits for the device (no host sync; CUDA-graph capturable).
   The grads are unscaled in the fused kernel; a step with inf/nan grads changes nothing.
+
+With ``master_weights=True`` each fp16/bf16 parameter is updated through a float32 copy in its state
+(``master_param``, with float32 moments) by the same fused ops, then rounded into the parameter in
+place (``_common.step_with_masters``).
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ class AdamW(Optimizer):
             maximum of the second moment (state ``max_exp_avg_sq``), in the same fused launch.
         capturable: keep the steps on the parameters' device and read lr (a number or a 0-d tensor
             on that device), steps and AMP scale in the kernels: no host read in ``step()``.
+        master_weights: keep a float32 copy of every fp16/bf16 parameter (state ``master_param``,
+            moments in float32 too) that takes the update, rounded to nearest into the parameter
+            after each step; small updates then accumulate instead of rounding away. Other dtypes
+            ignore it. ``load_state_dict`` keeps this optimizer's setting.
         backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
 
     Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands the loss scale and the inf flag
@@ -47,14 +55,15 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
-                 capturable: bool = False, backend: Optional[str] = None):
+                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None):
         C.check_lr(lr)
         C.check_betas(betas)
         C.check_nonneg(eps, "eps")
         C.check_nonneg(weight_decay, "weight_decay")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=bool(amsgrad), backend=C._backends.validate(backend),
-                        foreach=None, capturable=bool(capturable), differentiable=False, fused=None)
+                        foreach=None, capturable=bool(capturable), differentiable=False, fused=None,
+                        master_weights=C.check_bool(master_weights, "master_weights"))
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -66,29 +75,34 @@ class AdamW(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("amsgrad", False)
             group.setdefault("capturable", False)
+            group.setdefault("master_weights", False)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
                            ("step", "exp_avg", "exp_avg_sq"))
+        flags = [g["master_weights"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        C.keep_master_state(self, state_dict, flags)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+    def _init_group(self, group, owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                     steps_on_device: bool) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
-            if len(state) == 0:
+            w = C.working_tensor(group, state, p)  # p, or its fp32 master
+            if "exp_avg" not in state:
                 state["step"] = C.new_step(p, on_device=steps_on_device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             elif steps_on_device:
                 C.step_to_param_device(state, p)
             if group["amsgrad"]:
                 if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            params.append(p)
+            owners.append(p)
+            params.append(w)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
@@ -100,14 +114,18 @@ class AdamW(Optimizer):
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_path)
+            owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
+            self._init_group(group, owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                             tensor_path)
             beta1, beta2 = group["betas"]
-            adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                  eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                  maximize=group["maximize"], backend=group["backend"], capturable=group["capturable"],
-                  grad_scale=grad_scale, found_inf=found_inf,
-                  max_exp_avg_sqs=max_exp_avg_sqs if group["amsgrad"] else None)
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
+                         maximize=group["maximize"], backend=group["backend"], capturable=tensor_path,
+                         grad_scale=grad_scale, found_inf=found_inf)
+            amsgrad = group["amsgrad"]
+            lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
+            C.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
+                                lists, owners, grad_scale)
         return loss
 
 

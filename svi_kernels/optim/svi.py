@@ -13,6 +13,9 @@ as in torch.optim.SGD and torch.optim.Adam.
 Like ``AdamW``, it takes ``torch.amp.GradScaler`` in its fused kernels (``_step_supports_amp_scaling``:
 the field of the scaled loss is unscaled in place, a step with inf/nan is skipped without a host
 sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on the device).
+
+``master_weights=True``: as in ``AdamW``, every fp16/bf16 parameter is updated through a float32 copy
+(state ``master_param``; its momentum buffer or moments in float32) and rounded into the parameter.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class SVI(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, base="sgd",
                  betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, amsgrad: bool = False, capturable: bool = False,
-                 backend: Optional[str] = None):
+                 master_weights: bool = False, backend: Optional[str] = None):
         C.check_lr(lr)
         C.check_nonneg(momentum, "momentum")
         C.check_nonneg(weight_decay, "weight_decay")
@@ -45,6 +48,7 @@ class SVI(Optimizer):
             raise ValueError("Nesterov momentum requires momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, base=base,
                         betas=betas, eps=eps, maximize=maximize, amsgrad=bool(amsgrad), capturable=bool(capturable),
+                        master_weights=C.check_bool(master_weights, "master_weights"),
                         backend=C._backends.validate(backend))
         super().__init__(params, defaults)
 
@@ -58,6 +62,7 @@ class SVI(Optimizer):
             group.setdefault("eps", 1e-8)
             group.setdefault("capturable", False)
             group.setdefault("amsgrad", False)
+            group.setdefault("master_weights", False)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
@@ -65,7 +70,9 @@ class SVI(Optimizer):
             if st and not ({"momentum_buffer"} <= set(st) or {"step", "exp_avg", "exp_avg_sq"} <= set(st)):
                 raise ValueError(f"SVI.load_state_dict: state of parameter {k} has neither a momentum buffer nor "
                                  f"Adam moments (keys {sorted(st)}); is this a state_dict of another optimizer?")
+        flags = [g["master_weights"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        C.keep_master_state(self, state_dict, flags)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,41 +80,47 @@ class SVI(Optimizer):
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
-            amp = dict(capturable=group["capturable"], grad_scale=grad_scale, found_inf=found_inf)
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
+            amp = dict(capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+            owners = [p for p in group["params"] if p.grad is not None]
+            params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
+            grads = [p.grad for p in owners]
             if group["base"] == "sgd":
                 bufs = []
-                for p in params:
+                for p, w in zip(owners, params):
                     st = self.state[p]
                     if "momentum_buffer" not in st or st["momentum_buffer"] is None:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                     bufs.append(st["momentum_buffer"])
-                svi_sgd(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                        nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                        maximize=group["maximize"], backend=group["backend"], **amp)
+                hyper = dict(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                             weight_decay=group["weight_decay"], maximize=group["maximize"],
+                             backend=group["backend"], **amp)
+                C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), [params, grads, bufs], owners, grad_scale)
             else:
                 exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-                for p in params:
+                for p, w in zip(owners, params):
                     st = self.state[p]
                     if "exp_avg" not in st:
                         st["step"] = C.new_step(p, on_device=tensor_path)
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                     elif tensor_path:
                         C.step_to_param_device(st, p)
                     if group["amsgrad"]:
                         if "max_exp_avg_sq" not in st:
-                            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                            st["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                         max_exp_avg_sqs.append(st["max_exp_avg_sq"])
                     exp_avgs.append(st["exp_avg"])
                     exp_avg_sqs.append(st["exp_avg_sq"])
                     steps.append(st["step"])
                 beta1, beta2 = group["betas"]
-                adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                      eps=group["eps"], weight_decay=group["weight_decay"], correct_bias=True,
-                      maximize=group["maximize"], decoupled=False, backend=group["backend"],
-                      max_exp_avg_sqs=max_exp_avg_sqs if group["amsgrad"] else None, **amp)
+                hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], correct_bias=True, maximize=group["maximize"],
+                             decoupled=False, backend=group["backend"], **amp)
+                amsgrad = group["amsgrad"]
+                lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
+                C.step_with_masters(
+                    lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
+                    lists, owners, grad_scale)
         return loss
 
 
