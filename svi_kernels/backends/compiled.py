@@ -69,9 +69,9 @@ def _ops():
 
 
 def _check_lengths(op: str, **lists: Optional[Sequence]) -> None:
-    """Every list of one call has one entry per parameter. The C++ kernels check this too, but a
-    mismatch must not reach the dispatcher: torch 2.11's CUDA build crashed (SIGSEGV) on one
-    before our check could run (seen on an H100 machine)."""
+    """Every list of one call has one entry per parameter, checked before any C++ runs. The C++
+    kernels check it too; this copy keeps the most likely misuse a plain Python error even where a
+    C++ error message misbehaves (csrc/include/svi_kernels/check.h tells of one torch build)."""
     first_name, first = next(iter(lists.items()))
     for name, lst in lists.items():
         if lst is not None and len(lst) != len(first):

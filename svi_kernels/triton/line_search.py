@@ -182,7 +182,11 @@ def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tenso
         else:
             out = (values.to(device=group.device, dtype=torch.float64).reshape(-1) / scale).to(dtype)
     else:
-        out = torch.tensor([float(e) / scale for e in values], dtype=dtype, device=group.device)
+        out = torch.tensor([float(e) / scale for e in values], dtype=dtype)
+        if group.device.type == "cuda":
+            # From pinned memory the upload is asynchronous; from pageable memory CUDA first waits
+            # for the stream to drain, a host sync per trial (svi-bench counted 2 syncs per trial).
+            out = out.pin_memory().to(group.device, non_blocking=True)
     if out.numel() != n:
         raise ValueError(f"expected {n} per-tensor step sizes, got {out.numel()}")
     return out
