@@ -42,4 +42,6 @@ TORCH_LIBRARY(svi_kernels, m) {
   m.def(
       "ls_final_adam(Tensor(a!)[] params, Tensor[] w0, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "float[] etas, float eps, float bias_correction1, float bias_correction2_sqrt) -> ()");
+  // The float path's step counters (one-element CPU tensors): +1 each, new values returned.
+  m.def("increment_steps(Tensor(a!)[] steps) -> float[]");
 }

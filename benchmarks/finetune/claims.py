@@ -105,7 +105,7 @@ def linesearch_settings(p: dict, optimizers=("adam", "adamsls", "plasls")) -> Li
     for name, subset, epochs in p["settings"]:
         arms = []
         for o in optimizers:
-            if o in ("adamsls", "plasls", "sgdsls"):
+            if o in ("adamsls", "plasls", "plasls-paper", "sgdsls"):
                 arms.append(Arm(o, o, [0.1]))  # lr slot = initial step size (ignored by the factory)
             else:
                 arms.append(Arm(o, o, list(p["adam_lrs"]), dict(schedule="cosine", warmup=0.1)))

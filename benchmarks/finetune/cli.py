@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _report_opts(p)
     p.add_argument("--modes", nargs="+", default=None, help="classifier | topK | full (claim svi: list; others: first)")
-    p.add_argument("--optimizers", nargs="+", default=None, help="optimizer names (see optimizers.py): sgd svi svi-adam adam adamw adamw-nobc adamsls plasls sgdsls")
+    p.add_argument("--optimizers", nargs="+", default=None, help="optimizer names (see optimizers.py): sgd svi svi-adam adam adamw adamw-nobc adamsls plasls plasls-paper sgdsls")
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="learning-rate grid (shared by the arms)")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--tune-seeds", nargs="+", type=int, default=None, help="seeds used to choose the lr")

@@ -10,6 +10,7 @@
 | adamw-nobc  | sk.AdamW(correct_bias=False) (BERT's original Adam), same wd rule         | plain      |
 | adamsls     | sk.AdamSLS (one group, paper constants c=0.1, eta0=0.1, 500 batches/epoch)| closure    |
 | plasls      | sk.LayerwiseAdamSLS(sk.layer_groups(model, 10) restricted to trained params) | closure |
+| plasls-paper | the same with criterion="paper" (the paper's per-group Armijo test)      | closure    |
 | sgdsls      | sk.ArmijoSGD                                                              | closure    |
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ try:  # our package; absent or incomplete while it is being written
 except Exception:  # pragma: no cover
     sk = None
 
-LINE_SEARCH = {"adamsls", "plasls", "sgdsls"}
-NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "sgdsls"]
+LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls"}
+NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "plasls-paper", "sgdsls"]
 
 
 def has(name: str) -> bool:
@@ -102,12 +103,15 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
             raise RuntimeError("svi_kernels.AdamSLS is not available yet")
         opt = sk.AdamSLS(params, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, **kw)
         return Built(opt, True, "svi_kernels.AdamSLS")
-    if name == "plasls":
+    if name in ("plasls", "plasls-paper"):
         if not (has("LayerwiseAdamSLS") and has("layer_groups")):
             raise RuntimeError("svi_kernels.LayerwiseAdamSLS / layer_groups are not available yet")
         groups = _plasls_groups(full_model, plasls_groups)
-        opt = sk.LayerwiseAdamSLS(groups, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, **kw)
-        return Built(opt, True, "svi_kernels.LayerwiseAdamSLS", notes=[f"{len(groups)} trained groups"])
+        criterion = "paper" if name == "plasls-paper" else "code"
+        opt = sk.LayerwiseAdamSLS(groups, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1,
+                                  criterion=criterion, **kw)
+        impl = "svi_kernels.LayerwiseAdamSLS" + ("(criterion=paper)" if criterion == "paper" else "")
+        return Built(opt, True, impl, notes=[f"{len(groups)} trained groups"])
     if name == "sgdsls":
         if not has("ArmijoSGD"):
             raise RuntimeError("svi_kernels.ArmijoSGD is not available yet")

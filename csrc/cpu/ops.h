@@ -4,6 +4,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <vector>
 
 namespace svi_kernels::cpu {
 
@@ -42,5 +43,7 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
 
 void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt);
+
+std::vector<double> increment_steps(at::TensorList steps);
 
 }  // namespace svi_kernels::cpu

@@ -176,3 +176,10 @@ def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor]
         return
     _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, [float(e) for e in etas], float(eps),
                          float(bias_correction1), float(bias_correction2_sqrt))
+
+
+def increment_steps(steps: List[Tensor]) -> List[float]:
+    """+1 on each one-element CPU step counter, in place; their new values (CPU kernel only)."""
+    if not steps:
+        return []
+    return _ops().increment_steps(steps)

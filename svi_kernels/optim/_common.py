@@ -11,6 +11,7 @@ import importlib
 
 # The subpackage, not the ``svi_kernels.backends()`` function that shadows it as a package attribute.
 _backends = importlib.import_module("svi_kernels.backends")
+_compiled = importlib.import_module("svi_kernels.backends.compiled")
 
 
 def as_float(x, name: str) -> float:
@@ -161,6 +162,16 @@ def use_tensor_path(group, grad_scale: Optional[Tensor], found_inf: Optional[Ten
     is then read in place as well, with no recompile."""
     return (bool(group.get("capturable", False)) or grad_scale is not None or found_inf is not None
             or torch.compiler.is_compiling())
+
+
+def next_step_values(steps: List[Tensor]) -> List[float]:
+    """The float path's step counters: +1 each, in place, and their new values as Python floats.
+    One call into the extension when they all live on the host (they do on the float path),
+    instead of torch._foreach_add_ plus one .item() each (~2.5 us per parameter)."""
+    if steps and all(s.is_cpu for s in steps) and _compiled.load()[0]:
+        return _compiled.increment_steps(steps)
+    torch._foreach_add_(steps, 1)
+    return [s.item() for s in steps]
 
 
 def new_step(p: Tensor, on_device: bool) -> Tensor:

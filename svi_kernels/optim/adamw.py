@@ -86,24 +86,28 @@ class AdamW(Optimizer):
 
     def _init_group(self, group, owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                     steps_on_device: bool) -> None:
+        # Runs every step over every parameter: the group's flags and the state mapping are read
+        # once, outside the loop.
+        amsgrad, masters, state_of = group["amsgrad"], group["master_weights"], self.state
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            state = self.state[p]
-            w = C.working_tensor(group, state, p)  # p, or its fp32 master
+            state = state_of[p]
+            w = C.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
             if "exp_avg" not in state:
                 state["step"] = C.new_step(p, on_device=steps_on_device)
                 state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             elif steps_on_device:
                 C.step_to_param_device(state, p)
-            if group["amsgrad"]:
+            if amsgrad:
                 if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
                     state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             owners.append(p)
             params.append(w)
-            grads.append(p.grad)
+            grads.append(g)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -159,8 +163,7 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
         return
     lr = C.as_float(lr, "lr")
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
-    torch._foreach_add_(state_steps, 1)
-    step_values = [s.item() for s in state_steps]
+    step_values = C.next_step_values(state_steps)
     amsgrad = max_exp_avg_sqs is not None
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     buckets = C.group_by(tensor_lists, extra_keys=step_values)

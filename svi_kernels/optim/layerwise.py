@@ -6,11 +6,18 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
   groups; afterwards every group starts from the accepted value. The sufficient decrease uses the
   preconditioned norm summed over all groups (the authors' code uses the last group's only, a quirk
   we do not reproduce).
-- ``strategy="cycle"``: each later step searches one group, cycling through them in order; groups
-  before it have already moved with their stored (grown) step size, groups after it have not yet.
-  Every other group moves with its stored step size. Cost per step: 1 forward+backward + (1 +
+- ``strategy="cycle"``: each later step searches one group, cycling through them in order (with
+  ``criterion="code"``, groups before it have already moved with their stored (grown) step size when
+  its trials run, groups after it have not yet). Every other group moves with its stored step size. Cost per step: 1 forward+backward + (1 +
   backtracks) forwards, whatever the number of groups.
 - ``strategy="all"``: every group is searched each step, in order (1 + backtracks forwards per group).
+- ``criterion``: which point a group's trials are evaluated at (after warm-up).
+  ``"code"`` (default) is the authors' code, as described above: the trials of group k see the groups
+  already moved this step at their new values. ``"paper"`` is the paper's condition
+  f(w0 + eta d_k) <= f(w0) - c * eta * s_k, with d_k non-zero in group k only: every other group stays
+  at its start-of-step point w0 during group k's trials. With ``"cycle"`` the step then moves every group
+  (the searched one with its accepted eta, the others with their stored ones); with ``"all"`` each
+  searched group goes back to w0 before the next one is searched, and all groups move at the end.
 - ``merge_threshold``: after a step, while there are more than 2 groups and the smallest step size is
   below it, the two groups with the smallest step sizes are merged (their params concatenated, the
   mean of their step sizes kept). Merging changes ``param_groups``, so a checkpoint taken after a merge
@@ -25,37 +32,51 @@ import torch
 from ._line_search import reset_step_size
 from .adam_sls import AdamSLS
 
+CRITERIA = ("code", "paper")
+
+
+def check_criterion(criterion) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"Invalid criterion {criterion!r}: expected 'code' (the authors' code) or "
+                         f"'paper' (the paper's per-group Armijo condition)")
+    return criterion
+
 
 class LayerwiseAdamSLS(AdamSLS):
     _name = "LayerwiseAdamSLS"
 
     def __init__(self, params, warmup_steps: int = 6, strategy: str = "cycle",
-                 merge_threshold: Optional[float] = None, **adam_sls_kwargs):
+                 merge_threshold: Optional[float] = None, criterion: str = "code", **adam_sls_kwargs):
         if strategy not in ("cycle", "all"):
             raise ValueError(f"Invalid strategy {strategy!r}: expected 'cycle' or 'all'")
         if int(warmup_steps) < 0:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps} (must be >= 0)")
         if merge_threshold is not None and not float(merge_threshold) > 0.0:
             raise ValueError(f"Invalid merge_threshold: {merge_threshold} (must be > 0 or None)")
+        check_criterion(criterion)
         super().__init__(params, **adam_sls_kwargs)
         self.warmup_steps = int(warmup_steps)
         self.strategy = strategy
         self.merge_threshold = None if merge_threshold is None else float(merge_threshold)
+        self.criterion = criterion
 
     def state_dict(self):
         sd = super().state_dict()
         sd["layerwise"] = {"warmup_steps": self.warmup_steps, "strategy": self.strategy,
-                           "merge_threshold": self.merge_threshold}
+                           "merge_threshold": self.merge_threshold, "criterion": self.criterion}
         return sd
 
     def load_state_dict(self, state_dict):
         extra = state_dict.get("layerwise")
+        if extra is not None:  # checkpoints from before the option was added were taken with "code"
+            check_criterion(extra.get("criterion", "code"))
         state_dict = {k: v for k, v in state_dict.items() if k != "layerwise"}
         super().load_state_dict(state_dict)
         if extra is not None:
             self.warmup_steps = extra["warmup_steps"]
             self.strategy = extra["strategy"]
             self.merge_threshold = extra["merge_threshold"]
+            self.criterion = extra.get("criterion", "code")
 
     def step(self, closure=None):
         """One PLASLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
@@ -72,24 +93,40 @@ class LayerwiseAdamSLS(AdamSLS):
                 for i in everyone:
                     self._record(i, eta, backtracks if i == 0 else 0, found)
             elif self.strategy == "all":
+                paper = self.criterion == "paper"
                 for i, group in enumerate(self.param_groups):
                     eta, backtracks, found = self._search(runner, f0, t, s, [i], etas[i], group, step)
-                    self._final_adam(t, {i: eta}, step)
+                    etas[i] = eta
+                    if paper:  # the next group's trials must see this one at w0 again
+                        if i + 1 < n:
+                            self._restore_w0(t, i)
+                    else:
+                        self._final_adam(t, {i: eta}, step)
                     self._record(i, eta, backtracks, found)
+                if paper:
+                    self._final_adam(t, {i: etas[i] for i in everyone}, step)
             else:
                 k = ls.setdefault("next_group", 0) % n
-                before = {i: etas[i] for i in range(k)}
+                # "code": groups before k move first, so k's trials see them moved; "paper": every
+                # group but k stays at w0 (its trial op touches only group k's tensors).
+                before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
                 if before:
                     self._final_adam(t, before, step)
                 eta, backtracks, found = self._search(runner, f0, t, s, [k], etas[k], self.param_groups[k], step)
                 etas[k] = eta
-                self._final_adam(t, {i: etas[i] for i in range(k, n)}, step)
+                self._final_adam(t, {i: etas[i] for i in everyone if i not in before}, step)
                 for i in everyone:
                     self._record(i, etas[i], backtracks if i == k else 0, found if i == k else True)
                 ls["next_group"] = (k + 1) % n
             self._finish(runner)
             self._merge()
         return loss
+
+    @staticmethod
+    def _restore_w0(t, gi: int) -> None:
+        """Put group ``gi`` back at w0 exactly (one fused copy per bucket)."""
+        for _device, _g, (params, w0), _pos, _n in t.buckets(["params", "w0"], gids=[gi]):
+            torch._foreach_copy_(params, w0)
 
     def _merge(self) -> None:
         if self.merge_threshold is None:

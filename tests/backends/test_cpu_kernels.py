@@ -250,3 +250,30 @@ def test_baseline_build_matches_reference():
     out = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ step counters
+def test_increment_steps_matches_foreach_add():
+    from svi_kernels.backends import compiled
+    from svi_kernels.optim import _common
+    ours = [torch.tensor(float(k), dtype=dt) for k, dt in zip(range(7), [torch.float32, torch.float64] * 4)]
+    ours.append(torch.tensor(16777216.0))  # 2**24: float32 rounds 2**24 + 1 back down, as torch's add_ does
+    theirs = [t.clone() for t in ours]
+    versions = [t._version for t in ours]
+    values = compiled.increment_steps(ours)
+    torch._foreach_add_(theirs, 1)
+    assert values == [t.item() for t in theirs] and values[-1] == 16777216.0
+    for a, b, v in zip(ours, theirs, versions):
+        assert a.dtype == b.dtype and torch.equal(a, b) and a._version > v  # in place, version bumped
+    assert _common.next_step_values(ours) == [v + 1 for v in values[:-1]] + [16777216.0]
+    assert compiled.increment_steps([]) == []
+
+
+@pytest.mark.parametrize("bad,match", [(torch.tensor([1.0, 2.0]), "one-element"),
+                                       (torch.tensor(3, dtype=torch.int64), "float32 or float64")])
+def test_increment_steps_refuses_bad_counters_before_changing_any(bad, match):
+    from svi_kernels.backends import compiled
+    good = torch.tensor(5.0)
+    with pytest.raises(RuntimeError, match=match):
+        compiled.increment_steps([good, bad])
+    assert good.item() == 5.0
