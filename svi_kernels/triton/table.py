@@ -48,12 +48,12 @@ def _cached(cache: OrderedDict, key: tuple, build, kind: str):
 
 def pointer_table(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Tuple[Tensor, bool]:
     """(int64 [n, k] table of data_ptr()s, whether all are 16-byte aligned)."""
-    ptrs = tuple(t.data_ptr() for row in zip(*lists) for t in row)
-    key = (device, len(lists), ptrs)
+    columns = tuple(tuple([t.data_ptr() for t in lst]) for lst in lists)
+    key = (device, columns)
 
     def build() -> Tuple[Tensor, bool]:
-        table = torch.tensor(ptrs, dtype=torch.int64).view(-1, len(lists)).to(device)
-        return table, all(p % 16 == 0 for p in ptrs)
+        table = torch.tensor(columns, dtype=torch.int64).t().contiguous().to(device)
+        return table, all(p % 16 == 0 for col in columns for p in col)
 
     return _cached(_pointer_cache, key, build, "pointer")
 
@@ -102,27 +102,38 @@ class Group:
         self.device = first.device if first is not None else torch.device("cpu")
         self._writeback: List[Tuple[Tensor, Tensor]] = []
         lists = [list(lst) for lst in lists]
-        numels = []
-        for i in range(self.n_tensors):
-            column = [lst[i] for lst in lists]
-            p = column[0]
-            for t in column:
-                if t.dtype != self.dtype or t.device != self.device:
-                    raise TypeError("a fused Triton call takes tensors of one dtype and one device, got "
-                                    f"{t.dtype}/{t.device} next to {self.dtype}/{self.device}")
-                if t.numel() != p.numel():
-                    raise ValueError(f"tensor {i}: numel {t.numel()} differs from {p.numel()} in another list")
-            if not all(t.is_contiguous() for t in column) and not (
-                    all(_dense(t) for t in column) and all(t.stride() == p.stride() for t in column)):
-                for li, t in enumerate(column):
-                    staged = t.contiguous()
-                    lists[li][i] = staged
-                    if li in written and staged is not t:
-                        self._writeback.append((t, staged))
-            numels.append(p.numel())
+        # Whole-list comprehensions rather than a loop per tensor: this runs on every call, and
+        # per-tensor Python was most of the host time of a step over a few hundred tensors.
+        numels = [t.numel() for t in lists[0]]
+        kinds = {(t.dtype, t.device) for lst in lists for t in lst}
+        if len(kinds) > 1:
+            dt, dev = next(iter(kinds - {(self.dtype, self.device)}))
+            raise TypeError("a fused Triton call takes tensors of one dtype and one device, got "
+                            f"{dt}/{dev} next to {self.dtype}/{self.device}")
+        for lst in lists[1:]:
+            other = [t.numel() for t in lst]
+            if other != numels:
+                i = next(i for i, (a, b) in enumerate(zip(numels, other)) if a != b)
+                raise ValueError(f"tensor {i}: numel {other[i]} differs from {numels[i]} in another list")
+        if not all(t.is_contiguous() for lst in lists for t in lst):
+            self._stage_strided(lists, written)
         self.lists = lists
         self.numels = tuple(numels)
         self.n_elements = sum(numels)
+
+    def _stage_strided(self, lists: List[List[Tensor]], written: Sequence[int]) -> None:
+        """Contiguous copies for the tensors whose columns are not one dense block with one layout."""
+        for i in range(self.n_tensors):
+            column = [lst[i] for lst in lists]
+            p = column[0]
+            if all(t.is_contiguous() for t in column) or (
+                    all(_dense(t) for t in column) and all(t.stride() == p.stride() for t in column)):
+                continue
+            for li, t in enumerate(column):
+                staged = t.contiguous()
+                lists[li][i] = staged
+                if li in written and staged is not t:
+                    self._writeback.append((t, staged))
 
     def tables(self, chunk: int) -> Tuple[Tensor, Tensor, bool]:
         """(pointer table, chunk table, every pointer 16-byte aligned) on the group's device."""
