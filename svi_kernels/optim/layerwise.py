@@ -8,8 +8,8 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
   we do not reproduce).
 - ``strategy="cycle"``: each later step searches one group, cycling through them in order (with
   ``criterion="code"``, groups before it have already moved with their stored (grown) step size when
-  its trials run, groups after it have not yet). Every other group moves with its stored step size. Cost per step: 1 forward+backward + (1 +
-  backtracks) forwards, whatever the number of groups.
+  its trials run, groups after it have not yet). Every other group moves with its stored step size.
+  Cost per step: 1 forward+backward + (1 + backtracks) forwards, whatever the number of groups.
 - ``strategy="all"``: every group is searched each step, in order (1 + backtracks forwards per group).
 - ``criterion``: which point a group's trials are evaluated at (after warm-up).
   ``"code"`` (default) is the authors' code, as described above: the trials of group k see the groups
