@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from svi_kernels.backends import BACKENDS, backends, get, reference
+from tensor_factory import random_lists
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -58,23 +59,6 @@ decays = nonneg(-0.1, 0.5)
 steps = st.one_of(st.none(), st.integers(1, 100))  # None: no bias correction
 
 
-def tensors(shp, dtype, device, seed, kinds):
-    """One list per kind: 'n' normal, 'small' 0.1 * normal, 'pos' strictly positive (second moments)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for kind in kinds:
-        lst = []
-        for s in shp:
-            t = torch.randn(s, generator=gen, dtype=torch.float64)
-            if kind == "pos":
-                t = t.abs() * 0.01 + 1e-3
-            elif kind == "small":
-                t = t * 0.1
-            lst.append(t.to(dtype=dtype, device=device))
-        out.append(lst)
-    return out
-
-
 def f64(ts):
     return [t.detach().to(device="cpu", dtype=torch.float64).clone() for t in ts]
 
@@ -111,7 +95,7 @@ def bias_corrections(step, beta1, beta2):
 @given(shp=shapes, dtype=dtypes, seed=seeds, lr=lrs, beta1=beta1s, beta2=beta2s, eps=epss, wd=decays,
        decoupled=st.booleans(), maximize=st.booleans(), step=steps)
 def test_adam_step(backend, shp, dtype, seed, lr, beta1, beta2, eps, wd, decoupled, maximize, step):
-    p, g, m, v = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos"])
+    p, g, m, v = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos"])
     want = [f64(x) for x in (p, g, m, v)]
     start = [f64(x) for x in (p, m, v)]
     bc1, bc2s = bias_corrections(step, beta1, beta2)
@@ -130,7 +114,7 @@ def test_adam_step(backend, shp, dtype, seed, lr, beta1, beta2, eps, wd, decoupl
 @given(shp=shapes, dtype=dtypes, seed=seeds, lr=st.floats(1e-5, 1.0), momentum=st.floats(0.0, 0.99),
        nesterov=st.booleans(), wd=decays, maximize=st.booleans())
 def test_sgd_momentum_step(backend, shp, dtype, seed, lr, momentum, nesterov, wd, maximize):
-    p, g, b = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "small"])
+    p, g, b = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "small"])
     want = [f64(x) for x in (p, g, b)]
     start = [f64(x) for x in (p, b)]
     kw = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, maximize=maximize)
@@ -145,7 +129,7 @@ def test_sgd_momentum_step(backend, shp, dtype, seed, lr, momentum, nesterov, wd
 @SETTINGS
 @given(shp=shapes, dtype=dtypes, seed=seeds)
 def test_ls_save_sgd(backend, shp, dtype, seed):
-    p, g, w0 = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "n"])
+    p, g, w0 = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "n"])
     want_p, want_g = f64(p), f64(g)
     sums = get(backend).ls_save_sgd(p, g, w0)
     ref = reference.ls_save_sgd(want_p, want_g, [torch.empty_like(x) for x in want_p])
@@ -159,7 +143,7 @@ def test_ls_save_sgd(backend, shp, dtype, seed):
 @SETTINGS
 @given(shp=shapes, dtype=dtypes, seed=seeds, beta1=beta1s, beta2=beta2s, eps=epss, step=st.integers(1, 100))
 def test_ls_save_adam(backend, shp, dtype, seed, beta1, beta2, eps, step):
-    p, g, m, v, w0 = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos", "n"])
+    p, g, m, v, w0 = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos", "n"])
     want = [f64(x) for x in (p, g, m, v, w0)]
     start = [f64(x) for x in (m, v)]
     kw = dict(beta1=beta1, beta2=beta2, eps=eps, bias_correction2_sqrt=bias_corrections(step, beta1, beta2)[1])
@@ -179,7 +163,7 @@ etas_for = st.lists(nonneg(-0.5, 3.0), min_size=5, max_size=5)
 @SETTINGS
 @given(shp=shapes, dtype=dtypes, seed=seeds, etas=etas_for)
 def test_ls_trial_sgd(backend, shp, dtype, seed, etas):
-    p, w0, g = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "n"])
+    p, w0, g = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "n"])
     etas = etas[:len(shp)]
     want = [f64(x) for x in (p, w0, g)]
     get(backend).ls_trial_sgd(p, w0, g, etas)
@@ -196,7 +180,7 @@ def test_ls_trial_sgd(backend, shp, dtype, seed, etas):
 @SETTINGS
 @given(shp=shapes, dtype=dtypes, seed=seeds, etas=etas_for, eps=epss, beta2=beta2s, step=st.integers(1, 100))
 def test_ls_trial_adam(backend, shp, dtype, seed, etas, eps, beta2, step):
-    p, w0, g, v = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "n", "pos"])
+    p, w0, g, v = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "n", "pos"])
     etas = etas[:len(shp)]
     want = [f64(x) for x in (p, w0, g, v)]
     kw = dict(eps=eps, bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step))
@@ -215,7 +199,7 @@ def test_ls_trial_adam(backend, shp, dtype, seed, etas, eps, beta2, step):
 @given(shp=shapes, dtype=dtypes, seed=seeds, etas=etas_for, eps=epss, beta1=beta1s, beta2=beta2s,
        step=st.integers(1, 100))
 def test_ls_final_adam(backend, shp, dtype, seed, etas, eps, beta1, beta2, step):
-    p, w0, m, v = tensors(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos"])
+    p, w0, m, v = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "small", "pos"])
     etas = etas[:len(shp)]
     want = [f64(x) for x in (p, w0, m, v)]
     bc1, bc2s = bias_corrections(step, beta1, beta2)

@@ -3,6 +3,7 @@
 #include "multi_tensor.h"
 #include "ops.h"
 #include "tensor_checks.h"
+#include "svi_kernels/adam_lists.h"
 #include "svi_kernels/update_math.h"
 
 #include <string>
@@ -13,12 +14,9 @@ namespace {
 
 at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                 at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  if (max_exp_avg_sqs.has_value()) {
-    return check_fused_group(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                  {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", *max_exp_avg_sqs}});
-  }
-  return check_fused_group(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                {"exp_avg_sqs", exp_avg_sqs}});
+  return svi_kernels::check_adam_lists<NamedList>(
+      [op](std::initializer_list<NamedList> lists) { return check_fused_group(op, lists); }, params, grads,
+      exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
 }
 
 // Runs kernel(segment, ptrs) over 4 lists, or 5 with AMSGrad's max_exp_avg_sqs last.

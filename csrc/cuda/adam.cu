@@ -12,6 +12,7 @@
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
+#include "svi_kernels/adam_lists.h"
 #include "svi_kernels/update_math.h"
 
 namespace svi_kernels {
@@ -31,12 +32,9 @@ __device__ __forceinline__ void adam_or_amsgrad(M* x, int max_list, const Coeffs
 
 at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                 at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  if (max_exp_avg_sqs.has_value()) {
-    return check_lists(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                            {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", *max_exp_avg_sqs}});
-  }
-  return check_lists(op, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                          {"exp_avg_sqs", exp_avg_sqs}});
+  return svi_kernels::check_adam_lists<NamedList>(
+      [op](std::initializer_list<NamedList> lists) { return check_lists(op, lists); }, params, grads, exp_avgs,
+      exp_avg_sqs, max_exp_avg_sqs);
 }
 
 // Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, [4 max_exp_avg_sqs when AMSGRAD].

@@ -106,7 +106,7 @@ def test_scheduler_changing_a_tensor_lr_does_not_recompile(make, capturable):
     lambda ps: sk.SVI(ps, lr=torch.tensor(0.01)),
     lambda ps: sk.SVI(ps, lr=torch.tensor(0.01), base="adam"),
 ], ids=["AdamW", "SVI-sgd", "SVI-adam"])
-def test_step_under_compile_reads_nothing_back(make, monkeypatch):
+def test_step_under_compile_reads_nothing_back(make, monkeypatch, count_reads):
     """Why the test above sees no recompile: while dynamo traces, step() takes the tensor path, so
     neither the lr nor the step counts are read back as Python numbers that a compiled frame would
     guard on (one recompile per step). Checked directly: with is_compiling() True, no host read."""
@@ -114,11 +114,7 @@ def test_step_under_compile_reads_nothing_back(make, monkeypatch):
     model = torch.nn.Linear(5, 3)
     opt = make(list(model.parameters()))
     model(torch.randn(4, 5)).sum().backward()
-    reads = []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _orig=orig, _name=name, **k: (reads.append(_name), _orig(self, *a, **k))[1])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    count_reads["n"] = 0
     opt.step()
-    assert reads == []
+    assert count_reads["n"] == 0

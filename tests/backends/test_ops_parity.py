@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from svi_kernels.backends import BACKENDS, backends, get, reference
+from tensor_factory import random_lists as lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,19 +38,6 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 SIZES = [1, 7, 0, 4099, 278011, 33, 0]  # zero-size tensors in the middle and last
 
 
-def make(sizes, dtype, device, kind, gen):
-    """Random tensors; kind 'pos' is strictly positive (second moments)."""
-    out = []
-    for n in sizes:
-        t = torch.randn(n, generator=gen, dtype=torch.float64)
-        if kind == "pos":
-            t = t.abs() * 0.01 + 1e-3
-        elif kind == "small":
-            t = t * 0.1
-        out.append(t.to(dtype=dtype, device=device))
-    return out
-
-
 def f64(ts):
     return [t.detach().to(device="cpu", dtype=torch.float64).clone() for t in ts]
 
@@ -59,11 +47,6 @@ def assert_close(got, want, dtype, what):
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a.detach().cpu().double(), b.to(a.dtype).double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}[{i}] (numel {b.numel()}): {m}")
-
-
-def lists_for(sizes, dtype, device, seed, kinds):
-    gen = torch.Generator().manual_seed(seed)
-    return [make(sizes, dtype, device, k, gen) for k in kinds]
 
 
 @pytest.fixture(params=backend_params())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from svi_kernels.backends import BACKENDS, backends, get, reference
+from tensor_factory import random_lists as lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -33,25 +34,6 @@ def _device_for(name):
                         for n in BACKENDS])
 def backend(request):
     return request.param
-
-
-def make(sizes, dtype, device, kind, gen):
-    out = []
-    for n in sizes:
-        t = torch.randn(n, generator=gen, dtype=torch.float64)
-        if kind == "pos":
-            t = t.abs() * 0.01 + 1e-3
-        elif kind == "small":
-            t = t * 0.1
-        elif kind == "scaled":  # gradients of a loss scaled by 2**10
-            t = t * 1024.0
-        out.append(t.to(dtype=dtype, device=device))
-    return out
-
-
-def lists_for(sizes, dtype, device, seed, kinds):
-    gen = torch.Generator().manual_seed(seed)
-    return [make(sizes, dtype, device, k, gen) for k in kinds]
 
 
 def f64(ts):

@@ -13,8 +13,6 @@ import torch
 import svi_kernels as sk
 from helpers import CPU_BACKENDS, batch, tiny_mlp
 
-READS = ("tolist", "item", "__float__", "__bool__", "__int__")
-
 
 def _loss(model, seed):
     x, y = batch(seed)
@@ -183,19 +181,6 @@ def test_svi_field_under_grad_scaler(backend):
     h1.remove()
     h2.remove()
     _assert_same(m1, o1, m2, o2, rtol=1e-6, atol=1e-7)
-
-
-@pytest.fixture
-def count_reads(monkeypatch):
-    counter = {"n": 0}
-    for name in READS:
-        orig = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _orig=orig, **k):
-            counter["n"] += 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    return counter
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

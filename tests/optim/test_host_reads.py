@@ -5,21 +5,6 @@ import torch
 import svi_kernels as sk
 from helpers import batch, tiny_mlp
 
-READS = ("tolist", "item", "__float__", "__bool__", "__int__")
-
-
-@pytest.fixture
-def count_reads(monkeypatch):
-    counter = {"n": 0}
-    for name in READS:
-        orig = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _orig=orig, **k):
-            counter["n"] += 1
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    return counter
-
 
 @pytest.mark.parametrize("make", [
     lambda ps: sk.ArmijoSGD(ps, init_step_size=30.0),
