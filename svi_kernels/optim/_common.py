@@ -164,11 +164,16 @@ def use_tensor_path(group, grad_scale: Optional[Tensor], found_inf: Optional[Ten
             or torch.compiler.is_compiling())
 
 
+def _host_counters(steps: Sequence[Tensor]) -> bool:
+    """The step counters can go through the extension's increment_steps (CPU tensors, extension built)."""
+    return bool(steps) and all(s.is_cpu for s in steps) and _compiled.load()[0]
+
+
 def next_step_values(steps: List[Tensor]) -> List[float]:
     """The float path's step counters: +1 each, in place, and their new values as Python floats.
     One call into the extension when they all live on the host (they do on the float path),
     instead of torch._foreach_add_ plus one .item() each (~2.5 us per parameter)."""
-    if steps and all(s.is_cpu for s in steps) and _compiled.load()[0]:
+    if _host_counters(steps):
         return _compiled.increment_steps(steps)
     torch._foreach_add_(steps, 1)
     return [s.item() for s in steps]
@@ -200,7 +205,10 @@ def check_steps_on(device: torch.device, steps: Sequence[Tensor]) -> None:
 def increment_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
     """step += 1, or += 0 where found_inf says the step is skipped (no host read either way)."""
     if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
+        if _host_counters(steps) and not torch.compiler.is_compiling():
+            _compiled.increment_steps(steps)  # one call instead of ~1.7 us per counter (CPU tensors only)
+        else:
+            torch._foreach_add_(steps, 1.0)
     else:
         torch._foreach_add_(steps, (found_inf == 0).to(steps[0].dtype))
 
