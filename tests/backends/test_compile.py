@@ -66,7 +66,13 @@ def test_compiled_training_step_matches_eager(make):
 ], ids=["AdamW", "SVI-sgd", "SVI-adam"])
 def test_scheduler_changing_a_tensor_lr_does_not_recompile(make, capturable):
     """A 0-d tensor lr changed in place by an LR scheduler every step: after the first steps no
-    new graph is compiled, and the lr still takes effect (the run equals eager with the same schedule)."""
+    new graph is compiled, and the lr still takes effect (the run equals eager with the same schedule).
+
+    What a user sees. Whether dynamo traces into opt.step() at all varies: the scheduler wraps it in
+    a function from lr_scheduler.py, which dynamo sometimes skips (then step() runs eagerly; seen in
+    this test module, not in a standalone script). Where it is traced, the float path recompiled on
+    every step before step() took the tensor path under compile; the next test checks that cause
+    directly, and fails without it."""
     torch.manual_seed(0)
     m1 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     m2 = copy.deepcopy(m1)
