@@ -68,17 +68,6 @@ def _ops():
     return torch.ops.svi_kernels
 
 
-def _check_lengths(op: str, **lists: Optional[Sequence]) -> None:
-    """Every list of one call has one entry per parameter, checked before any C++ runs. The C++
-    kernels check it too; this copy keeps the most likely misuse a plain Python error even where a
-    C++ error message misbehaves (csrc/include/svi_kernels/check.h tells of one torch build)."""
-    first_name, first = next(iter(lists.items()))
-    for name, lst in lists.items():
-        if lst is not None and len(lst) != len(first):
-            raise RuntimeError(f"svi_kernels::{op}: {first_name} has {len(first)} tensors but {name} has "
-                               f"{len(lst)}; every list needs one tensor per parameter")
-
-
 def _empty_sums() -> Tensor:
     # The dispatcher picks a kernel from the tensors' device; an empty list has none.
     return torch.zeros(0, dtype=torch.float32)
@@ -88,8 +77,6 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
               max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
-    _check_lengths("adam_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                   max_exp_avg_sqs=max_exp_avg_sqs)
     if not params:
         return
     _ops().adam_step(params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
@@ -99,7 +86,6 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
-    _check_lengths("sgd_momentum_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
     if not params:
         return
     _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
@@ -116,8 +102,6 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
                      grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                      max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
-    _check_lengths("adam_step_tensor", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                   state_steps=state_steps, max_exp_avg_sqs=max_exp_avg_sqs)
     if not params:
         return
     _ops().adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *_lr_args(lr), float(beta1),
@@ -129,8 +113,6 @@ def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
                              found_inf: Optional[Tensor] = None) -> None:
-    _check_lengths("sgd_momentum_step_tensor", params=params, grads=grads,
-                   momentum_buffers=momentum_buffers)
     if not params:
         return
     _ops().sgd_momentum_step_tensor(params, grads, momentum_buffers, *_lr_args(lr), float(momentum), bool(nesterov),
@@ -138,7 +120,6 @@ def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
-    _check_lengths("ls_save_sgd", params=params, grads=grads, w0=w0)
     if not params:
         return _empty_sums()
     return _ops().ls_save_sgd(params, grads, w0)
@@ -146,7 +127,6 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
-    _check_lengths("ls_save_adam", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, w0=w0)
     if not params:
         return _empty_sums()
     return _ops().ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
@@ -154,7 +134,6 @@ def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
-    _check_lengths("ls_trial_sgd", params=params, w0=w0, grads=grads)
     if not params:
         return
     _ops().ls_trial_sgd(params, w0, grads, [float(e) for e in etas])
@@ -162,7 +141,6 @@ def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], et
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
-    _check_lengths("ls_trial_adam", params=params, w0=w0, grads=grads, exp_avg_sqs=exp_avg_sqs)
     if not params:
         return
     _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, [float(e) for e in etas], float(eps),
@@ -171,7 +149,6 @@ def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], e
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
-    _check_lengths("ls_final_adam", params=params, w0=w0, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if not params:
         return
     _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, [float(e) for e in etas], float(eps),
