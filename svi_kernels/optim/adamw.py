@@ -84,53 +84,54 @@ class AdamW(Optimizer):
         super().load_state_dict(state_dict)
         C.keep_master_state(self, state_dict, flags)
 
-    def _init_group(self, group, owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                    steps_on_device: bool) -> None:
-        # Runs every step over every parameter: the group's flags and the state mapping are read
-        # once, outside the loop.
-        amsgrad, masters, state_of = group["amsgrad"], group["master_weights"], self.state
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            state = state_of[p]
-            w = C.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
-            if "exp_avg" not in state:
-                state["step"] = C.new_step(p, on_device=steps_on_device)
-                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-            elif steps_on_device:
-                C.step_to_param_device(state, p)
-            if amsgrad:
-                if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                    state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            owners.append(p)
-            params.append(w)
-            grads.append(g)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = C.closure_then_check("AdamW", closure, self.param_groups)
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
-            tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
-            owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
-            self._init_group(group, owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                             tensor_path)
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                         maximize=group["maximize"], backend=group["backend"], capturable=tensor_path,
-                         grad_scale=grad_scale, found_inf=found_inf)
-            amsgrad = group["amsgrad"]
-            lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
-            C.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
-                                lists, owners, grad_scale)
+            adam_group_step(self.state, group, tensor_path=C.use_tensor_path(group, grad_scale, found_inf),
+                            grad_scale=grad_scale, found_inf=found_inf, correct_bias=group["correct_bias"],
+                            decoupled=True)
         return loss
+
+
+def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor], correct_bias: bool, decoupled: bool) -> None:
+    """One param group's Adam step, for AdamW (decoupled) and SVI(base="adam") (L2): the state of each
+    parameter with a gradient (moments created like its working tensor, see _common.working_tensor;
+    the step moved to its device on the tensor path), then the fused step through
+    _common.step_with_masters. Runs every step over every parameter: the flags are read once."""
+    amsgrad, masters = group["amsgrad"], group["master_weights"]
+    owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
+    for p in group["params"]:
+        g = p.grad
+        if g is None:
+            continue
+        state = state_of[p]
+        w = C.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
+        if "exp_avg" not in state:
+            state["step"] = C.new_step(p, on_device=tensor_path)
+            state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+        elif tensor_path:
+            C.step_to_param_device(state, p)
+        if amsgrad:
+            if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
+                state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        owners.append(p)
+        params.append(w)
+        grads.append(g)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    beta1, beta2 = group["betas"]
+    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                 correct_bias=correct_bias, maximize=group["maximize"], decoupled=decoupled,
+                 backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
+    C.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
+                        lists, owners, grad_scale)
 
 
 def adam_scalars(step: float, beta1: float, beta2: float, correct_bias: bool) -> tuple[float, float]:

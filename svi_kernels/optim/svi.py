@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _common as C
-from .adamw import adamw
+from .adamw import adam_group_step
 
 
 class SVI(Optimizer):
@@ -80,47 +80,23 @@ class SVI(Optimizer):
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
-            amp = dict(capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+            if group["base"] == "adam":
+                adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
+                                found_inf=found_inf, correct_bias=True, decoupled=False)
+                continue
             owners = [p for p in group["params"] if p.grad is not None]
             params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
             grads = [p.grad for p in owners]
-            if group["base"] == "sgd":
-                bufs = []
-                for p, w in zip(owners, params):
-                    st = self.state[p]
-                    if "momentum_buffer" not in st or st["momentum_buffer"] is None:
-                        st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                    bufs.append(st["momentum_buffer"])
-                hyper = dict(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                             weight_decay=group["weight_decay"], maximize=group["maximize"],
-                             backend=group["backend"], **amp)
-                C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), [params, grads, bufs], owners, grad_scale)
-            else:
-                exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-                for p, w in zip(owners, params):
-                    st = self.state[p]
-                    if "exp_avg" not in st:
-                        st["step"] = C.new_step(p, on_device=tensor_path)
-                        st["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                    elif tensor_path:
-                        C.step_to_param_device(st, p)
-                    if group["amsgrad"]:
-                        if "max_exp_avg_sq" not in st:
-                            st["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                        max_exp_avg_sqs.append(st["max_exp_avg_sq"])
-                    exp_avgs.append(st["exp_avg"])
-                    exp_avg_sqs.append(st["exp_avg_sq"])
-                    steps.append(st["step"])
-                beta1, beta2 = group["betas"]
-                hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                             weight_decay=group["weight_decay"], correct_bias=True, maximize=group["maximize"],
-                             decoupled=False, backend=group["backend"], **amp)
-                amsgrad = group["amsgrad"]
-                lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
-                C.step_with_masters(
-                    lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
-                    lists, owners, grad_scale)
+            bufs = []
+            for p, w in zip(owners, params):
+                st = self.state[p]
+                if "momentum_buffer" not in st or st["momentum_buffer"] is None:
+                    st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+            hyper = dict(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                         weight_decay=group["weight_decay"], maximize=group["maximize"], backend=group["backend"],
+                         capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+            C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), [params, grads, bufs], owners, grad_scale)
         return loss
 
 
