@@ -61,6 +61,24 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
         tl.store(vmax_ptr + offs, to_storage(second, DTYPE), mask=mask)
 
 
+@device_function
+def _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt, grad_scale,
+               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, DECOUPLED: tl.constexpr,
+               HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
+               AMSGRAD: tl.constexpr):
+    """_adam_block over a program's chunk: the whole blocks unmasked (they vectorise), then the tail."""
+    for first in range(start, full_end, BLOCK):
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
+                    grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE, AMSGRAD)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
+                    grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE, AMSGRAD)
+
+
 @triton.jit
 def adam_step_kernel(ptrs, chunks,
                      one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
@@ -85,17 +103,9 @@ def adam_step_kernel(ptrs, chunks,
     c_decay = tl.full([], decay, COMPUTE)
     c_step_size = tl.full([], step_size, COMPUTE)
     c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
-    for first in range(start, full_end, BLOCK):
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
-                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False,
-                    AMSGRAD)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
-                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False,
-                    AMSGRAD)
+    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+               c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
+               c_bc2_sqrt, c_bc2_sqrt, DTYPE, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, False, AMSGRAD)
 
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
@@ -168,17 +178,10 @@ def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, fou
     c_grad_scale = c_bc2_sqrt
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
-    for first in range(start, full_end, BLOCK):
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
-                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE,
-                    AMSGRAD)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
-                    c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-                    c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE,
-                    AMSGRAD)
+    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+               c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
+               c_bc2_sqrt, c_grad_scale, DTYPE, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE,
+               AMSGRAD)
 
 
 def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],

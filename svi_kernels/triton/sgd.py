@@ -43,6 +43,20 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, grad
     tl.store(b_ptr + offs, to_storage(buf, DTYPE), mask=mask)
 
 
+@device_function
+def _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, lr, momentum, weight_decay, grad_scale,
+              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, NESTEROV: tl.constexpr,
+              HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr):
+    """_sgd_block over a program's chunk: the whole blocks unmasked (they vectorise), then the tail."""
+    for first in range(start, full_end, BLOCK):
+        _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, lr, momentum, weight_decay,
+                   grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, lr, momentum, weight_decay,
+                   grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+
+
 @triton.jit
 def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64,
                              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
@@ -54,13 +68,8 @@ def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64,
     c_lr = tl.full([], lr, COMPUTE)
     c_momentum = tl.full([], momentum, COMPUTE)
     c_weight_decay = tl.full([], weight_decay, COMPUTE)
-    for first in range(start, full_end, BLOCK):
-        _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, c_lr, c_momentum, c_weight_decay,
-                   c_lr, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, c_lr, c_momentum, c_weight_decay,
-                   c_lr, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
+    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_lr,
+              DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -102,13 +111,8 @@ def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_
     c_grad_scale = c_lr
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
-    for first in range(start, full_end, BLOCK):
-        _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, c_lr, c_momentum, c_weight_decay,
-                   c_grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, c_lr, c_momentum, c_weight_decay,
-                   c_grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_grad_scale,
+              DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
