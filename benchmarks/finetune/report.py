@@ -173,7 +173,7 @@ def _f(x, fmt="{:.3f}"):
 
 def markdown_tables(claim: str, summary: dict, stats: dict) -> str:
     lines = []
-    if claim == "stability":
+    if claim in ("stability", "stabilizers"):
         lines += ["| setting | recipe | optimizer | epochs | mean | std | median | min | max | failed (≤ majority) | best-during-training mean |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for entry in summary["settings"]:
@@ -223,7 +223,8 @@ def lr_table(summary: dict) -> str:
 
 
 TITLES = {"svi": "Claim 1: SVI vs SGD", "linesearch": "Claim 2: ADAMSLS / PLASLS vs Adam",
-          "stability": "Claim 3: Mosbach et al. stability"}
+          "stability": "Claim 3: Mosbach et al. stability",
+          "stabilizers": "Claim 4: Fu et al.'s stabilizers where fine-tuning fails"}
 
 
 def write_report(out_dir: str, claims: List[str], img_dir: Optional[str] = None, target: Optional[float] = None,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from svi_kernels import stability
 
 from . import optimizers
 from .features import Features
@@ -39,6 +42,26 @@ class RunConfig:
     backend: Optional[str] = None
     tag: str = ""                   # free label (recipe name, setting)
     extra: dict = field(default_factory=dict)
+    # Fu et al.'s stabilizers (svi_kernels.stability); the defaults turn them off
+    mmr: float = 0.0                # MMR weight (0 = off)
+    mmr_distance: str = "euclidean"
+    mmr_normalize: str = "l2"
+    heads: int = 1                  # MHLoss heads (1 = HF's single linear classifier)
+    heads_reduction: str = "mean"
+    surt_steps: int = 0             # SURT masked-LM steps before fine-tuning (0 = off)
+    surt_lr: float = 5e-5
+    surt_mask_rate: float = 0.15
+    surt_head_steps: int = -1       # MLM-head-only steps first (-1: surt's default for a fresh head)
+    surt_batch_size: int = 16
+
+
+STABILIZER_DEFAULTS = {f.name: f.default for f in fields(RunConfig)
+                       if f.name.startswith(("mmr", "heads", "surt"))}
+
+
+def same_config(saved: Optional[dict], cfg: "RunConfig") -> bool:
+    """A saved run's config equals ``cfg``; runs saved before the stabilizer fields had them off."""
+    return saved is not None and {**STABILIZER_DEFAULTS, **saved} == asdict(cfg)
 
 
 def schedule_factor(kind: str, warmup_steps: int, total: int) -> Callable[[int], float]:
@@ -84,9 +107,79 @@ def evaluate(top: TrainableTop, feats: Features, batch_size: int = 128) -> tuple
     return correct / len(feats), loss_sum / len(feats)
 
 
+def check_stabilizers(cfg: RunConfig) -> None:
+    """Refuse unusable stabilizer settings before any work (the argument errors of svi_kernels.stability)."""
+    if cfg.mmr:
+        stability.MaxMarginRegularizer(cfg.mmr, cfg.mmr_distance, cfg.mmr_normalize)
+    if cfg.heads != 1:
+        stability.MultiHeadClassifier(1, 1, cfg.heads, cfg.heads_reduction)
+    if cfg.surt_steps and cfg.top_layers == 0:
+        raise ValueError("SURT re-trains encoder layers, and mode 'classifier' trains none (the [CLS] features "
+                         "are cached): use mode topK or full with --surt-steps")
+
+
+def _install_heads(backbone: Backbone, top: TrainableTop, cfg: RunConfig):
+    """MHLoss: swap the classifier for ``cfg.heads`` heads (each drawn like ``reset`` draws the single one).
+    Returns the original classifier, to put back after the run."""
+    original = top.classifier
+    if cfg.heads == 1:
+        return original
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    head = stability.MultiHeadClassifier.like(original, cfg.heads, cfg.heads_reduction,
+                                              backbone.model.config.initializer_range, gen)
+    top.classifier = backbone.model.classifier = head  # the full model too: layer groups (PLASLS) see it
+    return original
+
+
+def _surt(backbone: Backbone, top: TrainableTop, cfg: RunConfig, texts: Optional[List[str]]) -> dict:
+    """SURT on the run's training texts, moving only the encoder layers this run trains (the cached
+    frozen features below them stay valid)."""
+    if not texts:
+        raise ValueError("SURT needs the training texts")
+    t0 = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "fresh MLM head" note goes into the run's notes instead
+        rep = stability.surt(backbone.model, backbone.mlm_tokenizer, texts, steps=cfg.surt_steps, lr=cfg.surt_lr,
+                             mlm_probability=cfg.surt_mask_rate, batch_size=cfg.surt_batch_size,
+                             seed=cfg.seed, parameters=top.encoder_parameters(), checkpoint=backbone.checkpoint,
+                             head_only_steps=None if cfg.surt_head_steps < 0 else cfg.surt_head_steps)
+    return {"mlm_head_initialised": rep.mlm_head_initialised, "head_only_steps": rep.head_only_steps,
+            "steps": rep.steps, "first_loss": rep.losses[0] if rep.losses else None,
+            "last_loss": rep.losses[-1] if rep.losses else None, "cpu_s": time.process_time() - t0,
+            "notes": rep.notes}
+
+
+def make_loss(top: TrainableTop, cfg: RunConfig) -> Callable:
+    """The training loss: cross-entropy (or MHLoss over the heads), plus the MMR term on the pooled features."""
+    mmr = stability.MaxMarginRegularizer(cfg.mmr, cfg.mmr_distance, cfg.mmr_normalize) if cfg.mmr else None
+
+    def loss(x, m, y):
+        logits, pooled = top(x, m, with_pooled=True)
+        task = top.classifier.loss(y) if cfg.heads > 1 else F.cross_entropy(logits, y)
+        return task + mmr(pooled, y) if mmr is not None else task
+
+    return loss
+
+
 def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, cfg: RunConfig,
-        progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+        progress: Optional[Callable[[int, int, dict], None]] = None, texts: Optional[List[str]] = None) -> dict:
+    """One run; ``texts``: the training texts (SURT's input)."""
+    check_stabilizers(cfg)
     reset(backbone, top, cfg.seed)
+    original_head = _install_heads(backbone, top, cfg)
+    try:
+        surt_info = _surt(backbone, top, cfg, texts) if cfg.surt_steps else None
+        result = _run(backbone, top, train, val, cfg, progress)
+    finally:
+        top.classifier = backbone.model.classifier = original_head
+    if surt_info is not None:
+        result["surt"] = surt_info
+        result["notes"] = result["notes"] + surt_info["notes"]
+    return result
+
+
+def _run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, cfg: RunConfig,
+         progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
     torch.manual_seed(cfg.seed)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train)
@@ -107,6 +200,7 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     loop = _Loop(top, train, val, cfg, built, sched, history, progress, order_gen, total, steps_per_epoch)
     try:
         loop.run()
+        notes = _svi_notes(built)
     finally:
         built.close()  # detach SVI even when a run fails, so the next run starts clean
     stats = optimizers.line_search_stats(opt)
@@ -115,7 +209,7 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     result = {
         "config": asdict(cfg),
         "implementation": built.implementation,
-        "notes": built.notes,
+        "notes": notes,
         "n_train": n, "n_val": len(val), "steps": step, "steps_per_epoch": steps_per_epoch,
         "diverged": diverged,
         "final_val_acc": history["val_acc"][-1],
@@ -130,6 +224,16 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     return result
 
 
+def _svi_notes(built) -> List[str]:
+    """``built.notes``, with the SVI layer list read after training: ``svi.attach`` without example
+    inputs finds the layers during the first forward, after the optimizer was built."""
+    layers = [str(l) for l in getattr(built.svi_handle, "layers", None) or []]
+    if not layers:
+        return list(built.notes)
+    return [n for n in built.notes if not n.startswith("SVI field on")] + \
+        [f"SVI field on {len(layers)} layers: {', '.join(layers)}"]
+
+
 class _Loop:
     """The step loop of ``run``: batches, optimizer steps, timing, periodic evaluation."""
 
@@ -139,18 +243,19 @@ class _Loop:
         self.total, self.steps_per_epoch = total, steps_per_epoch
         self.eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
         self.params = [p for p in top.parameters() if p.requires_grad]
+        self.loss_fn = make_loss(top, cfg)
         self.step, self.wall, self.cpu, self.diverged = 0, 0.0, 0.0, False
 
     def _one_step(self, x, m, y) -> float:
-        opt, top = self.built.optimizer, self.top
+        opt, loss_fn = self.built.optimizer, self.loss_fn
         opt.zero_grad()
         if self.built.line_search:
             try:
-                loss = opt.step(lambda: F.cross_entropy(top(x, m), y))
+                loss = opt.step(lambda: loss_fn(x, m, y))
             except FloatingPointError:  # svi_kernels.NonFiniteLossError: the loss is already NaN/inf
                 return float("nan")
         else:
-            loss = F.cross_entropy(top(x, m), y)
+            loss = loss_fn(x, m, y)
             loss.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)

@@ -110,7 +110,7 @@ def test_trainable_top_matches_hf_forward():
 def test_polarity_split_and_glue_loader(tmp_path):
     rows = [f'"1","good film {i}"' for i in range(10)] + [f'"-1","bad film {i}"' for i in range(10)]
     (tmp_path / data.POLARITY_FILE).write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
-    ds = data.load_polarity(str(tmp_path))  # file already cached: no download
+    ds = data.polarity_from_csv(str(tmp_path / data.POLARITY_FILE))  # the parser (load_polarity also checks sha256)
     assert len(ds.val_texts) == 4 and len(ds.train_texts) == 16
     assert sorted(ds.val_texts) == ["bad film 4", "bad film 9", "good film 4", "good film 9"]
     assert all((t.startswith("good")) == (y == 1) for t, y in zip(ds.train_texts, ds.train_labels))
