@@ -6,9 +6,9 @@ For a layer ``Y = act(Z)``, ``Z = X Wᵀ + b`` and ``G = dL/dY``, ordinary backp
 released code. Only the layer's own weight and bias gradients change: the gradient passed to lower
 layers is still the exact ``(act'(Z) ⊙ G) W``, and every other parameter keeps its ordinary gradient.
 
-``attach`` fuses each pair into one autograd function whose backward does the same two matmuls as
-ordinary backprop (``dX = dZ W`` and the weight product, now with ``G`` instead of ``dZ``) plus one
-elementwise pass for ``dZ = act'(Z) ⊙ G`` (a Triton kernel on CUDA, PyTorch otherwise): no extra matmul.
+Which layers: every ``nn.Linear`` / HF ``Conv1D`` whose output goes straight, and only, into an
+elementwise activation (module or function), found by watching one real forward pass
+(``svi_detect``). The backward does the same two matmuls as ordinary backprop (``svi_autograd``).
 
 What SVI does to a HF BERT classifier:
 - ``intermediate.dense`` (GELU) and ``pooler.dense`` (tanh) get the SVI field (GELU'/tanh' dropped).
@@ -21,98 +21,79 @@ What SVI does to a HF BERT classifier:
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List, Optional
+import weakref
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-# Elementwise activations recognised as the "activation" of a (Linear, activation) pair.
-_TORCH_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
-_HF_CLASSES = {  # transformers.activations classes (matched by name: transformers is optional)
-    "GELUActivation": "gelu", "NewGELUActivation": None, "FastGELUActivation": None, "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "QuickGELUActivation": None, "SiLUActivation": "silu",
-    "ReLUSquaredActivation": None, "MishActivation": None, "ClippedGELUActivation": None,
-}
-_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh",
-              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu"}
-_ACT_ATTRS = ("intermediate_act_fn", "activation", "transform_act_fn", "act_fn", "act")
+from . import svi_autograd as sa
+from . import svi_detect as sd
+
+_PENDING = weakref.WeakKeyDictionary()  # model -> handle still waiting for its first forward
+_MAX_PENDING = 8  # outputs of one Linear waiting for their activation (bounded: a path that never taps)
 
 
-def activation_kind(act) -> tuple[bool, Optional[str]]:
-    """(is a recognised elementwise activation, kernel kind or None for the generic autograd path)."""
-    if isinstance(act, nn.GELU):
-        return True, "gelu" if act.approximate == "none" else "gelu_tanh"
-    for cls, kind in _TORCH_MODULES.items():
-        if isinstance(act, cls):
-            return True, kind
-    name = type(act).__name__
-    if isinstance(act, nn.Module) and name in _HF_CLASSES:
-        if name == "GELUActivation" and getattr(act, "act", F.gelu) is not F.gelu:
-            return True, None  # the python-gelu variant: same function, generic derivative
-        return True, _HF_CLASSES[name]
-    if callable(act) and not isinstance(act, nn.Module):
-        try:
-            if act in _FUNCTIONS:
-                return True, _FUNCTIONS[act]
-        except TypeError:
-            pass
-    return False, None
+class _Slot:
+    """Outputs (Z, carrier) of one paired Linear not yet seen by their activation (hook/mode styles)."""
+
+    def __init__(self):
+        self.pending: List[tuple] = []
+
+    def push(self, z, carrier):
+        self.pending.append((z, carrier))
+        if len(self.pending) > _MAX_PENDING:
+            del self.pending[0]
+
+    def take(self, t) -> Optional[Tensor]:
+        for i, (z, carrier) in enumerate(self.pending):
+            if z is t:
+                del self.pending[i]
+                return carrier
+        return None
 
 
-def act_backward(z: Tensor, g: Tensor, kind: Optional[str], act: Callable) -> Tensor:
-    """dZ = act'(Z) ⊙ G in one elementwise pass (Triton on CUDA when available)."""
-    if z.is_cuda and kind is not None:
-        try:
-            from .triton import svi_backward as tsb
-            if tsb.triton_available():
-                return tsb.act_backward(z, g, kind)
-        except ImportError:
-            pass
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
-        (dz,) = torch.autograd.grad(act(zz), zz, g)
-    return dz
+class _FunctionTaps(TorchFunctionMode):
+    """Active while a module that applies an activation *function* to a paired Linear's output runs."""
 
+    def __init__(self):
+        super().__init__()
+        self.slots: Dict[Callable, List[_Slot]] = {}
 
-class LinearActSVI(torch.autograd.Function):
-    """Y = act(X Wᵀ + b); backward: dX exact, dW = Gᵀ X, db = Σ G (the SVI field)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, act, kind):
-        z = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight, z)
-        ctx.act, ctx.kind, ctx.has_bias = act, kind, bias is not None
-        return act(z)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, z = ctx.saved_tensors
-        dx = dw = db = None
-        out_f, in_f = weight.shape
-        if ctx.needs_input_grad[0]:
-            dz = act_backward(z, g, ctx.kind, ctx.act)
-            dx = (dz.to(weight.dtype) @ weight).to(x.dtype)
-        g2 = g.reshape(-1, out_f)
-        if ctx.needs_input_grad[1]:
-            dw = (g2.t().to(x.dtype) @ x.reshape(-1, in_f)).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0).to(weight.dtype)
-        return dx, dw, db, None, None
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for slot in self.slots.get(func, ()) if args else ():
+            carrier = slot.take(args[0])
+            if carrier is not None:
+                return sa.tap(out, carrier)
+        return out
 
 
 class SVIHandle:
-    """What ``attach`` changed; ``remove()`` restores the model exactly."""
+    """What ``attach`` changed; ``remove()`` restores the model exactly.
 
-    def __init__(self):
+    ``layers``: names of the Linears that get the field; ``activations``: layer name -> its activation;
+    ``skipped``: Linears whose output reached an activation but also went elsewhere -> why they keep their
+    ordinary gradient; ``detected``: whether the observed forward has run yet."""
+
+    def __init__(self, model: nn.Module, quiet: bool):
         self.layers: List[str] = []
+        self.activations: Dict[str, str] = {}
+        self.skipped: Dict[str, str] = {}
+        self.detected = False
+        self._model, self._quiet = model, quiet
         self._undo: List[Callable[[], None]] = []
+        self._mode = _FunctionTaps()
+        self._observer: Optional[sd.Observer] = None
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
-        self.layers = []
+        _PENDING.pop(self._model, None)
+        self.layers, self.activations, self.skipped = [], {}, {}
 
     def __enter__(self):
         return self
@@ -121,66 +102,189 @@ class SVIHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"SVIHandle({len(self.layers)} layers: {self.layers})"
+        state = "" if self.detected else ", waiting for the first forward"
+        return f"SVIHandle({len(self.layers)} layers{state}: {self.layers})"
+
+    # --------------------------------------------------------------------------- detection
+    def _observer_for(self) -> sd.Observer:
+        model = self._model
+        named = list(model.named_modules())
+        linears = {m: t for _, m in named if (t := sd.linear_layout(m)) is not None}
+        acts = {m for _, m in named if sd.is_activation_module(m)}
+        return sd.Observer(linears, acts, {id(m) for _, m in named})
+
+    def _detect_now(self, args: tuple, kwargs: dict) -> None:
+        model = self._model
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        obs = self._observer_for()
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            obs.start()
+            try:
+                model(*args, **kwargs)
+            finally:
+                obs.stop()
+        self._install(sd.decide(obs))
+
+    def _arm_first_forward(self) -> None:
+        def pre(module, args):
+            if torch.compiler.is_compiling():
+                raise RuntimeError("svi.attach: the first forward runs under torch.compile; pass example_inputs= "
+                                   "to attach, or run one forward in eager mode before compiling")
+            self._observer = self._observer_for()
+            self._observer.start(root=module)
+
+        def post(module, args, output):
+            obs, self._observer = self._observer, None
+            if obs is None:
+                return
+            obs.stop()
+            if output is None:  # the forward raised: watch the next one instead
+                return
+            for h in hooks:
+                h.remove()
+            _PENDING.pop(self._model, None)
+            self._install(sd.decide(obs))
+
+        hooks = [self._model.register_forward_pre_hook(pre),
+                 self._model.register_forward_hook(post, always_call=True)]
+        _PENDING[self._model] = self
+        self._undo.append(lambda: [h.remove() for h in hooks])
+
+    # ------------------------------------------------------------------------------ install
+    def _install(self, found: sd.Found) -> None:
+        self.detected = True
+        names = {}
+        for name, m in self._model.named_modules():
+            names.setdefault(m, name)
+        pairs = found.pairs
+        exclusive = {}  # activation module -> whether every call of it takes a paired Linear's output
+        for lin, use in pairs.items():
+            if use.kind == "module" and use.target not in exclusive:
+                calls = found.act_inputs.get(use.target, [])
+                exclusive[use.target] = all(c is not None and c.linear in pairs for c in calls)
+        for lin in sorted(pairs, key=lambda m: list(names).index(m)):
+            use = pairs[lin]
+            if use.kind == "module" and exclusive[use.target]:
+                self._fuse(lin, use.target)
+                desc = f"{names.get(use.target, '?')} ({type(use.target).__name__})"
+            elif use.kind == "module":
+                self._tap_module(lin, use.target)
+                desc = f"{names.get(use.target, '?')} ({type(use.target).__name__}, also used elsewhere)"
+            else:
+                self._tap_function(lin, use.target, use.caller)
+                fname = getattr(use.target, "__qualname__", getattr(use.target, "__name__", str(use.target)))
+                desc = f"{fname} called in {names.get(use.caller, '?') or '<root>'}"
+            self.layers.append(names[lin])
+            self.activations[names[lin]] = desc
+        for act in [a for a, ok in exclusive.items() if ok]:
+            self._replace_with_identity(act)
+        self.skipped = {names[lin]: why for lin, why in found.skipped.items()}
+        if not self.layers and not self._quiet:
+            warnings.warn("svi.attach found no (Linear, activation) layers in the model; gradients are unchanged",
+                          stacklevel=3)
+
+    def _set_forward(self, module: nn.Module, forward: Callable) -> None:
+        had = vars(module).get("forward")
+        module.forward = forward
+
+        def undo():
+            if had is None:
+                del module.forward
+            else:
+                module.forward = had
+        self._undo.append(undo)
+
+    def _fuse(self, lin: nn.Module, act: nn.Module) -> None:
+        """Style 1: the activation module only ever takes paired outputs: the Linear computes act(Z) itself
+        (one node; no state between calls) and the activation's slots hold nn.Identity."""
+        transposed, kind = sd.linear_layout(lin), sd.fused_kind(act)
+
+        def forward(x):
+            x, w, b = sa.autocast_args(x, lin.weight, lin.bias)
+            if kind is not None:
+                return sa.LinearActSVI.apply(x, w, b, transposed, kind)
+            z, carrier = sa.SVILinear.apply(x, w, b, transposed, None)
+            return sa.tap(act(z), carrier)
+        self._set_forward(lin, forward)
+
+    def _replace_with_identity(self, act: nn.Module) -> None:
+        for _, parent in self._model.named_modules(remove_duplicate=False):
+            for key, child in list(parent._modules.items()):
+                if child is act:
+                    parent._modules[key] = nn.Identity()
+
+                    def undo(parent=parent, key=key, act=act):
+                        parent._modules[key] = act
+                    self._undo.append(undo)
+
+    def _pending_linear(self, lin: nn.Module) -> _Slot:
+        transposed, slot = sd.linear_layout(lin), _Slot()
+
+        def forward(x):
+            x, w, b = sa.autocast_args(x, lin.weight, lin.bias)
+            z, carrier = sa.SVILinear.apply(x, w, b, transposed, None)
+            slot.push(z, carrier)
+            return z
+        self._set_forward(lin, forward)
+        return slot
+
+    def _tap_module(self, lin: nn.Module, act: nn.Module) -> None:
+        """Style 2: the activation module also takes other inputs: a forward hook taps the paired calls."""
+        slot = self._pending_linear(lin)
+
+        def hook(module, args, output):
+            carrier = slot.take(args[0]) if args else None
+            return None if carrier is None else sa.tap(output, carrier)
+        h = act.register_forward_hook(hook)
+        self._undo.append(h.remove)
+
+    def _tap_function(self, lin: nn.Module, func: Callable, caller: nn.Module) -> None:
+        """Style 3: an activation function: ``caller``'s forward runs under a TorchFunctionMode that taps it."""
+        slot = self._pending_linear(lin)
+        self._mode.slots.setdefault(func, []).append(slot)
+        if getattr(caller, "_svi_taps_mode", None) is self._mode:
+            return
+        orig, mode, active = caller.forward, self._mode, [False]
+
+        def forward(*args, **kwargs):
+            if active[0]:  # already inside (a caller nested in another caller)
+                return orig(*args, **kwargs)
+            active[0] = True
+            try:
+                with mode:
+                    return orig(*args, **kwargs)
+            finally:
+                active[0] = False
+        self._set_forward(caller, forward)
+        caller._svi_taps_mode = mode
+        self._undo.append(lambda: delattr(caller, "_svi_taps_mode"))
 
 
-def _patch(handle: SVIHandle, name: str, linear: nn.Linear, act, kind, restore_act: Callable[[], None]) -> None:
-    if "forward" in vars(linear):
-        raise RuntimeError(f"svi.attach: {name} already has a patched forward (attached twice?)")
-
-    def forward(x: Tensor) -> Tensor:
-        return LinearActSVI.apply(x, linear.weight, linear.bias, act, kind)
-
-    linear.forward = forward
-    linear._svi_attached = True
-
-    def undo():
-        del linear.forward
-        del linear._svi_attached
-        restore_act()
-
-    handle._undo.append(undo)
-    handle.layers.append(name)
-
-
-def attach(model: nn.Module, *, quiet: bool = False) -> SVIHandle:
+def attach(model: nn.Module, example_inputs=None, *, example_kwargs: Optional[dict] = None,
+           quiet: bool = False) -> SVIHandle:
     """Make backward write the SVI field into every (Linear, activation) layer of ``model``.
 
-    Finds Linear layers followed by an elementwise activation: consecutive children of ``nn.Sequential``
-    (Linear then GELU/ReLU/Tanh/Sigmoid/SiLU), and HF-style modules holding ``dense`` plus an activation
-    attribute (``intermediate_act_fn`` in BertIntermediate, ``activation`` in BertPooler,
-    ``transform_act_fn`` in prediction heads). Returns a handle listing the changed layers
-    (``handle.layers``); ``handle.remove()`` undoes everything. Warns when it finds none.
+    The pairs are found by watching one forward pass (``docs/api.md`` lists what is recognised):
+    - ``example_inputs`` (a tensor or a tuple of positional arguments) and/or ``example_kwargs``: run
+      ``model(*example_inputs, **example_kwargs)`` now, under ``no_grad`` and with the RNG state restored
+      afterwards; ``handle.layers`` is filled on return and every training step carries the field.
+    - neither: the model's first forward is watched. That step already carries the field (its Linears run
+      the SVI backward, decided when the forward ends); ``handle.layers`` is empty until then. Call it
+      eagerly: under ``torch.compile`` the first forward raises (pass ``example_inputs`` instead).
+    Only layers that the watched forward runs are found. Returns a handle listing the changed layers;
+    ``handle.remove()`` undoes everything. Warns when it finds none.
     """
-    handle = SVIHandle()
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (n1, m1), (n2, m2) in zip(children, children[1:]):
-                ok, kind = activation_kind(m2)
-                if isinstance(m1, nn.Linear) and ok and not getattr(m1, "_svi_attached", False):
-                    def restore(seq=module, key=n2, orig=m2):
-                        seq._modules[key] = orig
-                    _patch(handle, prefix + n1, m1, m2, kind, restore)
-                    module._modules[n2] = nn.Identity()
-        dense = getattr(module, "dense", None)
-        if isinstance(dense, nn.Linear) and not getattr(dense, "_svi_attached", False):
-            for attr in _ACT_ATTRS:
-                act = getattr(module, attr, None)
-                if act is None:
-                    continue
-                ok, kind = activation_kind(act)
-                if not ok:
-                    continue
-
-                def restore(mod=module, key=attr, orig=act):
-                    mod._modules.pop(key, None)  # the Identity we put there
-                    setattr(mod, key, orig)
-                _patch(handle, prefix + "dense", dense, act, kind, restore)
-                setattr(module, attr, nn.Identity())
-                break
-    if not handle.layers and not quiet:
-        warnings.warn("svi.attach found no (Linear, activation) layers in the model; gradients are unchanged",
-                      stacklevel=2)
+    if model in _PENDING:
+        raise RuntimeError("svi.attach: this model is already attached and waits for its first forward")
+    handle = SVIHandle(model, quiet)
+    if example_inputs is None and example_kwargs is None:
+        handle._arm_first_forward()
+        return handle
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, Tensor):
+        args = (example_inputs,)
+    else:
+        args = tuple(example_inputs)
+    handle._detect_now(args, dict(example_kwargs or {}))
     return handle

@@ -35,12 +35,14 @@ struct SgdScalars {
 
 struct LsAdamSaveScalars {
   double one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+  bool stream = false;  // write w0 with streaming stores (stream_policy.h)
 };
 
 // Trial/final line-search steps: eta is the tensor's step size (eta / bias_correction1 for the
 // final Adam step).
 struct LsStepScalars {
   double eta, eps, bias_correction2_sqrt;
+  bool stream = false;  // write p with streaming stores (stream_policy.h)
 };
 
 struct CpuKernels {
@@ -50,8 +52,8 @@ struct CpuKernels {
   void (*adam)(at::ScalarType, void* const* ptrs, int64_t n, const AdamScalars&);
   // ptrs: params, grads, momentum_buffers (grads written only when unscaling)
   void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);
-  // ptrs: params, grads, w0; returns the segment's sum of g^2
-  double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n);
+  // ptrs: params, grads, w0; returns the segment's sum of g^2 (stream: w0 by streaming stores)
+  double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n, bool stream);
   // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0; returns the segment's sum of g^2 / denom
   double (*ls_save_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsAdamSaveScalars&);
   // ptrs: params, w0, grads (eps and bias_correction2_sqrt unused)

@@ -3,6 +3,7 @@
 #include "kernel_table.h"
 #include "multi_tensor.h"
 #include "ops.h"
+#include "stream_policy.h"
 #include "tensor_checks.h"
 
 #include <vector>
@@ -19,10 +20,11 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
   const at::ScalarType dtype = check_fused_group("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
   if (params.empty()) return no_sums();
   const auto kernel = cpu_kernels().ls_save_sgd;
+  const bool stream = stream_stores_pay(params, 3);
   const MultiTensor<3> lists({params, grads, w0});
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
-      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length); });
+      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, stream); });
   return lists.per_tensor_sums(partial);
 }
 
@@ -33,7 +35,7 @@ at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorL
       "ls_save_adam",
       {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
   if (params.empty()) return no_sums();
-  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt};
+  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt, stream_stores_pay(params, 5)};
   const auto kernel = cpu_kernels().ls_save_adam;
   const MultiTensor<5> lists({params, grads, exp_avgs, exp_avg_sqs, w0});
   std::vector<double> partial(lists.num_segments(), 0.0);
@@ -47,9 +49,10 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
   check_per_tensor_scalars("ls_trial_sgd", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_trial_sgd;
+  const bool stream = stream_stores_pay(params, 3);
   const MultiTensor<3> lists({params, w0, grads});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
-    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0});
+    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0, stream});
   });
 }
 
@@ -60,9 +63,10 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
   check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_trial_adam;
+  const bool stream = stream_stores_pay(params, 4);
   const MultiTensor<4> lists({params, w0, grads, exp_avg_sqs});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
-    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt});
+    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt, stream});
   });
 }
 
@@ -73,10 +77,12 @@ void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_
   check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
   if (params.empty()) return;
   const auto kernel = cpu_kernels().ls_final_adam;
+  const bool stream = stream_stores_pay(params, 4);
   const MultiTensor<4> lists({params, w0, exp_avgs, exp_avg_sqs});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
-    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt});
+    kernel(dtype, ptrs, seg.length,
+           LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, stream});
   });
 }
 

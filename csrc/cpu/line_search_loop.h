@@ -1,6 +1,7 @@
 #pragma once
 // Line-search element loops of one segment (per-ISA; see isa_kernels.h): save (w0 <- p and
-// the sufficient-decrease sum), trial points, and the final Adam step.
+// the sufficient-decrease sum), trial points, and the final Adam step. Their write-only outputs
+// (w0 of a save, p of a trial or final step) use streaming stores when the op asks (`stream`).
 #include "kernel_table.h"
 #include "vec_helpers.h"
 #include "svi_kernels/update_math.h"
@@ -32,10 +33,21 @@ LsStepCoeffs<V> ls_step_coeffs(const LsStepScalars& s) {
   return {c(s.eta), c(s.eps), c(s.bias_correction2_sqrt)};
 }
 
+// w0 <- p: write-only, so streamed on large calls (see stream_policy.h).
 template <typename T>
-double ls_save_sgd_segment(void* const* ptrs, int64_t n) {
+void save_copy(void* w0, const void* p, int64_t n, bool stream) {
+  if (kHasStreamStores && stream && vector_aligned<T>(w0)) {
+    stream_copy(static_cast<T*>(w0), static_cast<const T*>(p), n);
+    stream_fence();
+  } else {
+    std::memcpy(w0, p, n * sizeof(T));
+  }
+}
+
+template <typename T>
+double ls_save_sgd_segment(void* const* ptrs, int64_t n, bool stream) {
   enum { P, G, W0 };
-  std::memcpy(ptrs[W0], ptrs[P], n * sizeof(T));
+  save_copy<T>(ptrs[W0], ptrs[P], n, stream);
   return for_each_element<bit(G), 0, true>(typed<T, 3>(ptrs), n, [](auto& x) { return math::ls_sq(x[G]); });
 }
 
@@ -43,7 +55,7 @@ template <typename T>
 double ls_save_adam_segment(void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {
   using S = at::opmath_type<T>;
   enum { P, G, M, V, W0 };
-  std::memcpy(ptrs[W0], ptrs[P], n * sizeof(T));
+  save_copy<T>(ptrs[W0], ptrs[P], n, s.stream);
   const BothWidths<LsAdamSaveCoeffs, S> coeffs{ls_adam_save_coeffs<S, S>(s), ls_adam_save_coeffs<Vectorized<S>, S>(s)};
   return for_each_element<bit(G) | bit(M) | bit(V), bit(M) | bit(V), true>(typed<T, 5>(ptrs), n, [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
@@ -57,7 +69,7 @@ void ls_trial_sgd_segment(void* const* ptrs, int64_t n, const LsStepScalars& s) 
   using S = at::opmath_type<T>;
   enum { P, W0, G };
   const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
-  for_each_element<bit(W0) | bit(G), bit(P), false>(typed<T, 3>(ptrs), n, [coeffs](auto& x) {
+  for_each_element_streaming<bit(W0) | bit(G), bit(P), bit(P), false>(s.stream, typed<T, 3>(ptrs), n, [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
     x[P] = math::ls_trial_sgd_elem(x[W0], x[G], c.eta);
   });
@@ -68,7 +80,8 @@ void ls_trial_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s)
   using S = at::opmath_type<T>;
   enum { P, W0, G, V };
   const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
-  for_each_element<bit(W0) | bit(G) | bit(V), bit(P), false>(typed<T, 4>(ptrs), n, [coeffs](auto& x) {
+  for_each_element_streaming<bit(W0) | bit(G) | bit(V), bit(P), bit(P), false>(
+      s.stream, typed<T, 4>(ptrs), n, [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
     x[P] = math::ls_trial_adam_elem(x[W0], x[G], x[V], c.eta, c.eps, c.bias_correction2_sqrt);
   });
@@ -79,15 +92,17 @@ void ls_final_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s)
   using S = at::opmath_type<T>;
   enum { P, W0, M, V };
   const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
-  for_each_element<bit(W0) | bit(M) | bit(V), bit(P), false>(typed<T, 4>(ptrs), n, [coeffs](auto& x) {
+  for_each_element_streaming<bit(W0) | bit(M) | bit(V), bit(P), bit(P), false>(
+      s.stream, typed<T, 4>(ptrs), n, [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
     x[P] = math::ls_final_adam_elem(x[W0], x[M], x[V], c.eta, c.eps, c.bias_correction2_sqrt);
   });
 }
 
 // Type-erased entries of the CpuKernels table.
-inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n) {
-  return dispatch_dtype(dtype, [&](auto tag) { return ls_save_sgd_segment<typename decltype(tag)::type>(ptrs, n); });
+inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, bool stream) {
+  return dispatch_dtype(dtype,
+                        [&](auto tag) { return ls_save_sgd_segment<typename decltype(tag)::type>(ptrs, n, stream); });
 }
 
 inline double ls_save_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {

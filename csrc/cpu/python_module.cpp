@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include "kernel_table.h"
+#include "stream_policy.h"
 
 namespace {
 
@@ -10,9 +11,20 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(svi_kernels::cpu::cpu_kernels().isa);
 }
 
+// _stream_min_bytes() -> threshold; _stream_min_bytes(n) sets it to n and returns the old one.
+PyObject* stream_min_bytes(PyObject*, PyObject* args) {
+  long long bytes = -1;
+  if (!PyArg_ParseTuple(args, "|L", &bytes)) return nullptr;
+  if (bytes < 0) return PyLong_FromLongLong(svi_kernels::cpu::stream_min_bytes());
+  return PyLong_FromLongLong(svi_kernels::cpu::set_stream_min_bytes(bytes));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default' (ATEN_CPU_CAPABILITY lowers it)."},
+    {"_stream_min_bytes", stream_min_bytes, METH_VARARGS,
+     "Bytes a line-search call must touch before its write-only outputs use streaming stores "
+     "(csrc/cpu/stream_policy.h); with an argument, sets it and returns the old value (for tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -10,6 +10,16 @@ For lists ``L_0 .. L_{k-1}`` of n tensors (tensor i of every list has the same n
 Both are keyed on what they hold (the pointers; the numels and chunk size) and rebuilt only when
 that changes, so a training loop copies nothing to the device after its first step. Pointers
 are addresses, so a reused address with another tensor behind it is still correct.
+
+A whole ``Group`` (its checks, sizes and both tables) is cached too, keyed on every tensor's
+``data_ptr()`` and the sizes of the first list, read with C-level ``map`` calls: a call with the
+same tensors costs a few passes of C calls and no Python per tensor. Gradients re-allocated
+every step (``zero_grad(set_to_none=True)``) usually land at the same addresses (the allocator
+reuses the blocks), so they hit; any other address is a miss and everything is checked and
+rebuilt, so a hit never holds a stale pointer. A hit trusts that a tensor at a known address,
+next to a param of the known size, has the dtype and layout found before: true of params and
+optimizer state (same tensors) and of gradients, which torch keeps at their param's size, dtype
+and device (and, from autograd, its strides).
 """
 from collections import Counter, OrderedDict
 from typing import List, Sequence, Tuple
@@ -21,14 +31,18 @@ from . import runtime
 
 CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
 
-stats: Counter = Counter()  # "pointer_builds", "chunk_builds", "pointer_hits", "chunk_hits"
+# "pointer_builds", "chunk_builds", "group_builds" and the matching "*_hits"
+stats: Counter = Counter()
 _pointer_cache: "OrderedDict[tuple, Tuple[Tensor, bool]]" = OrderedDict()
 _chunk_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_group_cache: "OrderedDict[tuple, _Checked]" = OrderedDict()
+_DATA_PTR, _NUMEL = Tensor.data_ptr, Tensor.numel
 
 
 def clear_cache() -> None:
     _pointer_cache.clear()
     _chunk_cache.clear()
+    _group_cache.clear()
     stats.clear()
 
 
@@ -85,14 +99,58 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+class _Checked:
+    """What a Group learned about lists at given addresses: sizes, dtype, device, tables."""
+    __slots__ = ("n_tensors", "dtype", "device", "numels", "n_elements", "largest", "pointers", "chunks")
+
+    def __init__(self, group: "Group"):
+        self.n_tensors, self.dtype, self.device = group.n_tensors, group.dtype, group.device
+        self.numels, self.n_elements, self.largest = group.numels, group.n_elements, group.largest
+        self.pointers = None  # (table, aligned), built on first use
+        self.chunks = {}  # chunk size -> chunk table
+
+
+def _group_key(lists: Sequence[Sequence[Tensor]]) -> tuple:
+    """Every tensor's address and the first list's sizes, without a Python loop per tensor."""
+    first = lists[0][0] if len(lists[0]) else None
+    head = (first.dtype, first.device) if first is not None else None
+    return (head, tuple(map(_NUMEL, lists[0])), tuple(tuple(map(_DATA_PTR, lst)) for lst in lists))
+
+
 class Group:
     """One fused call's tensor lists made launchable.
 
     Tensors whose memory is not one dense block with the same layout in every list go through
     contiguous staging copies (written back by ``finish``); ordinary parameters never do.
+    Lists at the addresses of an earlier call reuse its checks and tables (see the module doc).
     """
 
     def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int]):
+        key = _group_key(lists)
+        checked = _group_cache.get(key)
+        if checked is not None:
+            _group_cache.move_to_end(key)
+            stats["group_hits"] += 1
+            self._adopt(checked, lists)
+            return
+        stats["group_builds"] += 1
+        self._check(lists, written)
+        if not self._staged:  # staged copies live for one call: nothing to reuse
+            self._checked = _Checked(self)
+            _group_cache[key] = self._checked
+            if len(_group_cache) > CACHE_SIZE:
+                _group_cache.popitem(last=False)
+
+    def _adopt(self, checked: _Checked, lists: Sequence[Sequence[Tensor]]) -> None:
+        self._checked = checked
+        self.n_tensors, self.dtype, self.device = checked.n_tensors, checked.dtype, checked.device
+        self.numels, self.n_elements, self.largest = checked.numels, checked.n_elements, checked.largest
+        self.lists = lists
+        self._writeback = []
+
+    def _check(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int]) -> None:
+        self._checked = None
+        self._staged = False
         self.n_tensors = len(lists[0])
         for i, lst in enumerate(lists):
             if len(lst) != self.n_tensors:
@@ -120,6 +178,7 @@ class Group:
         self.lists = lists
         self.numels = tuple(numels)
         self.n_elements = sum(numels)
+        self.largest = max(numels, default=1)
 
     def _stage_strided(self, lists: List[List[Tensor]], written: Sequence[int]) -> None:
         """Contiguous copies for the tensors whose columns are not one dense block with one layout."""
@@ -132,16 +191,25 @@ class Group:
             for li, t in enumerate(column):
                 staged = t.contiguous()
                 lists[li][i] = staged
+                self._staged = self._staged or staged is not t
                 if li in written and staged is not t:
                     self._writeback.append((t, staged))
 
     def tables(self, chunk: int) -> Tuple[Tensor, Tensor, bool]:
         """(pointer table, chunk table, every pointer 16-byte aligned) on the group's device."""
-        ptrs, aligned = pointer_table(self.lists, self.device)
-        return ptrs, chunk_table(self.numels, chunk, self.device), aligned
+        checked = self._checked
+        if checked is None:  # staged copies: this call's own addresses
+            ptrs, aligned = pointer_table(self.lists, self.device)
+            return ptrs, chunk_table(self.numels, chunk, self.device), aligned
+        if checked.pointers is None:
+            checked.pointers = pointer_table(self.lists, self.device)
+        if chunk not in checked.chunks:
+            checked.chunks[chunk] = chunk_table(self.numels, chunk, self.device)
+        ptrs, aligned = checked.pointers
+        return ptrs, checked.chunks[chunk], aligned
 
     def block_shape(self) -> Tuple[int, int]:
-        return runtime.block_shape(max(self.numels, default=1))
+        return runtime.block_shape(self.largest)
 
     def finish(self) -> None:
         for original, staged in self._writeback:

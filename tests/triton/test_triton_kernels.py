@@ -290,11 +290,13 @@ def test_table_cache_reused_across_calls_and_rebuilt_on_change():
     kwargs = OPS["sgd_momentum_step"][4]
     for _ in range(3):
         backend.sgd_momentum_step(*lists, **kwargs)
-    assert table.stats["pointer_builds"] == 1 and table.stats["pointer_hits"] == 2
-    assert table.stats["chunk_builds"] == 1 and table.stats["chunk_hits"] == 2
+    # Same tensors: the whole group (checks and both tables) is reused.
+    assert table.stats["group_builds"] == 1 and table.stats["group_hits"] == 2
+    assert table.stats["pointer_builds"] == 1 and table.stats["chunk_builds"] == 1
     # New gradient tensors of the same sizes: new pointers, same chunk layout.
     lists[1] = [g.clone() for g in lists[1]]
     backend.sgd_momentum_step(*lists, **kwargs)
+    assert table.stats["group_builds"] == 2
     assert table.stats["pointer_builds"] == 2 and table.stats["chunk_builds"] == 1
     # Other sizes: both rebuilt.
     backend.sgd_momentum_step(*make_lists("sgd_momentum_step", (11,), torch.float32), **kwargs)
@@ -302,6 +304,59 @@ def test_table_cache_reused_across_calls_and_rebuilt_on_change():
     ptrs, aligned = table.pointer_table(lists, DEVICE)
     assert ptrs.dtype == torch.int64 and ptrs.shape == (3, 3) and ptrs.device.type == DEVICE.type
     assert ptrs[1, 1].item() == lists[1][1].data_ptr() and aligned
+
+
+def _python_lines_of_repeated_group(n_tensors: int) -> int:
+    """Python lines executed by a Group built a second time over the same tensors."""
+    import sys
+    lists = make_lists("ls_trial_sgd", (5, 70, 3) * (n_tensors // 3), torch.float32)
+    first = table.Group(lists, written=(0,))
+    first.tables(first.block_shape()[1])  # the first call builds the tables
+    lines = 0
+
+    def tracer(frame, event, arg):
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        group = table.Group(lists, written=(0,))
+        group.tables(group.block_shape()[1])
+    finally:
+        sys.settrace(None)
+    assert group.numels == tuple(t.numel() for t in lists[0])
+    return lines
+
+
+def test_group_cache_hit_does_no_per_tensor_python():
+    """A repeated call reads its tensors only through C-level map() calls: the Python lines it
+    runs do not grow with the number of tensors."""
+    table.clear_cache()
+    few, many = _python_lines_of_repeated_group(6), _python_lines_of_repeated_group(600)
+    assert table.stats["group_hits"] == 2
+    assert many <= few + 5, (few, many)  # 100x the tensors; a per-tensor loop adds >= 600 lines
+
+
+@pytest.mark.parametrize("fresh", ["new_grads_alive", "set_to_none"])
+def test_group_cache_never_uses_stale_pointers(fresh):
+    """Each step brings new gradient tensors (as zero_grad(set_to_none=True) does): the update
+    must read the new ones. A cache keyed on anything but the addresses (e.g. the params, or the
+    list lengths) would read the previous step's gradients, kept alive here with other values."""
+    table.clear_cache()
+    p, w0, g = make_lists("ls_trial_sgd", (33, 4100, 1), torch.float32)
+    etas = [0.5, 0.25, 2.0]
+    old_grads = []
+    for step in range(3):
+        if fresh == "new_grads_alive":
+            old_grads.append(g)  # keep the previous gradients' memory (and values) alive
+        g = [torch.full_like(t, float(step + 1)) for t in g]
+        backend.ls_trial_sgd(p, w0, g, etas)
+        for pi, wi, gi, eta in zip(p, w0, g, etas):
+            assert torch.equal(pi, wi - eta * gi), f"step {step} used stale gradients"
+    if fresh == "new_grads_alive":
+        assert table.stats["group_builds"] == 3  # three sets of addresses
 
 
 def test_chunk_table_rows():
