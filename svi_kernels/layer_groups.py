@@ -1,58 +1,126 @@
-"""PLASLS parameter grouping of a Hugging Face BERT-style encoder (Kenneweg et al. 2023).
+"""PLASLS parameter groups of any model with repeated blocks (Kenneweg et al. 2023).
 
-Groups: the embeddings; the encoder layers split into ``n_groups - 2`` consecutive blocks; the
-head (everything else: pooler and classifier). For BERT-base (12 layers) and ``n_groups=10`` this
-gives the authors' split: layers [0,1], [2], [3,4], [5], [6,7], [8], [9,10], [11]. Unlike the
-authors' model, HF's ``BertForSequenceClassification`` uses its pooler, so the pooler is trained and
-grouped with the classifier.
+The blocks: every ``nn.ModuleList`` / ``nn.Sequential`` whose children are all of one class and hold
+parameters, not nested inside another such list (a "stack"). When the model names its block classes in
+``_no_split_modules`` (Hugging Face models do), only the stacks of those classes count; otherwise every
+stack of two or more blocks, or, failing that, of one block (ALBERT's shared layer group). An
+encoder-decoder has two stacks.
+
+Groups, in depth (registration) order: the parameters registered before the first stack (embeddings);
+each stack split into consecutive runs of blocks; the parameters registered between two stacks; those
+after the last stack (final norm, pooler, head). For BERT-base (12 layers) and ``n_groups=10`` this gives
+the authors' split: embeddings, layers [0,1], [2], [3,4], [5], [6,7], [8], [9,10], [11], head.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
 
-def _find_encoder_layers(model: nn.Module):
-    for name, module in model.named_modules():
-        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList):
-            return name, module
-        if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList):
-            return name, module
-    raise ValueError("layer_groups: no `encoder.layer` ModuleList found; pass your own param groups "
-                     "(a list of {'params': [...]}) to LayerwiseAdamSLS instead")
+def _stack_candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
+            continue
+        kids = list(m.children())
+        if len({type(k) for k in kids}) == 1 and all(any(True for _ in k.parameters()) for k in kids):
+            if not any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+                found.append((name, m))
+    return found
 
 
-def _find_embeddings(model: nn.Module):
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "embeddings":
-            return name, module
-    raise ValueError("layer_groups: no `embeddings` module found; pass your own param groups instead")
+def find_stacks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The stacks of repeated blocks, in registration order (see the module docstring)."""
+    cands = _stack_candidates(model)
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    if declared:
+        named = [(n, s) for n, s in cands if type(next(iter(s.children()))).__name__ in declared]
+        if named:
+            return named
+    return [(n, s) for n, s in cands if len(s) >= 2] or cands
+
+
+def _split(n_blocks: List[int], budget: int) -> List[int]:
+    """Runs per stack: at least one each, at most one per block, the rest to the stack with most blocks per run."""
+    k = [1] * len(n_blocks)
+    for _ in range(budget - len(n_blocks)):
+        open_ = [i for i in range(len(k)) if k[i] < n_blocks[i]]
+        if not open_:
+            break
+        i = max(open_, key=lambda j: n_blocks[j] / k[j])
+        k[i] += 1
+    return k
+
+
+def _common_prefix(names: List[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
 
 
 def layer_groups(model: nn.Module, n_groups: int = 10, trainable_only: bool = True) -> List[dict]:
-    """Param groups ``[{"params": [...], "name": ...}, ...]`` for ``LayerwiseAdamSLS``.
+    """Param groups ``[{"params": [...], "name": ...}, ...]`` for ``LayerwiseAdamSLS``, in depth order.
 
-    Empty groups are dropped (e.g. when the model has fewer layers than ``n_groups - 2``), so the result
-    may have fewer than ``n_groups`` groups.
+    Every parameter is in exactly one group (tied weights once, in the group of their first registration).
+    ``n_groups`` counts all groups; the blocks get what the fixed groups (before / between / after the
+    stacks) leave, at least one run per stack. Fewer groups come back when the model has fewer blocks, or
+    when groups are empty (``trainable_only`` drops frozen parameters after the split). Raises ``ValueError``
+    when the model has no repeated blocks, or when ``n_groups`` is below what it needs.
     """
-    if n_groups < 3:
-        raise ValueError(f"n_groups must be >= 3 (embeddings, >= 1 layer block, head), got {n_groups}")
-    emb_name, emb = _find_embeddings(model)
-    _, layers = _find_encoder_layers(model)
-    n_layers = len(layers)
-    k = min(n_groups - 2, n_layers)
-    bounds = [math.ceil(j * n_layers / k) for j in range(k + 1)]
-    named = []
-    named.append((emb_name, list(emb.parameters())))
-    for j in range(k):
-        idx = list(range(bounds[j], bounds[j + 1]))
-        params = [p for i in idx for p in layers[i].parameters()]
-        named.append((f"layers {idx[0]}-{idx[-1]}" if idx else "layers (none)", params))
-    seen = {id(p) for _, ps in named for p in ps}
-    head = [p for p in model.parameters() if id(p) not in seen]
-    named.append(("head", head))
+    stacks = find_stacks(model)
+    if not stacks:
+        raise ValueError(f"layer_groups: {type(model).__name__} has no repeated blocks (no ModuleList or Sequential "
+                         "of same-class modules with parameters); pass your own param groups "
+                         "(a list of {'params': [...]}) to LayerwiseAdamSLS instead")
+    where: Dict[str, Tuple[int, int]] = {}  # prefix "stack.i." -> (stack index, block index)
+    for s, (name, stack) in enumerate(stacks):
+        for i, key in enumerate(stack._modules):
+            where[f"{name}.{key}." if name else f"{key}."] = (s, i)
+
+    def block_of(pname: str) -> Optional[Tuple[int, int]]:
+        for prefix, sb in where.items():
+            if pname.startswith(prefix):
+                return sb
+        return None
+
+    loose: List[List[Tuple[str, nn.Parameter]]] = [[] for _ in range(len(stacks) + 1)]  # before, between..., after
+    blocks: List[List[List[nn.Parameter]]] = [[[] for _ in s] for _, s in stacks]
+    seen_stack = -1
+    for pname, p in model.named_parameters():  # deduplicated: tied weights once
+        sb = block_of(pname)
+        if sb is None:
+            loose[seen_stack + 1].append((pname, p))
+        else:
+            seen_stack = max(seen_stack, sb[0])
+            blocks[sb[0]][sb[1]].append(p)
+    n_fixed = sum(1 for ps in loose if ps)
+    need = n_fixed + len(stacks)
+    if n_groups < need:
+        raise ValueError(f"layer_groups: n_groups={n_groups} is too small for {type(model).__name__}: it needs at "
+                         f"least {need} ({n_fixed} groups outside the blocks + one per stack of blocks)")
+    runs = _split([len(s) for _, s in stacks], n_groups - n_fixed)
+
+    named: List[Tuple[str, List[nn.Parameter]]] = []
+
+    if loose[0]:
+        named.append((_common_prefix([n for n, _ in loose[0]]) or "embeddings", [p for _, p in loose[0]]))
+    for s, (sname, stack) in enumerate(stacks):
+        n = len(stack)
+        bounds = [math.ceil(j * n / runs[s]) for j in range(runs[s] + 1)]
+        label = "layers" if len(stacks) == 1 else sname
+        for j in range(runs[s]):
+            idx = range(bounds[j], bounds[j + 1])
+            named.append((f"{label} {idx[0]}-{idx[-1]}", [p for i in idx for p in blocks[s][i]]))
+        if s + 1 < len(stacks) and loose[s + 1]:
+            named.append((f"between {sname} and {stacks[s + 1][0]}", [p for _, p in loose[s + 1]]))
+    if loose[-1]:
+        named.append(("head", [p for _, p in loose[-1]]))
     groups = []
     for name, params in named:
         if trainable_only:
