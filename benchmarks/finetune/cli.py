@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     r.add_argument("--weight-decay", type=float, default=0.0)
     r.add_argument("--grad-clip", type=float, default=0.0)
     r.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
+    r.add_argument("--evals-per-epoch", type=int, default=4, help="val evaluations per epoch (each costs a val pass)")
     rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
     rep.add_argument("--out", default="out/finetune")
     rep.add_argument("--img-dir", default=None)
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
         over = dict(schedule=a.schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                     eps=a.eps, **_stabilizers(a))
         arms = [C.Arm(o, o, list(a.lr), over) for o in a.optimizer]
-        base = dict(epochs=a.epochs[0] if a.epochs else 3.0, batch_size=a.batch_size or 32)
+        base = dict(epochs=a.epochs[0] if a.epochs else 3.0, batch_size=a.batch_size or 32,
+                    evals_per_epoch=a.evals_per_epoch)
         setting = C.Setting(C.mode_name(k) + (f"-n{a.subset}" if a.subset else ""), k, a.subset, arms, seeds,
                             a.tune_seeds or seeds[:1], base)
         plan = {"custom": [setting]}
