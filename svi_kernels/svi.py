@@ -157,11 +157,12 @@ class SVIHandle:
         for name, m in self._model.named_modules():
             names.setdefault(m, name)
         pairs = found.pairs
-        exclusive = {}  # activation module -> whether every call of it takes a paired Linear's output
+        exclusive = {}  # activation module -> fuse it away: stateless, and every call takes a paired output
         for lin, use in pairs.items():
             if use.kind == "module" and use.target not in exclusive:
                 calls = found.act_inputs.get(use.target, [])
-                exclusive[use.target] = all(c is not None and c.linear in pairs for c in calls)
+                stateless = not any(True for _ in use.target.parameters()) and not any(True for _ in use.target.buffers())
+                exclusive[use.target] = stateless and all(c is not None and c.linear in pairs for c in calls)
         for lin in sorted(pairs, key=lambda m: list(names).index(m)):
             use = pairs[lin]
             if use.kind == "module" and exclusive[use.target]:
@@ -169,7 +170,7 @@ class SVIHandle:
                 desc = f"{names.get(use.target, '?')} ({type(use.target).__name__})"
             elif use.kind == "module":
                 self._tap_module(lin, use.target)
-                desc = f"{names.get(use.target, '?')} ({type(use.target).__name__}, also used elsewhere)"
+                desc = f"{names.get(use.target, '?')} ({type(use.target).__name__}, hooked)"
             else:
                 self._tap_function(lin, use.target, use.caller)
                 fname = getattr(use.target, "__qualname__", getattr(use.target, "__name__", str(use.target)))
@@ -199,8 +200,8 @@ class SVIHandle:
         (one node; no state between calls) and the activation's slots hold nn.Identity."""
         transposed, kind = sd.linear_layout(lin), sd.fused_kind(act)
 
-        def forward(x):
-            x, w, b = sa.autocast_args(x, lin.weight, lin.bias)
+        def forward(*args, **kwargs):
+            x, w, b = sa.autocast_args(sa.linear_input(args, kwargs), lin.weight, lin.bias)
             if kind is not None:
                 return sa.LinearActSVI.apply(x, w, b, transposed, kind)
             z, carrier = sa.SVILinear.apply(x, w, b, transposed, None)
@@ -220,8 +221,8 @@ class SVIHandle:
     def _pending_linear(self, lin: nn.Module) -> _Slot:
         transposed, slot = sd.linear_layout(lin), _Slot()
 
-        def forward(x):
-            x, w, b = sa.autocast_args(x, lin.weight, lin.bias)
+        def forward(*args, **kwargs):
+            x, w, b = sa.autocast_args(sa.linear_input(args, kwargs), lin.weight, lin.bias)
             z, carrier = sa.SVILinear.apply(x, w, b, transposed, None)
             slot.push(z, carrier)
             return z

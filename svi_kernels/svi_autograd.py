@@ -27,6 +27,11 @@ FUSED_FORWARD = {
 }
 
 
+def linear_input(args: tuple, kwargs: dict) -> Tensor:
+    """The one input of a Linear's forward, passed by position or by name (``input=``, ``x=``)."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
 def autocast_args(x: Tensor, w: Tensor, b: Optional[Tensor]):
     """Cast as autocast casts ``F.linear``'s arguments (as autograd ops, so the casts' backward converts
     the weight gradient back to the parameter's dtype exactly as plain backprop does)."""

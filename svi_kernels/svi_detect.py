@@ -146,9 +146,8 @@ class Observer(TorchFunctionMode):
         self._hooks, self._undo = [], []
 
     def _patch(self, lin: nn.Module, transposed: bool):
-        def forward(x):
-            w, b = lin.weight, lin.bias
-            x, w, b = sa.autocast_args(x, w, b)
+        def forward(*args, **kwargs):
+            x, w, b = sa.autocast_args(sa.linear_input(args, kwargs), lin.weight, lin.bias)
             z, carrier = sa.SVILinear.apply(x, w, b, transposed, decided := Decided())
             call = Call(lin, z, carrier, decided)
             self.tracked[id(z)] = call
@@ -223,6 +222,12 @@ class Found:
     act_inputs: Dict[nn.Module, List[Optional[Call]]]
 
 
+def _describe(use: Use) -> str:
+    what = use.target if use.kind == "function" or use.kind == "other" else type(use.target)
+    name = getattr(what, "__name__", None) or type(what).__name__
+    return name if use.kind != "other" else f"{name} (not an activation)"
+
+
 def decide(obs: Observer) -> Found:
     pairs, skipped = {}, {}
     for lin, calls in obs.calls.items():
@@ -232,9 +237,7 @@ def decide(obs: Observer) -> Found:
             continue  # never fed an activation: an ordinary Linear
         for c in calls:
             if len(c.uses) != 1 or c.uses[0].kind == "other":
-                others = [getattr(u.target, "__name__", type(u.target).__name__) for u in c.uses if u.kind == "other"]
-                reason = ("its output also goes to " + ", ".join(others) if others else
-                          f"its output is used {len(c.uses)} times")
+                reason = "its output goes to " + ", ".join(_describe(u) for u in c.uses)
                 break
         if reason is None and len(sites) > 1:
             reason = "its calls feed different activations"

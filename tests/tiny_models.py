@@ -79,6 +79,7 @@ class ModuleActs(nn.Module):
         self.gate_act = nn.SiLU()
         self.shared = nn.Linear(8, 8)
         self.shared_act = nn.Hardswish()  # no fused kernel: the tapped path
+        self.p_lin, self.prelu = nn.Linear(8, 8), nn.PReLU()  # an activation with a parameter: hooked, kept
         self.norm_lin = nn.Linear(8, 8)
         self.norm = nn.LayerNorm(8)
         self.norm_act = nn.GELU()
@@ -89,6 +90,7 @@ class ModuleActs(nn.Module):
         h = h + self.down(self.gate_act(self.gate(h)) * self.up(h))
         for _ in range(2):  # one Linear used twice: its field is summed over the uses
             h = h + self.shared_act(self.shared(h))
+        h = self.prelu(self.p_lin(h))
         h = self.norm_act(self.norm(self.norm_lin(h)))  # a norm in between: not a pair
         return self.out(h)
 
@@ -116,7 +118,7 @@ class FunctionActs(nn.Module):
 
 # custom models: (factory, expected pairs {layer: activation: a submodule name or a function}, not paired)
 CUSTOM = {
-    "module-acts": (ModuleActs, {"inp": "act_in", "gate": "gate_act", "shared": "shared_act"},
+    "module-acts": (ModuleActs, {"inp": "act_in", "gate": "gate_act", "shared": "shared_act", "p_lin": "prelu"},
                     ["up", "down", "norm_lin", "out"]),
     "function-acts": (FunctionActs, {"l1": F.gelu, "l2": torch.Tensor.sigmoid, "l3": "act", "l5": F.elu},
                       ["l4", "out"]),
