@@ -1,4 +1,5 @@
-"""svi.attach: the SVI field Gᵀ X on a small MLP and on a tiny random HF BERT, nothing else changed."""
+"""svi.attach mechanics: the field on an MLP and a tiny BERT, lower layers exact, remove(), matmul counts,
+torch.compile vs eager, bf16 autocast, the activation-backward kernel (Triton on CUDA), errors."""
 import copy
 
 import pytest
@@ -234,3 +235,31 @@ def test_bf16_autocast(name):
     amp_loss(model, inputs).backward()
     assert sorted(handle.layers) == sorted(EXPECTED[name])
     check_grads(model, ref, states, EXPECTED[name], rtol=1e-6, atol=1e-8)
+
+
+def test_fused_pairs_use_the_activation_backward_kernel(monkeypatch):
+    """Activation modules fused into their Linear take dZ from svi_backward (PyTorch ops on the CPU)."""
+    from svi_kernels.triton import svi_backward as tsb
+    calls, orig = [], tsb.act_backward_torch
+    monkeypatch.setattr(tsb, "act_backward_torch", lambda z, g, kind: calls.append(kind) or orig(z, g, kind))
+    model, x = mlp(), torch.randn(4, 5, requires_grad=True)  # dZ of the first layer only feeds dX
+    sk.svi.attach(model, x)
+    model(x).sum().backward()
+    assert calls == ["tanh", "gelu"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_act_backward_on_cuda(monkeypatch):
+    """On CUDA the fused pairs' dZ comes from the Triton kernel; the gradients match the CPU run."""
+    pytest.importorskip("triton")
+    from svi_kernels.triton import svi_backward_kernel as kernel
+    calls, orig = [], kernel.act_backward_triton
+    monkeypatch.setattr(kernel, "act_backward_triton", lambda z, g, kind: calls.append(kind) or orig(z, g, kind))
+    cpu, x = mlp(), torch.randn(16, 5)
+    gpu = copy.deepcopy(cpu).cuda()
+    for m, inp in ((cpu, x.requires_grad_()), (gpu, x.detach().cuda().requires_grad_())):
+        sk.svi.attach(m, inp)
+        m(inp).pow(2).sum().backward()
+    assert calls == ["tanh", "gelu"]
+    for a, b in zip(gpu.parameters(), cpu.parameters()):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-5)
