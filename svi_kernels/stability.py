@@ -276,7 +276,9 @@ def _surt(model, tokenizer, texts, encoder, allowed, steps, lr, mlm_probability,
                 enc = tokenizer(list(batch_texts), truncation=True, max_length=max_length)
                 batch = collator([{"input_ids": r} for r in enc["input_ids"]])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = mlm(**batch).loss
+                loss = _mlm_loss(mlm, model.base_model_prefix, batch)
+                if loss is None:  # nothing was masked in this batch
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -286,6 +288,25 @@ def _surt(model, tokenizer, texts, encoder, allowed, steps, lr, mlm_probability,
             p.requires_grad_(saved_flags[id(p)])
         model.train(was_training)
     return report
+
+
+def _mlm_loss(mlm: nn.Module, prefix: str, batch: dict) -> Optional[torch.Tensor]:
+    """HF's masked-LM loss, with the vocabulary projection run on the masked positions only.
+
+    HF's forward projects every position onto the vocabulary (30k columns) and then ignores the
+    unmasked ~85%; the head is per-position, so projecting the masked rows alone gives the same loss
+    at a fraction of the cost. Heads under another attribute name than ``cls`` / ``lm_head`` take
+    HF's own forward.
+    """
+    head = getattr(mlm, "cls", None) or getattr(mlm, "lm_head", None)
+    labels = batch["labels"]
+    picked = labels != -100
+    if not bool(picked.any()):
+        return None
+    if head is None:
+        return mlm(**batch).loss
+    hidden = getattr(mlm, prefix)(**{k: v for k, v in batch.items() if k != "labels"})[0]
+    return F.cross_entropy(head(hidden[picked]), labels[picked])
 
 
 def _batches(texts: Sequence[str], batch_size: int, n_steps: int, gen: torch.Generator):

@@ -219,6 +219,18 @@ def test_surt_is_deterministic_per_seed_and_restores_the_global_rng(tmp_path):
     assert torch.equal(ra, ref_draw) and torch.equal(rb, ref_draw)
 
 
+def test_surt_masked_rows_loss_equals_hf_mlm_loss(tmp_path):
+    from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
+
+    tok = _tokenizer(tmp_path)
+    mlm = _model(cls=BertForMaskedLM).eval()
+    enc = tok(_texts(8), truncation=True, max_length=16)
+    batch = DataCollatorForLanguageModeling(tok, mlm_probability=0.3, seed=0)([{"input_ids": r} for r in enc["input_ids"]])
+    torch.testing.assert_close(st._mlm_loss(mlm, "bert", dict(batch)), mlm(**batch).loss)
+    batch["labels"].fill_(-100)
+    assert st._mlm_loss(mlm, "bert", dict(batch)) is None
+
+
 def test_surt_reuses_a_checkpoints_mlm_head_and_learns(tmp_path):
     from transformers import BertForMaskedLM, BertForSequenceClassification
 
