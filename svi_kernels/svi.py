@@ -35,6 +35,14 @@ _PENDING = weakref.WeakKeyDictionary()  # model -> handle still waiting for its 
 _MAX_PENDING = 8  # outputs of one Linear waiting for their activation (bounded: a path that never taps)
 
 
+def _function_name(func) -> str:
+    """F.gelu, torch.tanh, Tensor.sigmoid: how the model's code spells it."""
+    module, name = getattr(func, "__module__", None), getattr(func, "__name__", repr(func))
+    if module is None:
+        return f"Tensor.{name}"
+    return f"F.{name}" if module in ("torch.nn.functional", "torch._C._nn") else f"torch.{name}"
+
+
 class _Slot:
     """Outputs (Z, carrier) of one paired Linear not yet seen by their activation (hook/mode styles)."""
 
@@ -173,8 +181,7 @@ class SVIHandle:
                 desc = f"{names.get(use.target, '?')} ({type(use.target).__name__}, hooked)"
             else:
                 self._tap_function(lin, use.target, use.caller)
-                fname = getattr(use.target, "__qualname__", getattr(use.target, "__name__", str(use.target)))
-                desc = f"{fname} called in {names.get(use.caller, '?') or '<root>'}"
+                desc = f"{_function_name(use.target)} called in {names.get(use.caller, '?') or '<root>'}"
             self.layers.append(names[lin])
             self.activations[names[lin]] = desc
         for act in [a for a, ok in exclusive.items() if ok]:

@@ -175,3 +175,14 @@ def test_remove_restores_module_tree():
     handle.remove()
     assert {n: type(m) for n, m in model.named_modules()} == before
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_activation_descriptions():
+    """handle.activations says which activation each layer pairs with, and where a function is called."""
+    model, inputs, _ = hf_model("roberta")
+    acts = sk.svi.attach(model, example_kwargs=inputs).activations
+    assert acts["classifier.dense"] == "torch.tanh called in classifier"
+    assert acts["roberta.encoder.layer.0.intermediate.dense"] == (
+        "roberta.encoder.layer.0.intermediate.intermediate_act_fn (GELUActivation)")
+    model, inputs, _ = hf_model("distilbert")
+    assert sk.svi.attach(model, example_kwargs=inputs).activations["pre_classifier"] == "F.relu called in <root>"
