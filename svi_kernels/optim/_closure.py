@@ -1,13 +1,22 @@
 """Closure evaluation for the line-search optimizers (the SLS closure contract).
 
-The closure returns the loss and does not call backward. The first evaluation runs with grad
-enabled and is backpropagated here; trial evaluations run under ``torch.no_grad()``. Every
+Two closure forms are accepted (told apart by the closure's signature):
+
+- ``closure()`` returns the loss and does not call backward (SLS, AdamSLS); the first evaluation
+  runs with grad enabled and is backpropagated here.
+- ``closure(backwards=False)`` (salsa-optimizer's form) calls ``loss.backward()`` itself when
+  ``backwards`` is true; the first evaluation passes ``backwards=True``. This form is what gradient
+  accumulation needs: the closure loops over micro-batches, calls backward on each, and returns the
+  mean loss (detached or not).
+
+Trial evaluations run under ``torch.no_grad()``. Every
 evaluation of one step starts from the same RNG state, so dropout masks match (Vaswani et al. run
 the closure under a fixed seed for the same reason). Under ``torch.distributed`` the losses are
 averaged over ranks, so every rank takes the same Armijo decision and replicas stay identical.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterable, List
 
@@ -24,9 +33,11 @@ class ClosureRunner:
         if closure is None:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
-                "the closure returns the loss and must not call backward()")
+                "the closure returns the loss and does not call backward() (or takes `backwards` and calls "
+                "loss.backward() itself when it is true)")
         self.name = opt_name
         self.closure = closure
+        self.backwards = takes_backwards(closure)
         self.params = params
         self.process_group = process_group
         # Counted here and added to the optimizer's state only when the step succeeds.
@@ -56,15 +67,25 @@ class ClosureRunner:
         they were.
         """
         self._restore_rng()
-        before = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
+        before = self._grad_versions()
         with torch.enable_grad():
-            loss = self._check_loss(self.closure())
-        after = [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
+            loss = self._check_loss(self.closure(backwards=True) if self.backwards else self.closure())
+        changed = before != self._grad_versions()
         self.n_forwards += 1
-        if before != after:
+        if self.backwards:
+            if not changed and self.params:
+                raise RuntimeError(
+                    f"{self.name}: closure(backwards=True) did not call backward (no gradient changed); a "
+                    "closure that takes `backwards` must call loss.backward() itself when it is true")
+            self.n_backwards += 1
+            return loss
+        if changed:
             raise RuntimeError(
-                f"{self.name}: the closure changed gradients (it called backward itself?). The closure must "
-                "only return the loss; step() calls backward on the first evaluation")
+                f"{self.name}: the closure changed gradients (it called backward itself?). A closure without "
+                "arguments must only return the loss (step() calls backward on the first evaluation); a closure "
+                "that calls backward itself must take a `backwards` argument: def closure(backwards=False)")
+        if not loss.requires_grad and not any(p.requires_grad for p in self.params):
+            return loss  # nothing to differentiate: no gradient, so the step moves nothing (torch's no-op step)
         if not loss.requires_grad:
             raise RuntimeError(
                 f"{self.name}: the closure's loss does not require grad (was it detached or computed under "
@@ -72,6 +93,9 @@ class ClosureRunner:
         loss.backward()
         self.n_backwards += 1
         return loss
+
+    def _grad_versions(self):
+        return [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in self.params]
 
     def check_f0(self, f0: float) -> None:
         if not math.isfinite(f0):
@@ -84,7 +108,7 @@ class ClosureRunner:
         as a float64 tensor on its device, not read back. NaN/inf are returned as they are."""
         self._restore_rng()
         with torch.no_grad():
-            loss = self._check_loss(self.closure())
+            loss = self._check_loss(self.closure(backwards=False) if self.backwards else self.closure())
         self.n_forwards += 1
         return self.average(loss)
 
@@ -127,6 +151,14 @@ def read_host(tensors: List[Tensor]) -> List[float]:
     for v in values:
         out.extend(v)
     return out
+
+
+def takes_backwards(closure) -> bool:
+    """The closure is of the ``closure(backwards=False)`` form (it has a parameter so named)."""
+    try:
+        return "backwards" in inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
 
 
 def all_params(groups: Iterable[dict]) -> List[Tensor]:

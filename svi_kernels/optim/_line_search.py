@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _common as C
+from . import search_schedule
 from .adamw import adam_scalars
 
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
@@ -116,16 +117,19 @@ class LineSearchOptimizer(Optimizer):
     _name = "LineSearchOptimizer"
     _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
 
-    def __init__(self, params, defaults, process_group=None):
+    def __init__(self, params, defaults, process_group=None, search="every"):
         self._w0: Dict[Tensor, Tensor] = {}
         # torch.distributed group whose ranks average each tested loss (None: the world; False: off).
         self.process_group = process_group
+        search = search_schedule.check_search(search)
         super().__init__(params, defaults)
         self.state[LS_KEY] = {
             "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
             "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],
             "n_backtracks": [0] * len(self.param_groups),
             "found": [True] * len(self.param_groups),
+            "searched": True,  # did the last step search (False: skipped by the ``search=`` schedule)
+            "search": search_schedule.new_state(search, len(self.param_groups)),
         }
 
     def add_param_group(self, param_group):
@@ -135,6 +139,7 @@ class LineSearchOptimizer(Optimizer):
             ls["step_sizes"].append(float(self.param_groups[-1]["init_step_size"]))
             ls["n_backtracks"].append(0)
             ls["found"].append(True)
+            search_schedule.add_group(ls["search"])
 
     # ---------------------------------------------------------------- state
     @property
@@ -142,6 +147,11 @@ class LineSearchOptimizer(Optimizer):
         """Counters and step sizes: ``step``, ``n_forwards``, ``n_backwards``, ``step_sizes`` (one per
         param group), ``n_backtracks`` and ``found`` (last step, per group), ``total_backtracks``."""
         return self.state[LS_KEY]
+
+    @property
+    def search(self):
+        """The ``search=`` schedule: "every", "salsa", "auto" or an int k (see search_schedule)."""
+        return self.ls_state["search"]["kind"]
 
     @property
     def n_forwards(self) -> int:
@@ -257,11 +267,61 @@ class LineSearchOptimizer(Optimizer):
         ls["found"][gi] = found
         ls["total_backtracks"] += backtracks
 
-    def _finish(self, runner) -> None:
+    def _finish(self, runner, searched: bool = True, etas: Optional[Dict[int, float]] = None,
+                old_etas: Optional[Dict[int, float]] = None) -> None:
+        """Commit a successful step: counters, and the schedule (``etas``: accepted step sizes of the
+        searched groups by index, ``old_etas`` their stored values before the step)."""
         ls = self.ls_state
         ls["step"] += 1
         ls["n_forwards"] += runner.n_forwards
         ls["n_backwards"] += runner.n_backwards
+        ls["searched"] = searched
+        search_schedule.advance(ls["search"], searched, etas or {}, old_etas or {})
+
+    # --------------------------------------------------------- skipped steps
+    def _searches_now(self) -> bool:
+        """Does the coming step search (the ``search=`` schedule)? Reads the schedule only."""
+        return search_schedule.decide(self.ls_state["search"], self.ls_state["step"] + 1)
+
+    def _skip_sgd(self, etas: Sequence[float]) -> None:
+        """A skipped step along -g: p <- p - eta * g, one foreach launch per (group, device, dtype)."""
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for _key, (lists, _idx) in C.group_by([params, grads]).items():
+                torch._foreach_add_(lists[0], lists[1], alpha=-etas[gi])
+
+    def _skip_adam(self, etas: Sequence[float], step: float, decays: Optional[Sequence[float]] = None) -> None:
+        """A skipped step along the Adam direction with the moments updated:
+        p <- p * decay - eta * m_hat / (sqrt(v_hat) + eps), bias corrections at ``step``. One fused
+        ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step.
+        ``decays`` (per group, default 1) is the decoupled weight-decay factor."""
+        for gi, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
+            eta = float(etas[gi])
+            # adam_step's decoupled decay is 1 - lr * weight_decay: express the wanted factor through it.
+            wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
+            for (device, _dtype), (lists, _idx) in C.group_by([params, grads, exp_avgs, exp_avg_sqs]).items():
+                impl = C.backend_for(group["backend"], device, lists)
+                impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
+                               decoupled=True, bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt)
 
 
 class DeviceSums:
@@ -289,6 +349,16 @@ class DeviceSums:
 
     def all_finite(self) -> bool:
         return all(math.isfinite(v) for v in self.per_tensor.values())
+
+
+def read_trial(f1: Tensor, pending: DeviceSums) -> float:
+    """The trial loss on the host; the first time, ``pending``'s reductions join the same sync."""
+    from ._closure import read_host
+    if pending.per_group is None:
+        vals = read_host([f1] + pending.tensors())
+        pending.load(vals[1:])
+        return vals[0]
+    return read_host([f1])[0]
 
 
 def read_first(runner, loss: Tensor, sums: DeviceSums) -> float:

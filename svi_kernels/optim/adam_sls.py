@@ -9,6 +9,10 @@ and ``ls_state["found"]`` says so. The search is skipped (final step with the gr
 preconditioned norm is below 1e-8 or the loss is exactly 0 (one trial forward is
 still spent, as in the authors' code: the norm is read with the first trial's loss). With several param groups each group is
 searched in turn, the earlier ones already at their new values.
+
+``search=`` (search_schedule): "every" (default), an int k, "salsa" or "auto"; a skipped step is one
+fused Adam update ``p - eta * m_hat / (sqrt(v_hat) + eps)`` with the stored step size grown as before
+a search (the stored one unchanged), no trial and nothing read back.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 from . import _common as C
 from ._closure import read_host
 from ._line_search import (DeviceSums, LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
-                           reset_step_size)
+                           read_trial, reset_step_size)
 
 MIN_PRECOND_NORM = 1e-8
 
@@ -31,7 +35,7 @@ class AdamSLS(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
-                 backend: Optional[str] = None, process_group=None):
+                 backend: Optional[str] = None, process_group=None, search="every"):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         C.check_betas(betas)
         C.check_nonneg(eps, "eps")
@@ -40,18 +44,27 @@ class AdamSLS(LineSearchOptimizer):
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
                         reset_option=reset_option, backend=C._backends.validate(backend))
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, search=search)
 
-    def _begin(self, closure):
+    def _begin(self, closure, force_search: bool = False):
         """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step).
 
         One host sync reads f0 and the gradient norms (checked before the moments are touched); the
         preconditioned norms ``s`` stay on the device and join the first trial's read.
+        When the ``search=`` schedule skips this step, it is done here (one fused Adam update with the
+        stored step sizes grown as before a search, nothing read back) and ``t`` is None.
         """
         self._check_inputs()
         runner = self._runner(closure)
+        search = force_search or self._searches_now()
         loss = runner.first()
         self._check_inputs()
+        if not search:
+            step = self.ls_state["step"] + 1
+            self._skip_adam([reset_step_size(eta, g) for eta, g in zip(self.ls_state["step_sizes"], self.param_groups)],
+                            step)
+            self._finish(runner, searched=False)
+            return runner, loss, None, None, None, step
         t = StepTensors(self, with_moments=True)
         norms = self._grad_norms(t)
         f0 = read_first(runner, loss, norms)
@@ -68,12 +81,7 @@ class AdamSLS(LineSearchOptimizer):
         the authors' code, that is known only after the first trial's forward.
         """
         def read(f1):
-            if s.per_group is None:
-                vals = read_host([f1] + s.tensors())
-                s.load(vals[1:])
-                f1v = vals[0]
-            else:
-                f1v = read_host([f1])[0]
+            f1v = read_trial(f1, s)
             s_sel = sum(s.per_group[g] for g in gids)
             return f1v, s_sel, (s_sel < MIN_PRECOND_NORM or f0 == 0.0)
 
@@ -83,11 +91,14 @@ class AdamSLS(LineSearchOptimizer):
         """One ADAMSLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():
             runner, loss, f0, t, s, step = self._begin(closure)
+            if t is None:  # skipped by the search= schedule
+                return loss
             ls = self.ls_state
+            old = dict(enumerate(ls["step_sizes"]))
             for gi, group in enumerate(self.param_groups):
                 eta = reset_step_size(ls["step_sizes"][gi], group)
                 eta, backtracks, found = self._search(runner, f0, t, s, [gi], eta, group, step)
                 self._final_adam(t, {gi: eta}, step)
                 self._record(gi, eta, backtracks, found)
-            self._finish(runner)
+            self._finish(runner, True, dict(enumerate(ls["step_sizes"])), old)
         return loss

@@ -5,6 +5,9 @@ param group: reset ``eta * gamma^(1/n_batches_per_epoch)`` (reset_option 1; 0 ke
 at init_step_size), trials ``w0 - eta * g`` until ``f(w0 - eta g) <= f(w0) - c * eta * ||g||^2``,
 backtracking by ``beta_b``; after ``max_backtracks`` failures the parameters move by ``1e-6 * g`` and
 the reduced eta is kept; no update when ``||g|| < 1e-8``.
+
+``search=`` (search_schedule): "every" (default), an int k, "salsa" or "auto"; a skipped step is
+``p <- p - eta * g`` with the stored step size grown as before a search (the stored one unchanged).
 """
 from __future__ import annotations
 
@@ -26,14 +29,15 @@ class ArmijoSGD(LineSearchOptimizer):
     _name = "ArmijoSGD"
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=1.0, c=0.1, beta_b=0.9, gamma=2.0,
-                 reset_option=1, max_backtracks=100, backend: Optional[str] = None, process_group=None):
+                 reset_option=1, max_backtracks=100, backend: Optional[str] = None, process_group=None,
+                 search="every"):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         if reset_option not in (0, 1, 2):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
                         backend=C._backends.validate(backend))
-        super().__init__(params, defaults, process_group=process_group)
+        super().__init__(params, defaults, process_group=process_group, search=search)
 
     def step(self, closure=None):
         """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss.
@@ -42,9 +46,16 @@ class ArmijoSGD(LineSearchOptimizer):
         """
         self._check_inputs()
         runner = self._runner(closure)
+        search = self._searches_now()
         loss = runner.first()
         self._check_inputs()  # gradients exist now
         ls = self.ls_state
+        old = list(ls["step_sizes"])
+        if not search:  # the search= schedule skips this step: one SGD update with the stored step size
+            with torch.no_grad():
+                self._skip_sgd([reset_step_size(eta, g) for eta, g in zip(old, self.param_groups)])
+            self._finish(runner, searched=False)
+            return loss
         with torch.no_grad():
             t = StepTensors(self, with_moments=False)
             sums = self._save_sgd(t)  # writes only the scratch w0
@@ -63,5 +74,5 @@ class ArmijoSGD(LineSearchOptimizer):
                 if not found:
                     self._trial_sgd(t, {gi: FALLBACK_STEP})
                 self._record(gi, eta, backtracks, found)
-        self._finish(runner)
+        self._finish(runner, True, dict(enumerate(ls["step_sizes"])), dict(enumerate(old)))
         return loss

@@ -81,8 +81,13 @@ class LayerwiseAdamSLS(AdamSLS):
     def step(self, closure=None):
         """One PLASLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():
-            runner, loss, f0, t, s, step = self._begin(closure)
+            # The warm-up steps always search; afterwards the search= schedule may skip a step.
+            runner, loss, f0, t, s, step = self._begin(closure, force_search=self.ls_state["step"] < self.warmup_steps)
+            if t is None:
+                return loss
             ls = self.ls_state
+            old = dict(enumerate(ls["step_sizes"]))
+            searched = None  # the groups whose step size a search chose this step (None: all)
             n = len(self.param_groups)
             etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
             everyone = list(range(n))
@@ -118,7 +123,9 @@ class LayerwiseAdamSLS(AdamSLS):
                 for i in everyone:
                     self._record(i, etas[i], backtracks if i == k else 0, found if i == k else True)
                 ls["next_group"] = (k + 1) % n
-            self._finish(runner)
+                searched = [k]
+            chosen = everyone if searched is None else searched
+            self._finish(runner, True, {i: ls["step_sizes"][i] for i in chosen}, {i: old[i] for i in chosen})
             self._merge()
         return loss
 
