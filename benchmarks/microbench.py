@@ -117,6 +117,9 @@ def run(args: argparse.Namespace):
         measured = {}
         baseline = None  # (step fn, ms): timed first, then interleaved with every other row
         for row in sorted(all_rows, key=lambda r: r.name != BASELINE):
+            if not row.runs_on(wl.name):
+                bar.update(1)
+                continue
             bar.set_description(f"{wl.name}: {row.name} [{row.backend}]")
             try:
                 ms, pair_ms, launches, syncs, state_size, fn = _measure(

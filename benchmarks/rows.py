@@ -7,7 +7,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from . import traffic
+from . import traffic, workloads
 from .reference_sls import ReferenceStyleSLS
 
 LR, WEIGHT_DECAY = 1e-3, 1e-2
@@ -43,6 +43,10 @@ class Row:
     bookkeeping: bool = False  # a whole line-search step minus the forwards (closure cost subtracted)
     compare_to: Optional[str] = None  # the reference-style row this one must beat by >= 5x
     targets: list = field(default_factory=list)
+
+    def runs_on(self, workload: str) -> bool:
+        """Reference-style rows skip the host-overhead workloads (seconds per step there)."""
+        return not (self.kind == "reference-style" and workload in workloads.HOST_WORKLOADS)
 
 
 def trivial_closure(device: torch.device) -> Callable[[], torch.Tensor]:

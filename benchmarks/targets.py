@@ -12,6 +12,12 @@ COMPILED_BACKENDS = ("cpu", "cuda", "triton")
 
 # row name -> max ratio of its ms to torch fused AdamW's ms on the same workload
 RATIO_LIMITS = {"adamw": 1.0, "svi_sgd": 0.8, "ls_trial_sgd": 0.5, "ls_trial_adam": 0.5}
+# On the host-overhead workload (10,000 tiny tensors: the bytes cost < 1 ms, the step is host work):
+# AdamW/SVI steps >= 7x faster than torch fused AdamW, a whole line-search step <= 0.45x (issue 12).
+# The bandwidth targets do not apply there.
+HOST_WORKLOAD = "host-10k"
+HOST_RATIO_LIMITS = {"adamw": 1 / 7, "svi_sgd": 1 / 7, "svi_adam": 1 / 7, "armijo_sgd_bookkeeping": 0.45,
+                     "adam_sls_bookkeeping": 0.45, "layerwise_adam_sls_bookkeeping": 0.45}
 BOOKKEEPING_MIN_SPEEDUP = 5.0   # vs the reference-style bookkeeping of the same optimizer
 MIN_FRACTION_OF_STREAM = 0.8    # every fused row
 MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
@@ -28,9 +34,12 @@ def evaluate(results: List[dict]) -> None:
     for r in results:
         checks = []
         if r["kind"] == "ours" and r["backend"] in COMPILED_BACKENDS:
-            if r["name"] in RATIO_LIMITS:
-                limit = RATIO_LIMITS[r["name"]]
-                checks.append(_check(f"<= {limit:g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit, True))
+            host = r["workload"] == HOST_WORKLOAD
+            limits = {**RATIO_LIMITS, **HOST_RATIO_LIMITS} if host else RATIO_LIMITS
+            if r["name"] in limits:
+                limit = limits[r["name"]]
+                checks.append(_check(f"<= {limit:.3g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit,
+                                     True))
             ref_name = r.get("compare_to")
             if ref_name:
                 ref = by_key.get((r["workload"], ref_name, "reference-style"))
@@ -38,8 +47,9 @@ def evaluate(results: List[dict]) -> None:
                 r["speedup_vs_reference_style"] = speedup
                 checks.append(_check(f">= {BOOKKEEPING_MIN_SPEEDUP:g}x faster than reference-style", speedup,
                                      BOOKKEEPING_MIN_SPEEDUP, False))
-            checks.append(_check(f">= {MIN_FRACTION_OF_STREAM:.0%} of stream", r["fraction_of_stream"],
-                                 MIN_FRACTION_OF_STREAM, False))
+            if not host:
+                checks.append(_check(f">= {MIN_FRACTION_OF_STREAM:.0%} of stream", r["fraction_of_stream"],
+                                     MIN_FRACTION_OF_STREAM, False))
             if r["workload"] == "many-small":
                 huge = by_key.get(("huge", r["name"], r["backend"]))
                 if huge is not None and huge["gbps"] and r["gbps"]:
