@@ -1,69 +1,79 @@
 """Build svi_kernels and its compiled extension svi_kernels._C.
 
-The C++ CPU kernels (csrc/cpu) are always built. The CUDA kernels (csrc/cuda) are added when
-torch is a CUDA build and nvcc is found (CUDA_HOME), unless SVI_KERNELS_NO_CUDA=1; set
-SVI_KERNELS_FORCE_CUDA=1 to fail instead of silently skipping them. Install with
+The C++ CPU kernels (csrc/cpu) are always built; the CUDA kernels (csrc/cuda) are added when torch
+is a CUDA build and nvcc is found (CUDA_HOME), unless SVI_KERNELS_NO_CUDA=1; SVI_KERNELS_FORCE_CUDA=1
+fails instead of skipping them. Build against the torch you run:
     pip install torch==2.13.0 ninja && pip install --no-build-isolation .
+Without torch at build time (an isolated `pip install .`), or with SVI_KERNELS_NO_EXT=1, the package
+is built without the extension: it ships csrc/ (as svi_kernels/_csrc) and compiles the kernels on
+first use against the torch it runs with (svi_kernels/backends/jit.py). The sources and flags of both
+builds come from svi_kernels/backends/build_spec.py.
 """
-import glob
+import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import setup
 
-try:
-    import torch
-    from torch.utils import cpp_extension
-except ImportError:  # a clear message instead of a traceback deep in setuptools
-    sys.exit(
-        "svi_kernels builds a PyTorch C++ extension and needs torch installed first:\n"
-        "    pip install torch==2.13.0 ninja numpy\n"
-        "    pip install --no-build-isolation .\n"
-        "(--no-build-isolation builds against the torch you run; an isolated build would fetch another one.)"
-    )
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+def load_build_spec():
+    # By path: importing the package would import torch and the rest of svi_kernels.
+    path = os.path.join(HERE, "svi_kernels", "backends", "build_spec.py")
+    spec = importlib.util.spec_from_file_location("svi_kernels_build_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel(paths):
-    return sorted(os.path.relpath(p, HERE) for p in paths)
+    return [os.path.relpath(p, HERE) for p in paths]
 
 
-def want_cuda():
-    if os.environ.get("SVI_KERNELS_NO_CUDA") == "1":
-        return False, "SVI_KERNELS_NO_CUDA=1"
-    if torch.version.cuda is None:
-        return False, "torch is a CPU build"
-    if cpp_extension.CUDA_HOME is None:
-        return False, "nvcc/CUDA_HOME not found"
-    return True, f"CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+def no_extension_reason():
+    if os.environ.get("SVI_KERNELS_NO_EXT") == "1":
+        return "SVI_KERNELS_NO_EXT=1"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not importable here (an isolated build? `pip install --no-build-isolation .` builds now)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found; install g++ or set CXX)"
+    return None
 
 
-def extension():
-    sources = rel([os.path.join(HERE, "csrc", "ops_schema.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    include_dirs = [os.path.join(HERE, "csrc", "include")]
-    # No -march: csrc/cpu/isa_avx2.cpp and isa_avx512.cpp enable their instruction sets with GCC
-    # target pragmas and are picked at run time, so one build runs on any x86-64 CPU
-    # (docs/kernels.md, "CPU backend"). -fno-math-errno lets sqrt compile to one instruction;
-    # -Wno-unknown-pragmas silences ATen's `#pragma unroll` in the at::vec headers.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
-    extra_link = ["-fopenmp"]
-    use_cuda, why = want_cuda()
+def extension(spec):
+    import torch
+    from torch.utils import cpp_extension
+
+    use_cuda, why = spec.want_cuda(torch, cpp_extension.CUDA_HOME)
     if os.environ.get("SVI_KERNELS_FORCE_CUDA") == "1" and not use_cuda:
         sys.exit(f"SVI_KERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
-    print(f"svi_kernels: CUDA kernels {'ON' if use_cuda else 'OFF'} ({why})")
-    if use_cuda:
-        sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-        return cpp_extension.CUDAExtension(
-            "svi_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=extra_link)
-    return cpp_extension.CppExtension(
-        "svi_kernels._C", sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+    print(f"svi_kernels: building svi_kernels._C for torch {torch.__version__}; "
+          f"CUDA kernels {'ON' if use_cuda else 'OFF'} ({why})")
+    sources = rel(spec.sources(CSRC, use_cuda))
+    cxx = spec.CXX_FLAGS + [spec.version_define(torch.__version__)]
+    kind = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
+    flags = {"cxx": cxx, "nvcc": spec.NVCC_FLAGS + [spec.version_define(torch.__version__)]} if use_cuda else {"cxx": cxx}
+    ext = kind("svi_kernels._C", sources, include_dirs=spec.include_dirs(CSRC), extra_compile_args=flags,
+               extra_link_args=spec.LINK_FLAGS)
+
+    class BuildExt(cpp_extension.BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # SVI_KERNELS_BUILD_TEMP keeps ninja's objects between builds (.ci/setup): a rebuild then
+            # recompiles only the changed sources.
+            self.build_temp = os.environ.get("SVI_KERNELS_BUILD_TEMP") or self.build_temp
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+skip = no_extension_reason()
+if skip:
+    print(f"svi_kernels: building without svi_kernels._C ({skip}); the kernels compile on first use")
+    setup()
+else:
+    ext_modules, cmdclass = extension(load_build_spec())
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

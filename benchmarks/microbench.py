@@ -101,9 +101,7 @@ def run(args: argparse.Namespace):
         wanted.add("torch_adamw_fused")  # every ratio needs it
         all_rows = [r for r in all_rows if r.name in wanted]
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=1 + len(wls) * len(all_rows), disable=args.no_progress, unit="row", dynamic_ncols=True)
+    bar = _progress_bar(1 + len(wls) * len(all_rows), disable=args.no_progress)
     bar.set_description("stream bandwidth")
     bw = stream.measure_stream(args.stream_numel, device=device)
     bar.update(1)
@@ -209,10 +207,38 @@ def main(argv: Optional[List[str]] = None) -> int:
             fh.write(report.format_markdown(results) + "\n")
         print(f"wrote {args.markdown}")
     if args.plot:
-        device = results[0]["device"] if results else ""
-        report.write_plot(args.plot, results, title=f"svi-bench, {args.dtype}, {device}")
-        print(f"wrote {args.plot}")
+        _write_plot(args, results)
     return 0
+
+
+class _NoBar:
+    def set_description(self, *args, **kwargs): pass
+    def update(self, *args, **kwargs): pass
+    def close(self): pass
+
+
+def _progress_bar(total: int, disable: bool):
+    """tqdm's bar when tqdm is installed (the `bench` extra); the run works without it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, disable=disable, unit="row", dynamic_ncols=True)
+
+
+def _write_plot(args: argparse.Namespace, results: List[dict]) -> None:
+    """The chart is optional (matplotlib is the `bench` extra): without it, say so instead of failing
+    after the measurements, whose table and JSON are already written."""
+    device = results[0]["device"] if results else ""
+    try:
+        report.write_plot(args.plot, results, title=f"svi-bench, {args.dtype}, {device}")
+    except ImportError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        print(f"plot skipped: matplotlib is not installed ({exc}); `pip install .[bench]` (or "
+              f"`pip install matplotlib`) adds it, and the chart is then written to {args.plot}")
+        return
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,21 @@
 // (torch.ops.svi_kernels.*); cpu_isa() tells which instruction-set build the CPU kernels use.
 #include <Python.h>
 
+#include <cstddef>
+
 #include "kernel_table.h"
 #include "stream_policy.h"
+
+// The torch version this library is built for (setup.py / svi_kernels/backends/jit.py pass it as
+// -DSVI_KERNELS_TORCH_VERSION=<torch.__version__>). svi_kernels/backends/build_spec.py reads it from
+// the file before loading it: a library built for another torch is rebuilt, not loaded.
+#define SVI_KERNELS_STR2(x) #x
+#define SVI_KERNELS_STR(x) SVI_KERNELS_STR2(x)
+#ifndef SVI_KERNELS_TORCH_VERSION
+#define SVI_KERNELS_TORCH_VERSION unknown
+#endif
+extern "C" __attribute__((used, visibility("default"))) const char svi_kernels_build_marker[] =
+    "svi_kernels-built-for-torch=" SVI_KERNELS_STR(SVI_KERNELS_TORCH_VERSION) ";";
 
 namespace {
 
@@ -19,12 +32,19 @@ PyObject* stream_min_bytes(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(svi_kernels::cpu::set_stream_min_bytes(bytes));
 }
 
+PyObject* torch_version(PyObject*, PyObject*) {
+  constexpr std::size_t prefix = sizeof("svi_kernels-built-for-torch=") - 1;
+  const std::size_t n = sizeof(svi_kernels_build_marker) - 1 - prefix - 1;  // without the ';'
+  return PyUnicode_FromStringAndSize(svi_kernels_build_marker + prefix, static_cast<Py_ssize_t>(n));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default' (ATEN_CPU_CAPABILITY lowers it)."},
     {"_stream_min_bytes", stream_min_bytes, METH_VARARGS,
      "Bytes a line-search call must touch before its write-only outputs use streaming stores "
      "(csrc/cpu/stream_policy.h); with an argument, sets it and returns the old value (for tests)."},
+    {"torch_version", torch_version, METH_NOARGS, "The torch version this library was built for."},
     {nullptr, nullptr, 0, nullptr},
 };
 

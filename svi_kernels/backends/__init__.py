@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import Dict, Optional
 
@@ -84,28 +85,69 @@ def validate(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def check_device(name: str, device: torch.device) -> None:
+    """Refuse a named backend that cannot take tensors on ``device`` (checked on every step: no imports)."""
+    dev = device.type
+    if name == "cpu" and dev != "cpu":
+        raise RuntimeError(f"backend 'cpu' needs CPU tensors, but the parameters are on {device}")
+    if name == "cuda" and dev != "cuda":
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, but the parameters are on {device}")
+    if name == "triton" and dev != "cuda" and not (dev == "cpu" and _interpreting()):
+        raise RuntimeError(
+            f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton "
+            f"is imported), but the parameters are on {device}")
+
+
+def check_param_groups(param_groups) -> None:
+    """Construction-time check (as torch refuses an unsupported ``fused=True``): every group's named
+    backend can serve the devices of its parameters. Called at the end of each optimizer's __init__."""
+    for group in param_groups:
+        name = group.get("backend")
+        if name is None:
+            continue
+        for device in {p.device for p in group["params"]}:
+            if device.type != "meta":  # not materialised yet (deferred init): checked at step()
+                check_device(name, device)
+        ok, why = _status(name)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} is not available: {why}")
+
+
+# What backend=None picks per device type; the first pick on a device warns when it is the slow
+# reference backend although a compiled one is built for that device type.
 _default_cache: Dict[str, str] = {}
+_COMPILED_FOR = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+_FIX = {
+    "cpu": "install a C++ compiler and ninja so the kernels compile on first use, or reinstall with "
+           "`pip install --no-build-isolation .` against the torch you run (README, \"Install\")",
+    "cuda": "`pip install triton`, or build the CUDA kernels: nvcc on PATH, then "
+            "`pip install --no-build-isolation .` (README, \"Install\")",
+}
+
+
+def _pick_default(dev: str) -> str:
+    order = _COMPILED_FOR.get(dev, ())
+    reasons = []
+    for cand in order:
+        ok, why = _status(cand)
+        if ok:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    if order:
+        warnings.warn(
+            f"svi_kernels: backend=None falls back to the plain PyTorch 'reference' backend for {dev} tensors, "
+            f"several times slower than the fused kernels ({'; '.join(reasons)}). To fix: {_FIX[dev]}. "
+            f"Pass backend='reference' to choose it explicitly and silence this warning.",
+            RuntimeWarning, stacklevel=4)
+    return "reference"
 
 
 def resolve(name: Optional[str], device: torch.device) -> str:
     """The backend to use for tensors on ``device``: the given one (checked), or the fastest available."""
-    dev = device.type
     if name is not None:
-        if name == "cpu" and dev != "cpu":
-            raise RuntimeError(f"backend 'cpu' needs CPU tensors, but the parameters are on {device}")
-        if name == "cuda" and dev != "cuda":
-            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, but the parameters are on {device}")
-        if name == "triton" and dev != "cuda" and not (dev == "cpu" and _interpreting()):
-            raise RuntimeError(
-                f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                f"but the parameters are on {device}")
+        check_device(name, device)
         return name
+    dev = device.type
     if dev not in _default_cache:
-        order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(dev, ())
-        chosen = "reference"
-        for cand in order:
-            if _status(cand)[0]:
-                chosen = cand
-                break
-        _default_cache[dev] = chosen
+        _default_cache[dev] = _pick_default(dev)
     return _default_cache[dev]

@@ -8,30 +8,34 @@ is missing instead.
 """
 from __future__ import annotations
 
-import importlib
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from . import jit
+
 _load_error: Optional[str] = None
 _loaded = False
+_origin = ""
 
 
 def load() -> tuple[bool, str]:
-    """Import the extension once; returns (ok, reason)."""
-    global _loaded, _load_error
+    """Import the extension once (compiling it first if this torch has none: jit.py); returns (ok, reason)."""
+    global _loaded, _load_error, _origin
     if not _loaded and _load_error is None:
         try:
-            importlib.import_module("svi_kernels._C")
+            _origin = jit.load()
             _register_fakes()
             _loaded = True
-        except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
+        except jit.ExtensionUnavailable as exc:
+            _load_error = str(exc)
+        except Exception as exc:  # an import error of a library that matched this torch
             _load_error = (
                 f"the compiled extension svi_kernels._C could not be imported ({type(exc).__name__}: {exc}); "
-                "build it with `pip install --no-build-isolation .` after installing torch"
+                "rebuild it with `pip install --no-build-isolation .` against the torch you run"
             )
-    return (True, "compiled extension svi_kernels._C") if _loaded else (False, _load_error or "")
+    return (True, _origin) if _loaded else (False, _load_error or "")
 
 
 _MUTATING = ("adam_step", "sgd_momentum_step", "adam_step_tensor", "sgd_momentum_step_tensor", "ls_trial_sgd",

@@ -123,6 +123,7 @@ class LineSearchOptimizer(Optimizer):
         self.process_group = process_group
         search = search_schedule.check_search(search)
         super().__init__(params, defaults)
+        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
         self.state[LS_KEY] = {
             "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
             "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],

@@ -65,6 +65,7 @@ class AdamW(Optimizer):
                         foreach=None, capturable=bool(capturable), differentiable=False, fused=None,
                         master_weights=C.check_bool(master_weights, "master_weights"))
         super().__init__(params, defaults)
+        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
     def __setstate__(self, state):
         # Groups loaded from a torch.optim.AdamW checkpoint lack our keys.

@@ -51,6 +51,7 @@ class SVI(Optimizer):
                         master_weights=C.check_bool(master_weights, "master_weights"),
                         backend=C._backends.validate(backend))
         super().__init__(params, defaults)
+        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
     def __setstate__(self, state):
         super().__setstate__(state)
