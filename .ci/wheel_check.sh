@@ -26,7 +26,8 @@ case "$W" in "$ROOT"|"$ROOT"/*) die "WORKDIR must be outside the checkout";; esa
 # ---- 1. wheel from a copy of the checkout's own files
 rm -rf "$W/src" "$W/dist"
 mkdir -p "$W/src"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$W/src")
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- . ':!:.venv' ':!:.venv-*' \
+   | xargs -0 cp --parents -t "$W/src")
 say "building the wheel (compiles svi_kernels._C against torch $("$ROOT/.venv/bin/python" -c 'import torch; print(torch.__version__)'))"
 (cd "$W/src" && MAX_JOBS="${MAX_JOBS:-2}" nice "$ROOT/.venv/bin/pip" wheel -q --no-build-isolation --no-deps \
    -w "$W/dist" . 2>&1 | quiet)
