@@ -43,6 +43,11 @@ def _function_name(func) -> str:
     return f"F.{name}" if module in ("torch.nn.functional", "torch._C._nn") else f"torch.{name}"
 
 
+def _refuse_copy(memo=None):
+    raise RuntimeError("copy.deepcopy of a model with svi.attach: the copy's layers would still run this model's "
+                       "SVI wiring. Copy before attaching (or handle.remove(), copy, attach each)")
+
+
 class _Slot:
     """Outputs (Z, carrier) of one paired Linear not yet seen by their activation (hook/mode styles)."""
 
@@ -157,6 +162,7 @@ class SVIHandle:
                  self._model.register_forward_hook(post, always_call=True)]
         _PENDING[self._model] = self
         self._undo.append(lambda: [h.remove() for h in hooks])
+        self._refuse_deepcopy(self._model)
 
     # ------------------------------------------------------------------------------ install
     def _install(self, found: sd.Found) -> None:
@@ -201,6 +207,14 @@ class SVIHandle:
             else:
                 module.forward = had
         self._undo.append(undo)
+        self._refuse_deepcopy(module)
+
+    def _refuse_deepcopy(self, module: nn.Module) -> None:
+        """A copy would keep forwards/hooks bound to this model's layers and state: refuse it, clearly."""
+        if "__deepcopy__" in vars(module):
+            return
+        module.__deepcopy__ = _refuse_copy
+        self._undo.append(lambda: vars(module).pop("__deepcopy__", None))
 
     def _fuse(self, lin: nn.Module, act: nn.Module) -> None:
         """Style 1: the activation module only ever takes paired outputs: the Linear computes act(Z) itself
@@ -245,6 +259,7 @@ class SVIHandle:
             return None if carrier is None else sa.tap(output, carrier)
         h = act.register_forward_hook(hook)
         self._undo.append(h.remove)
+        self._refuse_deepcopy(act)
 
     def _tap_function(self, lin: nn.Module, func: Callable, caller: nn.Module) -> None:
         """Style 3: an activation function: ``caller``'s forward runs under a TorchFunctionMode that taps it."""

@@ -186,3 +186,15 @@ def test_activation_descriptions():
         "roberta.encoder.layer.0.intermediate.intermediate_act_fn (GELUActivation)")
     model, inputs, _ = hf_model("distilbert")
     assert sk.svi.attach(model, example_kwargs=inputs).activations["pre_classifier"] == "F.relu called in <root>"
+
+
+@pytest.mark.parametrize("name", list(CUSTOM))
+@pytest.mark.parametrize("when", ["pending", "installed"])
+def test_deepcopy_of_attached_model_is_refused(name, when):
+    model, inputs, _ = custom_model(name)
+    handle = sk.svi.attach(model) if when == "pending" else sk.svi.attach(model, example_kwargs=inputs)
+    with pytest.raises(RuntimeError, match="deepcopy of a model with svi.attach"):
+        copy.deepcopy(model)
+    handle.remove()
+    assert all("__deepcopy__" not in vars(m) for m in model.modules())
+    copy.deepcopy(model)
