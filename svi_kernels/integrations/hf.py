@@ -16,12 +16,16 @@ the work, with the closure computing ``self.compute_loss(model, inputs)``; the T
     opt = sk.AdamSLS(model.parameters(), n_batches_per_epoch=len(ds) // args.per_device_train_batch_size)
     trainer = LineSearchTrainer(model, args, train_dataset=ds, optimizers=(opt, None))
 
-``build_trainer(model, args, "adamw" | "svi" | "armijo_sgd" | "adam_sls" | "layerwise_adam_sls", ...)``
+``build_trainer(model, args, "adamw" | "svi" | "armijo_sgd" | "adam_sls" | "layerwise_adam_sls" | "salsa", ...)``
 does either for you. Supported with line search: DDP (every rank takes the same decision), bf16 autocast,
-fp32. Refused with a clear error: gradient accumulation, fp16 with a GradScaler, DeepSpeed, FSDP.
+fp32, gradient accumulation (``gradient_accumulation_steps > 1``: the micro-batches of one optimizer step
+are gathered and the step's closure runs over all of them, calling backward on each, so every trial
+evaluates the whole accumulated batch; the step equals one step on the concatenated batch). Refused with
+a clear error: fp16 with a GradScaler, DeepSpeed, FSDP.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Optional
@@ -36,13 +40,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from .. import svi as _svi
 from ..layer_groups import layer_groups
-from ..optim import SVI, AdamSLS, AdamW, ArmijoSGD, LayerwiseAdamSLS
+from ..optim import SVI, AdamSLS, AdamW, ArmijoSGD, LayerwiseAdamSLS, SaLSA
 from ..optim._line_search import LineSearchOptimizer
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": AdamW, "svi": SVI, "armijo_sgd": ArmijoSGD, "adam_sls": AdamSLS,
-              "layerwise_adam_sls": LayerwiseAdamSLS}
+              "layerwise_adam_sls": LayerwiseAdamSLS, "salsa": SaLSA}
 
 
 class StepSizeSchedule:
@@ -137,18 +141,12 @@ _FP16_REFUSED = (
 
 
 def _check_args(args) -> None:
-    if args.gradient_accumulation_steps != 1:
-        raise ValueError(
-            f"LineSearchTrainer does not support gradient_accumulation_steps={args.gradient_accumulation_steps}: "
-            "the Armijo test compares the loss of the whole batch at trial points, so every trial would have to "
-            "re-run all micro-batches. Use gradient_accumulation_steps=1 with a larger per_device_train_batch_size "
-            "(or more devices)")
     if args.fp16:
         raise ValueError(_FP16_REFUSED)
 
 
 class LineSearchTrainer(Trainer):
-    """``transformers.Trainer`` for ArmijoSGD, AdamSLS and LayerwiseAdamSLS.
+    """``transformers.Trainer`` for ArmijoSGD, AdamSLS, LayerwiseAdamSLS and SaLSA.
 
     Give the optimizer as ``optimizers=(opt, None)`` or as ``optimizer_cls_and_kwargs=(cls, kwargs)``;
     in the latter case it gets every trainable parameter in one group (``sk.layer_groups(model)`` for
@@ -190,7 +188,7 @@ class LineSearchTrainer(Trainer):
             return opt
         if not isinstance(opt, LineSearchOptimizer):
             raise TypeError(f"LineSearchTrainer is for the line-search optimizers (ArmijoSGD, AdamSLS, "
-                            f"LayerwiseAdamSLS), got {type(opt).__name__}; give other optimizers to the plain "
+                            f"LayerwiseAdamSLS, SaLSA), got {type(opt).__name__}; give other optimizers to the plain "
                             "transformers.Trainer")
         return _ClosureDriven(opt)
 
@@ -206,8 +204,8 @@ class LineSearchTrainer(Trainer):
         except TypeError:
             return None
         per_step = self.args.per_device_train_batch_size * max(1, self.args.world_size)
-        steps = n // per_step if self.args.dataloader_drop_last else math.ceil(n / per_step)
-        return max(1, steps)
+        batches = n // per_step if self.args.dataloader_drop_last else math.ceil(n / per_step)
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -221,7 +219,8 @@ class LineSearchTrainer(Trainer):
             else:
                 params = [p for p in model.parameters() if p.requires_grad]
             kwargs = dict(kwargs)
-            if "n_batches_per_epoch" not in kwargs and self._steps_per_epoch() is not None:
+            takes_epoch = "n_batches_per_epoch" in getattr(cls, "_group_keys", ())  # not SaLSA
+            if takes_epoch and "n_batches_per_epoch" not in kwargs and self._steps_per_epoch() is not None:
                 kwargs["n_batches_per_epoch"] = self._steps_per_epoch()
             self.optimizer = cls(params, **kwargs)
         self.optimizer = self._closure_driven(self.optimizer)
@@ -234,7 +233,12 @@ class LineSearchTrainer(Trainer):
 
     # ------------------------------------------------------------------- step
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One line-search step on this batch; returns the loss at the start of the step (detached)."""
+        """One line-search step on this batch; returns the loss at the start of the step (detached).
+
+        With gradient accumulation the Trainer calls this once per micro-batch: the micro-batches are
+        kept until the last one of the optimizer step arrives, which runs the step over all of them
+        (the earlier calls return 0, so the Trainer's summed loss is the step's loss).
+        """
         self._check_supported()
         driven = _find_closure_driven(self.optimizer)
         if driven is None:  # e.g. an optimizer set after __init__
@@ -242,19 +246,59 @@ class LineSearchTrainer(Trainer):
                                "with optimizers=(opt, None)")
         model.train()
         inputs = self._prepare_inputs(inputs)
+        pending = self.__dict__.setdefault("_line_search_micro_batches", [])
+        pending.append(inputs)
+        n_micro = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        if len(pending) < n_micro:
+            driven.stepped = False
+            return torch.zeros((), device=self.args.device)
+        batches = list(pending)
+        pending.clear()
 
-        def closure():
+        def loss_of(batch, items):
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                loss = self.compute_loss(model, batch, num_items_in_batch=items)
             if self.args.n_gpu > 1:
                 loss = loss.mean()  # nn.DataParallel returns one loss per GPU
             return loss
+
+        if len(batches) == 1:
+            def closure():
+                return loss_of(batches[0], num_items_in_batch)
+        else:
+            # Each micro-batch's own mean loss, weighted by its share of the examples: the mean loss of
+            # the concatenated batch (exact for per-example losses; for token-level losses the tokens
+            # of a micro-batch count by its examples). The Trainer's num_items_in_batch is not passed:
+            # models that take loss kwargs but ignore it would otherwise sum the micro-batch means.
+            sizes = [_batch_size(b) for b in batches]
+            weights = [n / sum(sizes) for n in sizes]
+
+            def closure(backwards=False):
+                total = None
+                for i, batch in enumerate(batches):
+                    # DDP: reduce the gradients once, on the last micro-batch's backward
+                    sync = contextlib.nullcontext() if (not backwards or i == len(batches) - 1) \
+                        else self.accelerator.no_sync(model)
+                    with sync:
+                        loss = loss_of(batch, None) * weights[i]
+                        if backwards:
+                            loss.backward()
+                    total = loss.detach() if total is None else total + loss.detach()
+                return total
 
         driven.stepped = False
         driven.optimizer.zero_grad()
         loss = driven.optimizer.step(closure)
         driven.stepped = True
         return loss.detach()
+
+
+def _batch_size(inputs) -> int:
+    """The number of examples in a batch dict (the first dimension of its first batched tensor)."""
+    for v in inputs.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ValueError("LineSearchTrainer: cannot tell the size of a micro-batch (no batched tensor in it)")
 
 
 def build_trainer(model, args, optimizer: str = "adamw", optimizer_kwargs: Optional[dict] = None,

@@ -19,7 +19,8 @@ from svi_kernels.integrations.hf import LineSearchTrainer, StepSizeSchedule, bui
 
 MAX_STEPS = 3
 BATCH = 4
-LINE_SEARCH = {"armijo_sgd": sk.ArmijoSGD, "adam_sls": sk.AdamSLS, "layerwise_adam_sls": sk.LayerwiseAdamSLS}
+LINE_SEARCH = {"armijo_sgd": sk.ArmijoSGD, "adam_sls": sk.AdamSLS, "layerwise_adam_sls": sk.LayerwiseAdamSLS,
+               "salsa": sk.SaLSA}
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -106,7 +107,8 @@ def test_line_search_trainer(tmp_path, name):
     assert opt.n_backwards == MAX_STEPS  # one backward per optimizer step, none from the Trainer
     assert opt.n_forwards >= 2 * MAX_STEPS  # each step tried at least one trial point
     assert changed(model, before) > 0
-    assert opt.defaults["n_batches_per_epoch"] == 3  # 12 examples / batch 4
+    if name != "salsa":  # SaLSA has no n_batches_per_epoch
+        assert opt.defaults["n_batches_per_epoch"] == 3  # 12 examples / batch 4
     if name == "layerwise_adam_sls":
         assert len(opt.param_groups) == 4  # embeddings, layer 0, layer 1, head
     logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
@@ -135,6 +137,37 @@ def test_line_search_trainer_matches_manual_loop(tmp_path):
     assert opt.ls_state == ref_opt.ls_state
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda ps: sk.AdamSLS(ps, n_batches_per_epoch=3), lambda ps: sk.SaLSA(ps)],
+                         ids=["adam_sls", "salsa"])
+def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path, make):
+    """gradient_accumulation_steps=2 with batch 2: each optimizer step runs its closure over both
+    micro-batches (every trial too) and equals one step on the 4 examples together."""
+    model = tiny_bert(dropout=0.0).double()  # float64: the two reduction orders agree to rounding
+    micro = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():  # first evaluations: one per micro-batch
+            micro.append({k: v.clone() for k, v in kwargs.items()})
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    opt = make(model.parameters())
+    out = LineSearchTrainer(model=model, args=targs(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                            train_dataset=Synthetic(), optimizers=(opt, None)).train()
+    assert len(micro) == 2 * MAX_STEPS and opt.ls_state["step"] == MAX_STEPS
+    ref = tiny_bert(dropout=0.0).double()
+    ref_opt = make(ref.parameters())
+    losses = []
+    for a, b in zip(micro[::2], micro[1::2]):
+        batch = {k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) and a[k].dim() else a[k] for k in a}
+        ref_opt.zero_grad()
+        losses.append(ref_opt.step(lambda: ref(**batch).loss).item())
+    assert opt.ls_state["step_sizes"] == pytest.approx(ref_opt.ls_state["step_sizes"], rel=1e-9)
+    assert opt.ls_state["n_forwards"] == ref_opt.ls_state["n_forwards"]
+    for x, y in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9)
+    assert out.training_loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
@@ -173,9 +206,6 @@ def test_refusals(tmp_path):
     ds = Synthetic()
     model = tiny_bert()
     ls = sk.AdamSLS(model.parameters())
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
-        LineSearchTrainer(model=model, args=targs(tmp_path, gradient_accumulation_steps=2), train_dataset=ds,
-                          optimizers=(ls, None))
     with pytest.raises(ValueError, match="fp16 with a GradScaler"):
         LineSearchTrainer(model=model, args=targs(tmp_path, fp16=True), train_dataset=ds, optimizers=(ls, None))
     with pytest.raises(TypeError, match="line-search optimizers"):
