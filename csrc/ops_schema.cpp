@@ -15,7 +15,7 @@ TORCH_LIBRARY(svi_kernels, m) {
       "float bias_correction2_sqrt, bool maximize, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
   m.def(
       "sgd_momentum_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "float lr, float momentum, bool nesterov, float weight_decay, bool maximize) -> ()");
+      "float lr, float momentum, bool nesterov, float weight_decay, bool maximize, float dampening=0.0) -> ()");
   // Tensor-scalar variants for AMP (GradScaler) and CUDA-graph capture: lr (lr_tensor when given,
   // else lr), the per-parameter step counts (already incremented by the caller), the loss scale
   // and the skip flag are read from memory by the kernel, never by the host. When found_inf != 0
@@ -29,7 +29,7 @@ TORCH_LIBRARY(svi_kernels, m) {
   m.def(
       "sgd_momentum_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, Tensor? lr_tensor, float momentum, bool nesterov, float weight_decay, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, float dampening=0.0) -> ()");
   m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
   m.def(
       "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "

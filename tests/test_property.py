@@ -112,12 +112,12 @@ def test_adam_step(backend, shp, dtype, seed, lr, beta1, beta2, eps, wd, decoupl
 @backend_param
 @SETTINGS
 @given(shp=shapes, dtype=dtypes, seed=seeds, lr=st.floats(1e-5, 1.0), momentum=st.floats(0.0, 0.99),
-       nesterov=st.booleans(), wd=decays, maximize=st.booleans())
-def test_sgd_momentum_step(backend, shp, dtype, seed, lr, momentum, nesterov, wd, maximize):
+       nesterov=st.booleans(), wd=decays, maximize=st.booleans(), dampening=st.sampled_from([0.0, 0.25, 0.9]))
+def test_sgd_momentum_step(backend, shp, dtype, seed, lr, momentum, nesterov, wd, maximize, dampening):
     p, g, b = random_lists(shp, dtype, _device_for(backend), seed, ["n", "n", "small"])
     want = [f64(x) for x in (p, g, b)]
     start = [f64(x) for x in (p, b)]
-    kw = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, maximize=maximize)
+    kw = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, maximize=maximize, dampening=dampening)
     get(backend).sgd_momentum_step(p, g, b, **kw)
     reference.sgd_momentum_step(*want, **kw)
     assert_close(p, want[0], start[0], dtype, "param")

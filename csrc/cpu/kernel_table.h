@@ -31,6 +31,7 @@ struct SgdScalars {
   bool nesterov, has_weight_decay, maximize;
   bool unscale = false;  // as in AdamScalars
   double grad_scale = 1.0;
+  double dampening = 0.0;  // torch.optim.SGD's; 0 for a buffer's first step (update_math.h)
 };
 
 struct LsAdamSaveScalars {

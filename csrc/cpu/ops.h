@@ -14,7 +14,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::TensorList>& max_exp_avg_sqs);
 
 void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-                       double momentum, bool nesterov, double weight_decay, bool maximize);
+                       double momentum, bool nesterov, double weight_decay, bool maximize, double dampening);
 
 // AMP / capturable variants: lr (lr_tensor when given), the steps, grad_scale and found_inf are
 // read from CPU memory by the op; see csrc/ops_schema.cpp.
@@ -28,7 +28,7 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
 void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                               double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, bool nesterov,
                               double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf);
+                              const std::optional<at::Tensor>& found_inf, double dampening);
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
 

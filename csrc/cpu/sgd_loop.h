@@ -10,7 +10,7 @@ inline namespace CPU_CAPABILITY {
 template <typename V, typename S>
 math::SgdCoeffs<V> sgd_coeffs(const SgdScalars& s) {
   auto c = [](double x) { return V(static_cast<S>(x)); };
-  return {c(s.lr), c(s.momentum), c(s.weight_decay)};
+  return {c(s.lr), c(s.momentum), c(s.weight_decay), c(1.0 - s.dampening)};
 }
 
 template <typename T, bool kNesterov, bool kWeightDecay, bool kMaximize, bool kUnscale>

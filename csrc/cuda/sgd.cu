@@ -34,7 +34,8 @@ struct SgdMomentumElem {
 };
 
 void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                            double lr, double momentum, bool nesterov, double weight_decay, bool maximize) {
+                            double lr, double momentum, bool nesterov, double weight_decay, bool maximize,
+                            double dampening) {
   const at::ScalarType dtype = check_lists(
       "sgd_momentum_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
   if (params.empty()) return;
@@ -45,6 +46,7 @@ void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     c.lr = static_cast<M>(lr);
     c.momentum = static_cast<M>(momentum);
     c.weight_decay = static_cast<M>(weight_decay);
+    c.one_minus_dampening = static_cast<M>(1.0 - dampening);
     const bool has_wd = weight_decay != 0.0;
     const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
     if (nesterov) {
@@ -67,7 +69,7 @@ struct SgdMomentumTensorElem {
   static constexpr bool kDeviceScalars = true;
 
   DeviceScalar lr, grad_scale, found_inf;
-  double momentum, weight_decay;
+  double momentum, weight_decay, dampening;
   bool has_weight_decay, maximize;
 
   struct Bound {
@@ -92,6 +94,7 @@ struct SgdMomentumTensorElem {
     b.c.lr = static_cast<M>(lr.get());
     b.c.momentum = static_cast<M>(momentum);
     b.c.weight_decay = static_cast<M>(weight_decay);
+    b.c.one_minus_dampening = static_cast<M>(1.0 - dampening);
     b.grad_scale = static_cast<M>(grad_scale.get());
     return b;
   }
@@ -101,7 +104,7 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
                                    double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
                                    bool nesterov, double weight_decay, bool maximize,
                                    const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf) {
+                                   const std::optional<at::Tensor>& found_inf, double dampening) {
   constexpr const char* op = "sgd_momentum_step_tensor";
   const at::ScalarType dtype = check_lists(
       op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
@@ -117,6 +120,7 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
       elem.found_inf = device_scalar(op, "found_inf", found_inf, device, 0.0);
       elem.momentum = momentum;
       elem.weight_decay = weight_decay;
+      elem.dampening = dampening;
       elem.has_weight_decay = weight_decay != 0.0;
       elem.maximize = maximize;
       multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);

@@ -89,11 +89,12 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
-                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
+                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
+                      dampening: float = 0.0) -> None:
     if not params:
         return
     _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
-                             float(weight_decay), bool(maximize))
+                             float(weight_decay), bool(maximize), float(dampening))
 
 
 def _lr_args(lr: Union[float, Tensor]) -> tuple:
@@ -116,11 +117,11 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                             found_inf: Optional[Tensor] = None) -> None:
+                             found_inf: Optional[Tensor] = None, dampening: float = 0.0) -> None:
     if not params:
         return
     _ops().sgd_momentum_step_tensor(params, grads, momentum_buffers, *_lr_args(lr), float(momentum), bool(nesterov),
-                                    float(weight_decay), bool(maximize), grad_scale, found_inf)
+                                    float(weight_decay), bool(maximize), grad_scale, found_inf, float(dampening))
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:

@@ -44,13 +44,13 @@ def _adam_math(pf, gf, mf, vf, vmax, *, beta1, beta2, eps, weight_decay, decoupl
     return pf - step_size * (mf / denom), mf, vf, second
 
 
-def _sgd_math(pf, gf, bf, *, lr, momentum, nesterov, weight_decay, maximize):
+def _sgd_math(pf, gf, bf, *, lr, momentum, nesterov, weight_decay, maximize, dampening=0.0):
     """sgd_momentum_elem of update_math.h on opmath tensors; returns (p, momentum buffer)."""
     if maximize:
         gf = -gf
     if weight_decay != 0.0:
         gf = gf + weight_decay * pf
-    bf = momentum * bf + gf
+    bf = momentum * bf + (1.0 - dampening) * gf
     d = gf + momentum * bf if nesterov else bf
     return pf - lr * d, bf
 
@@ -80,10 +80,12 @@ def adam_step(
 def sgd_momentum_step(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
+    dampening: float = 0.0,
 ) -> None:
+    """buf = momentum * buf + (1 - dampening) * g on every call (torch's first undamped step is the caller's)."""
     for p, g, b in zip(params, grads, momentum_buffers):
         pf, bf = _sgd_math(_opmath(p), _opmath(g), _opmath(b), lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay, maximize=maximize)
+                           weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         _store(p, pf)
         _store(b, bf)
 
@@ -169,7 +171,7 @@ def adam_step_tensor(
 def sgd_momentum_step_tensor(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
-    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+    grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, dampening: float = 0.0,
 ) -> None:
     """sgd_momentum_step with lr, the loss scale and the skip flag as tensors (see adam_step_tensor)."""
     if not params:
@@ -180,7 +182,7 @@ def sgd_momentum_step_tensor(
     for p, g, b in zip(params, grads, momentum_buffers):
         gu = _unscaled(g, grad_scale, compute)
         pf, bf = _sgd_math(_opmath(p), gu, _opmath(b), lr=lr_c, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay, maximize=maximize)
+                           weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)

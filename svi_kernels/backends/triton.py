@@ -58,9 +58,10 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
-                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
+                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
+                      dampening: float = 0.0) -> None:
     _kernels("sgd").sgd_momentum_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, maximize=maximize)
+                                      weight_decay=weight_decay, maximize=maximize, dampening=dampening)
 
 
 def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
@@ -77,10 +78,10 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                             found_inf: Optional[Tensor] = None) -> None:
+                             found_inf: Optional[Tensor] = None, dampening: float = 0.0) -> None:
     _kernels("sgd").sgd_momentum_step_tensor(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                                              nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
-                                             grad_scale=grad_scale, found_inf=found_inf)
+                                             grad_scale=grad_scale, found_inf=found_inf, dampening=dampening)
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:

@@ -86,6 +86,8 @@ class ClosureRunner:
                 "that calls backward itself must take a `backwards` argument: def closure(backwards=False)")
         if not loss.requires_grad and not any(p.requires_grad for p in self.params):
             return loss  # nothing to differentiate: no gradient, so the step moves nothing (torch's no-op step)
+        if not loss.requires_grad and not any(p.requires_grad for p in self.params):
+            return loss  # nothing to differentiate: no gradient, so the step moves nothing (torch's no-op step)
         if not loss.requires_grad:
             raise RuntimeError(
                 f"{self.name}: the closure's loss does not require grad (was it detached or computed under "

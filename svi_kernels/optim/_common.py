@@ -14,34 +14,57 @@ _backends = importlib.import_module("svi_kernels.backends")
 _compiled = importlib.import_module("svi_kernels.backends.compiled")
 
 
+
 def as_float(x, name: str) -> float:
     """A hyperparameter given as a number or a 0-d tensor, as a Python float."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element: {name} must be a number or a one-element tensor, "
+                             f"got shape {tuple(x.shape)}")
         return float(x.item())
     return float(x)
 
 
-def check_lr(lr, name: str = "lr") -> None:
-    v = as_float(lr, name)
-    if not v >= 0.0:  # also catches NaN
-        raise ValueError(f"Invalid {name}: {v} (must be >= 0)")
+# torch.optim's wording for each hyperparameter, so a message matches torch's (ours says more).
+_TORCH_LABEL = {"lr": "learning rate", "eps": "epsilon value", "weight_decay": "weight_decay value",
+                "momentum": "momentum value", "dampening": "dampening value"}
 
 
-def check_betas(betas) -> None:
+def _tensor_hyper(value, name: str, foreach, capturable: bool) -> None:
+    """torch's rules for a hyperparameter given as a tensor: one element, and not with foreach=True
+    unless capturable=True (torch's foreach path reads it as a number)."""
+    if foreach and not capturable:
+        raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+    if value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+
+
+def check_lr(lr, name: str = "lr", *, foreach=None, capturable: bool = False) -> None:
+    if isinstance(lr, Tensor):
+        _tensor_hyper(lr, name, foreach, capturable)
+    check_nonneg(lr, name)
+
+
+def check_betas(betas, *, foreach=None, capturable: bool = False) -> None:
+    """A pair in [0, 1), both Python floats or both tensors (torch refuses a mix)."""
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        b = as_float(b, f"betas[{i}]")
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+        if isinstance(b, Tensor):
+            _tensor_hyper(b, f"betas[{i}]", foreach, capturable)
+        v = as_float(b, f"betas[{i}]")
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {v} (must be in [0, 1))")
+    if not (all(isinstance(b, Tensor) for b in betas) or all(isinstance(b, float) for b in betas)):
+        raise ValueError(f"betas must be either both floats or both Tensors, got "
+                         f"({type(betas[0]).__name__}, {type(betas[1]).__name__})")
 
 
 def check_nonneg(value, name: str) -> None:
     v = as_float(value, name)
-    if not v >= 0.0:
-        raise ValueError(f"Invalid {name}: {v} (must be >= 0)")
+    if not v >= 0.0:  # also catches NaN
+        label = _TORCH_LABEL.get(name, f"{name} value")
+        raise ValueError(f"Invalid {label}: {value if not isinstance(value, Tensor) else v} ({name} must be >= 0)")
 
 
 def check_open_unit(value, name: str) -> None:
@@ -56,9 +79,12 @@ def check_positive(value, name: str) -> None:
         raise ValueError(f"Invalid {name}: {v} (must be > 0)")
 
 
-def check_params(opt_name: str, params: Iterable[Tensor]) -> None:
+def check_params(opt_name: str, params: Iterable[Tensor], *, complex_ok: bool = False,
+                 sparse_ok: bool = False) -> None:
     """Reject what no backend supports, before anything is modified.
 
+    ``complex_ok``: the caller optimises complex parameters as real views (AdamW, SVI, as torch does).
+    ``sparse_ok``: the caller takes sparse gradients (SVI's SGD base, on the plain PyTorch path).
     Kept to a few attribute reads per tensor: it runs every step. Shape and device agreement of a
     gradient with its parameter are checked by the kernels (autograd guarantees them anyway).
     """
@@ -66,27 +92,30 @@ def check_params(opt_name: str, params: Iterable[Tensor]) -> None:
     for p in params:
         if not p.is_floating_point():
             if p.is_complex():
-                raise RuntimeError(
-                    f"{opt_name} does not support complex parameters (got {p.dtype}); "
-                    "optimise torch.view_as_real(p) as a real parameter instead")
-            raise RuntimeError(f"{opt_name} needs floating-point parameters, got {p.dtype}")
+                if not complex_ok:
+                    raise RuntimeError(
+                        f"{opt_name} does not support complex parameters (got {p.dtype}); "
+                        "optimise torch.view_as_real(p) as a real parameter instead")
+            else:
+                raise RuntimeError(f"{opt_name} needs floating-point parameters, got {p.dtype}")
         g = p.grad
         if g is None:
             continue
-        if g.layout is not strided:
+        if g.layout is not strided and not sparse_ok:
             raise RuntimeError(f"{opt_name} does not support sparse gradients (got layout {g.layout})")
-        if g.is_complex():
+        if g.is_complex() and not p.is_complex():
             raise RuntimeError(f"{opt_name} does not support complex gradients (got {g.dtype})")
 
 
-def closure_then_check(opt_name: str, closure, param_groups):
-    """torch's optional closure, then every group checked before any is touched (no half updates)."""
+def closure_then_check(opt_name: str, closure, param_groups, **allowed):
+    """torch's optional closure, then every group checked before any is touched (no half updates).
+    ``allowed``: check_params's complex_ok / sparse_ok, each a bool or a function of the group."""
     loss = None
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
     for group in param_groups:
-        check_params(opt_name, group["params"])
+        check_params(opt_name, group["params"], **{k: v(group) if callable(v) else v for k, v in allowed.items()})
     return loss
 
 

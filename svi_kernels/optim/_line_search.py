@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from . import _common as C
 from . import search_schedule
+from . import searched_step
 from .adamw import adam_scalars
 
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
@@ -135,12 +136,19 @@ class LineSearchOptimizer(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        searched_step.wrap_groups(self)  # no "lr": a scheduler gets a clear error (searched_step.py)
         ls = self.state.get(LS_KEY)
         if ls is not None:  # None while the constructor adds its first groups
             ls["step_sizes"].append(float(self.param_groups[-1]["init_step_size"]))
             ls["n_backtracks"].append(0)
             ls["found"].append(True)
             search_schedule.add_group(ls["search"])
+
+    def __getstate__(self):
+        # torch's Optimizer copies and pickles only defaults, state and param_groups; keep this class's
+        # public settings too (process_group, LayerwiseAdamSLS's strategy, ...): torch's generic test
+        # test_deepcopy_copies_all_public_attrs.
+        return {**{k: v for k, v in self.__dict__.items() if not k.startswith("_")}, **super().__getstate__()}
 
     # ---------------------------------------------------------------- state
     @property
@@ -171,6 +179,7 @@ class LineSearchOptimizer(Optimizer):
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
         super().load_state_dict(state_dict)
+        searched_step.wrap_groups(self)
         ls = self.state.get(LS_KEY)
         if ls is not None and len(ls["step_sizes"]) != len(self.param_groups):
             raise ValueError(f"{self._name}.load_state_dict: {len(ls['step_sizes'])} step sizes for "

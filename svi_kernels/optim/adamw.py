@@ -26,6 +26,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _common as C
+from . import plain_step
+from . import torch_flags as F
 
 
 class AdamW(Optimizer):
@@ -55,14 +57,16 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
-                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None):
-        C.check_lr(lr)
-        C.check_betas(betas)
+                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
+        C.check_lr(lr, foreach=foreach, capturable=capturable)
         C.check_nonneg(eps, "eps")
+        C.check_betas(betas, foreach=foreach, capturable=capturable)
         C.check_nonneg(weight_decay, "weight_decay")
+        F.check_impl_flags(foreach, fused, differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=bool(amsgrad), backend=C._backends.validate(backend),
-                        foreach=None, capturable=bool(capturable), differentiable=False, fused=None,
+                        foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
                         master_weights=C.check_bool(master_weights, "master_weights"))
         super().__init__(params, defaults)
         C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
@@ -77,6 +81,8 @@ class AdamW(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("capturable", False)
             group.setdefault("master_weights", False)
+        F.set_defaults(self.param_groups)
+        F.steps_as_tensors(self.state)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
@@ -85,9 +91,9 @@ class AdamW(Optimizer):
         super().load_state_dict(state_dict)
         C.keep_master_state(self, state_dict, flags)
 
-    @torch.no_grad()
+    @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("AdamW", closure, self.param_groups)
+        loss = C.closure_then_check("AdamW", closure, self.param_groups, complex_ok=True)
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             adam_group_step(self.state, group, tensor_path=C.use_tensor_path(group, grad_scale, found_inf),
@@ -102,7 +108,8 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
     parameter with a gradient (moments created like its working tensor, see _common.working_tensor;
     the step moved to its device on the tensor path), then the fused step through
     _common.step_with_masters. Runs every step over every parameter: the flags are read once."""
-    amsgrad, masters = group["amsgrad"], group["master_weights"]
+    amsgrad, masters, fused, differentiable = group["amsgrad"], group["master_weights"], group["fused"], \
+        group["differentiable"]
     owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
     for p in group["params"]:
         g = p.grad
@@ -111,6 +118,8 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         state = state_of[p]
         w = C.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
         if "exp_avg" not in state:
+            if fused:
+                F.check_fused_param(p)
             state["step"] = C.new_step(p, on_device=tensor_path)
             state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
@@ -126,7 +135,17 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         steps.append(state["step"])
+    if any(map(Tensor.is_complex, params)):  # optimised as real views, as torch does (no copy)
+        owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = F.real_views_with_owners(
+            owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     beta1, beta2 = group["betas"]
+    if differentiable:
+        F.check_steps_not_differentiable(steps)  # then the plain PyTorch update with autograd on
+        plain_step.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, steps,
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], decoupled=decoupled, correct_bias=correct_bias,
+                        maximize=group["maximize"])
+        return
     hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                  correct_bias=correct_bias, maximize=group["maximize"], decoupled=decoupled,
                  backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)

@@ -26,30 +26,42 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _common as C
+from . import plain_step
+from . import torch_flags as F
 from .adamw import adam_group_step
 
 
 class SVI(Optimizer):
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, base="sgd",
-                 betas=(0.9, 0.999), eps=1e-8, *, maximize: bool = False, amsgrad: bool = False, capturable: bool = False,
-                 master_weights: bool = False, backend: Optional[str] = None):
-        C.check_lr(lr)
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=None, weight_decay=0.0, base="sgd",
+                 betas=(0.9, 0.999), eps=1e-8, *, dampening=0.0, maximize: bool = False, amsgrad: bool = False,
+                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
+        foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
+        C.check_lr(lr, foreach=foreach_of_adam, capturable=capturable)
         C.check_nonneg(momentum, "momentum")
+        C.check_nonneg(dampening, "dampening")
         C.check_nonneg(weight_decay, "weight_decay")
-        C.check_betas(betas)
         C.check_nonneg(eps, "eps")
+        C.check_betas(betas, foreach=foreach_of_adam, capturable=capturable)
+        F.check_impl_flags(foreach, fused, differentiable)
         if base not in ("sgd", "adam"):
             raise ValueError(f"Invalid base {base!r}: expected 'sgd' or 'adam'")
         if amsgrad and base != "adam":
             raise ValueError("amsgrad=True needs base='adam'")
-        if base == "sgd" and nesterov and C.as_float(momentum, "momentum") <= 0.0:
-            raise ValueError("Nesterov momentum requires momentum > 0")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, base=base,
-                        betas=betas, eps=eps, maximize=maximize, amsgrad=bool(amsgrad), capturable=bool(capturable),
+        momentum_on, undamped = C.as_float(momentum, "momentum") > 0.0, C.as_float(dampening, "dampening") == 0.0
+        if nesterov is None:  # the SVI paper's Nesterov momentum wherever it is defined
+            nesterov = momentum_on and undamped
+        if base == "sgd" and nesterov and not (momentum_on and undamped):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                             f"(got momentum={momentum}, dampening={dampening})")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
+                        weight_decay=weight_decay, base=base, betas=betas, eps=eps, maximize=maximize,
+                        amsgrad=bool(amsgrad), capturable=bool(capturable),
                         master_weights=C.check_bool(master_weights, "master_weights"),
-                        backend=C._backends.validate(backend))
+                        backend=C._backends.validate(backend), foreach=foreach, fused=fused,
+                        differentiable=differentiable)
         super().__init__(params, defaults)
         C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
@@ -64,6 +76,9 @@ class SVI(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("amsgrad", False)
             group.setdefault("master_weights", False)
+            group.setdefault("dampening", 0.0)
+        F.set_defaults(self.param_groups)
+        F.steps_as_tensors(self.state)
 
     def load_state_dict(self, state_dict):
         C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
@@ -75,37 +90,77 @@ class SVI(Optimizer):
         super().load_state_dict(state_dict)
         C.keep_master_state(self, state_dict, flags)
 
-    @torch.no_grad()
+    @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("SVI", closure, self.param_groups)
+        loss = C.closure_then_check("SVI", closure, self.param_groups, complex_ok=True,
+                                    sparse_ok=lambda group: group["base"] == "sgd")
         grad_scale, found_inf = C.amp_attributes(self)
         for group in self.param_groups:
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
             if group["base"] == "adam":
                 adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
                                 found_inf=found_inf, correct_bias=True, decoupled=False)
-                continue
-            owners = [p for p in group["params"] if p.grad is not None]
-            params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
-            grads = [p.grad for p in owners]
-            bufs = []
-            for p, w in zip(owners, params):
-                st = self.state[p]
-                if "momentum_buffer" not in st or st["momentum_buffer"] is None:
-                    st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            hyper = dict(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                         weight_decay=group["weight_decay"], maximize=group["maximize"], backend=group["backend"],
-                         capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
-            C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), [params, grads, bufs], owners, grad_scale)
+            else:
+                self._sgd_group_step(group, tensor_path, grad_scale, found_inf)
         return loss
+
+    def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf) -> None:
+        owners = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in owners]
+        strided = torch.strided
+        if group["differentiable"] or any(g.layout is not strided for g in grads):
+            self._plain_sgd_group_step(group, owners, grads)
+            return
+        params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
+        bufs, fresh = [], []
+        for p, w in zip(owners, params):
+            st = self.state[p]
+            if "momentum_buffer" not in st or st["momentum_buffer"] is None:
+                if group["fused"]:
+                    F.check_fused_param(p)
+                st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                fresh.append(len(bufs))
+            bufs.append(st["momentum_buffer"])
+        if any(map(Tensor.is_complex, params)):  # optimised as real views, as torch does (no copy)
+            owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
+        lists = [params, grads, bufs]
+        # without momentum torch keeps no buffer, so dampening has nothing to damp
+        dampening = group["dampening"] if C.as_float(group["momentum"], "momentum") != 0.0 else 0.0
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=dampening,
+                     nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                     backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+        if fresh and hyper["dampening"] != 0:
+            # torch starts a buffer as the gradient itself: dampening applies from its second step, so the
+            # new (zero) buffers take one undamped step (mu * 0 + g == g) in a launch of their own.
+            is_fresh = set(fresh)
+            new = [[tl[i] for i in fresh] for tl in lists]
+            C.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0}), new,
+                                [owners[i] for i in fresh], grad_scale)
+            keep = [i for i in range(len(owners)) if i not in is_fresh]
+            lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
+        C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), lists, owners, grad_scale)
+
+    def _plain_sgd_group_step(self, group, owners, grads) -> None:
+        """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
+        states = [self.state[p] for p in owners]
+        params, grads = F.real_views(owners, grads)
+        bufs = [st.get("momentum_buffer") for st in states]
+        bufs = [F.real_views([b])[0][0] if b is not None else None for b in bufs]
+        new = plain_step.sgd(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                             dampening=group["dampening"], nesterov=group["nesterov"],
+                             weight_decay=group["weight_decay"], maximize=group["maximize"])
+        for st, p, buf in zip(states, owners, new):
+            if buf is not None:
+                st["momentum_buffer"] = torch.view_as_complex(buf) if p.is_complex() and not buf.is_sparse else buf
 
 
 def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr, momentum: float,
-            nesterov: bool, weight_decay: float, maximize: bool = False, backend: Optional[str] = None,
+            nesterov: bool, weight_decay: float, dampening: float = 0.0, maximize: bool = False,
+            backend: Optional[str] = None,
             capturable: bool = False, grad_scale: Optional[Tensor] = None,
             found_inf: Optional[Tensor] = None) -> None:
-    """Functional momentum SGD (torch.optim.SGD semantics, dampening 0), one launch per (device, dtype).
+    """Functional momentum SGD (torch.optim.SGD semantics given zero-initialised buffers: dampening
+    applies to every step, so a caller starts new buffers with dampening 0), one launch per (device, dtype).
 
     With ``capturable`` or AMP tensors it runs the tensor op: lr (number or device tensor), loss scale
     and skip flag are read by the kernel, never by the host.
@@ -119,10 +174,18 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
             impl.sgd_momentum_step_tensor(*lists, lr=scalars.lr(device), momentum=C.as_float(momentum, "momentum"),
                                           nesterov=bool(nesterov), weight_decay=C.as_float(weight_decay, "weight_decay"),
                                           maximize=maximize, grad_scale=scalars.grad_scale(device),
+                                          **_dampening_kwarg(dampening),
                                           found_inf=scalars.found_inf(device))
         return
     lr = C.as_float(lr, "lr")
     for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():
         impl = C.backend_for(backend, device, lists)
         impl.sgd_momentum_step(*lists, lr=lr, momentum=C.as_float(momentum, "momentum"), nesterov=bool(nesterov),
-                               weight_decay=C.as_float(weight_decay, "weight_decay"), maximize=maximize)
+                               weight_decay=C.as_float(weight_decay, "weight_decay"), maximize=maximize,
+                               **_dampening_kwarg(dampening))
+
+
+def _dampening_kwarg(dampening) -> dict:
+    """``dampening`` for the backend op only when it is not 0 (the common case passes the op nothing new)."""
+    d = C.as_float(dampening, "dampening")
+    return {"dampening": d} if d != 0.0 else {}

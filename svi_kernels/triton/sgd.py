@@ -17,7 +17,7 @@ from .table import Group
 
 
 @device_function
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, grad_scale,
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, one_minus_dampening, grad_scale,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
                NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                UNSCALE: tl.constexpr):
@@ -32,7 +32,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, grad
         g = 0.0 - g
     if HAS_WEIGHT_DECAY:
         g = g + weight_decay * p
-    buf = momentum * buf + g
+    buf = momentum * buf + one_minus_dampening * g
     if NESTEROV:
         d = g + momentum * buf
     else:
@@ -44,21 +44,23 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, grad
 
 
 @device_function
-def _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, lr, momentum, weight_decay, grad_scale,
+def _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, lr, momentum, weight_decay, one_minus_dampening,
+              grad_scale,
               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, NESTEROV: tl.constexpr,
               HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr):
     """_sgd_block over a program's chunk: the whole blocks unmasked (they vectorise), then the tail."""
     for first in range(start, full_end, BLOCK):
         _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, lr, momentum, weight_decay,
-                   grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                   one_minus_dampening, grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, lr, momentum, weight_decay,
-                   grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                   one_minus_dampening, grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
 
 
 @triton.jit
 def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64,
+                             one_minus_dampening: tl.float64,
                              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                              NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
@@ -68,12 +70,14 @@ def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64,
     c_lr = tl.full([], lr, COMPUTE)
     c_momentum = tl.full([], momentum, COMPUTE)
     c_weight_decay = tl.full([], weight_decay, COMPUTE)
-    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_lr,
+    c_keep = tl.full([], one_minus_dampening, COMPUTE)
+    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_keep, c_lr,
               DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
-                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False) -> None:
+                      lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
+                      dampening: float = 0.0) -> None:
     group = Group([params, grads, momentum_buffers], written=(0, 2))
     if group.n_elements == 0:
         return
@@ -81,7 +85,7 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
     dtype, compute = runtime.element_types(group.dtype)
     block, chunk = group.block_shape()
     ptrs, chunks, aligned = group.tables(chunk)
-    args = (ptrs, chunks, float(lr), float(momentum), float(weight_decay))
+    args = (ptrs, chunks, float(lr), float(momentum), float(weight_decay), 1.0 - float(dampening))
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
                       HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize))
     runtime.launch(sgd_momentum_step_kernel, chunks.shape[0], args, constexprs, group.device)
@@ -90,7 +94,7 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
 
 @triton.jit
 def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_value: tl.float64,
-                                    momentum: tl.float64, weight_decay: tl.float64,
+                                    momentum: tl.float64, weight_decay: tl.float64, one_minus_dampening: tl.float64,
                                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
                                     ALIGNED: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                                     MAXIMIZE: tl.constexpr, LR_FROM_PTR: tl.constexpr, UNSCALE: tl.constexpr,
@@ -108,17 +112,18 @@ def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_
         c_lr = tl.load(lr_ptr).to(tl.float64).to(COMPUTE)
     c_momentum = tl.full([], momentum, COMPUTE)
     c_weight_decay = tl.full([], weight_decay, COMPUTE)
+    c_keep = tl.full([], one_minus_dampening, COMPUTE)
     c_grad_scale = c_lr
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
-    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_grad_scale,
+    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_keep, c_grad_scale,
               DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                             found_inf: Optional[Tensor] = None) -> None:
+                             found_inf: Optional[Tensor] = None, dampening: float = 0.0) -> None:
     group = Group([params, grads, momentum_buffers], written=(0, 2) if grad_scale is None else (0, 1, 2))
     if group.n_elements == 0:
         return
@@ -129,7 +134,7 @@ def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum
     lr_ptr, lr_value = runtime.scalar_arg(lr, group.device, "lr", chunks)
     args = (ptrs, chunks, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
             runtime.tensor_arg(found_inf, group.device, "found_inf", chunks),
-            lr_value, float(momentum), float(weight_decay))
+            lr_value, float(momentum), float(weight_decay), 1.0 - float(dampening))
     constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
                       HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize),
                       LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,

@@ -96,12 +96,13 @@ def test_adam_step_three_steps(dtype, decoupled, wd, maximize, offset):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("nesterov,wd,maximize", [(True, 0.0, False), (False, 0.05, True)])
+@pytest.mark.parametrize("nesterov,wd,maximize,dampening", [(True, 0.0, False, 0.0), (False, 0.05, True, 0.0),
+                                                            (False, 0.0, False, 0.3)])
 @pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "unaligned"])
-def test_sgd_momentum_step(dtype, nesterov, wd, maximize, offset):
+def test_sgd_momentum_step(dtype, nesterov, wd, maximize, dampening, offset):
     p, g, b = rand(SIZES, dtype, 5, offset=offset), rand(SIZES, dtype, 6, offset=offset), \
         rand(SIZES, dtype, 7, "small", offset)
-    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize)
+    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize, dampening=dampening)
     for _ in range(2):
         want = [f64(x) for x in (p, g, b)]
         compiled.sgd_momentum_step(p, g, b, **kw)

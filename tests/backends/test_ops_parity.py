@@ -82,12 +82,13 @@ def test_adam_step(backend, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("nesterov,wd,maximize", [(True, 0.0, False), (False, 0.05, True), (True, 0.01, False)])
-def test_sgd_momentum_step(backend, dtype, nesterov, wd, maximize):
+@pytest.mark.parametrize("nesterov,wd,maximize,dampening", [(True, 0.0, False, 0.0), (False, 0.05, True, 0.0),
+                                                            (True, 0.01, False, 0.0), (False, 0.05, False, 0.3)])
+def test_sgd_momentum_step(backend, dtype, nesterov, wd, maximize, dampening):
     dev = _device_for(backend)
     p, g, b = lists_for(SIZES, dtype, dev, 20, ["n", "n", "small"])
     want = [f64(x) for x in (p, g, b)]
-    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize)
+    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize, dampening=dampening)
     get(backend).sgd_momentum_step(p, g, b, **kw)
     reference.sgd_momentum_step(*want, **kw)
     assert_close(p, want[0], dtype, "param")

@@ -93,13 +93,15 @@ SVI_HD void adam_amsgrad_elem(V& p, V g, V& m, V& v, V& max_v, const AdamCoeffs<
 }
 
 // ------------------------------------------------- momentum SGD (SVI-SGD base)
-// Matches torch.optim.SGD(momentum, dampening=0, nesterov, weight_decay) given a
-// zero-initialised buffer (mu * 0 + g == g, so the first step equals torch's).
+// Matches torch.optim.SGD(momentum, dampening, nesterov, weight_decay) given a zero-initialised
+// buffer that takes its first step undamped (mu * 0 + 1 * g == g, torch's buffer = g; the
+// caller passes dampening 0 for new buffers). one_minus_dampening == 1 is exact (1 * g == g).
 template <typename V>
 struct SgdCoeffs {
   V lr;
   V momentum;
   V weight_decay;
+  V one_minus_dampening;
 };
 
 template <typename V>
@@ -107,7 +109,7 @@ SVI_HD void sgd_momentum_elem(V& p, V g, V& buf, const SgdCoeffs<V>& c,
                               bool nesterov, bool has_weight_decay, bool maximize) {
   if (maximize) g = V(0) - g;
   if (has_weight_decay) g = g + c.weight_decay * p;
-  buf = c.momentum * buf + g;
+  buf = c.momentum * buf + c.one_minus_dampening * g;
   V d = nesterov ? g + c.momentum * buf : buf;
   p = p - c.lr * d;
 }
