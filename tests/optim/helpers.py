@@ -24,6 +24,16 @@ LS_BACKENDS = [_param("reference"), _param("cpu")]
 CPU_BACKENDS = [_param("reference"), _param("cpu"), _param("triton")]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only contend on a loaded 2-core machine (10x slower there).
+    Import it into a test module with autouse via ``pytestmark`` or by name."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_mlp(seed=0, d_in=6, hidden=9, d_out=3, dtype=torch.float32):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),

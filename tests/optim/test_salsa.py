@@ -12,18 +12,11 @@ import torch
 import svi_kernels as sk
 from svi_kernels.optim._closure import NonFiniteLossError
 
-from helpers import LS_BACKENDS
+from helpers import LS_BACKENDS, one_thread  # noqa: F401
+
 
 salsa_pkg = pytest.importorskip("salsa.SaLSA", reason="salsa-optimizer==0.1.0 (pip install --no-deps) is the oracle")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only contend on a loaded machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed, hidden=12, d_in=8, d_out=3, depth=1):

@@ -9,20 +9,16 @@ import torch
 import svi_kernels as sk
 from svi_kernels.optim import search_schedule as S
 
+from helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAKERS = {
     "ArmijoSGD": lambda ps, **kw: sk.ArmijoSGD(ps, **kw),
     "AdamSLS": lambda ps, **kw: sk.AdamSLS(ps, **kw),
     "LayerwiseAdamSLS": lambda ps, **kw: sk.LayerwiseAdamSLS(ps, warmup_steps=2, **kw),
     "SaLSA": lambda ps, **kw: sk.SaLSA(ps, **kw),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(seed=0):
