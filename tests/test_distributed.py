@@ -9,17 +9,11 @@ writes what both ranks saw to a file that the tests below read.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import rank_jobs
 import svi_kernels as sk
 
 WORLD = 2
@@ -67,18 +61,8 @@ def _run_config(rank: int, name: str, backend: str, bucket_view: bool) -> dict:
     local_losses = []
     for step in range(N_STEPS):
         x, y = _batch(rank, step)
-
-        def closure():
-            loss = torch.nn.functional.cross_entropy(ddp(x), y)
-            local_losses.append(float(loss.detach()))
-            return loss
-
-        opt.zero_grad()
-        if name in LINE_SEARCH:
-            opt.step(closure)
-        else:
-            closure().backward()
-            opt.step()
+        rank_jobs.train_step(opt, lambda: torch.nn.functional.cross_entropy(ddp(x), y), local_losses,
+                             name in LINE_SEARCH)
     rec = {
         "params": [p.detach().clone() for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
@@ -119,59 +103,22 @@ def _nonfinite_on_one_rank(rank: int, backend: str) -> dict:
 
 
 def _worker(rank: int, port: int, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        results = {}
-        jobs = [(c, lambda c=c: _run_config(rank, *c)) for c in CONFIGS]
-        jobs += [(("nonfinite", b), lambda b=b: _nonfinite_on_one_rank(rank, b)) for b in BACKENDS]
-        for key, job in jobs:
-            try:
-                rec = job()
-            except Exception:
-                rec = {"error": traceback.format_exc()}
-            gathered = [None] * WORLD
-            dist.all_gather_object(gathered, rec)
-            results[key] = gathered
-        if rank == 0:
-            torch.save(results, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def jobs():
+        out = [(c, lambda c=c: _run_config(rank, *c)) for c in CONFIGS]
+        return out + [(("nonfinite", b), lambda b=b: _nonfinite_on_one_rank(rank, b)) for b in BACKENDS]
+    rank_jobs.run_jobs(rank, WORLD, port, jobs, out_path, timeout_s=60)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp") / "results.pt")
-    env_before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # two processes on a small machine
     try:
-        ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + 180
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the DDP workers did not finish within 180 s (a collective out of step?)")
-    finally:
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_before
-    return torch.load(out, weights_only=False)
+        return rank_jobs.spawn(_worker, (rank_jobs.free_port(), out), WORLD, out, limit_s=180)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
-def _ranks(results, key):
-    recs = results[key]
-    for r, rec in enumerate(recs):
-        assert "error" not in rec, f"rank {r} failed:\n{rec['error']}"
-    return recs
+_ranks = rank_jobs.ranks
 
 
 @pytest.mark.parametrize("name,backend,bucket_view", CONFIGS, ids=[f"{o}-{b}-{'view' if v else 'copy'}"

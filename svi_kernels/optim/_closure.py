@@ -23,6 +23,8 @@ from typing import Callable, Iterable, List
 import torch
 from torch import Tensor
 
+from . import sharding
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss at the start of a line-search step is NaN or inf."""
@@ -39,6 +41,7 @@ class ClosureRunner:
         self.closure = closure
         self.backwards = takes_backwards(closure)
         self.params = params
+        self.sharded = sharding.any_sharded(params)
         self.process_group = process_group
         # Counted here and added to the optimizer's state only when the step succeeds.
         self.n_forwards = 0
@@ -109,7 +112,7 @@ class ClosureRunner:
         """Evaluate f at the current (trial) parameters without grad; returns the (rank-averaged) loss
         as a float64 tensor on its device, not read back. NaN/inf are returned as they are."""
         self._restore_rng()
-        with torch.no_grad():
+        with torch.no_grad(), sharding.fresh_gathers(self.sharded):  # FSDP2: the next forward sees new shards
             loss = self._check_loss(self.closure(backwards=False) if self.backwards else self.closure())
         self.n_forwards += 1
         return self.average(loss)

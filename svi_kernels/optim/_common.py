@@ -13,6 +13,7 @@ import importlib
 _backends = importlib.import_module("svi_kernels.backends")
 _compiled = importlib.import_module("svi_kernels.backends.compiled")
 
+from . import sharding  # noqa: E402
 
 
 def as_float(x, name: str) -> float:
@@ -116,6 +117,7 @@ def closure_then_check(opt_name: str, closure, param_groups, **allowed):
             loss = closure()
     for group in param_groups:
         check_params(opt_name, group["params"], **{k: v(group) if callable(v) else v for k, v in allowed.items()})
+        sharding.check(opt_name, group["params"])
     return loss
 
 
@@ -124,7 +126,10 @@ def group_by(tensor_lists: Sequence[Sequence[Tensor]], extra_keys: Sequence[Hash
     """Bucket parallel tensor lists by (device, dtype[, extra key]); one fused launch per bucket.
 
     Returns {key: (lists, indices)}, where ``indices`` are the positions in the input lists.
+    FSDP2's DTensors come out as their local shards (the kernels are elementwise; see sharding.py).
     """
+    if sharding.any_sharded(tensor_lists[0]):
+        tensor_lists = sharding.local_lists(tensor_lists)
     first = tensor_lists[0]
     keys = [(p.device, p.dtype) for p in first]
     if extra_keys is not None:

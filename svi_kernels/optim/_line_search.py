@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _common as C
+from . import sharding
 from . import search_schedule
 from . import searched_step
 from .adamw import adam_scalars
@@ -56,21 +57,23 @@ class StepTensors:
         self.exp_avg_sqs: List[Tensor] = []
         self.w0: List[Tensor] = []
         self.gid: List[int] = []
+        owners: List[Tensor] = []
+        local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
         for gi, group in enumerate(opt.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self.params.append(p)
-                self.grads.append(p.grad)
+                owners.append(p)
+                self.params.append(local(p))
+                self.grads.append(local(p.grad))
                 self.w0.append(opt._scratch(p))
                 self.gid.append(gi)
                 if with_moments:
-                    st = opt.state[p]
-                    if "exp_avg" not in st:
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self.exp_avgs.append(st["exp_avg"])
-                    self.exp_avg_sqs.append(st["exp_avg_sq"])
+                    st = opt._moments(p)
+                    self.exp_avgs.append(local(st["exp_avg"]))
+                    self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
+        # Sharded parameters: the reductions are summed over the shards before anyone decides.
+        self.shards = sharding.shard_sums(opt._name, owners, opt.process_group)
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
         launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
@@ -170,12 +173,26 @@ class LineSearchOptimizer(Optimizer):
     def n_backwards(self) -> int:
         return self.ls_state["n_backwards"]
 
+    # Per-parameter state tensors of the subclass, created zero at state_dict() time when missing.
+    _uses_moments = False
+
+    def state_dict(self):
+        """torch's layout, with the counters in ``param_groups[0]["ls"] = (ls_state,)`` (where
+        torch.distributed.checkpoint's get/set_optimizer_state_dict keep them; see sharding.py) and every state tensor
+        present (zero before the first step), so a fresh optimizer's state_dict is a complete template
+        for DCP's in-place load."""
+        if self._uses_moments:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._moments(p)
+        return sharding.counters_into_groups(super().state_dict(), LS_KEY)
+
     def load_state_dict(self, state_dict):
         # torch keeps non-parameter state entries by reference; copy ours so that stepping after a
         # load never mutates the checkpoint the caller still holds.
         C.check_state_dict(self._name, state_dict, self._group_keys)
-        state_dict = dict(state_dict)
-        state_dict["state"] = dict(state_dict["state"])
+        state_dict = sharding.counters_from_groups(state_dict, LS_KEY)
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
         super().load_state_dict(state_dict)
@@ -185,10 +202,19 @@ class LineSearchOptimizer(Optimizer):
             raise ValueError(f"{self._name}.load_state_dict: {len(ls['step_sizes'])} step sizes for "
                              f"{len(self.param_groups)} param groups")
 
+    def _moments(self, p: Tensor) -> dict:
+        """p's state with its Adam moments (zeros, with p's placement, when new)."""
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
     def _scratch(self, p: Tensor) -> Tensor:
+        lp = sharding.local(p)  # w0 holds the local shard only
         buf = self._w0.get(p)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = torch.empty_like(p, memory_format=torch.contiguous_format if p.is_contiguous()
+        if buf is None or buf.shape != lp.shape or buf.dtype != lp.dtype or buf.device != lp.device:
+            buf = torch.empty_like(lp, memory_format=torch.contiguous_format if lp.is_contiguous()
                                    else torch.preserve_format)
             self._w0[p] = buf
         return buf
@@ -200,6 +226,7 @@ class LineSearchOptimizer(Optimizer):
     def _check_inputs(self) -> None:
         for group in self.param_groups:
             C.check_params(self._name, group["params"])
+            sharding.check(self._name, group["params"])
 
     # --------------------------------------------------------- fused phases
     # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
@@ -339,7 +366,9 @@ class DeviceSums:
 
     def __init__(self, t: StepTensors, parts):
         self.t = t
-        self.parts = parts  # [(positions, float32 tensor of per-tensor sums)]
+        if t.shards is not None:  # sharded parameters: sums over whole parameters, one all_reduce
+            parts = t.shards.sum_over_shards(parts)
+        self.parts = parts  # [(positions, tensor of per-tensor sums)]
         self.per_group: Optional[List[float]] = None
         self.per_tensor: Optional[Dict[int, float]] = None
 

@@ -32,6 +32,7 @@ MIN_PRECOND_NORM = 1e-8
 class AdamSLS(LineSearchOptimizer):
     _name = "AdamSLS"
     _group_keys = LineSearchOptimizer._group_keys + ("betas", "eps")
+    _uses_moments = True
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,

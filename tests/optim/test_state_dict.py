@@ -52,7 +52,7 @@ def test_resume_is_bit_identical(name):
     if type(opt).__name__ in LINE_SEARCH:
         assert opt.ls_state == opt2.ls_state and opt2.ls_state["step"] == 8
         # stepping after a load never mutates the checkpoint's line-search state
-        assert saved_opt["state"]["ls"]["step"] == 4
+        assert saved_opt["param_groups"][0]["ls"][0]["step"] == 4 and "ls" not in saved_opt["state"]
 
 
 def test_ls_state_survives_torch_save(tmp_path):
@@ -63,6 +63,18 @@ def test_ls_state_survives_torch_save(tmp_path):
     opt2 = FACTORIES["AdamSLS"](list(tiny_mlp().parameters()))
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     assert opt2.ls_state == opt.ls_state and opt2.n_forwards == opt.n_forwards
+
+
+def test_ls_state_in_the_older_layout_loads():
+    # Checkpoints written before the counters moved to param_groups[0] kept them in state["ls"].
+    model = tiny_mlp()
+    opt = FACTORIES["AdamSLS"](list(model.parameters()))
+    run(model, opt, "AdamSLS", 2, 0)
+    sd = opt.state_dict()
+    sd["state"]["ls"] = sd["param_groups"][0].pop("ls")[0]
+    opt2 = FACTORIES["AdamSLS"](list(tiny_mlp().parameters()))
+    opt2.load_state_dict(sd)
+    assert opt2.ls_state == opt.ls_state and opt2.ls_state["step"] == 2
 
 
 def test_state_dtype_preserved_on_load():
