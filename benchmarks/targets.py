@@ -18,6 +18,8 @@ RATIO_LIMITS = {"adamw": 1.0, "svi_sgd": 0.8, "ls_trial_sgd": 0.5, "ls_trial_ada
 HOST_WORKLOAD = "host-10k"
 HOST_RATIO_LIMITS = {"adamw": 1 / 7, "svi_sgd": 1 / 7, "svi_adam": 1 / 7, "armijo_sgd_bookkeeping": 0.45,
                      "adam_sls_bookkeeping": 0.45, "layerwise_adam_sls_bookkeeping": 0.45}
+# row name -> (our row it is compared with on the same workload and backend, max ratio of ms)
+OURS_RATIO_LIMITS = {"salsa_skipped_step": ("adamw", 1.05)}  # issue 10: a skipped search costs an AdamW step
 BOOKKEEPING_MIN_SPEEDUP = 5.0   # vs the reference-style bookkeeping of the same optimizer
 MIN_FRACTION_OF_STREAM = 0.8    # every fused row
 MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
@@ -40,6 +42,12 @@ def evaluate(results: List[dict]) -> None:
                 limit = limits[r["name"]]
                 checks.append(_check(f"<= {limit:.3g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit,
                                      True))
+            if r["name"] in OURS_RATIO_LIMITS:
+                other, limit = OURS_RATIO_LIMITS[r["name"]]
+                mine = by_key.get((r["workload"], other, r["backend"]))
+                ratio = r["ms"] / mine["ms"] if mine and mine["ms"] > 0 else None
+                r[f"ratio_to_ours_{other}"] = ratio
+                checks.append(_check(f"<= {limit:g}x our {other}", ratio, limit, True))
             ref_name = r.get("compare_to")
             if ref_name:
                 ref = by_key.get((r["workload"], ref_name, "reference-style"))

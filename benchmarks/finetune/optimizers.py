@@ -12,6 +12,9 @@
 | plasls      | sk.LayerwiseAdamSLS(sk.layer_groups(model, 10) restricted to trained params) | closure |
 | plasls-paper | the same with criterion="paper" (the paper's per-group Armijo test)      | closure    |
 | sgdsls      | sk.ArmijoSGD                                                              | closure    |
+| adamsls-auto | sk.AdamSLS as adamsls, search="auto" (searches only while eta changes)   | closure    |
+| salsa       | sk.SaLSA, the package's defaults and search rule (search="salsa")         | closure    |
+| salsa-auto  | sk.SaLSA with search="auto"                                               | closure    |
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ try:  # our package; absent or incomplete while it is being written
 except Exception:  # pragma: no cover
     sk = None
 
-LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls"}
-NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "plasls-paper", "sgdsls"]
+LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls", "adamsls-auto", "salsa", "salsa-auto"}
+NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "plasls-paper", "sgdsls",
+         "adamsls-auto", "salsa", "salsa-auto"]
 
 
 def has(name: str) -> bool:
@@ -98,11 +102,18 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
             raise RuntimeError(f"adamw-nobc needs svi_kernels.AdamW(correct_bias=False) ({why})")
         return Built(torch.optim.AdamW(groups, lr=lr, eps=eps, weight_decay=wd), False,
                      "torch.optim.AdamW (stand-in)", notes=[why])
-    if name == "adamsls":
+    if name in ("adamsls", "adamsls-auto"):
         if not has("AdamSLS"):
             raise RuntimeError("svi_kernels.AdamSLS is not available yet")
-        opt = sk.AdamSLS(params, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, **kw)
-        return Built(opt, True, "svi_kernels.AdamSLS")
+        search = "auto" if name == "adamsls-auto" else "every"
+        opt = sk.AdamSLS(params, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, search=search,
+                         **kw)
+        return Built(opt, True, "svi_kernels.AdamSLS" + ('(search="auto")' if search == "auto" else ""))
+    if name in ("salsa", "salsa-auto"):
+        if not has("SaLSA"):
+            raise RuntimeError("svi_kernels.SaLSA is not available yet")
+        search = "auto" if name == "salsa-auto" else "salsa"
+        return Built(sk.SaLSA(params, search=search, **kw), True, f'svi_kernels.SaLSA(search="{search}")')
     if name in ("plasls", "plasls-paper"):
         if not (has("LayerwiseAdamSLS") and has("layer_groups")):
             raise RuntimeError("svi_kernels.LayerwiseAdamSLS / layer_groups are not available yet")

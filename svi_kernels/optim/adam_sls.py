@@ -55,9 +55,10 @@ class AdamSLS(LineSearchOptimizer):
         When the ``search=`` schedule skips this step, it is done here (one fused Adam update with the
         stored step sizes grown as before a search, nothing read back) and ``t`` is None.
         """
-        self._check_inputs()
-        runner = self._runner(closure)
         search = force_search or self._searches_now()
+        if search:  # fail before the forward; a skipped step checks once, after it (host cost of AdamW)
+            self._check_inputs()
+        runner = self._runner(closure)
         loss = runner.first()
         self._check_inputs()
         if not search:

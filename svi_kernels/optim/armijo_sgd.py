@@ -44,9 +44,10 @@ class ArmijoSGD(LineSearchOptimizer):
 
         Host syncs: one for f0 and the gradient norms, then one per trial.
         """
-        self._check_inputs()
-        runner = self._runner(closure)
         search = self._searches_now()
+        if search:  # fail before the forward; a skipped step checks once, after it (host cost of SGD)
+            self._check_inputs()
+        runner = self._runner(closure)
         loss = runner.first()
         self._check_inputs()  # gradients exist now
         ls = self.ls_state

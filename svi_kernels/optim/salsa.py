@@ -97,10 +97,11 @@ class SaLSA(LineSearchOptimizer):
     def step(self, closure=None):
         """One SaLSA step; returns the loss at the start of the step."""
         with torch.no_grad():
-            self._check_inputs()
-            runner = self._runner(closure)
             ls = self.ls_state
             search = self._searches_now()
+            if search:  # fail before the forward; a skipped step checks once, after it (AdamW's host cost)
+                self._check_inputs()
+            runner = self._runner(closure)
             loss = runner.first()
             self._check_inputs()
             t_bias = ls["step"] + 2  # the package's bias-correction step (see the module docstring)
