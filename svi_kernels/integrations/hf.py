@@ -180,8 +180,9 @@ class LineSearchTrainer(Trainer):
             raise ValueError(_FP16_REFUSED)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
             raise ValueError(
-                "LineSearchTrainer does not support DeepSpeed or FSDP: with sharded gradients each rank would "
-                "compute a different sufficient-decrease term and take a different decision. Use DDP")
+                "LineSearchTrainer does not support DeepSpeed or FSDP. The line-search optimizers do work on FSDP2 "
+                "(fully_shard) models in your own loop, loss = opt.step(closure) (docs/production.md); the Trainer "
+                "path is untested because accelerate runs FSDP on accelerator devices only. Use DDP with the Trainer")
 
     def _closure_driven(self, opt) -> _ClosureDriven:
         if isinstance(opt, _ClosureDriven):
