@@ -81,8 +81,9 @@ def check_positive(value, name: str) -> None:
 
 
 def check_params(opt_name: str, params: Iterable[Tensor], *, complex_ok: bool = False,
-                 sparse_ok: bool = False) -> None:
-    """Reject what no backend supports, before anything is modified.
+                 sparse_ok: bool = False) -> Tuple[bool, bool]:
+    """Reject what no backend supports, before anything is modified. Returns (some parameter is
+    complex, some gradient is sparse), so the step needs no second pass to find out.
 
     ``complex_ok``: the caller optimises complex parameters as real views (AdamW, SVI, as torch does).
     ``sparse_ok``: the caller takes sparse gradients (SVI's SGD base, on the plain PyTorch path).
@@ -90,6 +91,7 @@ def check_params(opt_name: str, params: Iterable[Tensor], *, complex_ok: bool = 
     gradient with its parameter are checked by the kernels (autograd guarantees them anyway).
     """
     strided = torch.strided
+    has_complex = has_sparse = False
     for p in params:
         if not p.is_floating_point():
             if p.is_complex():
@@ -97,28 +99,35 @@ def check_params(opt_name: str, params: Iterable[Tensor], *, complex_ok: bool = 
                     raise RuntimeError(
                         f"{opt_name} does not support complex parameters (got {p.dtype}); "
                         "optimise torch.view_as_real(p) as a real parameter instead")
+                has_complex = True
             else:
                 raise RuntimeError(f"{opt_name} needs floating-point parameters, got {p.dtype}")
         g = p.grad
         if g is None:
             continue
-        if g.layout is not strided and not sparse_ok:
-            raise RuntimeError(f"{opt_name} does not support sparse gradients (got layout {g.layout})")
+        if g.layout is not strided:
+            if not sparse_ok:
+                raise RuntimeError(f"{opt_name} does not support sparse gradients (got layout {g.layout})")
+            has_sparse = True
         if g.is_complex() and not p.is_complex():
             raise RuntimeError(f"{opt_name} does not support complex gradients (got {g.dtype})")
+    return has_complex, has_sparse
 
 
 def closure_then_check(opt_name: str, closure, param_groups, **allowed):
     """torch's optional closure, then every group checked before any is touched (no half updates).
-    ``allowed``: check_params's complex_ok / sparse_ok, each a bool or a function of the group."""
+    ``allowed``: check_params's complex_ok / sparse_ok, each a bool or a function of the group.
+    Returns the loss and, per group, check_params's (has_complex, has_sparse)."""
     loss = None
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
+    kinds = []
     for group in param_groups:
-        check_params(opt_name, group["params"], **{k: v(group) if callable(v) else v for k, v in allowed.items()})
+        kinds.append(check_params(opt_name, group["params"],
+                                  **{k: v(group) if callable(v) else v for k, v in allowed.items()}))
         sharding.check(opt_name, group["params"])
-    return loss
+    return loss, kinds
 
 
 def group_by(tensor_lists: Sequence[Sequence[Tensor]], extra_keys: Sequence[Hashable] | None = None

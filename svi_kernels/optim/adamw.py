@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from . import _common as C
 from . import plain_step
+from . import step_plan
 from . import torch_flags as F
 
 
@@ -93,17 +94,23 @@ class AdamW(Optimizer):
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("AdamW", closure, self.param_groups, complex_ok=True)
+        loss = C.closure_then_check("AdamW", closure, [])[0]
+        step_plan.step(self, self._general_step, decoupled=True)  # built once, reused while nothing changes
+        return loss
+
+    def _general_step(self, groups) -> None:
+        """Every check, the state of new parameters, and any path (AMP, capturable, masters, complex...)."""
+        _, kinds = C.closure_then_check("AdamW", None, groups, complex_ok=True)
         grad_scale, found_inf = C.amp_attributes(self)
-        for group in self.param_groups:
+        for group, (has_complex, _) in zip(groups, kinds):
             adam_group_step(self.state, group, tensor_path=C.use_tensor_path(group, grad_scale, found_inf),
                             grad_scale=grad_scale, found_inf=found_inf, correct_bias=group["correct_bias"],
-                            decoupled=True)
-        return loss
+                            decoupled=True, has_complex=has_complex)
 
 
 def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Optional[Tensor],
-                    found_inf: Optional[Tensor], correct_bias: bool, decoupled: bool) -> None:
+                    found_inf: Optional[Tensor], correct_bias: bool, decoupled: bool,
+                    has_complex: bool = False) -> None:
     """One param group's Adam step, for AdamW (decoupled) and SVI(base="adam") (L2): the state of each
     parameter with a gradient (moments created like its working tensor, see _common.working_tensor;
     the step moved to its device on the tensor path), then the fused step through
@@ -135,7 +142,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         steps.append(state["step"])
-    if any(map(Tensor.is_complex, params)):  # optimised as real views, as torch does (no copy)
+    if has_complex:  # optimised as real views, as torch does (no copy)
         owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = F.real_views_with_owners(
             owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     beta1, beta2 = group["betas"]

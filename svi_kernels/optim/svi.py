@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from . import _common as C
 from . import plain_step
 from . import torch_flags as F
+from . import step_plan
 from .adamw import adam_group_step
 
 
@@ -92,25 +93,28 @@ class SVI(Optimizer):
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("SVI", closure, self.param_groups, complex_ok=True,
-                                    sparse_ok=lambda group: group["base"] == "sgd")
+        loss = C.closure_then_check("SVI", closure, [])[0]
+        step_plan.step(self, self._general_step, decoupled=False)  # built once, reused while nothing changes
+        return loss
+
+    def _general_step(self, groups) -> None:
+        """Every check, the state of new parameters, and any path (AMP, capturable, masters, sparse...)."""
+        _, kinds = C.closure_then_check("SVI", None, groups, complex_ok=True,
+                                        sparse_ok=lambda group: group["base"] == "sgd")
         grad_scale, found_inf = C.amp_attributes(self)
-        for group in self.param_groups:
+        for group, (has_complex, has_sparse) in zip(groups, kinds):
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
             if group["base"] == "adam":
                 adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
-                                found_inf=found_inf, correct_bias=True, decoupled=False)
+                                found_inf=found_inf, correct_bias=True, decoupled=False, has_complex=has_complex)
+            elif group["differentiable"] or has_sparse:
+                self._plain_sgd_group_step(group)
             else:
-                self._sgd_group_step(group, tensor_path, grad_scale, found_inf)
-        return loss
+                self._sgd_group_step(group, tensor_path, grad_scale, found_inf, has_complex)
 
-    def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf) -> None:
+    def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf, has_complex: bool) -> None:
         owners = [p for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in owners]
-        strided = torch.strided
-        if group["differentiable"] or any(g.layout is not strided for g in grads):
-            self._plain_sgd_group_step(group, owners, grads)
-            return
         params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
         bufs, fresh = [], []
         for p, w in zip(owners, params):
@@ -121,7 +125,7 @@ class SVI(Optimizer):
                 st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 fresh.append(len(bufs))
             bufs.append(st["momentum_buffer"])
-        if any(map(Tensor.is_complex, params)):  # optimised as real views, as torch does (no copy)
+        if has_complex:  # optimised as real views, as torch does (no copy)
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
         lists = [params, grads, bufs]
         # without momentum torch keeps no buffer, so dampening has nothing to damp
@@ -140,8 +144,10 @@ class SVI(Optimizer):
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
         C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), lists, owners, grad_scale)
 
-    def _plain_sgd_group_step(self, group, owners, grads) -> None:
+    def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
+        owners = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in owners]
         states = [self.state[p] for p in owners]
         params, grads = F.real_views(owners, grads)
         bufs = [st.get("momentum_buffer") for st in states]
