@@ -150,7 +150,10 @@ def test_layerwise_invalid_strategy():
 
 def test_cuda_backend_on_cpu_tensors():
     model = tiny_mlp()
-    opt = sk.AdamW(model.parameters(), backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs CUDA tensors, but the parameters are on cpu"):
+        sk.AdamW(model.parameters(), backend="cuda")  # refused at construction (tests/test_install_device_check.py)
+    opt = sk.AdamW(model.parameters())
+    opt.param_groups[0]["backend"] = "cuda"  # changed after construction: refused at step(), nothing modified
     model(torch.randn(2, 6)).sum().backward()
     snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="cuda"):
