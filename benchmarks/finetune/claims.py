@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 from . import data as data_mod
 from . import features as feat_mod
+from . import optimizers as optimizer_factory
 from .model import Backbone, TrainableTop, load_backbone
 from .train import RunConfig, check_stabilizers, run, same_config
 
@@ -113,7 +114,7 @@ def linesearch_settings(p: dict, optimizers=("adam", "adamsls", "plasls")) -> Li
     for name, subset, epochs in p["settings"]:
         arms = []
         for o in optimizers:
-            if o in ("adamsls", "plasls", "plasls-paper", "sgdsls"):
+            if o in optimizer_factory.LINE_SEARCH:
                 arms.append(Arm(o, o, [0.1]))  # lr slot = initial step size (ignored by the factory)
             else:
                 arms.append(Arm(o, o, list(p["adam_lrs"]), dict(schedule="cosine", warmup=0.1)))

@@ -11,11 +11,15 @@ stored step size, in one fused update (the cost of an AdamW step). The schedules
   below 1), averages 0.9 and 0.99 started at 1e-8 without bias correction. Because of that start the
   averages lag the step size for hundreds of searches (r stays far from 1), so a run of a few hundred
   steps still searches on most of its steps.
-- ``"auto"``: ours. The same idea with the start fixed: bias-corrected averages of log(step size),
-  so they agree as soon as the step size settles; ``AUTO_WARMUP`` searches first; then the gap to
-  the next search is ``1 / |fast - slow|`` steps (the log step size's drift per step, inverted),
-  at most ``AUTO_MAX_INTERVAL``. A search that moves the step size by more than one backtrack-or-growth
-  factor (``AUTO_JUMP``) restarts the gap at 1 until the step size settles again.
+- ``"auto"``: ours. The package measures the drift of the step size per *search*, from averages that
+  start at 1e-8; what a skipped step risks is the drift per *step*. So: after each search, the change
+  of log(step size) since the previous search divided by the steps between them, averaged (``rate``);
+  the next search comes when the step size may have moved by ``AUTO_TOLERANCE`` (x1.25, about one
+  backtrack): after ``AUTO_TOLERANCE / rate`` steps, between 1 and ``AUTO_MAX_INTERVAL``. A search whose
+  step size moved by more than ``AUTO_JUMP`` (x1.5) restarts the estimate (searches on the next
+  ``AUTO_WARMUP`` steps). A search's own resolution (x1.1 growth, x0.8 backtrack) then lets the gap grow
+  about 2x per search while the step size only jitters, and keeps it short while it trends.
+  Designed on a 600-step fine-tuning run (docs/results.md).
 
 With several param groups each group keeps its own averages; a step searches when any group asks.
 The schedule's state is a plain dict inside ``opt.ls_state["search"]`` (so it is in ``state_dict``);
@@ -31,10 +35,10 @@ SALSA_MAX_INTERVAL = 10
 SALSA_AVG_START = 1e-8
 SALSA_SLOW, SALSA_FAST = 0.99, 0.9
 
-AUTO_WARMUP = 5
+AUTO_WARMUP = 2
 AUTO_MAX_INTERVAL = 25
-AUTO_SLOW, AUTO_FAST = 0.99, 0.8
-AUTO_JUMP = math.log(1.5)  # |log(eta_new / eta_old)| above this: the step size is still moving
+AUTO_TOLERANCE = math.log(1.25)  # how far log(step size) may drift between two searches
+AUTO_JUMP = math.log(1.5)  # a search moving the step size by more: a new level, the estimate restarts
 
 NAMES = ("every", "salsa", "auto")
 
@@ -58,7 +62,7 @@ def new_state(search, n_groups: int) -> dict:
     if search == "salsa":
         state.update(since=100, fast=[SALSA_AVG_START] * n_groups, slow=[SALSA_AVG_START] * n_groups)
     elif search == "auto":
-        state.update(fast=[0.0] * n_groups, slow=[0.0] * n_groups, n=[0] * n_groups, jump=[False] * n_groups)
+        state.update(rate=[0.0] * n_groups, n=[0] * n_groups)
     return state
 
 
@@ -68,10 +72,8 @@ def add_group(state: dict) -> None:
         state["fast"].append(SALSA_AVG_START)
         state["slow"].append(SALSA_AVG_START)
     elif state["kind"] == "auto":
-        state["fast"].append(0.0)
-        state["slow"].append(0.0)
+        state["rate"].append(0.0)
         state["n"].append(0)
-        state["jump"].append(False)
 
 
 def _salsa_needed(fast: float, slow: float) -> float:
@@ -82,13 +84,10 @@ def _salsa_needed(fast: float, slow: float) -> float:
 
 
 def _auto_interval(state: dict, gi: int) -> float:
-    n = state["n"][gi]
-    if n < AUTO_WARMUP or state["jump"][gi]:
+    if state["n"][gi] < AUTO_WARMUP:
         return 1
-    fast = state["fast"][gi] / (1 - AUTO_FAST ** n)
-    slow = state["slow"][gi] / (1 - AUTO_SLOW ** n)
-    drift = abs(fast - slow)
-    return AUTO_MAX_INTERVAL if drift * AUTO_MAX_INTERVAL <= 1 else max(1.0, 1 / drift)
+    rate = state["rate"][gi]
+    return AUTO_MAX_INTERVAL if rate * AUTO_MAX_INTERVAL <= AUTO_TOLERANCE else max(1.0, AUTO_TOLERANCE / rate)
 
 
 def decide(state: dict, step: int) -> bool:
@@ -103,7 +102,7 @@ def decide(state: dict, step: int) -> bool:
         if step < SALSA_WARMUP_STEPS:
             return True
         return any(since >= _salsa_needed(f, s) for f, s in zip(state["fast"], state["slow"]))
-    return any(since >= _auto_interval(state, gi) for gi in range(len(state["fast"])))
+    return any(since >= _auto_interval(state, gi) for gi in range(len(state["n"])))
 
 
 def advance(state: dict, searched: bool, etas: Dict[int, float], old_etas: Dict[int, float]) -> None:
@@ -113,6 +112,7 @@ def advance(state: dict, searched: bool, etas: Dict[int, float], old_etas: Dict[
         state["since"] += 1
         state["n_skipped"] += 1
         return
+    steps = state["since"] + 1  # steps since the previous search, this one included
     state["since"] = 0
     state["n_searches"] += 1
     kind = state["kind"]
@@ -120,10 +120,12 @@ def advance(state: dict, searched: bool, etas: Dict[int, float], old_etas: Dict[
         if kind == "salsa":  # the package's arithmetic, operation for operation
             state["slow"][gi] = state["slow"][gi] * SALSA_SLOW + eta * (1 - SALSA_SLOW)
             state["fast"][gi] = state["fast"][gi] * SALSA_FAST + eta * (1 - SALSA_FAST)
-        elif kind == "auto" and eta > 0 and math.isfinite(eta):
-            x = math.log(eta)
-            state["slow"][gi] = AUTO_SLOW * state["slow"][gi] + (1 - AUTO_SLOW) * x
-            state["fast"][gi] = AUTO_FAST * state["fast"][gi] + (1 - AUTO_FAST) * x
-            state["n"][gi] += 1
+        elif kind == "auto":
             old = old_etas.get(gi)
-            state["jump"][gi] = bool(old) and abs(x - math.log(old)) > AUTO_JUMP
+            moved = abs(math.log(eta / old)) if eta > 0 and old and old > 0 and math.isfinite(eta / old) else math.inf
+            if moved > AUTO_JUMP:  # a new level: start the estimate again
+                state["n"][gi], state["rate"][gi] = 0, 0.0
+            elif state["n"][gi] > 0:  # the first search after a restart has no previous one to compare
+                d = moved / steps
+                state["rate"][gi] = d if state["n"][gi] == 1 else 0.5 * (state["rate"][gi] + d)
+            state["n"][gi] += 1

@@ -180,20 +180,36 @@ def test_gradient_accumulation_equals_the_concatenated_batch(name):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_auto_rule():
+def _auto_run(eta_at, steps=120):
     st = S.new_state("auto", 1)
-    decisions = []
-    eta = 0.01
-    for step in range(1, 60):
+    searched, old = [], eta_at(1)
+    for step in range(1, steps + 1):
         search = S.decide(st, step)
-        decisions.append(search)
-        S.advance(st, search, {0: eta} if search else {}, {0: eta})
-    # warm-up searches, then a constant step size opens the gap to the maximum
-    assert decisions[:S.AUTO_WARMUP] == [True] * S.AUTO_WARMUP
-    assert sum(decisions) <= S.AUTO_WARMUP + 59 // S.AUTO_MAX_INTERVAL + 1
+        if search:
+            searched.append(step)
+            S.advance(st, True, {0: eta_at(step)}, {0: old})
+            old = eta_at(step)
+        else:
+            S.advance(st, False, {}, {})
+    return searched
+
+
+def test_auto_rule():
+    # a steady step size: the warm-up searches, then the longest gap
+    steady = _auto_run(lambda k: 0.01)
+    assert steady[:S.AUTO_WARMUP] == list(range(1, S.AUTO_WARMUP + 1))
+    assert len(steady) <= S.AUTO_WARMUP + 120 // S.AUTO_MAX_INTERVAL + 1
+    # a step size drifting by 2% per step: gaps of about log(1.25) / 0.02 ~ 11 steps
+    drifting = _auto_run(lambda k: 0.01 * 0.98 ** k)
+    gaps = [b - a for a, b in zip(drifting[3:], drifting[4:])]
+    assert gaps and all(9 <= g <= 13 for g in gaps), gaps
     # a jump of the step size asks for a search on the next step
-    S.advance(st, True, {0: eta * 0.3}, {0: eta})
-    assert S.decide(st, 61)
+    st = S.new_state("auto", 1)
+    for step in range(1, 40):
+        S.advance(st, S.decide(st, step), {0: 0.01}, {0: 0.01})
+    assert not S.decide(st, 40)
+    S.advance(st, True, {0: 0.003}, {0: 0.01})
+    assert S.decide(st, 41)
 
 
 def test_salsa_rule_starts_by_searching_most_steps():
