@@ -3,10 +3,8 @@
 
 #include <atomic>
 #include <cstdlib>
-
-#if defined(__linux__)
-#include <unistd.h>
-#endif
+#include <fstream>
+#include <string>
 
 namespace svi_kernels::cpu {
 
@@ -14,17 +12,27 @@ namespace {
 
 constexpr int64_t kFallbackCacheBytes = int64_t{32} << 20;
 
+// The L3 that CPU 0 shares, as Linux reports it ("32768K"). Not sysconf(_SC_LEVEL3_CACHE_SIZE):
+// glibc derives that from CPUID, which a VM may fill with the host's figures (this dev VM: 384 MiB
+// for a 32 MiB L3, which would have kept every call but bert-base-sized ones from streaming).
+int64_t last_level_cache_bytes() {
+  std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index3/size");
+  std::string text;
+  if (!(file >> text) || text.empty()) return kFallbackCacheBytes;
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || value <= 0) return kFallbackCacheBytes;
+  const int64_t scale = *end == 'K' ? int64_t{1} << 10 : *end == 'M' ? int64_t{1} << 20 : 1;
+  return static_cast<int64_t>(value) * scale;
+}
+
 int64_t initial_threshold() {
   if (const char* env = std::getenv("SVI_KERNELS_STREAM_MIN_BYTES")) {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
     if (end != env && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
   }
-#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
-  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  if (l3 > 0) return static_cast<int64_t>(l3);
-#endif
-  return kFallbackCacheBytes;
+  return last_level_cache_bytes();
 }
 
 std::atomic<int64_t>& threshold() {

@@ -14,8 +14,8 @@ namespace svi_kernels::cpu {
 // True when `lists` tensor lists shaped like `params` touch at least stream_min_bytes().
 bool stream_stores_pay(at::TensorList params, int64_t lists);
 
-// The threshold: SVI_KERNELS_STREAM_MIN_BYTES if set, else the last-level cache size the C
-// library reports (32 MiB when it reports none).
+// The threshold: SVI_KERNELS_STREAM_MIN_BYTES if set, else the size of the L3 that CPU 0 shares
+// (Linux sysfs; 32 MiB where there is none to read).
 int64_t stream_min_bytes();
 
 // Changes the threshold (tests force both paths with 0 and a huge value); returns the old one.
