@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from . import _common as C
 from . import sharding
+from . import step_plan
 from . import search_schedule
 from . import searched_step
 from .adamw import adam_scalars
@@ -51,6 +52,10 @@ class StepTensors:
     """The tensors with gradients of some param groups for one step, with their group index."""
 
     def __init__(self, opt: "LineSearchOptimizer", with_moments: bool):
+        planned = step_plan.line_search_tensors(opt, with_moments)  # the last step's lists, this step's grads
+        if planned is not None:
+            self.__dict__.update(planned)
+            return
         self.params: List[Tensor] = []
         self.grads: List[Tensor] = []
         self.exp_avgs: List[Tensor] = []
@@ -81,6 +86,7 @@ class StepTensors:
         self.key = [(p.device, p.dtype) + launch_key[gi] for p, gi in zip(self.params, self.gid)]
         self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
         self._partitions: Dict[Optional[tuple], List[List[int]]] = {}
+        step_plan.keep_line_search_tensors(opt, self, owners, with_moments)
 
     def _partition(self, gids: Optional[Sequence[int]]) -> List[List[int]]:
         """Positions of the selected groups' tensors, split into fused buckets (memoised per step).
@@ -102,13 +108,27 @@ class StepTensors:
         """(device, group, lists, positions, n_check) per fused bucket over the selected groups;
         ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
         out = []
+        n = len(self.params)
+        contiguous = all(self.contiguous)
         for pos in self._partition(gids):
-            lists = [[getattr(self, n)[i] for i in pos] for n in names]
-            n_check = 0 if all(self.contiguous[i] for i in pos) else len(names)
+            if len(pos) == n:  # one bucket of everything (positions in order): the lists themselves
+                lists = [getattr(self, name) for name in names]
+            else:
+                lists = [[getattr(self, name)[i] for i in pos] for name in names]
+            n_check = 0 if contiguous or all(self.contiguous[i] for i in pos) else len(names)
             out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], lists, pos, n_check))
         return out
 
+    def per_tensor(self, per_group: Dict[int, float], pos: List[int]) -> List[float]:
+        """A value per tensor of a bucket from one per group (positions run group by group)."""
+        first = self.gid[pos[0]]
+        if first == self.gid[pos[-1]]:
+            return [per_group[first]] * len(pos)
+        return [per_group[self.gid[i]] for i in pos]
+
     def per_group(self, per_tensor: Dict[int, float]) -> List[float]:
+        if self.n_groups == 1:  # the same additions in the same order, in C
+            return [sum(per_tensor.values(), 0.0)]
         sums = [0.0] * self.n_groups
         for i, v in per_tensor.items():
             sums[self.gid[i]] += v
@@ -224,6 +244,8 @@ class LineSearchOptimizer(Optimizer):
         return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group)
 
     def _check_inputs(self) -> None:
+        if step_plan.line_search_checked(self):  # parameters checked when the plan was built, gradients now
+            return
         for group in self.param_groups:
             C.check_params(self._name, group["params"])
             sharding.check(self._name, group["params"])
@@ -245,7 +267,7 @@ class LineSearchOptimizer(Optimizer):
         for _device, _g, lists, pos, _n in t.buckets(["grads"]):
             low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
             norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
-            parts.append((pos, torch.stack([n.float() for n in norms])))
+            parts.append((pos, torch.stack(norms).float()))  # one stack, one cast (not one per tensor)
         return DeviceSums(t, parts)
 
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
@@ -262,19 +284,19 @@ class LineSearchOptimizer(Optimizer):
     def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads"], gids=list(etas)):
             impl = C.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_trial_sgd(*lists, [etas[t.gid[i]] for i in pos])
+            impl.ls_trial_sgd(*lists, t.per_tensor(etas, pos))
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
             impl = C.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_trial_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
+            impl.ls_trial_adam(*lists, t.per_tensor(etas, pos), eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 
     def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
             impl = C.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_final_adam(*lists, [etas[t.gid[i]] for i in pos], eps=g["eps"], bias_correction1=bc1,
+            impl.ls_final_adam(*lists, t.per_tensor(etas, pos), eps=g["eps"], bias_correction1=bc1,
                                bias_correction2_sqrt=bc2_sqrt)
 
     # --------------------------------------------------------- the search
@@ -387,7 +409,7 @@ class DeviceSums:
         return self.per_group
 
     def all_finite(self) -> bool:
-        return all(math.isfinite(v) for v in self.per_tensor.values())
+        return all(map(math.isfinite, self.per_tensor.values()))
 
 
 def read_trial(f1: Tensor, pending: DeviceSums) -> float:

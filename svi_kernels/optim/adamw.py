@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from . import _common as C
 from . import plain_step
+from . import step_plan
 from . import torch_flags as F
 
 
@@ -93,13 +94,18 @@ class AdamW(Optimizer):
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss, kinds = C.closure_then_check("AdamW", closure, self.param_groups, complex_ok=True)
+        loss = C.closure_then_check("AdamW", closure, [])[0]
+        step_plan.step(self, self._general_step, decoupled=True)  # built once, reused while nothing changes
+        return loss
+
+    def _general_step(self, groups) -> None:
+        """Every check, the state of new parameters, and any path (AMP, capturable, masters, complex...)."""
+        _, kinds = C.closure_then_check("AdamW", None, groups, complex_ok=True)
         grad_scale, found_inf = C.amp_attributes(self)
-        for group, (has_complex, _) in zip(self.param_groups, kinds):
+        for group, (has_complex, _) in zip(groups, kinds):
             adam_group_step(self.state, group, tensor_path=C.use_tensor_path(group, grad_scale, found_inf),
                             grad_scale=grad_scale, found_inf=found_inf, correct_bias=group["correct_bias"],
                             decoupled=True, has_complex=has_complex)
-        return loss
 
 
 def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Optional[Tensor],

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from . import _common as C
 from . import plain_step
 from . import torch_flags as F
+from . import step_plan
 from .adamw import adam_group_step
 
 
@@ -92,10 +93,16 @@ class SVI(Optimizer):
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss, kinds = C.closure_then_check("SVI", closure, self.param_groups, complex_ok=True,
-                                           sparse_ok=lambda group: group["base"] == "sgd")
+        loss = C.closure_then_check("SVI", closure, [])[0]
+        step_plan.step(self, self._general_step, decoupled=False)  # built once, reused while nothing changes
+        return loss
+
+    def _general_step(self, groups) -> None:
+        """Every check, the state of new parameters, and any path (AMP, capturable, masters, sparse...)."""
+        _, kinds = C.closure_then_check("SVI", None, groups, complex_ok=True,
+                                        sparse_ok=lambda group: group["base"] == "sgd")
         grad_scale, found_inf = C.amp_attributes(self)
-        for group, (has_complex, has_sparse) in zip(self.param_groups, kinds):
+        for group, (has_complex, has_sparse) in zip(groups, kinds):
             tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
             if group["base"] == "adam":
                 adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
@@ -104,7 +111,6 @@ class SVI(Optimizer):
                 self._plain_sgd_group_step(group)
             else:
                 self._sgd_group_step(group, tensor_path, grad_scale, found_inf, has_complex)
-        return loss
 
     def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf, has_complex: bool) -> None:
         owners = [p for p in group["params"] if p.grad is not None]

@@ -1,0 +1,323 @@
+"""The step plan: what a step needs besides the gradients, built once per param group and reused.
+
+A step over 10,000 small tensors is host work: building lists, reading state dicts, checking and
+bucketing every tensor costs microseconds per tensor, far more than the bytes. The plan holds what
+does not change from step to step (the parameters, or their local shards under FSDP2, see
+sharding.py; the state tensors; the bucket and its backend; the step count), so a step costs one
+pass over ``p.grad`` (new tensors every step under ``zero_grad(set_to_none=True)``) plus the
+launches. One class for every optimizer (``GroupPlan``); what differs is which state it gathers.
+
+A plan fits while the group holds the same parameter objects, the same of them have gradients,
+``optimizer.state`` is the same dict (``load_state_dict`` replaces it) and nothing selects another
+path (master weights, capturable/AMP, differentiable, torch.compile). It is built only for the plain
+case: one (device, dtype) bucket of contiguous real tensors whose state exists (from the second
+step on), on the compiled backend. Everything else runs the general path, as before.
+
+The per-tensor checks of the gradients run in the C++ op, over the whole list and before it writes
+anything. When one fails (a gradient that became sparse, non-contiguous, of another dtype or device),
+nothing has changed yet: the plan is dropped and the general path runs the step, raising the same
+error or taking the slower route as it always did.
+"""
+from __future__ import annotations
+
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _common as C
+from . import sharding
+
+_NO_PLAN = "no plan"  # a group that does not qualify (until its state or flags change)
+ENABLED = True  # False: every step takes the general path (the tests compare the two)
+
+
+class GroupPlan:
+    """The tensors of some param groups' steps (one group for AdamW/SVI, all of them for a line search),
+    with what makes them still valid."""
+
+    def __init__(self, opt, groups: List[dict], owners: List[Tensor]):
+        self.param_lists = [g["params"] for g in groups]
+        self.param_ids = [p for g in groups for p in g["params"]]  # the objects, compared by identity
+        self.state = opt.state
+        self.flags = [_flags(g) for g in groups]
+        self.mask = [p.grad is not None for p in self.param_ids]
+        self.all_have_grads = all(self.mask)
+        self.dtypes = [p.dtype for p in owners]
+        self.owners = owners
+        # FSDP2: gradients to local shards, by attribute when every parameter is a DTensor
+        self.to_local = None
+        if sharding.any_sharded(owners):
+            self.to_local = (_LOCAL if all(map(sharding.is_sharded, owners)) else sharding.local)
+        self.params = [sharding.local(p) for p in owners]
+        self.lists: Dict[str, List[Tensor]] = {}
+        self.impl = None
+        self.step = 0.0
+        self.bump_steps = C.next_step_values  # step counters += 1
+        self.template = None  # a line search's StepTensors fields (all but the gradients)
+        self.step_grads: Optional[List[Tensor]] = None  # this step's gradients, once checked
+
+    def fits(self, opt, groups: List[dict]) -> bool:
+        if len(groups) != len(self.param_lists) or opt.state is not self.state:
+            return False
+        for g, params, flags in zip(groups, self.param_lists, self.flags):
+            if g["params"] is not params or _flags(g) != flags:
+                return False
+        params = self.param_ids
+        current = groups[0]["params"] if len(groups) == 1 else list(chain.from_iterable(g["params"] for g in groups))
+        return len(current) == len(params) and all(map(is_, current, params))
+
+    def grads(self, groups: List[dict], raw: Optional[List[Optional[Tensor]]] = None) -> Optional[List[Tensor]]:
+        """This step's gradients (local shards) in plan order; None when another set of parameters has them.
+        ``raw``: every parameter's ``.grad``, when the caller has them already."""
+        grads = raw if raw is not None else [p.grad for g in groups for p in g["params"]]
+        if self.all_have_grads:
+            if any(map(is_, grads, repeat(None))):
+                return None
+        else:
+            if [g is not None for g in grads] != self.mask:
+                return None
+            grads = list(compress(grads, self.mask))
+        return list(map(self.to_local, grads)) if self.to_local is not None else grads
+
+    def grads_pass_checks(self, grads: List[Tensor]) -> bool:
+        """What check_params asks of gradients, over the whole list: dense, contiguous, the parameter's dtype."""
+        return (list(map(_DTYPE, grads)) == self.dtypes and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+                and all(map(Tensor.is_contiguous, grads)))
+
+
+_DTYPE, _LAYOUT, _LOCAL = attrgetter("dtype"), attrgetter("layout"), attrgetter("_local_tensor")
+
+
+def _flags(group: dict) -> tuple:
+    """The group settings that choose the path, the state a plan holds or how launches are bucketed."""
+    return (group.get("master_weights"), group.get("differentiable"), group.get("capturable"), group.get("amsgrad"),
+            group.get("backend"), group.get("base"), group.get("betas"), group.get("eps"))
+
+
+def _plans(opt) -> dict:
+    plans = opt.__dict__.get("_step_plans")
+    if plans is None:
+        plans = opt.__dict__["_step_plans"] = {}
+    return plans
+
+
+def plan_for(opt, key: tuple, group: dict, build) -> Optional[GroupPlan]:
+    """The valid plan of ``key`` = (group index, kind), built by ``build(opt, group)`` (None: general path)
+    when needed."""
+    if not ENABLED:
+        return None
+    plans = _plans(opt)
+    entry = plans.get(key)
+    if isinstance(entry, GroupPlan) and entry.fits(opt, [group]):
+        return entry
+    # A group that did not qualify is tried again only once its state has grown (e.g. after its first step).
+    if entry == _mark(opt, group):
+        return None
+    plan = build(opt, group)
+    plans[key] = plan if plan is not None else _mark(opt, group)
+    return plan
+
+
+def _mark(opt, group: dict) -> tuple:
+    return (_NO_PLAN, id(group["params"]), len(opt.state))
+
+
+def drop(opt, key: tuple, group: dict) -> None:
+    """The plan does not fit this step: the group takes the general path until its state grows."""
+    _plans(opt)[key] = _mark(opt, group)
+
+
+def _single_compiled_bucket(tensors: List[Tensor], backend) -> Optional[object]:
+    """The compiled backend module when every tensor shares one device and dtype, is real, floating and
+    contiguous; else None."""
+    if not tensors:
+        return None
+    t0 = tensors[0]
+    device, dtype = t0.device, t0.dtype
+    if dtype.is_complex or not dtype.is_floating_point:
+        return None
+    for t in tensors:
+        if t.device != device or t.dtype is not dtype or not t.is_contiguous():
+            return None
+    if C._backends.resolve(backend, device) not in ("cpu", "cuda"):
+        return None
+    return C._backends.get(C._backends.resolve(backend, device))
+
+
+def _owners(group: dict) -> List[Tensor]:
+    return [p for p in group["params"] if p.grad is not None]
+
+
+def _host_step(states, owners) -> Optional[float]:
+    """The common step count of the float path (host tensors, all equal), or None."""
+    steps = [st.get("step") for st in states]
+    if any(not isinstance(s, Tensor) or s.device.type != "cpu" or s.numel() != 1 for s in steps):
+        return None
+    values = [float(s) for s in steps]
+    return values[0] if values.count(values[0]) == len(values) else None
+
+
+# ---------------------------------------------------------------------------------- AdamW / SVI
+def build_adam(opt, group: dict) -> Optional[GroupPlan]:
+    if group["master_weights"] or group.get("differentiable") or group.get("capturable"):
+        return None
+    owners = _owners(group)
+    states = [opt.state.get(p) for p in owners]
+    keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+    if not owners or any(st is None or "master_param" in st or not all(k in st for k in keys) for st in states):
+        return None
+    plan = GroupPlan(opt, [group], owners)
+    for k in keys[1:]:
+        plan.lists[k] = [sharding.local(st[k]) for st in states]
+    plan.lists["step"] = [st["step"] for st in states]
+    step = _host_step(states, owners)
+    if step is not None and C._host_counters(plan.lists["step"]):  # checked once: one extension call per step
+        plan.bump_steps = C._compiled.increment_steps
+    impl = _single_compiled_bucket(plan.params + [t for k in keys[1:] for t in plan.lists[k]], group["backend"])
+    if step is None or impl is None:
+        return None
+    plan.impl, plan.step = impl, step
+    return plan
+
+
+def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: bool) -> bool:
+    from .adamw import adam_scalars
+    beta1, beta2 = group["betas"]
+    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
+    step = plan.step + 1.0
+    bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, group.get("correct_bias", True))
+    extra = {"max_exp_avg_sqs": plan.lists["max_exp_avg_sq"]} if "max_exp_avg_sq" in plan.lists else {}
+    try:
+        plan.impl.adam_step(plan.params, grads, plan.lists["exp_avg"], plan.lists["exp_avg_sq"], **extra,
+                            lr=C.as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                            weight_decay=float(group["weight_decay"]), decoupled=decoupled,
+                            bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=group["maximize"])
+    except RuntimeError:  # the op's checks refused a gradient before writing: the general path decides
+        return False
+    plan.bump_steps(plan.lists["step"])
+    plan.step = step
+    return True
+
+
+def build_sgd(opt, group: dict) -> Optional[GroupPlan]:
+    if group["master_weights"] or group.get("differentiable") or group.get("capturable"):
+        return None
+    owners = _owners(group)
+    states = [opt.state.get(p) for p in owners]
+    if not owners or any(st is None or "master_param" in st or st.get("momentum_buffer") is None for st in states):
+        return None
+    plan = GroupPlan(opt, [group], owners)
+    plan.lists["momentum_buffer"] = [sharding.local(st["momentum_buffer"]) for st in states]
+    plan.impl = _single_compiled_bucket(plan.params + plan.lists["momentum_buffer"], group["backend"])
+    return plan if plan.impl is not None else None
+
+
+def _sgd_launch(plan: GroupPlan, group: dict, grads: List[Tensor]) -> bool:
+    momentum = C.as_float(group["momentum"], "momentum")
+    dampening = C.as_float(group.get("dampening", 0.0), "dampening") if momentum != 0.0 else 0.0
+    try:
+        plan.impl.sgd_momentum_step(plan.params, grads, plan.lists["momentum_buffer"], lr=C.as_float(group["lr"], "lr"),
+                                    momentum=momentum, nesterov=bool(group["nesterov"]),
+                                    weight_decay=C.as_float(group["weight_decay"], "weight_decay"),
+                                    maximize=group["maximize"], **({"dampening": dampening} if dampening else {}))
+    except RuntimeError:
+        return False
+    return True
+
+
+# kind -> (build, launch(plan, group, grads)); SVI picks per group by its base.
+def _kind(opt, group: dict) -> str:
+    return "sgd" if group.get("base") == "sgd" else "adam"
+
+
+def step(opt, general, *, decoupled: bool) -> None:
+    """Step every param group: through their plans when all groups have one (the checks they need were
+    made when they were built, and the gradients' in the C++ op), else ``general(groups)`` for all of
+    them (its checks run before it changes anything). If an op refuses group k's gradients, groups
+    before it have stepped; ``general`` then runs groups k.. (and raises the error it finds)."""
+    groups = opt.param_groups
+    ready = []
+    if fast_path_allowed(opt):
+        for gi, group in enumerate(groups):
+            kind = _kind(opt, group)
+            plan = plan_for(opt, (gi, kind), group, build_sgd if kind == "sgd" else build_adam)
+            grads = plan.grads([group]) if plan is not None else None
+            if grads is None:
+                if plan is not None:
+                    drop(opt, (gi, kind), group)
+                ready = None
+                break
+            ready.append((gi, kind, plan, grads))
+    if not ready:
+        general(groups)
+        return
+    for k, (gi, kind, plan, grads) in enumerate(ready):
+        group = groups[gi]
+        done = _sgd_launch(plan, group, grads) if kind == "sgd" else _adam_launch(plan, group, grads, decoupled)
+        if not done:
+            drop(opt, (gi, kind), group)
+            general(groups[k:])
+            return
+
+
+def fast_path_allowed(opt) -> bool:
+    """No AMP scaler attributes and no tracing: the plan covers the float path only."""
+    grad_scale, found_inf = C.amp_attributes(opt)
+    return grad_scale is None and found_inf is None and not torch.compiler.is_compiling()
+
+
+# ------------------------------------------------------------------------------- line searches
+# One plan over all param groups: StepTensors' lists but the gradients (``template``), kept from the
+# last step that built them, and the checks both _check_inputs calls make.
+def _ls_plan(opt) -> Optional[GroupPlan]:
+    plan = _plans(opt).get("ls")
+    return plan if ENABLED and isinstance(plan, GroupPlan) and plan.fits(opt, opt.param_groups) else None
+
+
+def line_search_checked(opt) -> bool:
+    """True when the plan vouches for the parameters and this step's gradients (none yet, before the
+    first evaluation; else the plan's set, passing grads_pass_checks); then check_params is not needed."""
+    plan = _ls_plan(opt)
+    if plan is None:
+        return False
+    raw = [p.grad for g in opt.param_groups for p in g["params"]]
+    if all(map(is_, raw, repeat(None))):
+        plan.step_grads = None
+        return True
+    grads = plan.grads(opt.param_groups, raw)
+    if grads is None or not plan.grads_pass_checks(grads):
+        plan.step_grads = None
+        return False
+    plan.step_grads = grads
+    return True
+
+
+def line_search_tensors(opt, with_moments: bool) -> Optional[dict]:
+    """StepTensors' fields for this step from the plan (the gradients checked by line_search_checked), or None."""
+    plan = _ls_plan(opt)
+    if plan is None or plan.template is None or plan.template["with_moments"] != with_moments:
+        return None
+    grads, plan.step_grads = plan.step_grads, None
+    if grads is None:
+        grads = plan.grads(opt.param_groups)
+        if grads is None or not plan.grads_pass_checks(grads):
+            return None
+    fields = dict(plan.template)
+    fields["grads"] = grads
+    return fields
+
+
+def keep_line_search_tensors(opt, t, owners: List[Tensor], with_moments: bool) -> None:
+    """After StepTensors was built the long way: keep it as the plan when everything is contiguous
+    (then a later step's gradients only need grads_pass_checks)."""
+    if not all(t.contiguous):
+        _plans(opt).pop("ls", None)
+        return
+    plan = GroupPlan(opt, opt.param_groups, owners)
+    fields = {k: v for k, v in vars(t).items() if k != "grads"}
+    fields["with_moments"] = with_moments
+    plan.template = fields
+    _plans(opt)["ls"] = plan
