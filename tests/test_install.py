@@ -84,4 +84,4 @@ def test_cache_dir_keyed_by_torch_flavour_and_sources(monkeypatch, tmp_path):
     assert jit.build_dir(csrc, False) != cpu
     monkeypatch.delenv("SVI_KERNELS_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert jit.cache_root() == str(tmp_path / "xdg" / "svi_kernels")
+    assert jit.cache_root() == str(tmp_path / "xdg" / "svi_kernels" / "extensions")

@@ -8,8 +8,8 @@ a cache directory keyed by torch version, CPU/CUDA flavour, Python version and a
 sources; later processes import the cached library without building.
 
 Environment:
-- ``SVI_KERNELS_CACHE_DIR``: the cache root (default ``$XDG_CACHE_HOME/svi_kernels``, else
-  ``~/.cache/svi_kernels``);
+- ``SVI_KERNELS_CACHE_DIR``: where the builds go (default ``$XDG_CACHE_HOME/svi_kernels/extensions``,
+  else ``~/.cache/svi_kernels/extensions``);
 - ``SVI_KERNELS_NO_JIT=1``: never compile here; a library already in the cache is still used
   (without one, the ``cpu``/``cuda`` backends report why they are unavailable, and ``backend=None``
   warns that it uses ``reference``);
@@ -53,7 +53,7 @@ def cache_root() -> str:
     if os.environ.get("SVI_KERNELS_CACHE_DIR"):
         return os.environ["SVI_KERNELS_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "svi_kernels")
+    return os.path.join(base, "svi_kernels", "extensions")  # svi_kernels/ also holds svi-finetune's data
 
 
 def _want_cuda() -> bool:
