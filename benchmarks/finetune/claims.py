@@ -137,7 +137,7 @@ def stability_settings(p: dict) -> List[Setting]:
 
 
 # claim 4 arms: BERT's recipe (as in the brief: no bias correction, 3 epochs, no warm-up), then each change
-STABILIZER_ARMS = ("bert-default", "mosbach", "mmr", "mhloss", "surt", "svi", "linesearch")
+STABILIZER_ARMS = ("bert-default", "mosbach", "mmr", "mhloss", "surt", "svi", "linesearch", "bias-corrected")
 
 
 def stabilizers_settings(p: dict, arms: Optional[List[str]] = None) -> List[Setting]:
@@ -145,8 +145,10 @@ def stabilizers_settings(p: dict, arms: Optional[List[str]] = None) -> List[Sett
 
     bert-default: AdamW without bias correction, ``few_epochs``, no warm-up, linear decay, eps 1e-6,
     wd 0.01, clip 1.0, batch 16. mosbach: bias correction, 10% warm-up, ``many_epochs``. mmr / mhloss /
-    surt: bert-default plus one stabilizer. svi: SVI(base="adam") with bert-default's recipe. linesearch:
-    ADAMSLS (paper constants, no schedule), ``few_epochs``. Every arm runs at the setting's one rate.
+    surt: bert-default plus one stabilizer. svi: SVI(base="adam") with bert-default's recipe (its Adam
+    has bias correction). linesearch: ADAMSLS (paper constants, no schedule), ``few_epochs``.
+    bias-corrected: bert-default with bias correction only (the control for svi and mosbach).
+    Every arm runs at the setting's one rate.
     """
     default = dict(schedule="linear", warmup=0.0, weight_decay=0.01, eps=1e-6, grad_clip=1.0, epochs=p["few_epochs"])
     table = {
@@ -157,6 +159,7 @@ def stabilizers_settings(p: dict, arms: Optional[List[str]] = None) -> List[Sett
         "surt": ("adamw-nobc", dict(default, surt_steps=p["surt_steps"], surt_lr=p["surt_lr"])),
         "svi": ("svi-adam", default),
         "linesearch": ("adamsls", dict(epochs=p["few_epochs"])),
+        "bias-corrected": ("adamw", default),
     }
     chosen = arms or list(STABILIZER_ARMS)
     out = [Arm(label, table[label][0], [p["lr"]], dict(table[label][1])) for label in chosen]

@@ -148,7 +148,9 @@ def plot_box(summary: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["settings"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(max(4.5, 3.2 * len(rows)), 3.0), squeeze=False)
+    most = max(len(entry["arms"]) for entry in rows)  # many arms (claim 4 has 8): a wider panel
+    fig, axes = plt.subplots(1, len(rows), figsize=(max(4.5, 3.2 * len(rows), 0.9 * most * len(rows)), 3.0),
+                             squeeze=False)
     for ax, entry in zip(axes[0], rows):
         labels = list(entry["arms"])
         data = [[r["final_val_acc"] for r in entry["arms"][l]["results"]] for l in labels]
