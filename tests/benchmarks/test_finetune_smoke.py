@@ -51,7 +51,9 @@ def _check_claim(out, claim, arms):
 
 @pytest.mark.parametrize("claim,arms", [("svi", {"sgd", "svi"}),
                                         ("linesearch", {"adam", "adamsls", "plasls"}),
-                                        ("stability", {"bert-default", "stable"})])
+                                        ("stability", {"bert-default", "stable"}),
+                                        ("stabilizers", {"bert-default", "mosbach", "bias-corrected", "mmr",
+                                                         "mhloss", "surt", "svi", "linesearch"})])
 def test_claim_end_to_end(tmp_path, claim, arms):
     assert cli.main([claim, "--out", str(tmp_path)] + COMMON) == 0
     summary, stats, md = _check_claim(tmp_path, claim, arms)
@@ -59,7 +61,7 @@ def test_claim_end_to_end(tmp_path, claim, arms):
     if claim == "linesearch":
         ls = [a for s in stats.values() for n, a in s["arms"].items() if n != "adam"]
         assert all(a["forwards_per_step"] >= 2.0 for a in ls)  # line search: >= 1 trial forward per step
-    if claim == "stability":
+    if claim in ("stability", "stabilizers"):
         assert "failed (≤ majority)" in md
         # the report can be rebuilt from the JSON files alone
         (tmp_path / "report.md").unlink()
