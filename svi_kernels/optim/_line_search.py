@@ -262,13 +262,10 @@ class LineSearchOptimizer(Optimizer):
         return DeviceSums(t, parts)
 
     def _grad_norms(self, t: StepTensors) -> "DeviceSums":
-        """Per-tensor gradient norms (Adam variants check them before touching their moments)."""
-        parts = []
-        for _device, _g, lists, pos, _n in t.buckets(["grads"]):
-            low = lists[0][0].dtype in (torch.float16, torch.bfloat16)
-            norms = torch._foreach_norm(lists[0], 2.0, dtype=torch.float32) if low else torch._foreach_norm(lists[0])
-            parts.append((pos, torch.stack(norms).float()))  # one stack, one cast (not one per tensor)
-        return DeviceSums(t, parts)
+        """Per-tensor sums of g^2 (the Adam variants check them finite before touching their moments):
+        the fused save phase of ArmijoSGD, one list op (it also writes w0 <- p, which the Adam save
+        phase writes again), instead of torch._foreach_norm's 0-d tensor per parameter and a stack."""
+        return self._save_sgd(t)
 
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
         """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
@@ -344,41 +341,26 @@ class LineSearchOptimizer(Optimizer):
 
     def _skip_sgd(self, etas: Sequence[float]) -> None:
         """A skipped step along -g: p <- p - eta * g, one foreach launch per (group, device, dtype)."""
-        for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            for _key, (lists, _idx) in C.group_by([params, grads]).items():
-                torch._foreach_add_(lists[0], lists[1], alpha=-etas[gi])
+        t = StepTensors(self, with_moments=False)  # the step plan's lists (step_plan.py)
+        for gi in range(len(self.param_groups)):
+            for _device, _g, (params, grads), _pos, _n in t.buckets(["params", "grads"], gids=[gi]):
+                torch._foreach_add_(params, grads, alpha=-etas[gi])
 
     def _skip_adam(self, etas: Sequence[float], step: float, decays: Optional[Sequence[float]] = None) -> None:
         """A skipped step along the Adam direction with the moments updated:
         p <- p * decay - eta * m_hat / (sqrt(v_hat) + eps), bias corrections at ``step``. One fused
         ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step.
         ``decays`` (per group, default 1) is the decoupled weight-decay factor."""
+        t = StepTensors(self, with_moments=True)  # the step plan's lists (step_plan.py)
         for gi, group in enumerate(self.param_groups):
-            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-            if not params:
-                continue
             beta1, beta2 = group["betas"]
             bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
             eta = float(etas[gi])
             # adam_step's decoupled decay is 1 - lr * weight_decay: express the wanted factor through it.
             wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
-            for (device, _dtype), (lists, _idx) in C.group_by([params, grads, exp_avgs, exp_avg_sqs]).items():
-                impl = C.backend_for(group["backend"], device, lists)
+            for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
+                                                              gids=[gi]):
+                impl = C.backend_for(g["backend"], device, lists, n_check)
                 impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
                                decoupled=True, bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt)
 

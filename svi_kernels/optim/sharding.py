@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from itertools import repeat
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +43,7 @@ def local(t: Tensor) -> Tensor:
 
 
 def any_sharded(tensors: Sequence[Tensor]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    return DTensor is not None and any(map(isinstance, tensors, repeat(DTensor)))
 
 
 def local_lists(tensor_lists: Sequence[Sequence[Tensor]]) -> List[List[Tensor]]:
