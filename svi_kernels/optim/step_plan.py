@@ -54,7 +54,6 @@ class GroupPlan:
         self.params = [sharding.local(p) for p in owners]
         self.lists: Dict[str, List[Tensor]] = {}
         self.impl = None
-        self.step = 0.0
         self.bump_steps = C.next_step_values  # step counters += 1
         self.template = None  # a line search's StepTensors fields (all but the gradients)
         self.step_grads: Optional[List[Tensor]] = None  # this step's gradients, once checked
@@ -151,13 +150,10 @@ def _owners(group: dict) -> List[Tensor]:
     return [p for p in group["params"] if p.grad is not None]
 
 
-def _host_step(states, owners) -> Optional[float]:
-    """The common step count of the float path (host tensors, all equal), or None."""
-    steps = [st.get("step") for st in states]
-    if any(not isinstance(s, Tensor) or s.device.type != "cpu" or s.numel() != 1 for s in steps):
-        return None
-    values = [float(s) for s in steps]
-    return values[0] if values.count(values[0]) == len(values) else None
+def _host_steps(states) -> bool:
+    """The float path's step counters: one-element host tensors."""
+    return all(isinstance(s, Tensor) and s.device.type == "cpu" and s.numel() == 1
+               for s in (st.get("step") for st in states))
 
 
 # ---------------------------------------------------------------------------------- AdamW / SVI
@@ -173,21 +169,24 @@ def build_adam(opt, group: dict) -> Optional[GroupPlan]:
     for k in keys[1:]:
         plan.lists[k] = [sharding.local(st[k]) for st in states]
     plan.lists["step"] = [st["step"] for st in states]
-    step = _host_step(states, owners)
-    if step is not None and C._host_counters(plan.lists["step"]):  # checked once: one extension call per step
-        plan.bump_steps = C._compiled.increment_steps
-    impl = _single_compiled_bucket(plan.params + [t for k in keys[1:] for t in plan.lists[k]], group["backend"])
-    if step is None or impl is None:
+    if not _host_steps(states):
         return None
-    plan.impl, plan.step = impl, step
-    return plan
+    if C._host_counters(plan.lists["step"]):  # checked once: one extension call per step
+        plan.bump_steps = C._compiled.increment_steps
+    plan.impl = _single_compiled_bucket(plan.params + [t for k in keys[1:] for t in plan.lists[k]], group["backend"])
+    return plan if plan.impl is not None else None
 
 
 def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: bool) -> bool:
     from .adamw import adam_scalars
     beta1, beta2 = group["betas"]
     beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
-    step = plan.step + 1.0
+    steps = plan.lists["step"]
+    values = plan.bump_steps(steps)  # += 1 first: the counters themselves give the bias corrections
+    step = values[0]
+    if values.count(step) != len(values):  # counters that differ (set by hand?): one launch per value
+        torch._foreach_sub_(steps, 1.0)
+        return False
     bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, group.get("correct_bias", True))
     extra = {"max_exp_avg_sqs": plan.lists["max_exp_avg_sq"]} if "max_exp_avg_sq" in plan.lists else {}
     try:
@@ -196,9 +195,8 @@ def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: b
                             weight_decay=float(group["weight_decay"]), decoupled=decoupled,
                             bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=group["maximize"])
     except RuntimeError:  # the op's checks refused a gradient before writing: the general path decides
+        torch._foreach_sub_(steps, 1.0)  # exact: integer counts
         return False
-    plan.bump_steps(plan.lists["step"])
-    plan.step = step
     return True
 
 

@@ -143,3 +143,20 @@ def test_a_sparse_gradient_raises_before_any_change(name):
     _same(model, type("M", (), {"parameters": lambda self: iter(before)})())
     for k, v in state.items():
         assert torch.equal(opt.state[model[0].weight][k], v)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SVI-adam"])
+def test_a_step_on_the_general_path_leaves_the_plans_right(name):
+    # Step 3: a parameter of the second group has no gradient, so the whole step takes the general path
+    # (which counts the first group's steps too); from step 4 on the plans serve again.
+    def change(step, model, opt):
+        if step == 0:
+            params = list(model.parameters())
+            opt.param_groups[0]["params"] = params[:4]
+            opt.add_param_group({"params": params[4:]})
+        if step in (3, 4):
+            model[4].bias.requires_grad_(step == 4)
+
+    general, _ = _train(name, 7, plans=False, change=change)
+    planned, _ = _train(name, 7, plans=True, change=change)
+    _same(general, planned)
