@@ -66,7 +66,10 @@ class GroupPlan:
                 return False
         params = self.param_ids
         current = groups[0]["params"] if len(groups) == 1 else list(chain.from_iterable(g["params"] for g in groups))
-        return len(current) == len(params) and all(map(is_, current, params))
+        if len(current) != len(params) or not all(map(is_, current, params)):
+            return False
+        # FSDP2 may give a DTensor a new local tensor (after loading a model state dict, for one).
+        return self.to_local is None or all(map(is_, map(sharding.local, self.owners), self.params))
 
     def grads(self, groups: List[dict], raw: Optional[List[Optional[Tensor]]] = None) -> Optional[List[Tensor]]:
         """This step's gradients (local shards) in plan order; None when another set of parameters has them.

@@ -158,7 +158,8 @@ def _local_state(opt) -> list:
 
 
 def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) -> dict:
-    """Save with DCP after 2 steps and go on; load into a fresh model and optimizer and go on: same bits."""
+    """Save with DCP after 2 steps and go on; load into a fresh model and optimizer and go on: same bits.
+    Then load it back into the first model and optimizer and go on again: the same bits once more."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"{name}-{backend}")
@@ -182,7 +183,15 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     s1, s2 = _local_state(opt), _local_state(opt2)
     same_state = len(s1) == len(s2) and all(
         a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(s1, s2))
+    # Roll the trained model and optimizer back to the checkpoint (their step plans were built) and go on.
+    sd = _dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    train(model, opt, name, range(2, N_STEPS), rank, world)
+    rolled_back = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
     return {"same_params": same_params, "same_state": same_state, "ls_loaded_step": (ls_loaded or {}).get("step"),
+            "rolled_back": rolled_back,
             "ls": (copy.deepcopy(opt.ls_state), copy.deepcopy(opt2.ls_state)) if name in LINE_SEARCH else None}
 
 

@@ -75,6 +75,7 @@ def test_dcp_resume_is_bit_identical(two, name):
     for rec in _ranks(two, ("dcp", name)):
         assert rec["same_params"], "parameters after resuming differ from the uninterrupted run"
         assert rec["same_state"], "optimizer state after resuming differs from the uninterrupted run"
+        assert rec["rolled_back"], "rolling the trained model and optimizer back to the checkpoint gave other bits"
         if name in J.LINE_SEARCH:
             uninterrupted, resumed = rec["ls"]
             assert rec["ls_loaded_step"] == 2 and uninterrupted == resumed
