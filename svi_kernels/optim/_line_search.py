@@ -48,6 +48,16 @@ def check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gam
         raise ValueError(f"Invalid max_backtracks: {max_backtracks} (must be >= 1)")
 
 
+def group_runs(gid: List[int]) -> List[tuple]:
+    """(group, start, end) of each run of equal group indices (StepTensors' positions go group by group)."""
+    runs, start = [], 0
+    for i in range(1, len(gid) + 1):
+        if i == len(gid) or gid[i] != gid[start]:
+            runs.append((gid[start], start, i))
+            start = i
+    return runs
+
+
 class StepTensors:
     """The tensors with gradients of some param groups for one step, with their group index."""
 
@@ -79,6 +89,7 @@ class StepTensors:
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
         # Sharded parameters: the reductions are summed over the shards before anyone decides.
         self.shards = sharding.shard_sums(opt._name, owners, opt.process_group)
+        self._runs = group_runs(self.gid)
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
         launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
@@ -130,6 +141,11 @@ class StepTensors:
         if self.n_groups == 1:  # the same additions in the same order, in C
             return [sum(per_tensor.values(), 0.0)]
         sums = [0.0] * self.n_groups
+        values = list(per_tensor.values())
+        if len(values) == len(self.gid) and list(per_tensor) == list(range(len(values))):
+            for gi, start, end in self._runs:  # positions in order: each group's run, summed in C
+                sums[gi] = sum(values[start:end], 0.0)
+            return sums
         for i, v in per_tensor.items():
             sums[self.gid[i]] += v
         return sums
