@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import svi_autograd as sa
 from . import svi_detect as sd
+from .optim import sharding
 
 _PENDING = weakref.WeakKeyDictionary()  # model -> handle still waiting for its first forward
 _MAX_PENDING = 8  # outputs of one Linear waiting for their activation (bounded: a path that never taps)
@@ -130,7 +131,9 @@ class SVIHandle:
         model = self._model
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
         obs = self._observer_for()
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # fresh_gathers: a forward without backward leaves an FSDP2 root (or reshard_after_forward=False
+        # module) holding its gathered parameters, which training would then use instead of the updated shards.
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), sharding.fresh_gathers(True):
             obs.start()
             try:
                 model(*args, **kwargs)
@@ -294,7 +297,9 @@ def attach(model: nn.Module, example_inputs=None, *, example_kwargs: Optional[di
     - neither: the model's first forward is watched. That step already carries the field (its Linears run
       the SVI backward, decided when the forward ends); ``handle.layers`` is empty until then. Call it
       eagerly: under ``torch.compile`` the first forward raises (pass ``example_inputs`` instead).
-    Only layers that the watched forward runs are found. Returns a handle listing the changed layers;
+    Only layers that the watched forward runs are found. FSDP2 models (attach before or after ``fully_shard``)
+    give the unsharded model's layers; the ``example_inputs`` forward reshards the FSDP modules it called.
+    Returns a handle listing the changed layers;
     ``handle.remove()`` undoes everything. Warns when it finds none.
     """
     if model in _PENDING:

@@ -5,7 +5,9 @@ of a candidate Linear (``nn.Linear`` or HF ``Conv1D``, registered in the model) 
 use of it is recorded: a call of a registered activation module, a call of an activation function
 (``F.gelu``, ``torch.tanh``, ...; also the one inside an activation module created in ``forward``), or
 anything else (a view, a norm, dropout, a product, another Linear...). Metadata reads (``.shape``,
-``.dtype``...) are not uses. A Linear is a pair when every one of its calls had exactly one use, an
+``.dtype``, ``._base``...) and calls that return no tensor (``register_hook``, ``.tolist()``: nothing they
+compute reaches autograd) are not uses, so FSDP2's hooks on a layer's output (``requires_grad``, ``_base``,
+``register_hook``) leave the layer a pair. A Linear is a pair when every one of its calls had exactly one use, an
 activation, always the same one. While watching, each call already carries the field (``SVILinear`` with
 a ``decided`` token set after the forward), so an observed training forward gives an exact SVI step.
 """
@@ -34,7 +36,8 @@ ACT_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
 _METADATA = {"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point", "is_complex", "ndim",
              "ndimension", "layout", "is_cuda", "__len__", "data_ptr", "element_size", "stride", "is_contiguous",
              "nelement", "requires_grad", "is_leaf", "grad_fn", "names", "storage_offset", "is_sparse",
-             "get_device", "__format__", "__repr__", "is_quantized", "is_meta", "is_nested", "__hash__"}
+             "get_device", "__format__", "__repr__", "is_quantized", "is_meta", "is_nested", "__hash__", "_base",
+             "is_inference", "_version"}
 
 
 def is_activation_module(m: nn.Module) -> bool:
@@ -209,9 +212,11 @@ class Observer(TorchFunctionMode):
         if (func in ACT_FUNCTIONS and first is not None and len(hits) == 1 and not _is_inplace(args, kwargs)):
             first.uses.append(Use("function", func, self._caller()))
             return sa.tap(func(*args, **kwargs), first.carrier)
-        for c in hits:
-            c.uses.append(Use("other", func))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if any(isinstance(t, Tensor) for t in tree_leaves(out)):  # else nothing computed from Z reaches autograd
+            for c in hits:
+                c.uses.append(Use("other", func))
+        return out
 
 
 @dataclass

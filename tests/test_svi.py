@@ -55,6 +55,44 @@ def test_mlp_field_equals_hand_computed():
     torch.testing.assert_close(model[4].bias.grad, ref[4].bias.grad)
 
 
+class _Inspects(nn.Module):
+    """Linear -> GELU, with what FSDP2's hooks do to a layer output in between (read ``requires_grad`` and
+    ``_base``, ``register_hook``) plus ``.tolist()``: none computes a tensor, so the pair stays; ``clone``
+    (when ``copy``) does, so it is not a pair."""
+
+    def __init__(self, copy_z: bool):
+        super().__init__()
+        self.lin, self.act, self.copy_z, self.hooked = nn.Linear(5, 4), nn.GELU(), copy_z, []
+
+    def forward(self, x):
+        z = self.lin(x)
+        if z.requires_grad and z._base is None:
+            z.register_hook(lambda g: self.hooked.append(g.shape))
+        z.tolist()
+        if self.copy_z:
+            z.clone()
+        return self.act(z)
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_calls_returning_no_tensor_are_not_uses(example):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    for copy_z, layers in ((False, ["lin"]), (True, [])):
+        model = _Inspects(copy_z)
+        ref = copy.deepcopy(model)
+        xs, gs, hooks = capture(ref, [("lin", ref.lin, ref.act)])
+        ref(x).pow(2).sum().backward()
+        handle = sk.svi.attach(model, x if example else None, quiet=True)
+        model(x).pow(2).sum().backward()
+        assert handle.layers == layers and model.hooked == [(3, 4)]
+        want = field(xs["lin"], gs["lin"])[0] if layers else ref.lin.weight.grad
+        torch.testing.assert_close(model.lin.weight.grad, want)
+        if layers:
+            assert not torch.allclose(want, ref.lin.weight.grad)
+        handle.remove()
+
+
 def test_lower_layers_get_exact_backprop():
     """Only the layer's own weight gradient changes: gradients flowing down stay exact."""
     ref, model = mlp(), mlp()

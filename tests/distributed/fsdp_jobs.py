@@ -81,32 +81,26 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def attach_svi(model):
-    # With example inputs: attach's detection in the first training forward does not see through
-    # FSDP2's hooks on the layer outputs (it finds no pair there).
-    return sk.svi.attach(model, make_batch(0)[0], quiet=True)
-
-
-def reshard(model) -> None:
-    """After a forward without backward (attach's detection), FSDP2's root keeps its parameters gathered
-    and would not see the optimizer's updates of its shards (so does torch.optim.AdamW): drop them."""
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+def attach_svi(model, example: bool):
+    """``example``: detect now on a batch (a forward without backward: on FSDP2, attach must leave no
+    module holding gathered parameters, or training would read a stale copy); else on the first forward
+    (FSDP2's hooks on the layer outputs must not count as uses)."""
+    return sk.svi.attach(model, make_batch(0)[0] if example else None, quiet=True)
 
 
 def single_process(name: str, backend: str) -> dict:
     """One process on the whole batch: what every sharded run must equal."""
     model = make_model()
-    handle = attach_svi(model) if name == "SVI" else None
+    handle = attach_svi(model, example=False) if name == "SVI" else None
     kw = {} if name in ("AdamW", "SVI") else {"process_group": False}
     opt = make_optimizer(name, model, backend, **kw)
     grads = []
     train(model, opt, name, range(N_STEPS), grads_at=grads)
+    svi_layers = None
     if handle is not None:
+        svi_layers = list(handle.layers)
         handle.remove()
-    return {"params": [full(p) for p in model.parameters()], "grads": grads,
+    return {"params": [full(p) for p in model.parameters()], "grads": grads, "svi_layers": svi_layers,
             "ls": copy.deepcopy(opt.ls_state) if name in LINE_SEARCH else None}
 
 
@@ -119,13 +113,16 @@ def _shard(model, mesh=None, skip=()) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def sharded_run(rank: int, world: int, name: str, backend: str, mesh=None) -> dict:
+def sharded_run(rank: int, world: int, name: str, backend: str, mesh=None, svi: str = "after") -> dict:
+    """``svi`` (SVI only): attach "after" fully_shard (first forward), "before" it, or "example" (after,
+    with example inputs)."""
     model = make_model()
-    _shard(model, mesh, skip=(4,))  # the root owns the last layer: it keeps it gathered after a forward
     handle = None
-    if name == "SVI":  # attach on the sharded model
-        handle = attach_svi(model)
-        reshard(model)
+    if name == "SVI" and svi == "before":
+        handle = attach_svi(model, example=False)
+    _shard(model, mesh, skip=(4,))  # the root owns the last layer: it keeps it gathered after a forward
+    if name == "SVI" and svi != "before":
+        handle = attach_svi(model, example=svi == "example")
     opt = make_optimizer(name, model, backend)
     grads = []
     losses = train(model, opt, name, range(N_STEPS), rank, world, grads_at=grads)
@@ -306,6 +303,8 @@ def _two_rank_jobs(rank, world, ckpt_dir):
     for name in LINE_SEARCH:
         jobs.append((("collectives", name), lambda n=name: collectives(rank, world, n, BACKENDS[-1])))
     jobs.append((("bad",), lambda: bad_placement(rank, world)))
+    for when in ("before", "example"):
+        jobs.append((("svi", when), lambda w=when: sharded_run(rank, world, "SVI", BACKENDS[-1], svi=w)))
     return jobs
 
 

@@ -60,14 +60,33 @@ def test_sharded_equals_one_process(two, name, backend):
     assert r1["local_shapes"] == [(3, 6), (3,), (2, 7), (2,), (0, 5), (0,)]
     if name != "ArmijoSGD":  # the optimizer state keeps the parameters' placement (ArmijoSGD has none)
         assert r0["state_placements"] == ["(Shard(dim=0),)"]
-    if name == "SVI":  # svi.attach on the sharded model: FSDP reduce-scatters the SVI field
-        assert r0["svi_layers"] == ["0", "2"]
-        for a, b in zip(r0["grads"], ref["grads"]):
+    if name == "SVI":  # svi.attach on the sharded model, detected on the first forward
+        _assert_svi_field(recs, ref)
+
+
+def _assert_svi_field(recs, ref):
+    """The layers found on the sharded model are the unsharded model's, and FSDP reduce-scatters the SVI
+    field of the first step: each rank's gradient shard (gathered here) is one process's on the full batch."""
+    assert ref["svi_layers"] == ["0", "2"]
+    for rec in recs:
+        assert rec["svi_layers"] == ref["svi_layers"]
+        for a, b in zip(rec["grads"], ref["grads"]):
             assert torch.allclose(a, b, rtol=0, atol=ATOL)
-        plain = J.make_model()
-        x, y = J.make_batch(0)
-        torch.nn.functional.mse_loss(plain(x), y).backward()
-        assert not torch.allclose(plain[0].weight.grad, ref["grads"][0]), "the field equals the ordinary gradient"
+    plain = J.make_model()
+    x, y = J.make_batch(0)
+    torch.nn.functional.mse_loss(plain(x), y).backward()
+    assert not torch.allclose(plain[0].weight.grad, ref["grads"][0]), "the field equals the ordinary gradient"
+
+
+@pytest.mark.parametrize("when", ["before", "example"])
+def test_svi_attach_on_fsdp2(two, when):
+    # "before": attach(model) then fully_shard, detected on the first forward. "example": attach(model,
+    # example_inputs) after fully_shard; its forward without backward must not leave the root (which owns
+    # the last layer) holding a gathered copy that training would use instead of the updated shards.
+    recs = _ranks(two, ("svi", when))
+    ref = J.single_process("SVI", J.BACKENDS[-1])
+    _assert_matches_single_process(recs, ref, "SVI")
+    _assert_svi_field(recs, ref)
 
 
 @pytest.mark.parametrize("name", J.OPTIMIZERS)
