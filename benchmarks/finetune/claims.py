@@ -1,4 +1,4 @@
-"""The three study protocols, as settings x arms x learning rates x seeds.
+"""The four study protocols, as settings x arms x learning rates x seeds.
 
 An *arm* is one curve in the results: an optimizer with its recipe (schedule, epochs, ...) and a
 learning-rate grid. In a setting, every arm is first run on ``tune_seeds`` for each rate of its grid;
