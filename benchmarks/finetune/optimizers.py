@@ -15,6 +15,7 @@
 | adamsls-auto | sk.AdamSLS as adamsls, search="auto" (searches only while eta changes)   | closure    |
 | salsa       | sk.SaLSA, the package's defaults and search rule (search="salsa")         | closure    |
 | salsa-auto  | sk.SaLSA with search="auto"                                               | closure    |
+| salsa-every | sk.SaLSA with search="every" (the reference for "auto")                   | closure    |
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ try:  # our package; absent or incomplete while it is being written
 except Exception:  # pragma: no cover
     sk = None
 
-LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls", "adamsls-auto", "salsa", "salsa-auto"}
+LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls", "adamsls-auto", "salsa", "salsa-auto", "salsa-every"}
 NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "plasls-paper", "sgdsls",
-         "adamsls-auto", "salsa", "salsa-auto"]
+         "adamsls-auto", "salsa", "salsa-auto", "salsa-every"]
 
 
 def has(name: str) -> bool:
@@ -109,10 +110,10 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
         opt = sk.AdamSLS(params, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1, search=search,
                          **kw)
         return Built(opt, True, "svi_kernels.AdamSLS" + ('(search="auto")' if search == "auto" else ""))
-    if name in ("salsa", "salsa-auto"):
+    if name in ("salsa", "salsa-auto", "salsa-every"):
         if not has("SaLSA"):
             raise RuntimeError("svi_kernels.SaLSA is not available yet")
-        search = "auto" if name == "salsa-auto" else "salsa"
+        search = {"salsa": "salsa", "salsa-auto": "auto", "salsa-every": "every"}[name]
         return Built(sk.SaLSA(params, search=search, **kw), True, f'svi_kernels.SaLSA(search="{search}")')
     if name in ("plasls", "plasls-paper"):
         if not (has("LayerwiseAdamSLS") and has("layer_groups")):
