@@ -22,7 +22,6 @@ from typing import List, Optional
 import torch
 
 from . import _common as C
-from ._closure import read_host
 from ._line_search import (DeviceSums, LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 
