@@ -6,29 +6,24 @@
 #include "svi_kernels/adam_lists.h"
 #include "svi_kernels/update_math.h"
 
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace svi_kernels::cpu {
 namespace {
 
-at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  return svi_kernels::check_adam_lists<NamedList>(
-      [op](std::initializer_list<NamedList> lists) { return check_fused_group(op, lists); }, params, grads,
-      exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-}
-
-// Runs kernel(segment, ptrs) over 4 lists, or 5 with AMSGrad's max_exp_avg_sqs last.
-template <typename F>
-void run_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-              const std::optional<at::TensorList>& max_exp_avg_sqs, const F& kernel) {
-  auto each = [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(seg, ptrs); };
-  if (max_exp_avg_sqs.has_value()) {
-    MultiTensor<5>({params, grads, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs}).parallel_segments(each);
-  } else {
-    MultiTensor<4>({params, grads, exp_avgs, exp_avg_sqs}).parallel_segments(each);
-  }
+// The Adam lists (4, or 5 with AMSGrad's max_exp_avg_sqs last), checked and gathered in one pass.
+MultiTensor adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  std::optional<MultiTensor> lists;
+  svi_kernels::check_adam_lists<NamedList>(
+      [&](std::initializer_list<NamedList> named) {
+        lists.emplace(op, named);
+        return lists->dtype();
+      },
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  return std::move(*lists);
 }
 
 }  // namespace
@@ -37,15 +32,16 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                double bias_correction1, double bias_correction2_sqrt, bool maximize,
                const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  const at::ScalarType dtype = check_adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-  if (params.empty()) return;
+  const MultiTensor lists = adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
   // Host scalars in double, as torch computes them (see update_math.h).
   AdamScalars s{
       1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lr / bias_correction1,
       bias_correction2_sqrt, decoupled, weight_decay != 0.0, maximize};
   s.amsgrad = max_exp_avg_sqs.has_value();
-  run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-           [&](const Segment& seg, void* const* ptrs) { cpu_kernels().adam(dtype, ptrs, seg.length, s); });
+  const auto kernel = cpu_kernels().adam;
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
 }
 
 void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -55,9 +51,10 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::TensorList>& max_exp_avg_sqs) {
   constexpr const char* op = "adam_step_tensor";
-  const at::ScalarType dtype = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const MultiTensor lists = adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   check_per_tensor_scalars(op, "state_steps", state_steps.size(), params.size());
-  if (params.empty() || step_skipped(op, found_inf)) return;
+  if (lists.empty() || step_skipped(op, found_inf)) return;
+  const at::ScalarType dtype = lists.dtype();
   if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
   // One scalar set per tensor: the step count (hence the bias corrections) is per parameter.
   // The same double arithmetic as adam_step's Python caller, so both paths agree bit for bit.
@@ -78,8 +75,9 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
     s.amsgrad = max_exp_avg_sqs.has_value();
     per_tensor.push_back(s);
   }
-  run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [&](const Segment& seg, void* const* ptrs) {
-    cpu_kernels().adam(dtype, ptrs, seg.length, per_tensor[seg.tensor]);
+  const auto kernel = cpu_kernels().adam;
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+    kernel(dtype, ptrs, seg.length, per_tensor[seg.tensor]);
   });
 }
 

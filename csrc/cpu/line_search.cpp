@@ -17,11 +17,11 @@ at::Tensor no_sums() { return at::empty({0}, at::TensorOptions().dtype(at::kFloa
 }  // namespace
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0) {
-  const at::ScalarType dtype = check_fused_group("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
-  if (params.empty()) return no_sums();
+  const MultiTensor lists("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
+  if (lists.empty()) return no_sums();
+  const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_save_sgd;
-  const bool stream = stream_stores_pay(params, 3);
-  const MultiTensor<3> lists({params, grads, w0});
+  const bool stream = stream_stores_pay(lists.bytes_per_list(), 3);
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
       [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, stream); });
@@ -31,13 +31,13 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
                         double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_fused_group(
+  const MultiTensor lists(
       "ls_save_adam",
       {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
-  if (params.empty()) return no_sums();
-  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt, stream_stores_pay(params, 5)};
+  if (lists.empty()) return no_sums();
+  const at::ScalarType dtype = lists.dtype();
+  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt, stream_stores_pay(lists.bytes_per_list(), 5)};
   const auto kernel = cpu_kernels().ls_save_adam;
-  const MultiTensor<5> lists({params, grads, exp_avgs, exp_avg_sqs, w0});
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
       [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, sc); });
@@ -45,12 +45,12 @@ at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorL
 }
 
 void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads, c10::ArrayRef<double> etas) {
-  const at::ScalarType dtype = check_fused_group("ls_trial_sgd", {{"params", params}, {"w0", w0}, {"grads", grads}});
+  const MultiTensor lists("ls_trial_sgd", {{"params", params}, {"w0", w0}, {"grads", grads}});
   check_per_tensor_scalars("ls_trial_sgd", "etas", etas.size(), params.size());
-  if (params.empty()) return;
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_trial_sgd;
-  const bool stream = stream_stores_pay(params, 3);
-  const MultiTensor<3> lists({params, w0, grads});
+  const bool stream = stream_stores_pay(lists.bytes_per_list(), 3);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0, stream});
   });
@@ -58,13 +58,13 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
 
 void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_fused_group(
+  const MultiTensor lists(
       "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}});
   check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
-  if (params.empty()) return;
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_trial_adam;
-  const bool stream = stream_stores_pay(params, 4);
-  const MultiTensor<4> lists({params, w0, grads, exp_avg_sqs});
+  const bool stream = stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt, stream});
   });
@@ -72,13 +72,13 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
 
 void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_fused_group(
+  const MultiTensor lists(
       "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
   check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
-  if (params.empty()) return;
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_final_adam;
-  const bool stream = stream_stores_pay(params, 4);
-  const MultiTensor<4> lists({params, w0, exp_avgs, exp_avg_sqs});
+  const bool stream = stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
     kernel(dtype, ptrs, seg.length,

@@ -4,14 +4,19 @@
 // The elements of all tensors are cut into segments (a tensor, an offset, a length) and the
 // segments are packed into tasks of about kChunkElems elements: a large tensor gives many
 // tasks, many small tensors share one. Tasks run under at::parallel_for (OpenMP), so one huge
-// tensor and hundreds of tiny ones both keep every core busy. The plan depends only on the
+// tensor and hundreds of tiny ones both keep every core busy (one parallel region per call). The plan depends only on the
 // tensor sizes, never on the thread count, which makes per-segment reductions deterministic.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include "svi_kernels/check.h"
+#include "tensor_checks.h"
 
 #include <array>
+#include <initializer_list>
 #include <cstdint>
 #include <vector>
 
@@ -37,6 +42,7 @@ struct ChunkPlan {
 
 inline ChunkPlan plan_chunks(c10::ArrayRef<int64_t> numels, int64_t chunk_elems = kChunkElems) {
   ChunkPlan plan;
+  plan.segments.reserve(numels.size());
   plan.task_start.push_back(0);
   int64_t filled = 0;  // elements in the task being packed
   for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
@@ -54,24 +60,39 @@ inline ChunkPlan plan_chunks(c10::ArrayRef<int64_t> numels, int64_t chunk_elems 
   return plan;
 }
 
-// The N tensor lists of one fused call (already validated: same length, numel, dtype).
-template <size_t N>
+// The tensor lists of one fused call (at most kMaxLists), validated and turned into data
+// pointers in ONE pass over the tensors: with 10,000 small tensors per list the op's own cost is
+// reading each TensorImpl (a cache miss apiece), so each is read once, by plain field
+// comparisons that build no error text. Anything the fast comparison does not accept goes to
+// check_fused_group, which raises the precise error (before any tensor is modified).
+constexpr size_t kMaxLists = 5;
+
 class MultiTensor {
  public:
-  explicit MultiTensor(const std::array<at::TensorList, N>& lists) {
-    const auto n = lists[0].size();
-    elem_size_ = n > 0 ? static_cast<int64_t>(lists[0][0].element_size()) : 0;
-    base_.resize(n * N);
-    std::vector<int64_t> numels(n);
-    for (size_t t = 0; t < n; ++t) {
-      numels[t] = lists[0][t].numel();
-      for (size_t k = 0; k < N; ++k) base_[t * N + k] = static_cast<char*>(lists[k][t].data_ptr());
+  MultiTensor(const char* op, std::initializer_list<NamedList> lists) {
+    num_lists_ = lists.size();
+    SVI_CHECK(num_lists_ >= 1 && num_lists_ <= kMaxLists, "svi_kernels::", op, ": internal error, bad list count");
+    const at::TensorList first = lists.begin()->tensors;
+    const size_t n = first.size();
+    bool ok = true;
+    for (const NamedList& l : lists) ok = ok && l.tensors.size() == n;
+    if (ok && n > 0) {
+      ok = first[0].defined() && supported_dtype(first[0].scalar_type());
+      if (ok) gather(lists, n);
+      ok = ok && gathered_;
     }
-    plan_ = plan_chunks(numels);
+    if (!ok) {
+      dtype_ = check_fused_group(op, lists);  // throws on every input gather() refuses
+      SVI_CHECK(n == 0, "svi_kernels::", op, ": internal error, the fast and the full argument checks disagree");
+    }
     num_tensors_ = static_cast<int64_t>(n);
   }
 
+  at::ScalarType dtype() const { return dtype_; }
+  bool empty() const { return num_tensors_ == 0; }
   const ChunkPlan& plan() const { return plan_; }
+  // Bytes of one list (every list has the same numels and dtype).
+  int64_t bytes_per_list() const { return total_elems_ * elem_size_; }
   int64_t num_segments() const { return static_cast<int64_t>(plan_.segments.size()); }
 
   // Calls f(segment_index, segment, ptrs) for every segment, tasks in parallel; ptrs[k]
@@ -82,8 +103,9 @@ class MultiTensor {
       for (int64_t task = task_begin; task < task_end; ++task) {
         for (int64_t s = plan_.task_start[task]; s < plan_.task_start[task + 1]; ++s) {
           const Segment& seg = plan_.segments[s];
-          std::array<void*, N> ptrs;
-          for (size_t k = 0; k < N; ++k) ptrs[k] = base_[seg.tensor * N + k] + seg.offset * elem_size_;
+          std::array<void*, kMaxLists> ptrs;
+          char* const* base = &base_[seg.tensor * num_lists_];
+          for (size_t k = 0; k < num_lists_; ++k) ptrs[k] = base[k] + seg.offset * elem_size_;
           f(s, seg, ptrs.data());
         }
       }
@@ -102,10 +124,76 @@ class MultiTensor {
   }
 
  private:
+  // What check_fused_group demands of each tensor, as field comparisons against list 0's
+  // first tensor (whose dtype the caller has checked); records the pointers and numels.
+  // Leaves gathered_ false at the first tensor it does not accept.
+  void gather(std::initializer_list<NamedList> lists, size_t n) {
+    const caffe2::TypeMeta dtype = lists.begin()->tensors[0].dtype();
+    base_.resize(n * num_lists_);
+    std::vector<int64_t> numels(n);
+    for (size_t t = 0; t < n; ++t) {
+      prefetch_ahead(lists, t, n);
+      const int64_t numel = lists.begin()->tensors[t].numel();
+      size_t k = 0;
+      for (const NamedList& l : lists) {
+        const at::Tensor& x = l.tensors[t];
+        if (!x.defined()) return;
+        c10::TensorImpl* impl = x.unsafeGetTensorImpl();
+        if (impl->device_type() != c10::kCPU || impl->layout() != c10::kStrided || impl->dtype() != dtype ||
+            impl->numel() != numel || !impl->is_contiguous()) {
+          return;
+        }
+        base_[t * num_lists_ + k++] = static_cast<char*>(impl->mutable_data());
+      }
+      numels[t] = numel;
+      total_elems_ += numel;
+    }
+    dtype_ = c10::typeMetaToScalarType(dtype);
+    elem_size_ = static_cast<int64_t>(dtype.itemsize());
+    plan_ = plan_chunks(numels);
+    gathered_ = true;
+  }
+
+  // Each tensor costs two cache misses here (its TensorImpl, then its StorageImpl for the data
+  // pointer), which dominate the loop when tensors are small: fetch the TensorImpls
+  // kImplAhead tensors ahead and the StorageImpls (whose address needs the TensorImpl)
+  // kStorageAhead ahead, so the misses overlap instead of queueing.
+  static void prefetch_ahead(std::initializer_list<NamedList> lists, size_t t, size_t n) {
+    constexpr size_t kImplAhead = 24, kStorageAhead = 12;
+    for (const NamedList& l : lists) {
+      if (t + kImplAhead < n) {
+        // The fields read span two cache lines of a TensorImpl: storage_ at its start, the
+        // sizes, numel, dtype and device about 150 bytes in.
+        const char* impl = reinterpret_cast<const char*>(l.tensors[t + kImplAhead].unsafeGetTensorImpl());
+        prefetch(impl);
+        prefetch(impl + 128);
+      }
+      if (t + kStorageAhead < n) {
+        // A tensor without storage gives nullptr; prefetching it is a no-op, never a fault.
+        prefetch(l.tensors[t + kStorageAhead].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      }
+    }
+  }
+
+  static void prefetch(const void* p) {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    // Not __builtin_prefetch: GCC 13 dropped it from this loop (none in the object code).
+    asm volatile("prefetcht0 (%0)" : : "r"(p));
+#elif defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+  }
+
   ChunkPlan plan_;
-  std::vector<char*> base_;  // base_[t * N + k]: data of tensor t of list k
+  std::vector<char*> base_;  // base_[t * num_lists_ + k]: data of tensor t of list k
+  size_t num_lists_ = 0;
   int64_t elem_size_ = 0;
   int64_t num_tensors_ = 0;
+  int64_t total_elems_ = 0;
+  at::ScalarType dtype_ = at::ScalarType::Undefined;
+  bool gathered_ = false;
 };
 
 }  // namespace svi_kernels::cpu

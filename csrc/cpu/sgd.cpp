@@ -8,13 +8,13 @@ namespace svi_kernels::cpu {
 
 void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                        double momentum, bool nesterov, double weight_decay, bool maximize, double dampening) {
-  const at::ScalarType dtype = check_fused_group(
+  const MultiTensor lists(
       "sgd_momentum_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
-  if (params.empty()) return;
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
   SgdScalars s{lr, momentum, weight_decay, nesterov, weight_decay != 0.0, maximize};
   s.dampening = dampening;
   const auto kernel = cpu_kernels().sgd_momentum;
-  const MultiTensor<3> lists({params, grads, momentum_buffers});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
 }
 
@@ -23,9 +23,9 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
                               double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf, double dampening) {
   constexpr const char* op = "sgd_momentum_step_tensor";
-  const at::ScalarType dtype = check_fused_group(
-      op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
-  if (params.empty() || step_skipped(op, found_inf)) return;
+  const MultiTensor lists(op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  if (lists.empty() || step_skipped(op, found_inf)) return;
+  const at::ScalarType dtype = lists.dtype();
   if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
   SgdScalars s{lr, momentum, weight_decay, nesterov, weight_decay != 0.0, maximize};
   s.dampening = dampening;
@@ -34,7 +34,6 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
     s.grad_scale = read_scalar(op, "grad_scale", *grad_scale);
   }
   const auto kernel = cpu_kernels().sgd_momentum;
-  const MultiTensor<3> lists({params, grads, momentum_buffers});
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
 }
 

@@ -46,10 +46,8 @@ int64_t stream_min_bytes() { return threshold().load(std::memory_order_relaxed);
 
 int64_t set_stream_min_bytes(int64_t bytes) { return threshold().exchange(bytes, std::memory_order_relaxed); }
 
-bool stream_stores_pay(at::TensorList params, int64_t lists) {
-  int64_t bytes = 0;
-  for (const at::Tensor& t : params) bytes += t.numel() * static_cast<int64_t>(t.element_size());
-  return bytes * lists >= stream_min_bytes();
+bool stream_stores_pay(int64_t bytes_per_list, int64_t lists) {
+  return bytes_per_list * lists >= stream_min_bytes();
 }
 
 }  // namespace svi_kernels::cpu

@@ -5,14 +5,12 @@
 // it pays when the call touches more bytes than the last-level cache holds, because then its
 // first outputs are evicted before the call even ends; a smaller call keeps its outputs cached
 // for the forward pass that reads them next, so it stores normally.
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
 
 namespace svi_kernels::cpu {
 
-// True when `lists` tensor lists shaped like `params` touch at least stream_min_bytes().
-bool stream_stores_pay(at::TensorList params, int64_t lists);
+// True when `lists` tensor lists of `bytes_per_list` bytes each touch at least stream_min_bytes().
+bool stream_stores_pay(int64_t bytes_per_list, int64_t lists);
 
 // The threshold: SVI_KERNELS_STREAM_MIN_BYTES if set, else the size of the L3 that CPU 0 shares
 // (Linux sysfs; 32 MiB where there is none to read).

@@ -4,14 +4,6 @@
 
 namespace svi_kernels::cpu {
 
-namespace {
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-}  // namespace
-
 at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList> lists) {
   const NamedList& first = *lists.begin();
   const size_t n = first.tensors.size();

@@ -13,6 +13,11 @@ struct NamedList {
   at::TensorList tensors;
 };
 
+// The dtypes the CPU kernels are built for: fp32, fp64, fp16, bf16.
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 // Checks that the lists have one tensor per parameter, that tensors at one position have the
 // same number of elements, and that every tensor is a dense, contiguous CPU tensor of one
 // floating dtype (fp32, fp64, fp16, bf16). Returns that dtype (Undefined for empty lists).

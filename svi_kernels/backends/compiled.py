@@ -141,14 +141,14 @@ def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
     if not params:
         return
-    _ops().ls_trial_sgd(params, w0, grads, [float(e) for e in etas])
+    _ops().ls_trial_sgd(params, w0, grads, list(map(float, etas)))
 
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
     if not params:
         return
-    _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, [float(e) for e in etas], float(eps),
+    _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, list(map(float, etas)), float(eps),
                          float(bias_correction2_sqrt))
 
 
@@ -156,7 +156,7 @@ def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor]
                   etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
     if not params:
         return
-    _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, [float(e) for e in etas], float(eps),
+    _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(eps),
                          float(bias_correction1), float(bias_correction2_sqrt))
 
 
