@@ -4,6 +4,7 @@
 
 #include <cstddef>
 
+#include "direct_calls.h"
 #include "kernel_table.h"
 #include "stream_policy.h"
 
@@ -45,6 +46,10 @@ PyMethodDef methods[] = {
      "Bytes a line-search call must touch before its write-only outputs use streaming stores "
      "(csrc/cpu/stream_policy.h); with an argument, sets it and returns the old value (for tests)."},
     {"torch_version", torch_version, METH_NOARGS, "The torch version this library was built for."},
+    {"_adam_step", svi_kernels::cpu::direct_adam_step, METH_VARARGS,
+     "adam_step on plain CPU tensors without torch.ops; NotImplemented when torch.ops must run it."},
+    {"_sgd_momentum_step", svi_kernels::cpu::direct_sgd_momentum_step, METH_VARARGS,
+     "sgd_momentum_step on plain CPU tensors without torch.ops; NotImplemented when torch.ops must run it."},
     {nullptr, nullptr, 0, nullptr},
 };
 

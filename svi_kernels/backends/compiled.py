@@ -27,6 +27,7 @@ def load() -> tuple[bool, str]:
         try:
             _origin = jit.load()
             _register_fakes()
+            _find_direct_calls()
             _loaded = True
         except jit.ExtensionUnavailable as exc:
             _load_error = str(exc)
@@ -59,6 +60,26 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"svi_kernels::{name}")(per_tensor_sums)
 
 
+# svi_kernels._C's direct calls of the CPU step ops (csrc/cpu/direct_calls.cpp): on plain CPU tensors
+# outside autograd, tracing, dispatch modes and the profiler they skip torch.ops' per-tensor argument
+# conversion (about half of a step over 10,000 small tensors); otherwise they return NotImplemented
+# and the op goes through torch.ops. None when the loaded library has none.
+_direct_adam_step = None
+_direct_sgd_momentum_step = None
+
+
+def _find_direct_calls() -> None:
+    global _direct_adam_step, _direct_sgd_momentum_step
+    import svi_kernels._C as C
+    _direct_adam_step = getattr(C, "_adam_step", None)
+    _direct_sgd_momentum_step = getattr(C, "_sgd_momentum_step", None)
+
+
+def _direct(call):
+    """The direct call, unless there is none or torch.compile is tracing (it cannot see into it)."""
+    return None if call is None or torch.compiler.is_compiling() else call
+
+
 def has_cuda_kernels() -> bool:
     if not load()[0]:
         return False
@@ -83,9 +104,13 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     if not params:
         return
-    _ops().adam_step(params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
-                     float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
-                     bool(maximize), max_exp_avg_sqs)
+    args = (params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
+            bool(maximize), max_exp_avg_sqs)
+    ops = _ops()
+    direct = _direct(_direct_adam_step)
+    if direct is None or direct(*args) is NotImplemented:
+        ops.adam_step(*args)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -93,8 +118,12 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
                       dampening: float = 0.0) -> None:
     if not params:
         return
-    _ops().sgd_momentum_step(params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
-                             float(weight_decay), bool(maximize), float(dampening))
+    args = (params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov), float(weight_decay),
+            bool(maximize), float(dampening))
+    ops = _ops()
+    direct = _direct(_direct_sgd_momentum_step)
+    if direct is None or direct(*args) is NotImplemented:
+        ops.sgd_momentum_step(*args)
 
 
 def _lr_args(lr: Union[float, Tensor]) -> tuple:

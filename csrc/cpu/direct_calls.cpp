@@ -1,0 +1,133 @@
+// Direct calls of the CPU step ops from Python (svi_kernels._C._adam_step / _sgd_momentum_step),
+// for the eager CPU path only.
+//
+// Why: through torch.ops, every tensor of every list goes through pybind11's tensor caster, a
+// Python list -> IValue list -> std::vector<at::Tensor> copy, a refcount pair and the autograd
+// fallback's requires_grad scan: on 4 lists of 10,000 small tensors that is about half of an
+// AdamW step (docs/benchmarks.md). Here the tensors are borrowed from the Python lists (no
+// refcounts) and the same kernel function is called. Anything the dispatcher would treat
+// specially returns NotImplemented, and the caller (svi_kernels/backends/compiled.py) goes
+// through torch.ops instead: grad mode on, a tensor that is not a plain dense CPU tensor
+// (subclass, wrapper, conj/neg view, other device: any dispatch key a torch.empty(1) lacks),
+// thread-local dispatch keys (dispatch modes, functorch), profiler callbacks, and calls of more
+// than kMaxDirectElems elements per list: those are bandwidth-bound, so the dispatcher's cost does
+// not matter there, and torch.ops releases the GIL for them. The direct call keeps the GIL (the
+// tensors are borrowed, so the lists must not change under it), which for a host-bound call of a
+// few milliseconds is what a Python-side loop would do too.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/MaybeOwned.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+#include <vector>
+
+#include "direct_calls.h"
+#include "ops.h"
+
+namespace svi_kernels::cpu {
+
+namespace {
+
+constexpr int64_t kMaxDirectElems = int64_t{1} << 22;
+
+// The dispatch keys of a plain dense CPU tensor (requires_grad or not).
+c10::DispatchKeySet plain_cpu_keys() {
+  static const c10::DispatchKeySet keys = at::empty({1}).unsafeGetTensorImpl()->key_set();
+  return keys;
+}
+
+bool dispatcher_needed() {
+  if (c10::GradMode::is_enabled() || at::hasCallbacks()) return true;
+  // Every thread includes these two by default; a dispatch mode or functorch adds others.
+  static const c10::DispatchKeySet usual({c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView});
+  return !(c10::impl::tls_local_dispatch_key_set().included_ - usual).empty();
+}
+
+// Tensors borrowed from a Python list: at::Tensor handles that own no reference.
+class BorrowedList {
+ public:
+  ~BorrowedList() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+
+  // False when obj is not a list or tuple of plain CPU tensors of at most kMaxDirectElems
+  // elements in all (what was borrowed is given back by the destructor).
+  bool borrow(PyObject* obj) {
+    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    tensors_.reserve(n);
+    const c10::DispatchKeySet keys = plain_cpu_keys();
+    int64_t elems = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) return false;
+      const at::Tensor& t = THPVariable_Unpack(items[i]);
+      if (!t.defined() || t.unsafeGetTensorImpl()->key_set() != keys) return false;
+      elems += t.unsafeGetTensorImpl()->numel();
+      if (elems > kMaxDirectElems) return false;
+      tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
+    }
+    return true;
+  }
+
+  at::TensorList list() const { return tensors_; }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+};
+
+PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
+
+// Runs f, turning a C++ exception into the Python RuntimeError torch.ops would raise.
+template <typename F>
+PyObject* guarded(const F& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+}  // namespace
+
+PyObject* direct_adam_step(PyObject*, PyObject* args) {
+  PyObject *p, *g, *m, *v, *maxv;
+  double lr, beta1, beta2, eps, wd, bc1, bc2_sqrt;
+  int decoupled, maximize;
+  if (!PyArg_ParseTuple(args, "OOOOdddddpddpO", &p, &g, &m, &v, &lr, &beta1, &beta2, &eps, &wd, &decoupled, &bc1,
+                        &bc2_sqrt, &maximize, &maxv)) {
+    return nullptr;
+  }
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lg, lm, lv, lmax;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v)) return not_implemented();
+  const bool amsgrad = maxv != Py_None;
+  if (amsgrad && !lmax.borrow(maxv)) return not_implemented();
+  return guarded([&] {
+    adam_step(lp.list(), lg.list(), lm.list(), lv.list(), lr, beta1, beta2, eps, wd, decoupled != 0, bc1, bc2_sqrt,
+              maximize != 0, amsgrad ? std::optional<at::TensorList>(lmax.list()) : std::nullopt);
+  });
+}
+
+PyObject* direct_sgd_momentum_step(PyObject*, PyObject* args) {
+  PyObject *p, *g, *b;
+  double lr, momentum, wd, dampening;
+  int nesterov, maximize;
+  if (!PyArg_ParseTuple(args, "OOOddpdpd", &p, &g, &b, &lr, &momentum, &nesterov, &wd, &maximize, &dampening)) {
+    return nullptr;
+  }
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lg, lb;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lb.borrow(b)) return not_implemented();
+  return guarded([&] {
+    sgd_momentum_step(lp.list(), lg.list(), lb.list(), lr, momentum, nesterov != 0, wd, maximize != 0, dampening);
+  });
+}
+
+}  // namespace svi_kernels::cpu

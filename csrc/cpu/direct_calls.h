@@ -1,0 +1,16 @@
+#pragma once
+// Direct calls of the CPU step ops from Python, bypassing torch.ops for host-bound eager calls
+// (see direct_calls.cpp). Each returns None when it ran, NotImplemented when the caller must use
+// torch.ops, or raises the op's error.
+#include <Python.h>
+
+namespace svi_kernels::cpu {
+
+// (params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+//  bias_correction1, bias_correction2_sqrt, maximize, max_exp_avg_sqs or None)
+PyObject* direct_adam_step(PyObject* self, PyObject* args);
+
+// (params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, maximize, dampening)
+PyObject* direct_sgd_momentum_step(PyObject* self, PyObject* args);
+
+}  // namespace svi_kernels::cpu
