@@ -82,6 +82,30 @@ class BorrowedList {
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
 
+// The per-tensor step sizes of the line-search ops (a list of floats; compiled.py makes it one).
+bool read_etas(PyObject* obj, std::vector<double>& etas) {
+  if (!PyList_CheckExact(obj)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(obj);
+  etas.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* e = PyList_GET_ITEM(obj, i);
+    if (!PyFloat_CheckExact(e)) return false;
+    etas[i] = PyFloat_AS_DOUBLE(e);
+  }
+  return true;
+}
+
+// Runs f, which returns the op's tensor, turning a C++ exception into a RuntimeError.
+template <typename F>
+PyObject* guarded_tensor(const F& f) {
+  try {
+    return THPVariable_Wrap(f());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 // Runs f, turning a C++ exception into the Python RuntimeError torch.ops would raise.
 template <typename F>
 PyObject* guarded(const F& f) {
@@ -128,6 +152,90 @@ PyObject* direct_sgd_momentum_step(PyObject*, PyObject* args) {
   return guarded([&] {
     sgd_momentum_step(lp.list(), lg.list(), lb.list(), lr, momentum, nesterov != 0, wd, maximize != 0, dampening);
   });
+}
+
+
+PyObject* direct_ls_save_sgd(PyObject*, PyObject* args) {
+  PyObject *p, *g, *w0;
+  if (!PyArg_ParseTuple(args, "OOO", &p, &g, &w0)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lg, lw;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lw.borrow(w0)) return not_implemented();
+  return guarded_tensor([&] { return ls_save_sgd(lp.list(), lg.list(), lw.list()); });
+}
+
+PyObject* direct_ls_save_adam(PyObject*, PyObject* args) {
+  PyObject *p, *g, *m, *v, *w0;
+  double beta1, beta2, eps, bc2_sqrt;
+  if (!PyArg_ParseTuple(args, "OOOOOdddd", &p, &g, &m, &v, &w0, &beta1, &beta2, &eps, &bc2_sqrt)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lg, lm, lv, lw;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v) || !lw.borrow(w0)) return not_implemented();
+  return guarded_tensor([&] {
+    return ls_save_adam(lp.list(), lg.list(), lm.list(), lv.list(), lw.list(), beta1, beta2, eps, bc2_sqrt);
+  });
+}
+
+PyObject* direct_ls_trial_sgd(PyObject*, PyObject* args) {
+  PyObject *p, *w0, *g, *e;
+  if (!PyArg_ParseTuple(args, "OOOO", &p, &w0, &g, &e)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lw, lg;
+  std::vector<double> etas;
+  if (!lp.borrow(p) || !lw.borrow(w0) || !lg.borrow(g) || !read_etas(e, etas)) return not_implemented();
+  return guarded([&] { ls_trial_sgd(lp.list(), lw.list(), lg.list(), etas); });
+}
+
+PyObject* direct_ls_trial_adam(PyObject*, PyObject* args) {
+  PyObject *p, *w0, *g, *v, *e;
+  double eps, bc2_sqrt;
+  if (!PyArg_ParseTuple(args, "OOOOOdd", &p, &w0, &g, &v, &e, &eps, &bc2_sqrt)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lw, lg, lv;
+  std::vector<double> etas;
+  if (!lp.borrow(p) || !lw.borrow(w0) || !lg.borrow(g) || !lv.borrow(v) || !read_etas(e, etas)) {
+    return not_implemented();
+  }
+  return guarded([&] { ls_trial_adam(lp.list(), lw.list(), lg.list(), lv.list(), etas, eps, bc2_sqrt); });
+}
+
+PyObject* direct_ls_final_adam(PyObject*, PyObject* args) {
+  PyObject *p, *w0, *m, *v, *e;
+  double eps, bc1, bc2_sqrt;
+  if (!PyArg_ParseTuple(args, "OOOOOddd", &p, &w0, &m, &v, &e, &eps, &bc1, &bc2_sqrt)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lw, lm, lv;
+  std::vector<double> etas;
+  if (!lp.borrow(p) || !lw.borrow(w0) || !lm.borrow(m) || !lv.borrow(v) || !read_etas(e, etas)) {
+    return not_implemented();
+  }
+  return guarded([&] { ls_final_adam(lp.list(), lw.list(), lm.list(), lv.list(), etas, eps, bc1, bc2_sqrt); });
+}
+
+PyObject* direct_increment_steps(PyObject*, PyObject* args) {
+  PyObject* s;
+  if (!PyArg_ParseTuple(args, "O", &s)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList ls;
+  if (!ls.borrow(s)) return not_implemented();
+  std::vector<double> values;
+  try {
+    values = increment_steps(ls.list());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* f = PyFloat_FromDouble(values[i]);
+    if (f == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), f);
+  }
+  return out;
 }
 
 }  // namespace svi_kernels::cpu

@@ -1,5 +1,5 @@
 #pragma once
-// Direct calls of the CPU step ops from Python, bypassing torch.ops for host-bound eager calls
+// Direct calls of the CPU ops from Python, bypassing torch.ops for host-bound eager calls
 // (see direct_calls.cpp). Each returns None when it ran, NotImplemented when the caller must use
 // torch.ops, or raises the op's error.
 #include <Python.h>
@@ -12,5 +12,13 @@ PyObject* direct_adam_step(PyObject* self, PyObject* args);
 
 // (params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, maximize, dampening)
 PyObject* direct_sgd_momentum_step(PyObject* self, PyObject* args);
+
+// The line-search ops and increment_steps, with torch.ops' argument order (etas: a list of floats).
+PyObject* direct_ls_save_sgd(PyObject* self, PyObject* args);
+PyObject* direct_ls_save_adam(PyObject* self, PyObject* args);
+PyObject* direct_ls_trial_sgd(PyObject* self, PyObject* args);
+PyObject* direct_ls_trial_adam(PyObject* self, PyObject* args);
+PyObject* direct_ls_final_adam(PyObject* self, PyObject* args);
+PyObject* direct_increment_steps(PyObject* self, PyObject* args);
 
 }  // namespace svi_kernels::cpu

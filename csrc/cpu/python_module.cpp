@@ -50,6 +50,12 @@ PyMethodDef methods[] = {
      "adam_step on plain CPU tensors without torch.ops; NotImplemented when torch.ops must run it."},
     {"_sgd_momentum_step", svi_kernels::cpu::direct_sgd_momentum_step, METH_VARARGS,
      "sgd_momentum_step on plain CPU tensors without torch.ops; NotImplemented when torch.ops must run it."},
+    {"_ls_save_sgd", svi_kernels::cpu::direct_ls_save_sgd, METH_VARARGS, "ls_save_sgd, as _adam_step."},
+    {"_ls_save_adam", svi_kernels::cpu::direct_ls_save_adam, METH_VARARGS, "ls_save_adam, as _adam_step."},
+    {"_ls_trial_sgd", svi_kernels::cpu::direct_ls_trial_sgd, METH_VARARGS, "ls_trial_sgd, as _adam_step."},
+    {"_ls_trial_adam", svi_kernels::cpu::direct_ls_trial_adam, METH_VARARGS, "ls_trial_adam, as _adam_step."},
+    {"_ls_final_adam", svi_kernels::cpu::direct_ls_final_adam, METH_VARARGS, "ls_final_adam, as _adam_step."},
+    {"_increment_steps", svi_kernels::cpu::direct_increment_steps, METH_VARARGS, "increment_steps, as _adam_step."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -60,24 +60,30 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"svi_kernels::{name}")(per_tensor_sums)
 
 
-# svi_kernels._C's direct calls of the CPU step ops (csrc/cpu/direct_calls.cpp): on plain CPU tensors
+# svi_kernels._C's direct calls of the CPU ops (csrc/cpu/direct_calls.cpp): on plain CPU tensors
 # outside autograd, tracing, dispatch modes and the profiler they skip torch.ops' per-tensor argument
 # conversion (about half of a step over 10,000 small tensors); otherwise they return NotImplemented
-# and the op goes through torch.ops. None when the loaded library has none.
-_direct_adam_step = None
-_direct_sgd_momentum_step = None
+# and the op goes through torch.ops. Empty when the loaded library has none.
+_DIRECT_OPS = ("adam_step", "sgd_momentum_step", "ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam",
+               "ls_final_adam", "increment_steps")
+_direct_calls: dict = {}
 
 
 def _find_direct_calls() -> None:
-    global _direct_adam_step, _direct_sgd_momentum_step
     import svi_kernels._C as C
-    _direct_adam_step = getattr(C, "_adam_step", None)
-    _direct_sgd_momentum_step = getattr(C, "_sgd_momentum_step", None)
+    _direct_calls.update({name: getattr(C, "_" + name) for name in _DIRECT_OPS if hasattr(C, "_" + name)})
 
 
-def _direct(call):
-    """The direct call, unless there is none or torch.compile is tracing (it cannot see into it)."""
-    return None if call is None or torch.compiler.is_compiling() else call
+def _call(name: str, *args):
+    """torch.ops.svi_kernels.<name>(*args), by the direct call when it takes it (never while
+    torch.compile traces: it cannot see into it)."""
+    ops = _ops()
+    direct = _direct_calls.get(name)
+    if direct is not None and not torch.compiler.is_compiling():
+        out = direct(*args)
+        if out is not NotImplemented:
+            return out
+    return getattr(ops, name)(*args)
 
 
 def has_cuda_kernels() -> bool:
@@ -104,13 +110,9 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
     if not params:
         return
-    args = (params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
-            bool(maximize), max_exp_avg_sqs)
-    ops = _ops()
-    direct = _direct(_direct_adam_step)
-    if direct is None or direct(*args) is NotImplemented:
-        ops.adam_step(*args)
+    _call("adam_step", params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
+          float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
+          bool(maximize), max_exp_avg_sqs)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
@@ -118,12 +120,8 @@ def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffer
                       dampening: float = 0.0) -> None:
     if not params:
         return
-    args = (params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov), float(weight_decay),
-            bool(maximize), float(dampening))
-    ops = _ops()
-    direct = _direct(_direct_sgd_momentum_step)
-    if direct is None or direct(*args) is NotImplemented:
-        ops.sgd_momentum_step(*args)
+    _call("sgd_momentum_step", params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
+          float(weight_decay), bool(maximize), float(dampening))
 
 
 def _lr_args(lr: Union[float, Tensor]) -> tuple:
@@ -156,41 +154,41 @@ def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
     if not params:
         return _empty_sums()
-    return _ops().ls_save_sgd(params, grads, w0)
+    return _call("ls_save_sgd", params, grads, w0)
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
     if not params:
         return _empty_sums()
-    return _ops().ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
-                               float(bias_correction2_sqrt))
+    return _call("ls_save_adam", params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
+                 float(bias_correction2_sqrt))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
     if not params:
         return
-    _ops().ls_trial_sgd(params, w0, grads, list(map(float, etas)))
+    _call("ls_trial_sgd", params, w0, grads, list(map(float, etas)))
 
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
     if not params:
         return
-    _ops().ls_trial_adam(params, w0, grads, exp_avg_sqs, list(map(float, etas)), float(eps),
-                         float(bias_correction2_sqrt))
+    _call("ls_trial_adam", params, w0, grads, exp_avg_sqs, list(map(float, etas)), float(eps),
+          float(bias_correction2_sqrt))
 
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
     if not params:
         return
-    _ops().ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(eps),
-                         float(bias_correction1), float(bias_correction2_sqrt))
+    _call("ls_final_adam", params, w0, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(eps),
+          float(bias_correction1), float(bias_correction2_sqrt))
 
 
 def increment_steps(steps: List[Tensor]) -> List[float]:
     """+1 on each one-element CPU step counter, in place; their new values (CPU kernel only)."""
     if not steps:
         return []
-    return _ops().increment_steps(steps)
+    return _call("increment_steps", steps)

@@ -95,3 +95,39 @@ def test_errors_are_the_ops_errors(C):
     ls[2][-1] = torch.empty(66)[::2]
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"svi_kernels::adam_step: exp_avgs\[39\] is not contiguous"):
         C._adam_step(*adam_args(ls))
+
+
+LS_CALLS = {  # name: (number of lists, extra args after the lists)
+    "ls_save_sgd": (3, ()),
+    "ls_save_adam": (5, (0.9, 0.999, 1e-8, 0.3)),
+    "ls_trial_sgd": (3, ("etas",)),
+    "ls_trial_adam": (4, ("etas", 1e-8, 0.3)),
+    "ls_final_adam": (4, ("etas", 1e-8, 0.2, 0.3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LS_CALLS))
+def test_line_search_same_bits_as_torch_ops(C, name):
+    count, extra = LS_CALLS[name]
+    a, b = lists(count), lists(count)
+    etas = [0.01 * (i + 1) for i in range(len(a[0]))]
+    args = lambda ls: (*ls, *[etas if x == "etas" else x for x in extra])  # noqa: E731
+    with torch.no_grad():
+        got = getattr(C, "_" + name)(*args(a))
+        want = getattr(torch.ops.svi_kernels, name)(*args(b))
+    assert got is not NotImplemented
+    if want is not None:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert torch.equal(x, y)
+
+
+def test_increment_steps_same_as_torch_ops(C):
+    a = [torch.tensor(float(i)) for i in range(50)] + [torch.tensor(2.0, dtype=torch.float64)]
+    b = [t.clone() for t in a]
+    versions = [t._version for t in a]
+    with torch.no_grad():
+        got = C._increment_steps(a)
+        want = torch.ops.svi_kernels.increment_steps(b)
+    assert got == want and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(t._version > v for t, v in zip(a, versions))
