@@ -82,6 +82,13 @@ class BorrowedList {
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
 
+// The RuntimeError torch.ops raises for the op's c10::Error (the ops raise no other kind): its
+// message without the C++ backtrace.
+void set_python_error(const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  PyErr_SetString(PyExc_RuntimeError, c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
+}
+
 // The per-tensor step sizes of the line-search ops (a list of floats; compiled.py makes it one).
 bool read_etas(PyObject* obj, std::vector<double>& etas) {
   if (!PyList_CheckExact(obj)) return false;
@@ -101,7 +108,7 @@ PyObject* guarded_tensor(const F& f) {
   try {
     return THPVariable_Wrap(f());
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    set_python_error(e);
     return nullptr;
   }
 }
@@ -112,7 +119,7 @@ PyObject* guarded(const F& f) {
   try {
     f();
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    set_python_error(e);
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -222,7 +229,7 @@ PyObject* direct_increment_steps(PyObject*, PyObject* args) {
   try {
     values = increment_steps(ls.list());
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    set_python_error(e);
     return nullptr;
   }
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(values.size()));
