@@ -3,9 +3,10 @@ start-up is paid once; rank 0 saves what every rank saw, ``{key: [record of rank
 from __future__ import annotations
 
 import os
-import socket
+import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
@@ -13,11 +14,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_jobs(rank: int, world: int, port: int, make_jobs, out_path: str, timeout_s: float = 90) -> None:
+def run_jobs(rank: int, world: int, make_jobs, out_path: str, timeout_s: float = 90) -> None:
     """In each rank: join the group, run ``make_jobs()`` ([(key, job)]), gather every record (an exception
-    becomes {"error": traceback}) and have rank 0 save them to ``out_path``."""
+    becomes {"error": traceback}) and have rank 0 save them to ``out_path``.
+
+    The ranks meet through a file next to ``out_path`` (no TCP port to race for). After a clean run each
+    rank leaves with ``os._exit(0)`` once rank 0 has saved: the interpreter's teardown (C++ static
+    destructors of the communication libraries) is skipped, where a rank once aborted ("terminate called
+    without an active exception") after all its work was done."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{out_path}.store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     try:
         results = {}
@@ -30,9 +36,14 @@ def run_jobs(rank: int, world: int, port: int, make_jobs, out_path: str, timeout
             dist.all_gather_object(gathered, rec)
             results[key] = gathered
         if rank == 0:
-            torch.save(results, out_path)
+            torch.save(results, out_path + ".part")
+            os.replace(out_path + ".part", out_path)  # complete or absent
+        dist.barrier()  # nobody leaves before rank 0 has saved
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train_step(opt, loss_fn, losses: list, line_search: bool, after_backward=None) -> None:
@@ -53,20 +64,26 @@ def train_step(opt, loss_fn, losses: list, line_search: bool, after_backward=Non
         opt.step()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, args: tuple, world: int, out_path: str, limit_s: float) -> dict:
-    """``worker(rank, *args)`` on ``world`` processes (one thread each); returns what rank 0 saved."""
+    """``worker(rank, *args)`` on ``world`` processes (one thread each); returns what rank 0 saved.
+
+    A rank that dies after rank 0 saved every rank's records (the file appears only when complete and
+    the ranks leave only after it exists) did its work: the results are used and the exit is reported
+    as a warning. A rank dying earlier fails the caller."""
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # several processes on a small machine
     try:
         ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + limit_s
-        while not ctx.join(timeout=5):
+        while True:
+            try:
+                if ctx.join(timeout=5):
+                    break
+            except mp.ProcessExitedException as exc:
+                if not os.path.exists(out_path):
+                    raise
+                warnings.warn(f"a rank exited abnormally after the results were saved: {exc}")
+                break
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.terminate()

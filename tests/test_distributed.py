@@ -102,18 +102,18 @@ def _nonfinite_on_one_rank(rank: int, backend: str) -> dict:
             "step": opt.ls_state["step"]}
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
+def _worker(rank: int, out_path: str) -> None:
     def jobs():
         out = [(c, lambda c=c: _run_config(rank, *c)) for c in CONFIGS]
         return out + [(("nonfinite", b), lambda b=b: _nonfinite_on_one_rank(rank, b)) for b in BACKENDS]
-    rank_jobs.run_jobs(rank, WORLD, port, jobs, out_path, timeout_s=60)
+    rank_jobs.run_jobs(rank, WORLD, jobs, out_path, timeout_s=60)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp") / "results.pt")
     try:
-        return rank_jobs.spawn(_worker, (rank_jobs.free_port(), out), WORLD, out, limit_s=180)
+        return rank_jobs.spawn(_worker, (out,), WORLD, out, limit_s=180)
     except TimeoutError as exc:
         pytest.fail(str(exc))
 

@@ -288,8 +288,8 @@ def hsdp(rank: int, world: int, name: str, backend: str) -> dict:
 
 
 # ------------------------------------------------------------------------------- spawning
-def _worker(rank: int, world: int, port: int, out_path: str, jobs_name: str, ckpt_dir: str) -> None:
-    rank_jobs.run_jobs(rank, world, port, lambda: JOB_LISTS[jobs_name](rank, world, ckpt_dir), out_path)
+def _worker(rank: int, world: int, out_path: str, jobs_name: str, ckpt_dir: str) -> None:
+    rank_jobs.run_jobs(rank, world, lambda: JOB_LISTS[jobs_name](rank, world, ckpt_dir), out_path)
 
 
 def _two_rank_jobs(rank, world, ckpt_dir):
@@ -318,4 +318,4 @@ JOB_LISTS = {"two": _two_rank_jobs, "four": _four_rank_jobs}
 def spawn_jobs(jobs_name: str, world: int, tmp_dir: str, limit_s: float = 240) -> dict:
     """Run a job list on ``world`` gloo ranks; returns {key: [record per rank]}."""
     out = os.path.join(tmp_dir, f"{jobs_name}.pt")
-    return rank_jobs.spawn(_worker, (world, rank_jobs.free_port(), out, jobs_name, tmp_dir), world, out, limit_s)
+    return rank_jobs.spawn(_worker, (world, out, jobs_name, tmp_dir), world, out, limit_s)
