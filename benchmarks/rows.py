@@ -90,8 +90,23 @@ def _phases(*ops):
     return lambda ctx: [(op, 1.0) for op in ops]
 
 
+def _direction_saved(ctx: Context) -> bool:
+    """Do the Adam line searches save their direction for these parameters (fp32/fp64)?"""
+    from svi_kernels.optim._line_search import EXACT_DIRECTION
+    return ctx.dtype in EXACT_DIRECTION
+
+
+def _adam_sls_phases(ctx: Context) -> list:
+    return traffic.adam_sls_phases(1.0, _direction_saved(ctx))
+
+
 def _layerwise_phases(ctx: Context) -> list:
-    return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()))
+    return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()), _direction_saved(ctx))
+
+
+def _adam_search_phases(*which: int):
+    """The save (0) and/or trial (1) op of an Adam search, as the optimizers run them for ctx's dtype."""
+    return lambda ctx: [(traffic.adam_search_ops(_direction_saved(ctx))[k], 1.0) for k in which]
 
 
 # ---- builders ----
@@ -125,6 +140,9 @@ def _trial(kind: str, backend: str):
         if kind == "sgd":
             return (lambda: mod.ls_trial_sgd(ps, w0, ctx.grads, etas)), None
         v = [g * g + 1e-12 for g in ctx.grads]
+        if _direction_saved(ctx):  # what the optimizers run: ls_trial_sgd along the saved direction
+            dirs = [g / (x.sqrt() / 0.5 + 1e-8) for g, x in zip(ctx.grads, v)]
+            return (lambda: mod.ls_trial_sgd(ps, w0, dirs, etas)), None
         return (lambda: mod.ls_trial_adam(ps, w0, ctx.grads, v, etas, eps=1e-8,
                                           bias_correction2_sqrt=0.5)), None
     return build
@@ -149,7 +167,6 @@ def build_rows(backends: List[str]) -> List[Row]:
     """All rows, in table order: torch baselines, then ours per backend, then reference-style."""
     adam, sgd = _phases("adam_step"), _phases("sgd_momentum_step")
     armijo = lambda ctx: traffic.ARMIJO_SGD_PHASES  # noqa: E731
-    adam_sls = lambda ctx: traffic.adam_sls_phases()  # noqa: E731
     rows = [
         Row("torch_adamw_foreach", "torch", "torch", adam, _torch_adamw(False)),
         Row("torch_adamw_fused", "torch", "torch", adam, _torch_adamw(True)),
@@ -163,16 +180,16 @@ def build_rows(backends: List[str]) -> List[Row]:
             Row("svi_adam", b, "ours", adam, _ours(
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="adam", backend=b))),
             Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b)),
-            Row("ls_trial_adam", b, "ours", _phases("ls_trial_adam"), _trial("adam", b)),
+            Row("ls_trial_adam", b, "ours", _adam_search_phases(1), _trial("adam", b)),
             Row("armijo_sgd_bookkeeping", b, "ours", armijo, _ours_line_search(
                 lambda sk, ctx, b=b: sk.ArmijoSGD(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_armijo_sgd_bookkeeping"),
-            Row("adam_sls_bookkeeping", b, "ours", adam_sls, _ours_line_search(
+            Row("adam_sls_bookkeeping", b, "ours", _adam_sls_phases, _ours_line_search(
                 lambda sk, ctx, b=b: sk.AdamSLS(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_adam_sls_bookkeeping"),
             # SaLSA: a search step (save + one accepted trial, which is the step) and a step the
             # schedule skips (one fused Adam update; target: <= 1.05x our AdamW, targets.OURS_RATIO_LIMITS).
-            Row("salsa_search_bookkeeping", b, "ours", _phases("ls_save_adam", "ls_trial_adam"), _ours_line_search(
+            Row("salsa_search_bookkeeping", b, "ours", _adam_search_phases(0, 1), _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search="every", backend=b)), bookkeeping=True),
             Row("salsa_skipped_step", b, "ours", adam, _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search=SKIP_ALL_BUT_FIRST, backend=b)), bookkeeping=True),
@@ -184,7 +201,7 @@ def build_rows(backends: List[str]) -> List[Row]:
     rows += [
         Row("reference_style_armijo_sgd_bookkeeping", "reference-style", "reference-style", armijo,
             _reference_style("sgd"), bookkeeping=True),
-        Row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", adam_sls,
+        Row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", _adam_sls_phases,
             _reference_style("adam"), bookkeeping=True),
         Row("reference_style_layerwise_adam_sls_bookkeeping", "reference-style", "reference-style",
             _layerwise_phases, _reference_style("adam", layerwise=True), bookkeeping=True),

@@ -10,15 +10,20 @@ from typing import Dict, Iterable, Optional, Tuple
 
 # (reads, writes) per element, by operand role:
 #   param: the parameter p; grad: its gradient g;
-#   copy:  the saved start point w0 of a line search (same dtype as p);
+#   copy:  scratch in p's dtype: the saved start point w0 of a line search, and the Adam search
+#          direction d = g / (sqrt(v_hat) + eps) that the save phase writes for the trials;
 #   state: optimizer state (Adam's m and v, the momentum buffer).
 OP_ACCESSES: Dict[str, Dict[str, Tuple[int, int]]] = {
     "adam_step": {"param": (1, 1), "grad": (1, 0), "state": (2, 2)},                   # p,g,m,v -> p,m,v
     "sgd_momentum_step": {"param": (1, 1), "grad": (1, 0), "state": (1, 1)},           # p,g,buf -> p,buf
     "ls_save_sgd": {"param": (1, 0), "grad": (1, 0), "copy": (0, 1)},                  # p,g -> w0 (+ sum g^2)
     "ls_save_adam": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 1)},  # p,g,m,v -> w0,m,v
+    # ls_save_adam given a dirs list (fp32/fp64): also writes d
+    "ls_save_adam_dir": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 2)},  # p,g,m,v -> w0,d,m,v
     "ls_trial_sgd": {"param": (0, 1), "grad": (1, 0), "copy": (1, 0)},                 # w0,g -> p
     "ls_trial_adam": {"param": (0, 1), "grad": (1, 0), "state": (1, 0), "copy": (1, 0)},  # w0,g,v -> p
+    # an Adam trial along the saved d: ls_trial_sgd on (p, w0, d)
+    "ls_trial_adam_dir": {"param": (0, 1), "copy": (2, 0)},                           # w0,d -> p
     "ls_final_adam": {"param": (0, 1), "state": (2, 0), "copy": (1, 0)},               # w0,m,v -> p
 }
 
@@ -37,13 +42,21 @@ def bytes_per_param(phases: Phases, param_itemsize: int, state_itemsize: Optiona
     return float(sum(count * op_bytes(op, param_itemsize, state_itemsize) for op, count in phases))
 
 
-def adam_sls_phases(searched_fraction: float = 1.0) -> list:
-    """AdamSLS with one accepted trial: save (moments, w0) + trial over the searched parameters + final.
+def adam_search_ops(direction_saved: bool = True) -> Tuple[str, str]:
+    """(save, trial) ops of an Adam line search: with the direction saved (fp32/fp64 parameters,
+    _line_search.EXACT_DIRECTION) the save writes d and every trial reads w0 and d; else (fp16/bf16)
+    the trials recompute d from g and v."""
+    return ("ls_save_adam_dir", "ls_trial_adam_dir") if direction_saved else ("ls_save_adam", "ls_trial_adam")
+
+
+def adam_sls_phases(searched_fraction: float = 1.0, direction_saved: bool = True) -> list:
+    """AdamSLS with one accepted trial: save (moments, w0, d) + trial over the searched parameters + final.
 
     LayerwiseAdamSLS ("cycle") searches one of n groups per step: over a cycle the trial touches
     1/n of the parameters per step on average.
     """
-    return [("ls_save_adam", 1.0), ("ls_trial_adam", searched_fraction), ("ls_final_adam", 1.0)]
+    save, trial = adam_search_ops(direction_saved)
+    return [(save, 1.0), (trial, searched_fraction), ("ls_final_adam", 1.0)]
 
 
 ARMIJO_SGD_PHASES = [("ls_save_sgd", 1.0), ("ls_trial_sgd", 1.0)]  # the accepted trial is the step

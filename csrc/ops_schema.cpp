@@ -33,7 +33,7 @@ TORCH_LIBRARY(svi_kernels, m) {
   m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
   m.def(
       "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
-      "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] w0, float beta1, float beta2, float eps, "
+      "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] w0, Tensor(d!)[] dirs, float beta1, float beta2, float eps, "
       "float bias_correction2_sqrt) -> Tensor");
   m.def("ls_trial_sgd(Tensor(a!)[] params, Tensor[] w0, Tensor[] grads, float[] etas) -> ()");
   m.def(

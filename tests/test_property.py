@@ -147,9 +147,12 @@ def test_ls_save_adam(backend, shp, dtype, seed, beta1, beta2, eps, step):
     want = [f64(x) for x in (p, g, m, v, w0)]
     start = [f64(x) for x in (m, v)]
     kw = dict(beta1=beta1, beta2=beta2, eps=eps, bias_correction2_sqrt=bias_corrections(step, beta1, beta2)[1])
-    sums = get(backend).ls_save_adam(p, g, m, v, w0, **kw)
-    ref = reference.ls_save_adam(*want, **kw)
+    dirs = [torch.empty_like(x) for x in p]  # the search direction, as the optimizers save it
+    want_dirs = [torch.empty_like(x) for x in want[0]]
+    sums = get(backend).ls_save_adam(p, g, m, v, w0, dirs, **kw)
+    ref = reference.ls_save_adam(*want, want_dirs, **kw)
     assert_sums(sums, ref, len(shp), "sum(g^2 / (sqrt(v_hat) + eps))")
+    assert_close(dirs, want_dirs, [torch.zeros_like(x) for x in want_dirs], dtype, "dirs")
     assert_unchanged(w0, want[0], "w0 == p")
     assert_unchanged(p, want[0], "param")
     assert_close(m, want[2], start[0], dtype, "exp_avg")
@@ -218,7 +221,7 @@ def test_empty_lists(backend):
                    bias_correction1=0.1, bias_correction2_sqrt=0.1, maximize=False)
     impl.sgd_momentum_step([], [], [], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.0, maximize=False)
     assert tuple(impl.ls_save_sgd([], [], []).shape) == (0,)
-    assert tuple(impl.ls_save_adam([], [], [], [], [], beta1=0.9, beta2=0.999, eps=1e-8,
+    assert tuple(impl.ls_save_adam([], [], [], [], [], [], beta1=0.9, beta2=0.999, eps=1e-8,
                                    bias_correction2_sqrt=0.1).shape) == (0,)
     impl.ls_trial_sgd([], [], [], [])
     impl.ls_trial_adam([], [], [], [], [], eps=1e-8, bias_correction2_sqrt=0.1)

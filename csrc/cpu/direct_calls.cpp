@@ -172,14 +172,17 @@ PyObject* direct_ls_save_sgd(PyObject*, PyObject* args) {
 }
 
 PyObject* direct_ls_save_adam(PyObject*, PyObject* args) {
-  PyObject *p, *g, *m, *v, *w0;
+  PyObject *p, *g, *m, *v, *w0, *d;
   double beta1, beta2, eps, bc2_sqrt;
-  if (!PyArg_ParseTuple(args, "OOOOOdddd", &p, &g, &m, &v, &w0, &beta1, &beta2, &eps, &bc2_sqrt)) return nullptr;
+  if (!PyArg_ParseTuple(args, "OOOOOOdddd", &p, &g, &m, &v, &w0, &d, &beta1, &beta2, &eps, &bc2_sqrt)) return nullptr;
   if (dispatcher_needed()) return not_implemented();
-  BorrowedList lp, lg, lm, lv, lw;
-  if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v) || !lw.borrow(w0)) return not_implemented();
+  BorrowedList lp, lg, lm, lv, lw, ld;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v) || !lw.borrow(w0) || !ld.borrow(d)) {
+    return not_implemented();
+  }
   return guarded_tensor([&] {
-    return ls_save_adam(lp.list(), lg.list(), lm.list(), lv.list(), lw.list(), beta1, beta2, eps, bc2_sqrt);
+    return ls_save_adam(lp.list(), lg.list(), lm.list(), lv.list(), lw.list(), ld.list(), beta1, beta2, eps,
+                        bc2_sqrt);
   });
 }
 

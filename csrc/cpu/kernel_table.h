@@ -36,7 +36,8 @@ struct SgdScalars {
 
 struct LsAdamSaveScalars {
   double one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
-  bool stream = false;  // write w0 with streaming stores (stream_policy.h)
+  bool stream = false;  // write w0 (and dirs) with streaming stores (stream_policy.h)
+  bool with_dirs = false;  // a sixth pointer, dirs, receives the search direction g / denom
 };
 
 // Trial/final line-search steps: eta is the tensor's step size (eta / bias_correction1 for the
@@ -55,7 +56,8 @@ struct CpuKernels {
   void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);
   // ptrs: params, grads, w0; returns the segment's sum of g^2 (stream: w0 by streaming stores)
   double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n, bool stream);
-  // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0; returns the segment's sum of g^2 / denom
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0[, dirs when with_dirs]; returns the
+  // segment's sum of g^2 / denom
   double (*ls_save_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsAdamSaveScalars&);
   // ptrs: params, w0, grads (eps and bias_correction2_sqrt unused)
   void (*ls_trial_sgd)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);

@@ -29,14 +29,19 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
-                        double bias_correction2_sqrt) {
-  const MultiTensor lists(
-      "ls_save_adam",
-      {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+                        at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
+                        double eps, double bias_correction2_sqrt) {
+  // dirs: one per parameter (the search direction is written), or empty (it is not).
+  const bool with_dirs = !dirs.empty();
+  const MultiTensor lists = with_dirs
+      ? MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
+      : MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
   if (lists.empty()) return no_sums();
   const at::ScalarType dtype = lists.dtype();
-  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt, stream_stores_pay(lists.bytes_per_list(), 5)};
+  const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt,
+                             stream_stores_pay(lists.bytes_per_list(), with_dirs ? 6 : 5), with_dirs};
   const auto kernel = cpu_kernels().ls_save_adam;
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(

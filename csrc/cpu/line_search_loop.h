@@ -54,13 +54,23 @@ double ls_save_sgd_segment(void* const* ptrs, int64_t n, bool stream) {
 template <typename T>
 double ls_save_adam_segment(void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {
   using S = at::opmath_type<T>;
-  enum { P, G, M, V, W0 };
+  enum { P, G, M, V, W0, D };
   save_copy<T>(ptrs[W0], ptrs[P], n, s.stream);
   const BothWidths<LsAdamSaveCoeffs, S> coeffs{ls_adam_save_coeffs<S, S>(s), ls_adam_save_coeffs<Vectorized<S>, S>(s)};
-  return for_each_element<bit(G) | bit(M) | bit(V), bit(M) | bit(V), true>(typed<T, 5>(ptrs), n, [coeffs](auto& x) {
+  constexpr unsigned kIn = bit(G) | bit(M) | bit(V), kMoments = bit(M) | bit(V);
+  if (!s.with_dirs) {
+    return for_each_element<kIn, kMoments, true>(typed<T, 5>(ptrs), n, [coeffs](auto& x) {
+      const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+      return math::ls_adam_prepare_elem(x[G], x[M], x[V], c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.eps,
+                                        c.bias_correction2_sqrt);
+    });
+  }
+  // The direction d is write-only, streamed like w0.
+  return for_each_element_streaming<kIn, kMoments | bit(D), bit(D), true>(s.stream, typed<T, 6>(ptrs), n,
+                                                                         [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
-    return math::ls_adam_prepare_elem(x[G], x[M], x[V], c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.eps,
-                                      c.bias_correction2_sqrt);
+    return math::ls_adam_prepare_dir_elem(x[G], x[M], x[V], x[D], c.one_minus_beta1, c.beta2, c.one_minus_beta2,
+                                          c.eps, c.bias_correction2_sqrt);
   });
 }
 

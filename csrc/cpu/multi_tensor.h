@@ -65,7 +65,7 @@ inline ChunkPlan plan_chunks(c10::ArrayRef<int64_t> numels, int64_t chunk_elems 
 // reading each TensorImpl (a cache miss apiece), so each is read once, by plain field
 // comparisons that build no error text. Anything the fast comparison does not accept goes to
 // check_fused_group, which raises the precise error (before any tensor is modified).
-constexpr size_t kMaxLists = 5;
+constexpr size_t kMaxLists = 6;
 
 class MultiTensor {
  public:

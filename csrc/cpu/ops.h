@@ -32,9 +32,10 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
 
+// dirs: empty, or one tensor per parameter that receives the search direction g / denom.
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
-                        double bias_correction2_sqrt);
+                        at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
+                        double eps, double bias_correction2_sqrt);
 
 void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads, c10::ArrayRef<double> etas);
 

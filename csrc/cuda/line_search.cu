@@ -55,6 +55,24 @@ struct SaveAdamElem {
   }
 };
 
+// SaveAdamElem with a sixth list, 5 dirs, that receives the search direction g / denom.
+template <typename M>
+struct SaveAdamDirElem {
+  static constexpr int kDepth = 6;
+  static constexpr int kReadMask = 0b001111;
+  static constexpr int kWriteMask = 0b111100;
+  static constexpr bool kReduce = true;
+  static constexpr bool kWithScalars = false;
+
+  M one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
+    x[4] = x[0];
+    return math::ls_adam_prepare_dir_elem(x[1], x[2], x[3], x[5], one_minus_beta1, beta2, one_minus_beta2, eps,
+                                          bias_correction2_sqrt);
+  }
+};
+
 // Lists: 0 params, 1 w0, 2 grads; scalar = eta of the tensor. Reads w0, g; writes p.
 template <typename M>
 struct TrialSgdElem {
@@ -126,21 +144,32 @@ at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::Ten
   return sums.to(at::kFloat);
 }
 
+// dirs: one per parameter (the search direction is written), or empty (it is not).
 at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                             at::TensorList exp_avg_sqs, at::TensorList w0, double beta1, double beta2, double eps,
-                             double bias_correction2_sqrt) {
-  const at::ScalarType dtype =
-      check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                   {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+                             at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1,
+                             double beta2, double eps, double bias_correction2_sqrt) {
+  const bool with_dirs = !dirs.empty();
+  const at::ScalarType dtype = with_dirs
+      ? check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
+      : check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
   if (params.empty()) return empty_sums();
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor sums = sum_slots(params[0], params.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_save_adam", [&] {
     using M = opmath_t<scalar_t>;
-    const SaveAdamElem<M> op{static_cast<M>(1.0 - beta1), static_cast<M>(beta2), static_cast<M>(1.0 - beta2),
-                             static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
-    const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
-    multi_tensor_apply<scalar_t>(lists, nullptr, op, sums.data_ptr<double>());
+    const M c[5] = {static_cast<M>(1.0 - beta1), static_cast<M>(beta2), static_cast<M>(1.0 - beta2),
+                    static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    if (with_dirs) {
+      const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, w0, dirs};
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamDirElem<M>{c[0], c[1], c[2], c[3], c[4]},
+                                   sums.data_ptr<double>());
+    } else {
+      const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M>{c[0], c[1], c[2], c[3], c[4]},
+                                   sums.data_ptr<double>());
+    }
   });
   return sums.to(at::kFloat);
 }

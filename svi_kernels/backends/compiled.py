@@ -158,11 +158,12 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                 w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
+                 w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
+                 bias_correction2_sqrt: float) -> Tensor:
     if not params:
         return _empty_sums()
-    return _call("ls_save_adam", params, grads, exp_avgs, exp_avg_sqs, w0, float(beta1), float(beta2), float(eps),
-                 float(bias_correction2_sqrt))
+    return _call("ls_save_adam", params, grads, exp_avgs, exp_avg_sqs, w0, dirs, float(beta1), float(beta2),
+                 float(eps), float(bias_correction2_sqrt))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:

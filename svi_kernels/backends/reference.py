@@ -208,20 +208,30 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 def ls_save_adam(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float,
+    w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float,
 ) -> Tensor:
-    """Moments updated before the search, w0 <- p; returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
+    direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    _check_dirs("ls_save_adam", dirs, params)
     terms = []
-    for p, g, m, v, w in zip(params, grads, exp_avgs, exp_avg_sqs, w0):
+    for i, (p, g, m, v, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, w0)):
         w.copy_(p)
         gf, mf, vf = _opmath(g), _opmath(m), _opmath(v)
         mf = mf + (1.0 - beta1) * (gf - mf)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
         denom = vf.sqrt() / bias_correction2_sqrt + eps
         terms.append((gf * gf) / denom)
+        if dirs:
+            _store(dirs[i], gf / denom)
         _store(m, mf)
         _store(v, vf)
     return _sums(terms, params)
+
+
+def _check_dirs(op: str, dirs: List[Tensor], params: List[Tensor]) -> None:
+    if dirs and len(dirs) != len(params):
+        raise ValueError(f"{op}: dirs has {len(dirs)} tensors but params has {len(params)} (give one per "
+                         "parameter, or an empty list to write no direction)")
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:

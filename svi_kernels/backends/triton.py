@@ -89,9 +89,10 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                 w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
-    return _kernels("line_search").ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, beta1=beta1, beta2=beta2,
-                                                eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
+                 w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
+                 bias_correction2_sqrt: float) -> Tensor:
+    return _kernels("line_search").ls_save_adam(params, grads, exp_avgs, exp_avg_sqs, w0, dirs, beta1=beta1,
+                                                beta2=beta2, eps=eps, bias_correction2_sqrt=bias_correction2_sqrt)
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor],

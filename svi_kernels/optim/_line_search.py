@@ -22,6 +22,8 @@ from . import search_schedule
 from . import searched_step
 from .adamw import adam_scalars
 
+# Dtypes whose kernels compute in the dtype itself, so a saved search direction is exact.
+EXACT_DIRECTION = (torch.float32, torch.float64)
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
 
 
@@ -71,6 +73,10 @@ class StepTensors:
         self.exp_avgs: List[Tensor] = []
         self.exp_avg_sqs: List[Tensor] = []
         self.w0: List[Tensor] = []
+        # Adam's search direction g / (sqrt(v_hat) + eps), written by the save phase so that a trial
+        # reads w0 and d (12 B/param) instead of w0, g and v (16); None where the parameter dtype
+        # cannot hold d exactly (fp16/bf16 compute in float32: their trials recompute it).
+        self.dirs: List[Optional[Tensor]] = []
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
@@ -84,6 +90,7 @@ class StepTensors:
                 self.w0.append(opt._scratch(p))
                 self.gid.append(gi)
                 if with_moments:
+                    self.dirs.append(opt._scratch(p, opt._dirs) if p.dtype in EXACT_DIRECTION else None)
                     st = opt._moments(p)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
@@ -159,6 +166,7 @@ class LineSearchOptimizer(Optimizer):
 
     def __init__(self, params, defaults, process_group=None, search="every"):
         self._w0: Dict[Tensor, Tensor] = {}
+        self._dirs: Dict[Tensor, Tensor] = {}  # Adam's search directions (StepTensors.dirs), also scratch
         # torch.distributed group whose ranks average each tested loss (None: the world; False: off).
         self.process_group = process_group
         search = search_schedule.check_search(search)
@@ -246,13 +254,15 @@ class LineSearchOptimizer(Optimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
-    def _scratch(self, p: Tensor) -> Tensor:
+    def _scratch(self, p: Tensor, buffers: Optional[Dict[Tensor, Tensor]] = None) -> Tensor:
+        """p's buffer in ``buffers`` (default: the w0 copies), made to match p's local shard."""
+        buffers = self._w0 if buffers is None else buffers
         lp = sharding.local(p)  # w0 holds the local shard only
-        buf = self._w0.get(p)
+        buf = buffers.get(p)
         if buf is None or buf.shape != lp.shape or buf.dtype != lp.dtype or buf.device != lp.device:
             buf = torch.empty_like(lp, memory_format=torch.contiguous_format if lp.is_contiguous()
                                    else torch.preserve_format)
-            self._w0[p] = buf
+            buffers[p] = buf
         return buf
 
     def _runner(self, closure):
@@ -284,12 +294,15 @@ class LineSearchOptimizer(Optimizer):
         return self._save_sgd(t)
 
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
-        """Moments updated, w0 <- p, and sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
+        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers), and
+        sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            impl = C.backend_for(g["backend"], device, lists, n_check)
+            if lists[5][0] is None:  # a bucket's tensors share the dtype: no direction buffers at all
+                lists[5] = []
+            impl = C.backend_for(g["backend"], device, lists[:5], n_check and 5)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
                                                  bias_correction2_sqrt=bc2_sqrt)))
         return DeviceSums(t, parts)
@@ -300,10 +313,19 @@ class LineSearchOptimizer(Optimizer):
             impl.ls_trial_sgd(*lists, t.per_tensor(etas, pos))
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
-        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads", "exp_avg_sqs"], gids=list(etas)):
+        """p <- w0 - eta * d: along the direction _save_adam saved in ``t.dirs`` (this step's, with the
+        same bias correction: callers pass _save_adam's ``step``), else recomputed from g and v."""
+        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs", "grads", "exp_avg_sqs"],
+                                                         gids=list(etas)):
+            etas_t = t.per_tensor(etas, pos)
+            if lists[2][0] is not None:
+                impl = C.backend_for(g["backend"], device, lists[:3], n_check and 3)
+                impl.ls_trial_sgd(*lists[:3], etas_t)
+                continue
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = C.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_trial_adam(*lists, t.per_tensor(etas, pos), eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
+            trial = [lists[0], lists[1], lists[3], lists[4]]
+            impl = C.backend_for(g["backend"], device, trial, n_check and 4)
+            impl.ls_trial_adam(*trial, etas_t, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 
     def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):

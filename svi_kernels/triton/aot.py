@@ -73,8 +73,9 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                    L(), L(), L(), lr=one() * 0.1 if lt else 0.1, momentum=0.9, nesterov=True, weight_decay=0.0,
                    grad_scale=one() if a else None, found_inf=one() * 0 if a else None))
     yield "", lambda: line_search.ls_save_sgd(L(), L(), L())
-    yield "", lambda: line_search.ls_save_adam(L(), L(), L(), L(), L(), beta1=0.9, beta2=0.999, eps=1e-8,
-                                               bias_correction2_sqrt=0.05)
+    for dirs in (False, True):
+        yield f"dirs={dirs}", lambda d=dirs: line_search.ls_save_adam(
+            L(), L(), L(), L(), L(), L() if d else [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)
     yield "", lambda: line_search.ls_trial_sgd(L(), L(), L(), [0.1, 0.2])
     yield "", lambda: line_search.ls_trial_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction2_sqrt=0.05)
     yield "", lambda: line_search.ls_final_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction1=0.1,

@@ -1,6 +1,7 @@
 """Fused multi-tensor phases of the Armijo line search, one launch each per (device, dtype) group.
 
-(a) ``ls_save_sgd`` / ``ls_save_adam``: save w0 = p (Adam also updates the moments) and return
+(a) ``ls_save_sgd`` / ``ls_save_adam``: save w0 = p (Adam also updates the moments and, given a
+    ``dirs`` list, writes the search direction g / (sqrt(v_hat) + eps) for ``ls_trial_sgd``) and return
     per-tensor sums (g^2, or g^2 / (sqrt(v_hat) + eps)) as float32 [n_tensors]; each program
     reduces its chunk with ``tl.sum`` and adds it to its tensor's fp64 slot with one atomic.
 (b) ``ls_trial_sgd`` / ``ls_trial_adam``: p = w0 - eta_t * d, with one eta per tensor read from a
@@ -50,9 +51,9 @@ def ls_save_sgd_kernel(ptrs, chunks, sums,
 
 
 @device_function
-def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, mask,
+def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, mask,
                      one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt,
-                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, N_LISTS: tl.constexpr):
     tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
@@ -61,6 +62,8 @@ def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, mask,
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * (g * g)
     denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    if N_LISTS == 6:  # ls_adam_prepare_dir_elem: the search direction too
+        tl.store(d_ptr + offs, to_storage(div_rn(g, denom), DTYPE), mask=mask)
     term = div_rn(g * g, denom)
     # ---
     tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=mask)
@@ -72,13 +75,18 @@ def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, mask,
 def ls_save_adam_kernel(ptrs, chunks, sums,
                         one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
                         eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                        N_LISTS: tl.constexpr):
+    # N_LISTS: 5, or 6 with the dirs list (the search direction is written)
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
-    p_ptr = tensor_ptr(ptrs, t, 0, 5, DTYPE, ALIGNED)
-    g_ptr = tensor_ptr(ptrs, t, 1, 5, DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(ptrs, t, 2, 5, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, 5, DTYPE, ALIGNED)
-    w_ptr = tensor_ptr(ptrs, t, 4, 5, DTYPE, ALIGNED)
+    p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, DTYPE, ALIGNED)
+    w_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
+    d_ptr = w_ptr  # unused without dirs
+    if N_LISTS == 6:
+        d_ptr = tensor_ptr(ptrs, t, 5, N_LISTS, DTYPE, ALIGNED)
     c_one_minus_beta1 = tl.full([], one_minus_beta1, COMPUTE)
     c_beta2 = tl.full([], beta2, COMPUTE)
     c_one_minus_beta2 = tl.full([], one_minus_beta2, COMPUTE)
@@ -86,12 +94,14 @@ def ls_save_adam_kernel(ptrs, chunks, sums,
     c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
     for first in range(start, full_end, BLOCK):
-        acc += _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, first + tl.arange(0, BLOCK), None,
-                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
+        acc += _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, first + tl.arange(0, BLOCK), None,
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE,
+                                N_LISTS)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        term = _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, offs < end,
-                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
+        term = _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, offs < end,
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE,
+                                N_LISTS)
         acc += tl.where(offs < end, term, 0.0)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
 
@@ -192,14 +202,14 @@ def _per_tensor(values: Etas, n: int, group: Group, scale: float = 1.0) -> Tenso
     return out
 
 
-def _run_reduction(kernel, group: Group, shape: Tuple[int, int], args: tuple) -> Tensor:
+def _run_reduction(kernel, group: Group, shape: Tuple[int, int], args: tuple, **constexprs) -> Tensor:
     sums = torch.zeros(group.n_tensors, dtype=torch.float64, device=group.device)
     if group.n_elements:
         dtype, compute = runtime.element_types(group.dtype)
         block, chunk = shape
         ptrs, chunks, aligned = group.tables(chunk)
         runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, sums) + args,
-                       dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
+                       dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, **constexprs), group.device)
         group.finish()
     return sums.to(torch.float32)
 
@@ -222,11 +232,16 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                 w0: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float) -> Tensor:
-    """Moments updated before the search, w0 <- p; returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
-    group, shape = _group([params, grads, exp_avgs, exp_avg_sqs, w0], written=(2, 3, 4))
+                 w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
+                 bias_correction2_sqrt: float) -> Tensor:
+    """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
+    direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    if len(dirs) and len(dirs) != len(params):
+        raise ValueError(f"ls_save_adam: dirs has {len(dirs)} tensors but params has {len(params)}")
+    lists = [params, grads, exp_avgs, exp_avg_sqs, w0] + ([dirs] if len(dirs) else [])
+    group, shape = _group(lists, written=(2, 3, 4, 5)[:len(lists) - 2])
     args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))
-    return _run_reduction(ls_save_adam_kernel, group, shape, args)
+    return _run_reduction(ls_save_adam_kernel, group, shape, args, N_LISTS=len(lists))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Etas) -> None:

@@ -105,7 +105,7 @@ def test_eta_count(cpu):
 
 
 def test_empty_lists_return_float32(cpu):
-    out = cpu.ls_save_adam([], [], [], [], [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=1.0)
+    out = cpu.ls_save_adam([], [], [], [], [], [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=1.0)
     assert out.dtype == torch.float32 and out.shape == (0,)
     cpu.ls_final_adam([], [], [], [], [], eps=1e-8, bias_correction1=1.0, bias_correction2_sqrt=1.0)
 
@@ -127,7 +127,7 @@ def test_reductions_independent_of_thread_count(cpu, restore_threads, dtype):
         p, g, m, v = adam_lists(sizes, dtype, seed=5)
         w0 = [torch.empty_like(t) for t in p]
         s_sgd = cpu.ls_save_sgd(p, g, w0)
-        s_adam = cpu.ls_save_adam(p, g, m, v, w0, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)
+        s_adam = cpu.ls_save_adam(p, g, m, v, w0, [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)
         results.append((s_sgd, s_adam, m, v))
     for s_sgd, s_adam, m, v in results[1:]:
         assert torch.equal(s_sgd, results[0][0])
@@ -182,10 +182,12 @@ def test_float64_all_ops(cpu):
     sizes = [1, 7, 4099, CHUNK + 9]
     tol = dict(rtol=1e-12, atol=1e-12)
     p, g, m, v = adam_lists(sizes, torch.float64, seed=21)
-    w0 = [torch.empty_like(t) for t in p]
-    want = [f64(x) for x in (p, g, m, v, w0)]
+    w0, dirs = [torch.empty_like(t) for t in p], [torch.empty_like(t) for t in p]
+    want = [f64(x) for x in (p, g, m, v, w0, dirs)]
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)
-    torch.testing.assert_close(cpu.ls_save_adam(p, g, m, v, w0, **kw), reference.ls_save_adam(*want, **kw))
+    torch.testing.assert_close(cpu.ls_save_adam(p, g, m, v, w0, dirs, **kw), reference.ls_save_adam(*want, **kw))
+    for got, ref in zip(dirs, want[5]):
+        torch.testing.assert_close(got, ref, **tol)
     etas = [0.5, 0.1, 1e-3, 2.0]
     cpu.ls_trial_adam(p, w0, g, v, etas, eps=1e-8, bias_correction2_sqrt=0.05)
     reference.ls_trial_adam(want[0], want[4], want[1], want[3], etas, eps=1e-8, bias_correction2_sqrt=0.05)

@@ -41,7 +41,7 @@ OPS = {
     "sgd_momentum_step": (3, ("params", "grads", "momentum_buffers"),
                           lambda cpu, ls: cpu.sgd_momentum_step(*ls, lr=0.1, momentum=0.9, nesterov=False,
                                                                 weight_decay=0.0)),
-    "ls_save_adam": (5, ("params", "grads", "exp_avgs", "exp_avg_sqs", "w0"),
+    "ls_save_adam": (6, ("params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"),
                      lambda cpu, ls: cpu.ls_save_adam(*ls, beta1=0.9, beta2=0.999, eps=1e-8,
                                                       bias_correction2_sqrt=1.0)),
     "ls_trial_sgd": (3, ("params", "w0", "grads"), lambda cpu, ls: cpu.ls_trial_sgd(*ls, [0.1] * N)),

@@ -124,13 +124,16 @@ def test_ls_save_sgd(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
-def test_ls_save_adam(dtype, offset):
+@pytest.mark.parametrize("with_dirs", [False, True], ids=["no-dirs", "dirs"])
+def test_ls_save_adam(dtype, offset, with_dirs):
     p, g, m, v = (rand(SIZES, dtype, s, k, offset) for s, k in ((10, "n"), (11, "n"), (12, "small"), (13, "pos")))
     w0 = [torch.zeros_like(t) for t in p]
+    dirs = [torch.zeros_like(t) for t in p] if with_dirs else []
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 4))
-    want = [f64(x) for x in (p, g, m, v, w0)]
+    want = [f64(x) for x in (p, g, m, v, w0, dirs)]
     want_sums = reference.ls_save_adam(*want, **kw)
-    sums = compiled.ls_save_adam(p, g, m, v, w0, **kw)
+    sums = compiled.ls_save_adam(p, g, m, v, w0, dirs, **kw)
+    close(dirs, want[5], dtype, "dirs")
     # Sums of float32-rounded terms vs float64 terms: relative 1e-6 is generous for fp32 opmath.
     torch.testing.assert_close(sums.cpu().double(), want_sums.double(), rtol=1e-5, atol=1e-6)
     close(m, want[2], dtype, "exp_avg")

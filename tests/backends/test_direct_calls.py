@@ -99,7 +99,7 @@ def test_errors_are_the_ops_errors(C):
 
 LS_CALLS = {  # name: (number of lists, extra args after the lists)
     "ls_save_sgd": (3, ()),
-    "ls_save_adam": (5, (0.9, 0.999, 1e-8, 0.3)),
+    "ls_save_adam": (6, (0.9, 0.999, 1e-8, 0.3)),
     "ls_trial_sgd": (3, ("etas",)),
     "ls_trial_adam": (4, ("etas", 1e-8, 0.3)),
     "ls_final_adam": (4, ("etas", 1e-8, 0.2, 0.3)),

@@ -113,13 +113,16 @@ def test_ls_save_sgd(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ls_save_adam(backend, dtype):
+@pytest.mark.parametrize("with_dirs", [False, True], ids=["no-dirs", "dirs"])
+def test_ls_save_adam(backend, dtype, with_dirs):
     dev = _device_for(backend)
     p, g, m, v, w0 = lists_for(SIZES, dtype, dev, 40, ["n", "n", "small", "pos", "n"])
-    want = [f64(x) for x in (p, g, m, v, w0)]
+    dirs = [torch.empty_like(t) for t in p] if with_dirs else []
+    want = [f64(x) for x in (p, g, m, v, w0, dirs)]
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 3))
-    sums = get(backend).ls_save_adam(p, g, m, v, w0, **kw)
+    sums = get(backend).ls_save_adam(p, g, m, v, w0, dirs, **kw)
     ref = reference.ls_save_adam(*want, **kw)
+    assert_close(dirs, want[5], dtype, "dirs")
     # The float64 oracle sums the float64 terms exactly enough; compare per tensor.
     torch.testing.assert_close(sums.cpu().double(), ref.double(), rtol=_sum_tol(dtype), atol=1e-6)
     assert_close(w0, want[0], dtype, "w0")

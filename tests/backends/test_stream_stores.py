@@ -60,9 +60,10 @@ def _run(cpu, op, dtype, offset):
     if op == "ls_save_adam":
         p, g, m, v = _lists(dtype, 4, offset)
         w0 = [torch.full_like(t, 7.0) for t in p]
-        sums = cpu.ls_save_adam(p, g, m, v, w0, beta1=0.9, beta2=0.999, eps=1e-8,
+        dirs = [torch.full_like(t, 7.0) for t in p]  # write-only like w0: streamed too
+        sums = cpu.ls_save_adam(p, g, m, v, w0, dirs, beta1=0.9, beta2=0.999, eps=1e-8,
                                 bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 3))
-        return w0 + m + v + [sums]
+        return w0 + dirs + m + v + [sums]
     etas = [1e-2 * (i + 1) for i in range(len(SIZES))]
     if op == "ls_trial_sgd":
         p, w0, g = _lists(dtype, 3, offset)

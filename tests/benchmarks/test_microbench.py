@@ -47,6 +47,7 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize("op,fp32,bf16", [
     ("adam_step", 28, 14), ("sgd_momentum_step", 20, 10), ("ls_trial_sgd", 12, 6), ("ls_trial_adam", 16, 8),
     ("ls_save_sgd", 12, 6), ("ls_save_adam", 28, 14), ("ls_final_adam", 16, 8),
+    ("ls_save_adam_dir", 32, 16), ("ls_trial_adam_dir", 12, 6),
 ])
 def test_op_bytes_from_reads_and_writes(op, fp32, bf16):
     assert traffic.op_bytes(op, 4) == fp32
@@ -61,23 +62,34 @@ def test_fp32_state_with_bf16_params():
 
 def test_line_search_bookkeeping_is_the_sum_of_its_phases():
     assert traffic.bytes_per_param(traffic.ARMIJO_SGD_PHASES, 4) == 12 + 12
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 28 + 16 + 16
+    # fp32/fp64: the save also writes the direction d, each trial reads w0 and d
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 32 + 12 + 16
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(direction_saved=False), 2) == 14 + 8 + 8
     # PLASLS with 10 groups: every step saves and finalises all, searches a tenth on average
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(28 + 1.6 + 16)
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(32 + 1.2 + 16)
 
 
 def test_every_row_is_accounted():
     params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(20)]
     ctx = rows_mod.Context(params, [torch.zeros(3)] * 20, torch.device("cpu"), torch.float32)
     expected = {"torch_adamw_foreach": 28, "torch_adamw_fused": 28, "adamw": 28, "svi_sgd": 20, "svi_adam": 28,
-                "ls_trial_sgd": 12, "ls_trial_adam": 16, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 60,
-                "layerwise_adam_sls_bookkeeping": 44 + 1.6, "salsa_search_bookkeeping": 28 + 16, "salsa_skipped_step": 28}
+                "ls_trial_sgd": 12, "ls_trial_adam": 12, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 60,
+                "layerwise_adam_sls_bookkeeping": 48 + 1.2, "salsa_search_bookkeeping": 32 + 12, "salsa_skipped_step": 28}
     seen = set()
     for row in rows_mod.build_rows(["cpu"]):
         name = row.name.replace("reference_style_", "")
         assert traffic.bytes_per_param(row.phases(ctx), 4) == pytest.approx(expected[name]), row.name
         seen.add(row.name)
     assert {"reference_style_armijo_sgd_bookkeeping", "layerwise_adam_sls_bookkeeping"} <= seen
+
+
+def test_bf16_adam_searches_are_counted_without_the_saved_direction():
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)) for _ in range(20)]
+    ctx = rows_mod.Context(params, [torch.zeros(3, dtype=torch.bfloat16)] * 20, torch.device("cpu"), torch.bfloat16)
+    expected = {"ls_trial_adam": 8, "salsa_search_bookkeeping": 14 + 8, "adam_sls_bookkeeping": 14 + 8 + 8}
+    for row in rows_mod.build_rows(["cpu"]):
+        if row.name in expected:
+            assert traffic.bytes_per_param(row.phases(ctx), 2) == expected[row.name], row.name
 
 
 def test_targets_mark_missing_rows():

@@ -38,7 +38,7 @@ OPS = {
     "sgd_momentum_step": (("params", "grads", "momentum_buffers"), set(), (0, 2), False,
                           dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
     "ls_save_sgd": (("params", "grads", "w0"), set(), (2,), False, {}),
-    "ls_save_adam": (("params", "grads", "exp_avgs", "exp_avg_sqs", "w0"), {3}, (2, 3, 4), False,
+    "ls_save_adam": (("params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"), {3}, (2, 3, 4, 5), False,
                      dict(beta1=BETA1, beta2=BETA2, eps=1e-8, bias_correction2_sqrt=BC2_SQRT)),
     "ls_trial_sgd": (("params", "w0", "grads"), set(), (0,), True, {}),
     "ls_trial_adam": (("params", "w0", "grads", "exp_avg_sqs"), {3}, (0,), True,
@@ -115,11 +115,11 @@ def header_oracle(op, lists, etas, kwargs):
             out[2][i] = f[0][i]
             sums.append((f[1][i] * f[1][i]).double().sum())
         elif op == "ls_save_adam":
-            p, g, m, v, _ = (x[i] for x in f)
+            p, g, m, v, _, _ = (x[i] for x in f)
             m = m + (1.0 - k["beta1"]) * (g - m)
             v = k["beta2"] * v + (1.0 - k["beta2"]) * (g * g)
             denom = _exact_sqrt(v) / k["bias_correction2_sqrt"] + k["eps"]
-            out[2][i], out[3][i], out[4][i] = m, v, p
+            out[2][i], out[3][i], out[4][i], out[5][i] = m, v, p, g / denom
             sums.append(((g * g) / denom).double().sum())
         elif op == "ls_trial_sgd":
             _, w0, g = (x[i] for x in f)
