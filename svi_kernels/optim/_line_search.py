@@ -24,6 +24,8 @@ from .adamw import adam_scalars
 
 # Dtypes whose kernels compute in the dtype itself, so a saved search direction is exact.
 EXACT_DIRECTION = (torch.float32, torch.float64)
+# Dtypes where the CPU op ls_trial_sgd(p, p, g, eta) gives the bits of torch._foreach_add_(p, g, alpha=-eta).
+_FOREACH_BITS = (torch.float32, torch.float64)
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
 
 
@@ -65,9 +67,11 @@ class StepTensors:
 
     def __init__(self, opt: "LineSearchOptimizer", with_moments: bool):
         planned = step_plan.line_search_tensors(opt, with_moments)  # the last step's lists, this step's grads
-        if planned is not None:
+        if planned is not None:  # (``planned`` True: the gradients are left to the ops' checks)
             self.__dict__.update(planned)
             return
+        opt._check_params()  # the long way checks everything first
+        self.planned = False
         self.params: List[Tensor] = []
         self.grads: List[Tensor] = []
         self.exp_avgs: List[Tensor] = []
@@ -104,10 +108,24 @@ class StepTensors:
         self.key = [(p.device, p.dtype) + launch_key[gi] for p, gi in zip(self.params, self.gid)]
         self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
         self._partitions: Dict[Optional[tuple], List[List[int]]] = {}
+        self._sublists: Dict[tuple, list] = {}  # (name, id of a partition's positions) -> that sublist
+        self._all_contiguous: Optional[bool] = None
         step_plan.keep_line_search_tensors(opt, self, owners, with_moments)
 
+    def grads_pass_checks(self) -> bool:
+        """The ops' gradient checks, in Python (true off the plan: check_params has run)."""
+        return not self.planned or step_plan.grads_pass_checks(self.grads, self.dtypes)
+
+    def check_grad_dtypes(self, opt_name: str) -> None:
+        """Every gradient has its parameter's dtype (what the fused ops refuse otherwise)."""
+        for i, (p, g) in enumerate(zip(self.params, self.grads)):
+            if g.dtype != p.dtype:
+                raise RuntimeError(f"{opt_name}: the gradient of parameter {i} (of those with gradients) has "
+                                   f"dtype {g.dtype}, the parameter {p.dtype}; they must agree")
+
     def _partition(self, gids: Optional[Sequence[int]]) -> List[List[int]]:
-        """Positions of the selected groups' tensors, split into fused buckets (memoised per step).
+        """Positions of the selected groups' tensors, split into fused buckets (memoised, also across
+        the steps that reuse the plan's StepTensors fields).
 
         A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps,
         backend), so groups that agree on them share one launch.
@@ -127,35 +145,56 @@ class StepTensors:
         ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
         out = []
         n = len(self.params)
-        contiguous = all(self.contiguous)
+        if self._all_contiguous is None:
+            self._all_contiguous = all(self.contiguous)
         for pos in self._partition(gids):
             if len(pos) == n:  # one bucket of everything (positions in order): the lists themselves
                 lists = [getattr(self, name) for name in names]
             else:
-                lists = [[getattr(self, name)[i] for i in pos] for name in names]
-            n_check = 0 if contiguous or all(self.contiguous[i] for i in pos) else len(names)
+                lists = [self._sublist(name, pos) for name in names]
+            n_check = 0 if self._all_contiguous or all(self.contiguous[i] for i in pos) else len(names)
             out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], lists, pos, n_check))
         return out
+
+    def _sublist(self, name: str, pos: List[int]) -> List[Optional[Tensor]]:
+        """``getattr(self, name)`` at the positions ``pos`` (a list the partition memoises). All but the
+        gradients are the same tensors on every step that reuses the plan's fields: memoised too."""
+        if name == "grads":
+            return list(map(self.grads.__getitem__, pos))
+        key = (name, id(pos))  # pos lives as long as the memo (both in self._partitions' lifetime)
+        sub = self._sublists.get(key)
+        if sub is None:
+            sub = self._sublists[key] = list(map(getattr(self, name).__getitem__, pos))
+        return sub
 
     def per_tensor(self, per_group: Dict[int, float], pos: List[int]) -> List[float]:
         """A value per tensor of a bucket from one per group (positions run group by group)."""
         first = self.gid[pos[0]]
         if first == self.gid[pos[-1]]:
             return [per_group[first]] * len(pos)
-        return [per_group[self.gid[i]] for i in pos]
+        return list(map(per_group.__getitem__, map(self.gid.__getitem__, pos)))
 
-    def per_group(self, per_tensor: Dict[int, float]) -> List[float]:
+    def per_group(self, parts, values: List[float]) -> List[float]:
+        """Per-group sums of per-tensor ``values`` (those of ``parts`` = [(positions, ...)], in order):
+        each group's values added from 0.0 in the order they come."""
         if self.n_groups == 1:  # the same additions in the same order, in C
-            return [sum(per_tensor.values(), 0.0)]
+            return [sum(values, 0.0)]
         sums = [0.0] * self.n_groups
-        values = list(per_tensor.values())
-        if len(values) == len(self.gid) and list(per_tensor) == list(range(len(values))):
+        if len(parts) == 1 and self._in_order(parts[0][0]):
             for gi, start, end in self._runs:  # positions in order: each group's run, summed in C
                 sums[gi] = sum(values[start:end], 0.0)
             return sums
-        for i, v in per_tensor.items():
-            sums[self.gid[i]] += v
+        gid = self.gid
+        for i, v in zip((i for pos, _ in parts for i in pos), values):
+            sums[gid[i]] += v
         return sums
+
+    def _in_order(self, pos: List[int]) -> bool:
+        """``pos`` is 0, 1, ..., n-1 (the one bucket of every tensor, which the partition memoises)."""
+        if len(pos) != len(self.gid):
+            return False
+        whole = self._partitions.get(None)
+        return (whole is not None and pos is whole[0]) or pos == list(range(len(pos)))
 
 
 class LineSearchOptimizer(Optimizer):
@@ -265,16 +304,48 @@ class LineSearchOptimizer(Optimizer):
             buffers[p] = buf
         return buf
 
-    def _runner(self, closure):
+    def _runner(self, closure, check: bool):
+        """This step's ClosureRunner. ``check`` (a searched step): refuse bad parameters before any
+        forward; a fitting plan checked them when it was built (the gradients are checked after the
+        backward, by the first op that reads them, or by StepTensors off the plan)."""
         from ._closure import ClosureRunner, all_params
-        return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group)
+        planned = step_plan.line_search_params(self)
+        if planned is None:
+            if check:
+                self._check_params()
+            return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group)
+        params, sharded = planned
+        return ClosureRunner(self._name, closure, params, self.process_group, sharded=sharded)
 
-    def _check_inputs(self) -> None:
-        if step_plan.line_search_checked(self):  # parameters checked when the plan was built, gradients now
-            return
+    def _check_params(self) -> None:
         for group in self.param_groups:
             C.check_params(self._name, group["params"])
             sharding.check(self._name, group["params"])
+
+    def _checked_phase(self, with_moments: bool, phase, one_launch=None):
+        """(t, phase(t)) with this step's StepTensors t; ``phase`` is the first op to read the gradients.
+
+        On the plan, that op's one-pass checks (C++, over the whole list, before it writes anything but
+        the scratch w0) stand in for check_params: when it refuses, the plan is dropped and the general
+        path runs the phase (check_params raises the error it always raised, a non-contiguous gradient
+        goes to the reference backend, what else the op refuses it refuses again). ``one_launch(t)``
+        False: the phase launches more than once and a later launch's refusal would leave the earlier
+        ones done, so the gradients are checked in Python first.
+        """
+        t = StepTensors(self, with_moments)
+        if t.planned and one_launch is not None and not one_launch(t) and not t.grads_pass_checks():
+            t = self._unplanned(with_moments)
+        try:
+            return t, phase(t)
+        except RuntimeError:
+            if not t.planned:
+                raise
+        t = self._unplanned(with_moments)
+        return t, phase(t)
+
+    def _unplanned(self, with_moments: bool) -> StepTensors:
+        step_plan.drop_line_search(self)
+        return StepTensors(self, with_moments)  # the long way, with check_params
 
     # --------------------------------------------------------- fused phases
     # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
@@ -378,29 +449,56 @@ class LineSearchOptimizer(Optimizer):
         return search_schedule.decide(self.ls_state["search"], self.ls_state["step"] + 1)
 
     def _skip_sgd(self, etas: Sequence[float]) -> None:
-        """A skipped step along -g: p <- p - eta * g, one foreach launch per (group, device, dtype)."""
-        t = StepTensors(self, with_moments=False)  # the step plan's lists (step_plan.py)
-        for gi in range(len(self.param_groups)):
-            for _device, _g, (params, grads), _pos, _n in t.buckets(["params", "grads"], gids=[gi]):
+        """A skipped step along -g: p <- p - eta * g, one launch per (group, device, dtype). On the plan
+        with one float32/float64 CPU bucket it is the op ls_trial_sgd(p, p, g): the bits of
+        torch._foreach_add_ (tests/optim/test_line_search_plan.py) with the op's checks of the gradients."""
+        def launches(t):
+            return [(gi, device, g, lists) for gi in range(len(self.param_groups))
+                    for device, g, lists, _pos, _n in t.buckets(["params", "grads"], gids=[gi])]
+
+        def fused(t) -> bool:  # one launch, which the op checks, with foreach's bits
+            todo = launches(t)
+            if len(todo) != 1:
+                return False
+            _gi, device, g, (params, _grads) = todo[0]
+            return params[0].dtype in _FOREACH_BITS and C._backends.resolve(g["backend"], device) == "cpu"
+
+        def update(t):
+            if t.planned and fused(t):
+                gi, device, g, (params, grads) = launches(t)[0]
+                C.backend_for(g["backend"], device, [params, grads], 0).ls_trial_sgd(
+                    params, params, grads, [float(etas[gi])] * len(params))
+                return
+            for gi, _device, _g, (params, grads) in launches(t):
                 torch._foreach_add_(params, grads, alpha=-etas[gi])
+
+        self._checked_phase(False, update, one_launch=fused)
 
     def _skip_adam(self, etas: Sequence[float], step: float, decays: Optional[Sequence[float]] = None) -> None:
         """A skipped step along the Adam direction with the moments updated:
         p <- p * decay - eta * m_hat / (sqrt(v_hat) + eps), bias corrections at ``step``. One fused
         ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step.
         ``decays`` (per group, default 1) is the decoupled weight-decay factor."""
-        t = StepTensors(self, with_moments=True)  # the step plan's lists (step_plan.py)
-        for gi, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
-            bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            eta = float(etas[gi])
-            # adam_step's decoupled decay is 1 - lr * weight_decay: express the wanted factor through it.
-            wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
-            for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
-                                                              gids=[gi]):
-                impl = C.backend_for(g["backend"], device, lists, n_check)
-                impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
-                               decoupled=True, bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt)
+        def one_launch(t) -> bool:
+            return len(self.param_groups) == 1 and len(t.buckets(["params"], gids=[0])) == 1
+
+        def update(t):
+            if not t.planned and not one_launch(t):  # no launch may refuse after another has stepped
+                t.check_grad_dtypes(self._name)
+            for gi, group in enumerate(self.param_groups):
+                beta1, beta2 = group["betas"]
+                bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
+                eta = float(etas[gi])
+                # adam_step's decoupled decay is 1 - lr * weight_decay: express the wanted factor through it.
+                wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
+                for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
+                                                                  gids=[gi]):
+                    impl = C.backend_for(g["backend"], device, lists, n_check)
+                    impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                                   weight_decay=wd, decoupled=True, bias_correction1=bc1,
+                                   bias_correction2_sqrt=bc2_sqrt)
+
+        self._checked_phase(True, update, one_launch)
 
 
 class DeviceSums:
@@ -412,24 +510,21 @@ class DeviceSums:
             parts = t.shards.sum_over_shards(parts)
         self.parts = parts  # [(positions, tensor of per-tensor sums)]
         self.per_group: Optional[List[float]] = None
-        self.per_tensor: Optional[Dict[int, float]] = None
+        self.values: Optional[List[float]] = None  # the per-tensor sums on the host, in the parts' order
 
     def tensors(self) -> List[Tensor]:
         return [x for _, x in self.parts]
 
     def load(self, host_values: Sequence[float]) -> List[float]:
         """Take the host values of ``tensors()`` (in order); returns the per-group sums."""
-        per_tensor: Dict[int, float] = {}
-        k = 0
-        for pos, _x in self.parts:
-            per_tensor.update(zip(pos, host_values[k:k + len(pos)]))
-            k += len(pos)
-        self.per_tensor = per_tensor
-        self.per_group = self.t.per_group(per_tensor)
+        self.values = list(host_values)
+        self.per_group = self.t.per_group(self.parts, self.values)
         return self.per_group
 
     def all_finite(self) -> bool:
-        return all(map(math.isfinite, self.per_tensor.values()))
+        # A finite sum has only finite terms (an inf or NaN term makes any IEEE sum non-finite); a
+        # non-finite one may still come from finite terms that overflowed: then look at each.
+        return all(map(math.isfinite, self.per_group)) or all(map(math.isfinite, self.values))
 
 
 def read_trial(f1: Tensor, pending: DeviceSums) -> float:

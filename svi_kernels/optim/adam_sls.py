@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 
 from . import _common as C
-from ._line_search import (DeviceSums, LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
+from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 
 MIN_PRECOND_NORM = 1e-8
@@ -55,19 +55,16 @@ class AdamSLS(LineSearchOptimizer):
         stored step sizes grown as before a search, nothing read back) and ``t`` is None.
         """
         search = force_search or self._searches_now()
-        if search:  # fail before the forward; a skipped step checks once, after it (host cost of AdamW)
-            self._check_inputs()
-        runner = self._runner(closure)
-        loss = runner.first()
-        self._check_inputs()
+        # A searched step fails before the forward; a skipped step checks once, after it (host cost of AdamW).
+        runner = self._runner(closure, check=search)
+        loss = runner.first()  # the gradients are checked by the first op that reads them
         if not search:
             step = self.ls_state["step"] + 1
             self._skip_adam([reset_step_size(eta, g) for eta, g in zip(self.ls_state["step_sizes"], self.param_groups)],
                             step)
             self._finish(runner, searched=False)
             return runner, loss, None, None, None, step
-        t = StepTensors(self, with_moments=True)
-        norms = self._grad_norms(t)
+        t, norms = self._checked_phase(True, self._grad_norms)
         f0 = read_first(runner, loss, norms)
         if not norms.all_finite():
             raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")

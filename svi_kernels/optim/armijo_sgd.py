@@ -18,7 +18,7 @@ import torch
 
 from . import _common as C
 from ._closure import read_host
-from ._line_search import (LineSearchOptimizer, StepTensors, check_ls_hyperparameters, read_first,
+from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
 
 FALLBACK_STEP = 1e-6
@@ -45,11 +45,9 @@ class ArmijoSGD(LineSearchOptimizer):
         Host syncs: one for f0 and the gradient norms, then one per trial.
         """
         search = self._searches_now()
-        if search:  # fail before the forward; a skipped step checks once, after it (host cost of SGD)
-            self._check_inputs()
-        runner = self._runner(closure)
-        loss = runner.first()
-        self._check_inputs()  # gradients exist now
+        # A searched step fails before the forward; a skipped step checks once, after it (host cost of SGD).
+        runner = self._runner(closure, check=search)
+        loss = runner.first()  # the gradients are checked by the first op that reads them
         ls = self.ls_state
         old = list(ls["step_sizes"])
         if not search:  # the search= schedule skips this step: one SGD update with the stored step size
@@ -58,8 +56,7 @@ class ArmijoSGD(LineSearchOptimizer):
             self._finish(runner, searched=False)
             return loss
         with torch.no_grad():
-            t = StepTensors(self, with_moments=False)
-            sums = self._save_sgd(t)  # writes only the scratch w0
+            t, sums = self._checked_phase(False, self._save_sgd)  # writes only the scratch w0
             f0 = read_first(runner, loss, sums)
             if not sums.all_finite():
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")

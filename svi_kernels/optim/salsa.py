@@ -99,11 +99,9 @@ class SaLSA(LineSearchOptimizer):
         with torch.no_grad():
             ls = self.ls_state
             search = self._searches_now()
-            if search:  # fail before the forward; a skipped step checks once, after it (AdamW's host cost)
-                self._check_inputs()
-            runner = self._runner(closure)
-            loss = runner.first()
-            self._check_inputs()
+            # A searched step fails before the forward; a skipped step checks once, after it (AdamW's host cost).
+            runner = self._runner(closure, check=search)
+            loss = runner.first()  # the gradients are checked by the first op that reads them
             t_bias = ls["step"] + 2  # the package's bias-correction step (see the module docstring)
             old = list(ls["step_sizes"])
             grown = [eta * g["growth"] for eta, g in zip(old, self.param_groups)]
@@ -112,8 +110,7 @@ class SaLSA(LineSearchOptimizer):
                 self._skip_adam(grown, t_bias, decays)
                 self._finish(runner, searched=False)
                 return loss
-            t = StepTensors(self, with_moments=True)
-            norms = self._grad_norms(t)
+            t, norms = self._checked_phase(True, self._grad_norms)
             f0 = read_first(runner, loss, norms)
             if not norms.all_finite():
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")

@@ -45,7 +45,6 @@ class GroupPlan:
         self.flags = [_flags(g) for g in groups]
         self.mask = [p.grad is not None for p in self.param_ids]
         self.all_have_grads = all(self.mask)
-        self.dtypes = [p.dtype for p in owners]
         self.owners = owners
         # FSDP2: gradients to local shards, by attribute when every parameter is a DTensor
         self.to_local = None
@@ -56,7 +55,7 @@ class GroupPlan:
         self.impl = None
         self.bump_steps = C.next_step_values  # step counters += 1
         self.template = None  # a line search's StepTensors fields (all but the gradients)
-        self.step_grads: Optional[List[Tensor]] = None  # this step's gradients, once checked
+        self.sharded_params: Optional[bool] = None  # a line search's: any parameter a DTensor (once known)
 
     def fits(self, opt, groups: List[dict]) -> bool:
         if len(groups) != len(self.param_lists) or opt.state is not self.state:
@@ -84,10 +83,12 @@ class GroupPlan:
             grads = list(compress(grads, self.mask))
         return list(map(self.to_local, grads)) if self.to_local is not None else grads
 
-    def grads_pass_checks(self, grads: List[Tensor]) -> bool:
-        """What check_params asks of gradients, over the whole list: dense, contiguous, the parameter's dtype."""
-        return (list(map(_DTYPE, grads)) == self.dtypes and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
-                and all(map(Tensor.is_contiguous, grads)))
+
+def grads_pass_checks(grads: List[Tensor], dtypes: List[torch.dtype]) -> bool:
+    """What the ops ask of gradients, over the whole list in Python: dense, contiguous, the parameter's
+    dtype. Only for a planned line-search step that needs it before its first launch (_line_search)."""
+    return (list(map(_DTYPE, grads)) == dtypes and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+            and all(map(Tensor.is_contiguous, grads)))
 
 
 _DTYPE, _LAYOUT, _LOCAL = attrgetter("dtype"), attrgetter("layout"), attrgetter("_local_tensor")
@@ -272,53 +273,55 @@ def fast_path_allowed(opt) -> bool:
 
 # ------------------------------------------------------------------------------- line searches
 # One plan over all param groups: StepTensors' lists but the gradients (``template``), kept from the
-# last step that built them, and the checks both _check_inputs calls make.
+# last step that built them the long way. As for AdamW, the gradients are checked by the first op that
+# reads them (the save phase, or a skipped step's update: one pass over the whole list in C++, before it
+# writes anything but the scratch w0); when it refuses, the step drops the plan and runs the general path
+# (_line_search.LineSearchOptimizer._guarded).
 def _ls_plan(opt) -> Optional[GroupPlan]:
     plan = _plans(opt).get("ls")
     return plan if ENABLED and isinstance(plan, GroupPlan) and plan.fits(opt, opt.param_groups) else None
 
 
-def line_search_checked(opt) -> bool:
-    """True when the plan vouches for the parameters and this step's gradients (none yet, before the
-    first evaluation; else the plan's set, passing grads_pass_checks); then check_params is not needed."""
+def line_search_params(opt) -> Optional[tuple]:
+    """(every parameter of the param groups, whether any is an FSDP2 DTensor) when a plan fits, else
+    None. A fitting plan vouches for the parameters (checked when it was built)."""
     plan = _ls_plan(opt)
     if plan is None:
-        return False
-    raw = [p.grad for g in opt.param_groups for p in g["params"]]
-    if all(map(is_, raw, repeat(None))):
-        plan.step_grads = None
-        return True
-    grads = plan.grads(opt.param_groups, raw)
-    if grads is None or not plan.grads_pass_checks(grads):
-        plan.step_grads = None
-        return False
-    plan.step_grads = grads
-    return True
+        return None
+    if plan.sharded_params is None:
+        plan.sharded_params = sharding.any_sharded(plan.param_ids)
+    return plan.param_ids, plan.sharded_params
 
 
 def line_search_tensors(opt, with_moments: bool) -> Optional[dict]:
-    """StepTensors' fields for this step from the plan (the gradients checked by line_search_checked), or None."""
+    """StepTensors' fields for this step from the plan, with this step's gradients (unchecked: the ops
+    check them), or None when there is no plan or another set of parameters has gradients."""
     plan = _ls_plan(opt)
     if plan is None or plan.template is None or plan.template["with_moments"] != with_moments:
         return None
-    grads, plan.step_grads = plan.step_grads, None
+    grads = plan.grads(opt.param_groups)
     if grads is None:
-        grads = plan.grads(opt.param_groups)
-        if grads is None or not plan.grads_pass_checks(grads):
-            return None
+        return None
     fields = dict(plan.template)
     fields["grads"] = grads
     return fields
 
 
 def keep_line_search_tensors(opt, t, owners: List[Tensor], with_moments: bool) -> None:
-    """After StepTensors was built the long way: keep it as the plan when everything is contiguous
-    (then a later step's gradients only need grads_pass_checks)."""
+    """After StepTensors was built the long way: keep it as the plan when everything is contiguous."""
     if not all(t.contiguous):
-        _plans(opt).pop("ls", None)
+        drop_line_search(opt)
         return
     plan = GroupPlan(opt, opt.param_groups, owners)
     fields = {k: v for k, v in vars(t).items() if k != "grads"}
     fields["with_moments"] = with_moments
+    fields["planned"] = True
+    fields["_all_contiguous"] = True
+    fields["dtypes"] = [p.dtype for p in t.params]
     plan.template = fields
     _plans(opt)["ls"] = plan
+
+
+def drop_line_search(opt) -> None:
+    """An op refused this step's gradients: the next StepTensors is built the long way (with the checks)."""
+    _plans(opt).pop("ls", None)
