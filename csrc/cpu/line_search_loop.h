@@ -65,9 +65,9 @@ double ls_save_adam_segment(void* const* ptrs, int64_t n, const LsAdamSaveScalar
                                         c.bias_correction2_sqrt);
     });
   }
-  // The direction d is write-only, streamed like w0.
-  return for_each_element_streaming<kIn, kMoments | bit(D), bit(D), true>(s.stream, typed<T, 6>(ptrs), n,
-                                                                         [coeffs](auto& x) {
+  // d is write-only but stored normally: streaming it from this loop, next to the moments' ordinary
+  // stores, measured slower (fp32, 2^24 elements, one AVX-512 thread: 38 ms streamed, 27 ms not).
+  return for_each_element<kIn, kMoments | bit(D), true>(typed<T, 6>(ptrs), n, [coeffs](auto& x) {
     const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
     return math::ls_adam_prepare_dir_elem(x[G], x[M], x[V], x[D], c.one_minus_beta1, c.beta2, c.one_minus_beta2,
                                           c.eps, c.bias_correction2_sqrt);

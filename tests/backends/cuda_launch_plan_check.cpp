@@ -132,6 +132,7 @@ int main() {
   check_all<4, false>();  // adam_step
   check_all<4, true>();   // ls_trial_adam, ls_final_adam
   check_all<5, false>();  // ls_save_adam
+  check_all<6, false>();  // ls_save_adam with dirs
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

@@ -28,7 +28,7 @@ TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-4), torch.bfloat16:
        torch.float64: (1e-12, 1e-14)}
 SIZES = [0, 1, 7, 4099, 278011, 64, 0]  # odd sizes (tails), zero-size first and last
 # Max tensors per launch for the 4 KB metadata (csrc/cuda/launch_plan.h), by (lists, per-tensor scalar).
-MAX_TENSORS = {(3, False): 61, (3, True): 50, (4, False): 50, (4, True): 42, (5, False): 42}
+MAX_TENSORS = {(3, False): 61, (3, True): 50, (4, False): 50, (4, True): 42, (5, False): 42, (6, False): 37}
 CHUNK, MAX_BLOCKS = 65536, 320
 
 
@@ -275,6 +275,10 @@ def test_launch_count():
     etas = [0.1] * len(sizes)
     assert _count_launches(lambda: compiled.ls_trial_adam(p, m, g, v, etas, eps=1e-8, bias_correction2_sqrt=1.0)) \
         == math.ceil(n / MAX_TENSORS[(4, True)])
+    w0, dirs = [t.clone() for t in p], [t.clone() for t in p]
+    assert _count_launches(lambda: compiled.ls_save_adam(p, g, m, v, w0, dirs, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                         bias_correction2_sqrt=1.0)) \
+        == math.ceil(n / MAX_TENSORS[(6, False)])
     big = rand([3 * MAX_BLOCKS * CHUNK], torch.float16, 74)
     assert _count_launches(lambda: compiled.ls_trial_sgd(big, big, big, [0.0])) == 3
 
