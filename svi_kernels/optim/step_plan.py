@@ -87,8 +87,9 @@ class GroupPlan:
 
 
 def grads_pass_checks(grads: List[Tensor], dtypes: List[torch.dtype]) -> bool:
-    """What the ops ask of gradients, over the whole list in Python: dense, contiguous, the parameter's
-    dtype. Only for a planned line-search step that needs it before its first launch (_line_search)."""
+    """What the compiled ops ask of gradients, over the whole list in Python: dense, contiguous, the
+    parameter's dtype. For a planned line-search step whose ops do not check (reference, Triton) or that
+    launches more than once before its gradients are known to pass (_line_search)."""
     return (list(map(_DTYPE, grads)) == dtypes and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
             and all(map(Tensor.is_contiguous, grads)))
 
@@ -296,13 +297,13 @@ def line_search_params(opt) -> Optional[tuple]:
 
 
 def line_search_tensors(opt, with_moments: bool) -> Optional[dict]:
-    """StepTensors' fields for this step from the plan, with this step's gradients (unchecked: the ops
-    check them), or None when there is no plan or another set of parameters has gradients."""
+    """StepTensors' fields for this step from the plan, with this step's gradients (unchecked where the
+    compiled ops check them), or None when there is no plan or another set of parameters has gradients."""
     plan = _ls_plan(opt)
     if plan is None or plan.template is None or plan.template["with_moments"] != with_moments:
         return None
     grads = plan.grads(opt.param_groups)
-    if grads is None:
+    if grads is None or not (plan.template["op_checks"] or grads_pass_checks(grads, plan.template["dtypes"])):
         return None
     fields = dict(plan.template)
     fields["grads"] = grads
@@ -320,6 +321,10 @@ def keep_line_search_tensors(opt, t, owners: List[Tensor], with_moments: bool) -
     fields["planned"] = True
     fields["_all_contiguous"] = True
     fields["dtypes"] = [p.dtype for p in t.params]
+    # Only the compiled ops check a whole list before writing; on the reference and Triton backends the
+    # gradients are checked in Python every step, as before.
+    fields["op_checks"] = all(C._backends.resolve(backend, device) in ("cpu", "cuda")
+                              for device, backend in {(k[0], k[-1]) for k in t.key})
     plan.template = fields
     _plans(opt)["ls"] = plan
 

@@ -19,12 +19,13 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not sk.backends()["cpu"]["available"], reason="the plan serves the compiled backend")]
 
 MAKERS = {
-    "ArmijoSGD": lambda ps, search: sk.ArmijoSGD(ps, init_step_size=5.0, n_batches_per_epoch=4, search=search),
-    "AdamSLS": lambda ps, search: sk.AdamSLS(ps, init_step_size=2.0, n_batches_per_epoch=4, search=search),
-    "LayerwiseAdamSLS": lambda ps, search: sk.LayerwiseAdamSLS(
+    "ArmijoSGD": lambda ps, search, **kw: sk.ArmijoSGD(ps, init_step_size=5.0, n_batches_per_epoch=4, search=search,
+                                                       **kw),
+    "AdamSLS": lambda ps, search, **kw: sk.AdamSLS(ps, init_step_size=2.0, n_batches_per_epoch=4, search=search, **kw),
+    "LayerwiseAdamSLS": lambda ps, search, **kw: sk.LayerwiseAdamSLS(
         [{"params": ps[:2]}, {"params": ps[2:]}], warmup_steps=1, init_step_size=2.0, n_batches_per_epoch=4,
-        search=search),
-    "SaLSA": lambda ps, search: sk.SaLSA(ps, init_step_size=2.0, search=search),
+        search=search, **kw),
+    "SaLSA": lambda ps, search, **kw: sk.SaLSA(ps, init_step_size=2.0, search=search, **kw),
 }
 BAD_STEP = 3  # 0-based: with search=2 it is a skipped step, with "every" a searched one
 
@@ -54,14 +55,14 @@ def _same_snapshots(a, b):
     assert a[2] == b[2]
 
 
-def _run(name, search, kind, which, plans):
+def _run(name, search, kind, which, plans, **kw):
     """Five steps, new gradient tensors each; on BAD_STEP parameter ``which`` gets a bad gradient.
     Returns (snapshot after the run or at the error, error or None, snapshot before the bad step)."""
     step_plan.ENABLED = plans
     try:
         model = tiny_mlp()
         params = list(model.parameters())
-        opt = MAKERS[name](params, search)
+        opt = MAKERS[name](params, search, **kw)
         before = None
         for step in range(5):
             g = torch.Generator().manual_seed(step)
@@ -96,6 +97,19 @@ def test_a_gradient_going_bad_gives_the_general_paths_result_or_error(name, kind
         assert "does not support sparse gradients" in str(err_p)
     if err_p is not None:
         _same_snapshots(planned, before_p)  # refused before anything moved
+    _same_snapshots(general, planned)
+
+
+@pytest.mark.parametrize("search", ["every", 2])
+@pytest.mark.parametrize("kind", ["strided", "double", "sparse"])
+@pytest.mark.parametrize("name", ["ArmijoSGD", "AdamSLS"])
+def test_without_op_checks_the_plan_checks_in_python(name, kind, search):
+    """The reference backend's ops write tensor by tensor: its plan checks the gradients in Python."""
+    general, err_g, before_g = _run(name, search, kind, 1, plans=False, backend="reference")
+    planned, err_p, before_p = _run(name, search, kind, 1, plans=True, backend="reference")
+    assert type(err_g) is type(err_p) and str(err_g) == str(err_p)
+    if err_p is not None:
+        _same_snapshots(planned, before_p)
     _same_snapshots(general, planned)
 
 
