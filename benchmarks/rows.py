@@ -104,9 +104,13 @@ def _layerwise_phases(ctx: Context) -> list:
     return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()), _direction_saved(ctx))
 
 
-def _adam_search_phases(*which: int):
-    """The save (0) and/or trial (1) op of an Adam search, as the optimizers run them for ctx's dtype."""
-    return lambda ctx: [(traffic.adam_search_ops(_direction_saved(ctx))[k], 1.0) for k in which]
+def _adam_trial_phases(ctx: Context) -> list:
+    """The trial op of an Adam search, as the optimizers run it for ctx's dtype."""
+    return [(traffic.adam_search_ops(_direction_saved(ctx))[1], 1.0)]
+
+
+def _salsa_search_phases(ctx: Context) -> list:
+    return traffic.adam_search_phases(_direction_saved(ctx))
 
 
 # ---- builders ----
@@ -180,16 +184,16 @@ def build_rows(backends: List[str]) -> List[Row]:
             Row("svi_adam", b, "ours", adam, _ours(
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="adam", backend=b))),
             Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b)),
-            Row("ls_trial_adam", b, "ours", _adam_search_phases(1), _trial("adam", b)),
+            Row("ls_trial_adam", b, "ours", _adam_trial_phases, _trial("adam", b)),
             Row("armijo_sgd_bookkeeping", b, "ours", armijo, _ours_line_search(
                 lambda sk, ctx, b=b: sk.ArmijoSGD(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_armijo_sgd_bookkeeping"),
             Row("adam_sls_bookkeeping", b, "ours", _adam_sls_phases, _ours_line_search(
                 lambda sk, ctx, b=b: sk.AdamSLS(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_adam_sls_bookkeeping"),
-            # SaLSA: a search step (save + one accepted trial, which is the step) and a step the
+            # SaLSA: a search step (gradient check + save + one accepted trial, which is the step) and a step the
             # schedule skips (one fused Adam update; target: <= 1.05x our AdamW, targets.OURS_RATIO_LIMITS).
-            Row("salsa_search_bookkeeping", b, "ours", _adam_search_phases(0, 1), _ours_line_search(
+            Row("salsa_search_bookkeeping", b, "ours", _salsa_search_phases, _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search="every", backend=b)), bookkeeping=True),
             Row("salsa_skipped_step", b, "ours", adam, _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search=SKIP_ALL_BUT_FIRST, backend=b)), bookkeeping=True),

@@ -49,14 +49,26 @@ def adam_search_ops(direction_saved: bool = True) -> Tuple[str, str]:
     return ("ls_save_adam_dir", "ls_trial_adam_dir") if direction_saved else ("ls_save_adam", "ls_trial_adam")
 
 
+# Before their save phase touches the moments, the Adam line searches check every gradient finite
+# with ArmijoSGD's save op (sum g^2 per tensor; it also writes w0): _line_search._grad_norms.
+ADAM_GRAD_CHECK = ("ls_save_sgd", 1.0)
+
+
+def adam_search_phases(direction_saved: bool = True) -> list:
+    """A searched Adam step up to its first trial: the gradient check, the save (moments, w0, d), one trial."""
+    save, trial = adam_search_ops(direction_saved)
+    return [ADAM_GRAD_CHECK, (save, 1.0), (trial, 1.0)]
+
+
 def adam_sls_phases(searched_fraction: float = 1.0, direction_saved: bool = True) -> list:
-    """AdamSLS with one accepted trial: save (moments, w0, d) + trial over the searched parameters + final.
+    """AdamSLS with one accepted trial: gradient check + save (moments, w0, d) + trial over the searched
+    parameters + final.
 
     LayerwiseAdamSLS ("cycle") searches one of n groups per step: over a cycle the trial touches
     1/n of the parameters per step on average.
     """
     save, trial = adam_search_ops(direction_saved)
-    return [(save, 1.0), (trial, searched_fraction), ("ls_final_adam", 1.0)]
+    return [ADAM_GRAD_CHECK, (save, 1.0), (trial, searched_fraction), ("ls_final_adam", 1.0)]
 
 
 ARMIJO_SGD_PHASES = [("ls_save_sgd", 1.0), ("ls_trial_sgd", 1.0)]  # the accepted trial is the step

@@ -1,0 +1,45 @@
+"""svi-bench counts a line-search row's bytes from its phases (benchmarks/traffic.py): they must be
+the fused ops one step of the optimizer really runs (recorded here on the reference backend)."""
+from collections import Counter
+
+import pytest
+import torch
+
+from benchmarks import rows as rows_mod
+
+OPS = ("ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam", "adam_step")
+
+
+@pytest.mark.parametrize("row_name,adam", [("armijo_sgd_bookkeeping", False), ("adam_sls_bookkeeping", True),
+                                           ("salsa_search_bookkeeping", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_phases_are_the_ops_one_step_runs(monkeypatch, row_name, adam, dtype):
+    from svi_kernels.backends import get
+    impl = get("reference")
+    calls = []
+
+    def recorder(name, original):
+        def record(*args, **kwargs):
+            if name == "ls_save_adam" and len(args[5]):
+                calls.append("ls_save_adam_dir")  # with the direction saved
+            elif name == "ls_trial_sgd" and adam:
+                calls.append("ls_trial_adam_dir")  # an Adam trial along the saved direction
+            else:
+                calls.append(name)
+            return original(*args, **kwargs)
+        return record
+
+    for name in OPS:
+        monkeypatch.setattr(impl, name, recorder(name, getattr(impl, name)))
+    params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in (5, 7, 3)]
+    ctx = rows_mod.Context(params, [torch.randn(n).to(dtype) for n in (5, 7, 3)], torch.device("cpu"), dtype,
+                           rows_mod.trivial_closure(torch.device("cpu")))
+    for p, g in zip(params, ctx.grads):
+        p.grad = g
+    row = next(r for r in rows_mod.build_rows(["reference"]) if r.name == row_name)
+    step, _opt = row.build(ctx)
+    step()
+    want = Counter()
+    for op, count in row.phases(ctx):
+        want[op] += count
+    assert Counter(calls) == want
