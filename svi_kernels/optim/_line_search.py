@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
+from . import input_checks
 from . import sharding
 from . import step_plan
 from . import search_schedule
@@ -44,10 +46,10 @@ def reset_step_size(eta: float, group: dict) -> float:
 def check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks) -> None:
     if int(n_batches_per_epoch) < 1:
         raise ValueError(f"Invalid n_batches_per_epoch: {n_batches_per_epoch} (must be >= 1)")
-    C.check_positive(init_step_size, "init_step_size")
-    C.check_open_unit(c, "c")
-    C.check_open_unit(beta_b, "beta_b")
-    C.check_positive(gamma, "gamma")
+    hyperparams.check_positive(init_step_size, "init_step_size")
+    hyperparams.check_open_unit(c, "c")
+    hyperparams.check_open_unit(beta_b, "beta_b")
+    hyperparams.check_positive(gamma, "gamma")
     if int(max_backtracks) < 1:
         raise ValueError(f"Invalid max_backtracks: {max_backtracks} (must be >= 1)")
 
@@ -210,7 +212,7 @@ class LineSearchOptimizer(Optimizer):
         self.process_group = process_group
         search = search_schedule.check_search(search)
         super().__init__(params, defaults)
-        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
+        bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
         self.state[LS_KEY] = {
             "step": 0, "n_forwards": 0, "n_backwards": 0, "total_backtracks": 0,
             "step_sizes": [float(g["init_step_size"]) for g in self.param_groups],
@@ -274,7 +276,7 @@ class LineSearchOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         # torch keeps non-parameter state entries by reference; copy ours so that stepping after a
         # load never mutates the checkpoint the caller still holds.
-        C.check_state_dict(self._name, state_dict, self._group_keys)
+        input_checks.check_state_dict(self._name, state_dict, self._group_keys)
         state_dict = sharding.counters_from_groups(state_dict, LS_KEY)
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
@@ -319,7 +321,7 @@ class LineSearchOptimizer(Optimizer):
 
     def _check_params(self) -> None:
         for group in self.param_groups:
-            C.check_params(self._name, group["params"])
+            input_checks.check_params(self._name, group["params"])
             sharding.check(self._name, group["params"])
 
     def _checked_phase(self, with_moments: bool, phase, one_launch=None):
@@ -354,7 +356,7 @@ class LineSearchOptimizer(Optimizer):
         """w0 <- p and sum(g^2) per tensor."""
         parts = []
         for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"]):
-            impl = C.backend_for(g["backend"], device, lists, n_check)
+            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
             parts.append((pos, impl.ls_save_sgd(*lists)))
         return DeviceSums(t, parts)
 
@@ -373,14 +375,14 @@ class LineSearchOptimizer(Optimizer):
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
             if lists[5][0] is None:  # a bucket's tensors share the dtype: no direction buffers at all
                 lists[5] = []
-            impl = C.backend_for(g["backend"], device, lists[:5], n_check and 5)
+            impl = bucketing.backend_for(g["backend"], device, lists[:5], n_check and 5)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
                                                  bias_correction2_sqrt=bc2_sqrt)))
         return DeviceSums(t, parts)
 
     def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads"], gids=list(etas)):
-            impl = C.backend_for(g["backend"], device, lists, n_check)
+            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
             impl.ls_trial_sgd(*lists, t.per_tensor(etas, pos))
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
@@ -390,18 +392,18 @@ class LineSearchOptimizer(Optimizer):
                                                          gids=list(etas)):
             etas_t = t.per_tensor(etas, pos)
             if lists[2][0] is not None:
-                impl = C.backend_for(g["backend"], device, lists[:3], n_check and 3)
+                impl = bucketing.backend_for(g["backend"], device, lists[:3], n_check and 3)
                 impl.ls_trial_sgd(*lists[:3], etas_t)
                 continue
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
             trial = [lists[0], lists[1], lists[3], lists[4]]
-            impl = C.backend_for(g["backend"], device, trial, n_check and 4)
+            impl = bucketing.backend_for(g["backend"], device, trial, n_check and 4)
             impl.ls_trial_adam(*trial, etas_t, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 
     def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = C.backend_for(g["backend"], device, lists, n_check)
+            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
             impl.ls_final_adam(*lists, t.per_tensor(etas, pos), eps=g["eps"], bias_correction1=bc1,
                                bias_correction2_sqrt=bc2_sqrt)
 
@@ -461,12 +463,12 @@ class LineSearchOptimizer(Optimizer):
             if len(todo) != 1:
                 return False
             _gi, device, g, (params, _grads) = todo[0]
-            return params[0].dtype in _FOREACH_BITS and C._backends.resolve(g["backend"], device) == "cpu"
+            return params[0].dtype in _FOREACH_BITS and bucketing._backends.resolve(g["backend"], device) == "cpu"
 
         def update(t):
             if t.planned and fused(t):
                 gi, device, g, (params, grads) = launches(t)[0]
-                C.backend_for(g["backend"], device, [params, grads], 0).ls_trial_sgd(
+                bucketing.backend_for(g["backend"], device, [params, grads], 0).ls_trial_sgd(
                     params, params, grads, [float(etas[gi])] * len(params))
                 return
             for gi, _device, _g, (params, grads) in launches(t):
@@ -493,7 +495,7 @@ class LineSearchOptimizer(Optimizer):
                 wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
                 for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
                                                                   gids=[gi]):
-                    impl = C.backend_for(g["backend"], device, lists, n_check)
+                    impl = bucketing.backend_for(g["backend"], device, lists, n_check)
                     impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                                    weight_decay=wd, decoupled=True, bias_correction1=bc1,
                                    bias_correction2_sqrt=bc2_sqrt)

@@ -21,7 +21,8 @@ from typing import List, Optional
 
 import torch
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 
@@ -37,13 +38,13 @@ class AdamSLS(LineSearchOptimizer):
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
                  backend: Optional[str] = None, process_group=None, search="every"):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
-        C.check_betas(betas)
-        C.check_nonneg(eps, "eps")
+        hyperparams.check_betas(betas)
+        hyperparams.check_nonneg(eps, "eps")
         if reset_option not in (0, 1, 2):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
-                        reset_option=reset_option, backend=C._backends.validate(backend))
+                        reset_option=reset_option, backend=bucketing._backends.validate(backend))
         super().__init__(params, defaults, process_group=process_group, search=search)
 
     def _begin(self, closure, force_search: bool = False):

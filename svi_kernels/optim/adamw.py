@@ -14,7 +14,7 @@ Two ways through ``step()``:
 
 With ``master_weights=True`` each fp16/bf16 parameter is updated through a float32 copy in its state
 (``master_param``, with float32 moments) by the same fused ops, then rounded into the parameter in
-place (``_common.step_with_masters``).
+place (``master_weights.step_with_masters``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
+from . import input_checks
+from . import master_weights
+from . import step_counters
+from . import tensor_ops
 from . import plain_step
 from . import step_plan
 from . import torch_flags as F
@@ -60,17 +65,17 @@ class AdamW(Optimizer):
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
-        C.check_lr(lr, foreach=foreach, capturable=capturable)
-        C.check_nonneg(eps, "eps")
-        C.check_betas(betas, foreach=foreach, capturable=capturable)
-        C.check_nonneg(weight_decay, "weight_decay")
+        hyperparams.check_lr(lr, foreach=foreach, capturable=capturable)
+        hyperparams.check_nonneg(eps, "eps")
+        hyperparams.check_betas(betas, foreach=foreach, capturable=capturable)
+        hyperparams.check_nonneg(weight_decay, "weight_decay")
         F.check_impl_flags(foreach, fused, differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        maximize=maximize, amsgrad=bool(amsgrad), backend=C._backends.validate(backend),
+                        maximize=maximize, amsgrad=bool(amsgrad), backend=bucketing._backends.validate(backend),
                         foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
-                        master_weights=C.check_bool(master_weights, "master_weights"))
+                        master_weights=hyperparams.check_bool(master_weights, "master_weights"))
         super().__init__(params, defaults)
-        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
+        bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
     def __setstate__(self, state):
         # Groups loaded from a torch.optim.AdamW checkpoint lack our keys.
@@ -86,24 +91,24 @@ class AdamW(Optimizer):
         F.steps_as_tensors(self.state)
 
     def load_state_dict(self, state_dict):
-        C.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
+        input_checks.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
                            ("step", "exp_avg", "exp_avg_sq"))
         flags = [g["master_weights"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        C.keep_master_state(self, state_dict, flags)
+        master_weights.keep_master_state(self, state_dict, flags)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("AdamW", closure, [])[0]
+        loss = input_checks.closure_then_check("AdamW", closure, [])[0]
         step_plan.step(self, self._general_step, decoupled=True)  # built once, reused while nothing changes
         return loss
 
     def _general_step(self, groups) -> None:
         """Every check, the state of new parameters, and any path (AMP, capturable, masters, complex...)."""
-        _, kinds = C.closure_then_check("AdamW", None, groups, complex_ok=True)
-        grad_scale, found_inf = C.amp_attributes(self)
+        _, kinds = input_checks.closure_then_check("AdamW", None, groups, complex_ok=True)
+        grad_scale, found_inf = tensor_ops.amp_attributes(self)
         for group, (has_complex, _) in zip(groups, kinds):
-            adam_group_step(self.state, group, tensor_path=C.use_tensor_path(group, grad_scale, found_inf),
+            adam_group_step(self.state, group, tensor_path=tensor_ops.use_tensor_path(group, grad_scale, found_inf),
                             grad_scale=grad_scale, found_inf=found_inf, correct_bias=group["correct_bias"],
                             decoupled=True, has_complex=has_complex)
 
@@ -112,9 +117,9 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
                     found_inf: Optional[Tensor], correct_bias: bool, decoupled: bool,
                     has_complex: bool = False) -> None:
     """One param group's Adam step, for AdamW (decoupled) and SVI(base="adam") (L2): the state of each
-    parameter with a gradient (moments created like its working tensor, see _common.working_tensor;
+    parameter with a gradient (moments created like its working tensor, see master_weights.working_tensor;
     the step moved to its device on the tensor path), then the fused step through
-    _common.step_with_masters. Runs every step over every parameter: the flags are read once."""
+    master_weights.step_with_masters. Runs every step over every parameter: the flags are read once."""
     amsgrad, masters, fused, differentiable = group["amsgrad"], group["master_weights"], group["fused"], \
         group["differentiable"]
     owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
@@ -123,15 +128,15 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         if g is None:
             continue
         state = state_of[p]
-        w = C.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
+        w = master_weights.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
         if "exp_avg" not in state:
             if fused:
                 F.check_fused_param(p)
-            state["step"] = C.new_step(p, on_device=tensor_path)
+            state["step"] = step_counters.new_step(p, on_device=tensor_path)
             state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
         elif tensor_path:
-            C.step_to_param_device(state, p)
+            step_counters.step_to_param_device(state, p)
         if amsgrad:
             if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
                 state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
@@ -157,7 +162,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
                  correct_bias=correct_bias, maximize=group["maximize"], decoupled=decoupled,
                  backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
-    C.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
+    master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
                         lists, owners, grad_scale)
 
 
@@ -189,15 +194,15 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
                       decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf,
                       max_exp_avg_sqs=max_exp_avg_sqs)
         return
-    lr = C.as_float(lr, "lr")
-    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
-    step_values = C.next_step_values(state_steps)
+    lr = hyperparams.as_float(lr, "lr")
+    beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
+    step_values = step_counters.next_step_values(state_steps)
     amsgrad = max_exp_avg_sqs is not None
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    buckets = C.group_by(tensor_lists, extra_keys=step_values)
+    buckets = bucketing.group_by(tensor_lists, extra_keys=step_values)
     for (device, _dtype, step), (lists, _idx) in buckets.items():
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
-        impl = C.backend_for(backend, device, lists[:4])
+        impl = bucketing.backend_for(backend, device, lists[:4])
         impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
                        weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
                        bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
@@ -206,17 +211,17 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
 def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                   correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs) -> None:
     """The tensor path: no value is read back to the host (see the module docstring)."""
-    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
-    scalars = C.DeviceScalars(lr, grad_scale, found_inf)
+    beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
+    scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if max_exp_avg_sqs is not None:
         tensor_lists.append(max_exp_avg_sqs)
-    for (device, _dtype), (lists, _idx) in C.group_by(tensor_lists).items():
+    for (device, _dtype), (lists, _idx) in bucketing.group_by(tensor_lists).items():
         steps = lists[4]
-        C.check_steps_on(device, steps)
+        step_counters.check_steps_on(device, steps)
         scale, skip = scalars.grad_scale(device), scalars.found_inf(device)
-        C.increment_steps(steps, skip)
-        impl = C.backend_for(backend, device, lists[:4])
+        step_counters.increment_steps(steps, skip)
+        impl = bucketing.backend_for(backend, device, lists[:4])
         impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]), lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
                               weight_decay=float(weight_decay), decoupled=decoupled, correct_bias=correct_bias,
                               maximize=maximize, grad_scale=scale, found_inf=skip)

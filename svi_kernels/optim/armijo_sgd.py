@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import _common as C
+from . import bucketing
 from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
@@ -36,7 +36,7 @@ class ArmijoSGD(LineSearchOptimizer):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
-                        backend=C._backends.validate(backend))
+                        backend=bucketing._backends.validate(backend))
         super().__init__(params, defaults, process_group=process_group, search=search)
 
     def step(self, closure=None):

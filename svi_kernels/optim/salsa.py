@@ -37,7 +37,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
@@ -46,11 +47,11 @@ MIN_SUFFICIENT = 1e-8  # below this smoothed sufficient-decrease term the packag
 
 
 def check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks) -> None:
-    C.check_positive(init_step_size, "init_step_size")
-    C.check_open_unit(c, "c")
-    C.check_open_unit(smoothing, "smoothing")
-    C.check_open_unit(beta_b, "beta_b")
-    g = C.as_float(growth, "growth")
+    hyperparams.check_positive(init_step_size, "init_step_size")
+    hyperparams.check_open_unit(c, "c")
+    hyperparams.check_open_unit(smoothing, "smoothing")
+    hyperparams.check_open_unit(beta_b, "beta_b")
+    g = hyperparams.as_float(growth, "growth")
     if not (g >= 1.0 and math.isfinite(g)):
         raise ValueError(f"Invalid growth: {g} (must be >= 1 and finite)")
     if int(max_backtracks) < 1:
@@ -75,13 +76,13 @@ class SaLSA(LineSearchOptimizer):
                  weight_decay=0.0, beta_b=0.8, growth=1.1, search="salsa", momentum_direction=False,
                  max_backtracks=100, backend: Optional[str] = None, process_group=None):
         check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks)
-        C.check_betas(betas)
-        C.check_nonneg(eps, "eps")
-        C.check_nonneg(weight_decay, "weight_decay")
+        hyperparams.check_betas(betas)
+        hyperparams.check_nonneg(eps, "eps")
+        hyperparams.check_nonneg(weight_decay, "weight_decay")
         defaults = dict(init_step_size=init_step_size, c=c, betas=betas, smoothing=smoothing, eps=eps,
                         weight_decay=weight_decay, beta_b=beta_b, growth=growth,
-                        momentum_direction=C.check_bool(momentum_direction, "momentum_direction"),
-                        max_backtracks=max_backtracks, backend=C._backends.validate(backend))
+                        momentum_direction=hyperparams.check_bool(momentum_direction, "momentum_direction"),
+                        max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend))
         super().__init__(params, defaults, process_group=process_group, search=search)
         ls = self.ls_state
         ls["avg_sufficient"] = [0.0] * len(self.param_groups)

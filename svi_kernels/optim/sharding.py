@@ -8,7 +8,7 @@ sums over whole parameters, so those are summed over the shards (``sum_over_shar
 decides, and every rank decides the same way.
 
 This module is where sharding is handled; the optimizers call it where tensor lists reach the kernels
-(``_common.group_by``, ``_line_search.StepTensors``), where reductions are read (``DeviceSums``) and
+(``bucketing.group_by``, ``_line_search.StepTensors``), where reductions are read (``DeviceSums``) and
 in their input checks (``check``).
 
 Supported placements: ``Shard(0)`` (what fully_shard makes) and ``Replicate()`` (the replicate

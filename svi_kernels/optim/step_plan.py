@@ -27,7 +27,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
+from . import step_counters
+from . import tensor_ops
 from . import sharding
 
 _NO_PLAN = "no plan"  # a group that does not qualify (until its state or flags change)
@@ -53,7 +56,7 @@ class GroupPlan:
         self.params = [sharding.local(p) for p in owners]
         self.lists: Dict[str, List[Tensor]] = {}
         self.impl = None
-        self.bump_steps = C.next_step_values  # step counters += 1
+        self.bump_steps = step_counters.next_step_values  # step counters += 1
         self.template = None  # a line search's StepTensors fields (all but the gradients)
         self.sharded_params: Optional[bool] = None  # a line search's: any parameter a DTensor (once known)
 
@@ -148,9 +151,9 @@ def _single_compiled_bucket(tensors: List[Tensor], backend) -> Optional[object]:
     for t in tensors:
         if t.device != device or t.dtype is not dtype or not t.is_contiguous():
             return None
-    if C._backends.resolve(backend, device) not in ("cpu", "cuda"):
+    if bucketing._backends.resolve(backend, device) not in ("cpu", "cuda"):
         return None
-    return C._backends.get(C._backends.resolve(backend, device))
+    return bucketing._backends.get(bucketing._backends.resolve(backend, device))
 
 
 def _owners(group: dict) -> List[Tensor]:
@@ -178,8 +181,8 @@ def build_adam(opt, group: dict) -> Optional[GroupPlan]:
     plan.lists["step"] = [st["step"] for st in states]
     if not _host_steps(states):
         return None
-    if C._host_counters(plan.lists["step"]):  # checked once: one extension call per step
-        plan.bump_steps = C._compiled.increment_steps
+    if step_counters._host_counters(plan.lists["step"]):  # checked once: one extension call per step
+        plan.bump_steps = step_counters._compiled.increment_steps
     plan.impl = _single_compiled_bucket(plan.params + [t for k in keys[1:] for t in plan.lists[k]], group["backend"])
     return plan if plan.impl is not None else None
 
@@ -187,7 +190,7 @@ def build_adam(opt, group: dict) -> Optional[GroupPlan]:
 def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: bool) -> bool:
     from .adamw import adam_scalars
     beta1, beta2 = group["betas"]
-    beta1, beta2 = C.as_float(beta1, "beta1"), C.as_float(beta2, "beta2")
+    beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
     steps = plan.lists["step"]
     values = plan.bump_steps(steps)  # += 1 first: the counters themselves give the bias corrections
     step = values[0]
@@ -198,7 +201,7 @@ def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: b
     extra = {"max_exp_avg_sqs": plan.lists["max_exp_avg_sq"]} if "max_exp_avg_sq" in plan.lists else {}
     try:
         plan.impl.adam_step(plan.params, grads, plan.lists["exp_avg"], plan.lists["exp_avg_sq"], **extra,
-                            lr=C.as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                            lr=hyperparams.as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                             weight_decay=float(group["weight_decay"]), decoupled=decoupled,
                             bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=group["maximize"])
     except RuntimeError:  # the op's checks refused a gradient before writing: the general path decides
@@ -221,12 +224,12 @@ def build_sgd(opt, group: dict) -> Optional[GroupPlan]:
 
 
 def _sgd_launch(plan: GroupPlan, group: dict, grads: List[Tensor]) -> bool:
-    momentum = C.as_float(group["momentum"], "momentum")
-    dampening = C.as_float(group.get("dampening", 0.0), "dampening") if momentum != 0.0 else 0.0
+    momentum = hyperparams.as_float(group["momentum"], "momentum")
+    dampening = hyperparams.as_float(group.get("dampening", 0.0), "dampening") if momentum != 0.0 else 0.0
     try:
-        plan.impl.sgd_momentum_step(plan.params, grads, plan.lists["momentum_buffer"], lr=C.as_float(group["lr"], "lr"),
+        plan.impl.sgd_momentum_step(plan.params, grads, plan.lists["momentum_buffer"], lr=hyperparams.as_float(group["lr"], "lr"),
                                     momentum=momentum, nesterov=bool(group["nesterov"]),
-                                    weight_decay=C.as_float(group["weight_decay"], "weight_decay"),
+                                    weight_decay=hyperparams.as_float(group["weight_decay"], "weight_decay"),
                                     maximize=group["maximize"], **({"dampening": dampening} if dampening else {}))
     except RuntimeError:
         return False
@@ -270,7 +273,7 @@ def step(opt, general, *, decoupled: bool) -> None:
 
 def fast_path_allowed(opt) -> bool:
     """No AMP scaler attributes and no tracing: the plan covers the float path only."""
-    grad_scale, found_inf = C.amp_attributes(opt)
+    grad_scale, found_inf = tensor_ops.amp_attributes(opt)
     return grad_scale is None and found_inf is None and not torch.compiler.is_compiling()
 
 
@@ -323,7 +326,7 @@ def keep_line_search_tensors(opt, t, owners: List[Tensor], with_moments: bool) -
     fields["dtypes"] = [p.dtype for p in t.params]
     # Only the compiled ops check a whole list before writing; on the reference and Triton backends the
     # gradients are checked in Python every step, as before.
-    fields["op_checks"] = all(C._backends.resolve(backend, device) in ("cpu", "cuda")
+    fields["op_checks"] = all(bucketing._backends.resolve(backend, device) in ("cpu", "cuda")
                               for device, backend in {(k[0], k[-1]) for k in t.key})
     plan.template = fields
     _plans(opt)["ls"] = plan

@@ -25,7 +25,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _common as C
+from . import bucketing
+from . import hyperparams
+from . import input_checks
+from . import master_weights
+from . import tensor_ops
 from . import plain_step
 from . import torch_flags as F
 from . import step_plan
@@ -40,18 +44,18 @@ class SVI(Optimizer):
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
         foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
-        C.check_lr(lr, foreach=foreach_of_adam, capturable=capturable)
-        C.check_nonneg(momentum, "momentum")
-        C.check_nonneg(dampening, "dampening")
-        C.check_nonneg(weight_decay, "weight_decay")
-        C.check_nonneg(eps, "eps")
-        C.check_betas(betas, foreach=foreach_of_adam, capturable=capturable)
+        hyperparams.check_lr(lr, foreach=foreach_of_adam, capturable=capturable)
+        hyperparams.check_nonneg(momentum, "momentum")
+        hyperparams.check_nonneg(dampening, "dampening")
+        hyperparams.check_nonneg(weight_decay, "weight_decay")
+        hyperparams.check_nonneg(eps, "eps")
+        hyperparams.check_betas(betas, foreach=foreach_of_adam, capturable=capturable)
         F.check_impl_flags(foreach, fused, differentiable)
         if base not in ("sgd", "adam"):
             raise ValueError(f"Invalid base {base!r}: expected 'sgd' or 'adam'")
         if amsgrad and base != "adam":
             raise ValueError("amsgrad=True needs base='adam'")
-        momentum_on, undamped = C.as_float(momentum, "momentum") > 0.0, C.as_float(dampening, "dampening") == 0.0
+        momentum_on, undamped = hyperparams.as_float(momentum, "momentum") > 0.0, hyperparams.as_float(dampening, "dampening") == 0.0
         if nesterov is None:  # the SVI paper's Nesterov momentum wherever it is defined
             nesterov = momentum_on and undamped
         if base == "sgd" and nesterov and not (momentum_on and undamped):
@@ -60,11 +64,11 @@ class SVI(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
                         weight_decay=weight_decay, base=base, betas=betas, eps=eps, maximize=maximize,
                         amsgrad=bool(amsgrad), capturable=bool(capturable),
-                        master_weights=C.check_bool(master_weights, "master_weights"),
-                        backend=C._backends.validate(backend), foreach=foreach, fused=fused,
+                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        backend=bucketing._backends.validate(backend), foreach=foreach, fused=fused,
                         differentiable=differentiable)
         super().__init__(params, defaults)
-        C._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
+        bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -82,28 +86,28 @@ class SVI(Optimizer):
         F.steps_as_tensors(self.state)
 
     def load_state_dict(self, state_dict):
-        C.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
+        input_checks.check_state_dict("SVI", state_dict, ("lr", "momentum", "nesterov", "weight_decay"))
         for k, st in state_dict["state"].items():
             if st and not ({"momentum_buffer"} <= set(st) or {"step", "exp_avg", "exp_avg_sq"} <= set(st)):
                 raise ValueError(f"SVI.load_state_dict: state of parameter {k} has neither a momentum buffer nor "
                                  f"Adam moments (keys {sorted(st)}); is this a state_dict of another optimizer?")
         flags = [g["master_weights"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        C.keep_master_state(self, state_dict, flags)
+        master_weights.keep_master_state(self, state_dict, flags)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
-        loss = C.closure_then_check("SVI", closure, [])[0]
+        loss = input_checks.closure_then_check("SVI", closure, [])[0]
         step_plan.step(self, self._general_step, decoupled=False)  # built once, reused while nothing changes
         return loss
 
     def _general_step(self, groups) -> None:
         """Every check, the state of new parameters, and any path (AMP, capturable, masters, sparse...)."""
-        _, kinds = C.closure_then_check("SVI", None, groups, complex_ok=True,
+        _, kinds = input_checks.closure_then_check("SVI", None, groups, complex_ok=True,
                                         sparse_ok=lambda group: group["base"] == "sgd")
-        grad_scale, found_inf = C.amp_attributes(self)
+        grad_scale, found_inf = tensor_ops.amp_attributes(self)
         for group, (has_complex, has_sparse) in zip(groups, kinds):
-            tensor_path = C.use_tensor_path(group, grad_scale, found_inf)
+            tensor_path = tensor_ops.use_tensor_path(group, grad_scale, found_inf)
             if group["base"] == "adam":
                 adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
                                 found_inf=found_inf, correct_bias=True, decoupled=False, has_complex=has_complex)
@@ -115,7 +119,7 @@ class SVI(Optimizer):
     def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf, has_complex: bool) -> None:
         owners = [p for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in owners]
-        params = [C.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
+        params = [master_weights.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
         bufs, fresh = [], []
         for p, w in zip(owners, params):
             st = self.state[p]
@@ -129,7 +133,7 @@ class SVI(Optimizer):
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
         lists = [params, grads, bufs]
         # without momentum torch keeps no buffer, so dampening has nothing to damp
-        dampening = group["dampening"] if C.as_float(group["momentum"], "momentum") != 0.0 else 0.0
+        dampening = group["dampening"] if hyperparams.as_float(group["momentum"], "momentum") != 0.0 else 0.0
         hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=dampening,
                      nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                      backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
@@ -138,11 +142,11 @@ class SVI(Optimizer):
             # new (zero) buffers take one undamped step (mu * 0 + g == g) in a launch of their own.
             is_fresh = set(fresh)
             new = [[tl[i] for i in fresh] for tl in lists]
-            C.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0}), new,
+            master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0}), new,
                                 [owners[i] for i in fresh], grad_scale)
             keep = [i for i in range(len(owners)) if i not in is_fresh]
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
-        C.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), lists, owners, grad_scale)
+        master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), lists, owners, grad_scale)
 
     def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
@@ -174,24 +178,24 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
     if not params:
         return
     if capturable or grad_scale is not None or found_inf is not None:
-        scalars = C.DeviceScalars(lr, grad_scale, found_inf)
-        for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():
-            impl = C.backend_for(backend, device, lists)
-            impl.sgd_momentum_step_tensor(*lists, lr=scalars.lr(device), momentum=C.as_float(momentum, "momentum"),
-                                          nesterov=bool(nesterov), weight_decay=C.as_float(weight_decay, "weight_decay"),
+        scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
+        for (device, _dtype), (lists, _idx) in bucketing.group_by([params, grads, momentum_buffers]).items():
+            impl = bucketing.backend_for(backend, device, lists)
+            impl.sgd_momentum_step_tensor(*lists, lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
+                                          nesterov=bool(nesterov), weight_decay=hyperparams.as_float(weight_decay, "weight_decay"),
                                           maximize=maximize, grad_scale=scalars.grad_scale(device),
                                           **_dampening_kwarg(dampening),
                                           found_inf=scalars.found_inf(device))
         return
-    lr = C.as_float(lr, "lr")
-    for (device, _dtype), (lists, _idx) in C.group_by([params, grads, momentum_buffers]).items():
-        impl = C.backend_for(backend, device, lists)
-        impl.sgd_momentum_step(*lists, lr=lr, momentum=C.as_float(momentum, "momentum"), nesterov=bool(nesterov),
-                               weight_decay=C.as_float(weight_decay, "weight_decay"), maximize=maximize,
+    lr = hyperparams.as_float(lr, "lr")
+    for (device, _dtype), (lists, _idx) in bucketing.group_by([params, grads, momentum_buffers]).items():
+        impl = bucketing.backend_for(backend, device, lists)
+        impl.sgd_momentum_step(*lists, lr=lr, momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
+                               weight_decay=hyperparams.as_float(weight_decay, "weight_decay"), maximize=maximize,
                                **_dampening_kwarg(dampening))
 
 
 def _dampening_kwarg(dampening) -> dict:
     """``dampening`` for the backend op only when it is not 0 (the common case passes the op nothing new)."""
-    d = C.as_float(dampening, "dampening")
+    d = hyperparams.as_float(dampening, "dampening")
     return {"dampening": d} if d != 0.0 else {}

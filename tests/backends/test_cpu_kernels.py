@@ -257,7 +257,7 @@ def test_baseline_build_matches_reference():
 # ------------------------------------------------------------------ step counters
 def test_increment_steps_matches_foreach_add():
     from svi_kernels.backends import compiled
-    from svi_kernels.optim import _common
+    from svi_kernels.optim import step_counters
     ours = [torch.tensor(float(k), dtype=dt) for k, dt in zip(range(7), [torch.float32, torch.float64] * 4)]
     ours.append(torch.tensor(16777216.0))  # 2**24: float32 rounds 2**24 + 1 back down, as torch's add_ does
     theirs = [t.clone() for t in ours]
@@ -267,7 +267,7 @@ def test_increment_steps_matches_foreach_add():
     assert values == [t.item() for t in theirs] and values[-1] == 16777216.0
     for a, b, v in zip(ours, theirs, versions):
         assert a.dtype == b.dtype and torch.equal(a, b) and a._version > v  # in place, version bumped
-    assert _common.next_step_values(ours) == [v + 1 for v in values[:-1]] + [16777216.0]
+    assert step_counters.next_step_values(ours) == [v + 1 for v in values[:-1]] + [16777216.0]
     assert compiled.increment_steps([]) == []
 
 

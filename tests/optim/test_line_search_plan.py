@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import svi_kernels as sk
-from svi_kernels.optim import _common as C
+from svi_kernels.optim import input_checks
 from svi_kernels.optim import step_plan
 from svi_kernels.backends import get as get_backend
 from helpers import one_thread, tiny_mlp  # noqa: F401
@@ -132,7 +132,7 @@ def test_planned_steps_check_gradients_only_in_the_ops(name, search, monkeypatch
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         opt.step(closure)
-    monkeypatch.setattr(C, "check_params", counting(C.check_params, "check_params"))
+    monkeypatch.setattr(input_checks, "check_params", counting(input_checks.check_params, "check_params"))
     monkeypatch.setattr(step_plan, "grads_pass_checks", counting(step_plan.grads_pass_checks, "grads_pass_checks"))
     searched = []
     for _ in range(2):  # with search=2: one searched and one skipped step

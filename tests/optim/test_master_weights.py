@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import svi_kernels as sk
-from svi_kernels.optim import _common
+from svi_kernels.optim import master_weights
 from helpers import CPU_BACKENDS
 
 LOW = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -296,10 +296,10 @@ def test_chunked_master_update_is_the_same(case, monkeypatch):
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     opt_a, opt_b = CASES[case](a, master_weights=True), CASES[case](b, master_weights=True)
     run(b, opt_b, 3)
-    monkeypatch.setattr(_common, "MASTER_CHUNK_NUMEL", 64)
+    monkeypatch.setattr(master_weights, "MASTER_CHUNK_NUMEL", 64)
     calls = []
-    original = _common._chunks
-    monkeypatch.setattr(_common, "_chunks", lambda *args: calls.append(1) or original(*args))
+    original = master_weights._chunks
+    monkeypatch.setattr(master_weights, "_chunks", lambda *args: calls.append(1) or original(*args))
     chunks = list(original(list(range(5)), a))
     assert len(chunks) >= 4 and sorted(i for c in chunks for i in c) == list(range(5))
     run(a, opt_a, 3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import svi_kernels as sk
-from svi_kernels.optim import _common as C
+from svi_kernels.optim import input_checks
 from svi_kernels.optim import step_plan
 from helpers import tiny_mlp
 
@@ -73,13 +73,13 @@ def test_plan_equals_general_path_and_skips_per_tensor_checks(name, monkeypatch)
         assert opt_g.ls_state == opt_p.ls_state
     # From the step after the state exists on, no per-tensor check runs in Python.
     calls = {"n": 0}
-    orig = C.check_params
+    orig = input_checks.check_params
 
     def counting(*a, **k):
         calls["n"] += 1
         return orig(*a, **k)
 
-    monkeypatch.setattr(C, "check_params", counting)
+    monkeypatch.setattr(input_checks, "check_params", counting)
     _one_step(name, planned, opt_p, *_data(99))
     assert calls["n"] == 0
 
