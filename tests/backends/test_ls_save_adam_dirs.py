@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 AVAILABLE = backends()
 SIZES = [1, 7, 0, 4099, 65_537, 33, 0]  # odd sizes, empty tensors in the middle and last
+MANY = [int(n) for n in torch.randint(0, 3000, (300,), generator=torch.Generator().manual_seed(9))]
 KW = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 3))
 ETAS = [0.3, 0.0, 1e-3, 2.5, 0.07, 1.0, 0.5]
 # one rounding to the stored dtype plus a few in the compute dtype
@@ -37,8 +38,8 @@ def backend(request):
     return request.param
 
 
-def _inputs(dtype, device, seed=3):
-    p, g, m, v = random_lists(SIZES, dtype, device, seed, ["n", "n", "small", "pos"])
+def _inputs(dtype, device, seed=3, sizes=SIZES):
+    p, g, m, v = random_lists(sizes, dtype, device, seed, ["n", "n", "small", "pos"])
     return p, g, m, v
 
 
@@ -66,12 +67,13 @@ def test_saved_direction_matches_float64_reference(backend, dtype):
     torch.testing.assert_close(sums.cpu().double(), want_sums.double(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("sizes", [SIZES, MANY], ids=["odd", "300-tensors"])
 @pytest.mark.parametrize("dtype", EXACT_DIRECTION, ids=str)
-def test_trial_along_saved_direction_is_ls_trial_adam_bit_for_bit(backend, dtype):
+def test_trial_along_saved_direction_is_ls_trial_adam_bit_for_bit(backend, dtype, sizes):
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("the Triton backend has no float64 kernels")
     impl = get(backend)
-    p, g, m, v = _inputs(dtype, _device(backend), seed=4)
+    p, g, m, v = _inputs(dtype, _device(backend), seed=4, sizes=sizes)
     w0, dirs = [torch.empty_like(t) for t in p], [torch.empty_like(t) for t in p]
     # the same save with and without dirs: the same moments, w0 and sums, bit for bit
     p2, g2, m2, v2 = (_clone(x) for x in (p, g, m, v))
@@ -82,7 +84,7 @@ def test_trial_along_saved_direction_is_ls_trial_adam_bit_for_bit(backend, dtype
     assert _bits(m, m2) and _bits(v, v2) and _bits(w0, w02)
     # every trial of the step: along the saved direction == recomputed from g and v
     for scale in (1.0, 0.5 ** 7):
-        etas = [e * scale for e in ETAS]
+        etas = [ETAS[i % len(ETAS)] * scale for i in range(len(sizes))]
         impl.ls_trial_sgd(p, w0, dirs, etas)
         impl.ls_trial_adam(p2, w02, g2, v2, etas, eps=KW["eps"], bias_correction2_sqrt=KW["bias_correction2_sqrt"])
         assert _bits(p, p2), f"trial at scale {scale} differs"
