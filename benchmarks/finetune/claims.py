@@ -119,7 +119,8 @@ def linesearch_settings(p: dict, optimizers=("adam", "adamsls", "plasls")) -> Li
             else:
                 arms.append(Arm(o, o, list(p["adam_lrs"]), dict(schedule="cosine", warmup=0.1)))
         evals = 2 if subset and subset <= 1000 else 4
-        out.append(Setting(name, p["top_layers"], subset, arms, list(p["seeds"]), list(p["seeds"][:1]),
+        tune = list(p.get("tune_seeds") or p["seeds"][:1])  # --tune-seeds, else the first seed
+        out.append(Setting(name, p["top_layers"], subset, arms, list(p["seeds"]), tune,
                            dict(epochs=epochs, batch_size=p["batch_size"], evals_per_epoch=evals)))
     return out
 

