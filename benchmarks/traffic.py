@@ -17,6 +17,8 @@ OP_ACCESSES: Dict[str, Dict[str, Tuple[int, int]]] = {
     "adam_step": {"param": (1, 1), "grad": (1, 0), "state": (2, 2)},                   # p,g,m,v -> p,m,v
     "sgd_momentum_step": {"param": (1, 1), "grad": (1, 0), "state": (1, 1)},           # p,g,buf -> p,buf
     "ls_save_sgd": {"param": (1, 0), "grad": (1, 0), "copy": (0, 1)},                  # p,g -> w0 (+ sum g^2)
+    # ls_save_sgd given an empty w0: the Adam searches' gradient check, sum g^2 only
+    "ls_grad_check": {"grad": (1, 0)},                                                   # g -> (sum g^2)
     "ls_save_adam": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 1)},  # p,g,m,v -> w0,m,v
     # ls_save_adam given a dirs list (fp32/fp64): also writes d
     "ls_save_adam_dir": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 2)},  # p,g,m,v -> w0,d,m,v
@@ -50,8 +52,8 @@ def adam_search_ops(direction_saved: bool = True) -> Tuple[str, str]:
 
 
 # Before their save phase touches the moments, the Adam line searches check every gradient finite
-# with ArmijoSGD's save op (sum g^2 per tensor; it also writes w0): _line_search._grad_norms.
-ADAM_GRAD_CHECK = ("ls_save_sgd", 1.0)
+# with ArmijoSGD's save op given an empty w0 (sum g^2 per tensor, nothing written): _line_search._grad_norms.
+ADAM_GRAD_CHECK = ("ls_grad_check", 1.0)
 
 
 def adam_search_phases(direction_saved: bool = True) -> list:

@@ -34,6 +34,11 @@ struct SgdScalars {
   double dampening = 0.0;  // torch.optim.SGD's; 0 for a buffer's first step (update_math.h)
 };
 
+struct LsSgdSaveScalars {
+  bool stream = false;  // write w0 with streaming stores (stream_policy.h)
+  bool with_w0 = true;  // false: two pointers (params, grads), nothing is written, only the sum
+};
+
 struct LsAdamSaveScalars {
   double one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
   bool stream = false;  // write w0 (and dirs) with streaming stores (stream_policy.h)
@@ -54,8 +59,9 @@ struct CpuKernels {
   void (*adam)(at::ScalarType, void* const* ptrs, int64_t n, const AdamScalars&);
   // ptrs: params, grads, momentum_buffers (grads written only when unscaling)
   void (*sgd_momentum)(at::ScalarType, void* const* ptrs, int64_t n, const SgdScalars&);
-  // ptrs: params, grads, w0; returns the segment's sum of g^2 (stream: w0 by streaming stores)
-  double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n, bool stream);
+  // ptrs: params, grads[, w0 when with_w0]; returns the segment's sum of g^2 (stream: w0 by
+  // streaming stores)
+  double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n, const LsSgdSaveScalars&);
   // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0[, dirs when with_dirs]; returns the
   // segment's sum of g^2 / denom
   double (*ls_save_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsAdamSaveScalars&);

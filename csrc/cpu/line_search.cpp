@@ -17,14 +17,17 @@ at::Tensor no_sums() { return at::empty({0}, at::TensorOptions().dtype(at::kFloa
 }  // namespace
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0) {
-  const MultiTensor lists("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
+  // w0: one per parameter (p is saved there), or empty (only the sums: a read-only gradient check).
+  const bool with_w0 = !w0.empty();
+  const MultiTensor lists = with_w0 ? MultiTensor("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}})
+                                    : MultiTensor("ls_save_sgd", {{"params", params}, {"grads", grads}});
   if (lists.empty()) return no_sums();
   const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_save_sgd;
-  const bool stream = stream_stores_pay(lists.bytes_per_list(), 3);
+  const LsSgdSaveScalars sc{with_w0 && stream_stores_pay(lists.bytes_per_list(), 3), with_w0};
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
-      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, stream); });
+      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, sc); });
   return lists.per_tensor_sums(partial);
 }
 

@@ -45,10 +45,13 @@ void save_copy(void* w0, const void* p, int64_t n, bool stream) {
 }
 
 template <typename T>
-double ls_save_sgd_segment(void* const* ptrs, int64_t n, bool stream) {
+double ls_save_sgd_segment(void* const* ptrs, int64_t n, const LsSgdSaveScalars& s) {
   enum { P, G, W0 };
-  save_copy<T>(ptrs[W0], ptrs[P], n, stream);
-  return for_each_element<bit(G), 0, true>(typed<T, 3>(ptrs), n, [](auto& x) { return math::ls_sq(x[G]); });
+  const auto sq = [](auto& x) { return math::ls_sq(x[G]); };
+  // Without w0 only g is read: the same loop and summation order, so the same sums to the bit.
+  if (!s.with_w0) return for_each_element<bit(G), 0, true>(typed<T, 2>(ptrs), n, sq);
+  save_copy<T>(ptrs[W0], ptrs[P], n, s.stream);
+  return for_each_element<bit(G), 0, true>(typed<T, 3>(ptrs), n, sq);
 }
 
 template <typename T>
@@ -110,9 +113,9 @@ void ls_final_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s)
 }
 
 // Type-erased entries of the CpuKernels table.
-inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, bool stream) {
+inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsSgdSaveScalars& s) {
   return dispatch_dtype(dtype,
-                        [&](auto tag) { return ls_save_sgd_segment<typename decltype(tag)::type>(ptrs, n, stream); });
+                        [&](auto tag) { return ls_save_sgd_segment<typename decltype(tag)::type>(ptrs, n, s); });
 }
 
 inline double ls_save_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsAdamSaveScalars& s) {

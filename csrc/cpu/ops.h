@@ -30,6 +30,8 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
                               double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf, double dampening);
 
+// w0: one tensor per parameter that receives p, or empty: then nothing is written and only the
+// per-tensor sums of g^2 are returned (the Adam line searches' gradient check, 4 B/param in fp32).
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
 
 // dirs: empty, or one tensor per parameter that receives the search direction g / denom.

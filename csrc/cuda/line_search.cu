@@ -36,6 +36,19 @@ struct SaveSgdElem {
   }
 };
 
+// ls_save_sgd given an empty w0 (the Adam line searches' gradient check): lists 0 params,
+// 1 grads. Reads g only (params come for the list checks); writes nothing; sums g^2.
+template <typename M>
+struct GradSqElem {
+  static constexpr int kDepth = 2;
+  static constexpr int kReadMask = 0b10;
+  static constexpr int kWriteMask = 0b00;
+  static constexpr bool kReduce = true;
+  static constexpr bool kWithScalars = false;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const { return math::ls_sq(x[1]); }
+};
+
 // Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 w0.
 // Reads p, g, m, v; writes m, v, w0; sums g^2 / (sqrt(v_hat) + eps).
 template <typename M>
@@ -131,15 +144,24 @@ at::Tensor sum_slots(const at::Tensor& like, size_t n) {
   return at::zeros({static_cast<int64_t>(n)}, like.options().dtype(at::kDouble));
 }
 
+// w0: one per parameter (p is saved there), or empty (only the sums: nothing is written).
 at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList w0) {
-  const at::ScalarType dtype = check_lists("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}});
+  const bool with_w0 = !w0.empty();
+  const at::ScalarType dtype = with_w0
+      ? check_lists("ls_save_sgd", {{"params", params}, {"grads", grads}, {"w0", w0}})
+      : check_lists("ls_save_sgd", {{"params", params}, {"grads", grads}});
   if (params.empty()) return empty_sums();
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor sums = sum_slots(params[0], params.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_save_sgd", [&] {
     using M = opmath_t<scalar_t>;
-    const std::array<at::TensorList, 3> lists{params, grads, w0};
-    multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M>{}, sums.data_ptr<double>());
+    if (with_w0) {
+      const std::array<at::TensorList, 3> lists{params, grads, w0};
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M>{}, sums.data_ptr<double>());
+    } else {
+      const std::array<at::TensorList, 2> lists{params, grads};
+      multi_tensor_apply<scalar_t>(lists, nullptr, GradSqElem<M>{}, sums.data_ptr<double>());
+    }
   });
   return sums.to(at::kFloat);
 }

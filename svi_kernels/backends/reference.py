@@ -197,10 +197,15 @@ def _sums(values: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
-    """w0 <- p; returns float32 [n] with sum(g^2) per tensor."""
+    """w0 <- p (unless ``w0`` is empty: then nothing is written); returns float32 [n] with sum(g^2)
+    per tensor."""
+    if len(grads) != len(params):
+        raise ValueError(f"ls_save_sgd: grads has {len(grads)} tensors but params has {len(params)}")
+    _check_optional_list("ls_save_sgd", "w0", w0, params)
     terms = []
-    for p, g, w in zip(params, grads, w0):
-        w.copy_(p)
+    for i, g in enumerate(grads):
+        if w0:
+            w0[i].copy_(params[i])
         gf = _opmath(g)
         terms.append(gf * gf)
     return _sums(terms, params)
@@ -212,7 +217,7 @@ def ls_save_adam(
 ) -> Tensor:
     """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
     direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
-    _check_dirs("ls_save_adam", dirs, params)
+    _check_optional_list("ls_save_adam", "dirs", dirs, params)
     terms = []
     for i, (p, g, m, v, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, w0)):
         w.copy_(p)
@@ -228,10 +233,11 @@ def ls_save_adam(
     return _sums(terms, params)
 
 
-def _check_dirs(op: str, dirs: List[Tensor], params: List[Tensor]) -> None:
-    if dirs and len(dirs) != len(params):
-        raise ValueError(f"{op}: dirs has {len(dirs)} tensors but params has {len(params)} (give one per "
-                         "parameter, or an empty list to write no direction)")
+def _check_optional_list(op: str, name: str, tensors: List[Tensor], params: List[Tensor]) -> None:
+    """An output list the op may go without (ls_save_sgd's w0, ls_save_adam's dirs): empty, or one per param."""
+    if tensors and len(tensors) != len(params):
+        raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {len(params)} (give one per "
+                         f"parameter, or an empty list to write no {name})")
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:

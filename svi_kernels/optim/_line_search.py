@@ -352,19 +352,20 @@ class LineSearchOptimizer(Optimizer):
     # --------------------------------------------------------- fused phases
     # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
     # The reductions stay on the device (``DeviceSums``) until the next host read, which they join.
-    def _save_sgd(self, t: StepTensors) -> "DeviceSums":
-        """w0 <- p and sum(g^2) per tensor."""
+    def _save_sgd(self, t: StepTensors, save_w0: bool = True) -> "DeviceSums":
+        """w0 <- p (when ``save_w0``) and sum(g^2) per tensor."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"]):
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"] if save_w0 else ["params", "grads"]):
             impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-            parts.append((pos, impl.ls_save_sgd(*lists)))
+            parts.append((pos, impl.ls_save_sgd(*lists) if save_w0 else impl.ls_save_sgd(*lists, [])))
         return DeviceSums(t, parts)
 
     def _grad_norms(self, t: StepTensors) -> "DeviceSums":
         """Per-tensor sums of g^2 (the Adam variants check them finite before touching their moments):
-        the fused save phase of ArmijoSGD, one list op (it also writes w0 <- p, which the Adam save
-        phase writes again), instead of torch._foreach_norm's 0-d tensor per parameter and a stack."""
-        return self._save_sgd(t)
+        ArmijoSGD's save op given an empty w0, which reads only g (4 B/param in fp32) and writes
+        nothing, instead of torch._foreach_norm's 0-d tensor per parameter and a stack. The same
+        sums, to the bit, as the save with w0 (same loop, same summation order)."""
+        return self._save_sgd(t, save_w0=False)
 
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
         """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers), and

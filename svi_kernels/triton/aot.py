@@ -72,7 +72,8 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                lambda lt=lr_tensor, a=amp: sgd.sgd_momentum_step_tensor(
                    L(), L(), L(), lr=one() * 0.1 if lt else 0.1, momentum=0.9, nesterov=True, weight_decay=0.0,
                    grad_scale=one() if a else None, found_inf=one() * 0 if a else None))
-    yield "", lambda: line_search.ls_save_sgd(L(), L(), L())
+    for w0 in (True, False):
+        yield f"w0={w0}", lambda w=w0: line_search.ls_save_sgd(L(), L(), L() if w else [])
     for dirs in (False, True):
         yield f"dirs={dirs}", lambda d=dirs: line_search.ls_save_adam(
             L(), L(), L(), L(), L(), L() if d else [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)

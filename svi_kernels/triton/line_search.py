@@ -1,6 +1,7 @@
 """Fused multi-tensor phases of the Armijo line search, one launch each per (device, dtype) group.
 
-(a) ``ls_save_sgd`` / ``ls_save_adam``: save w0 = p (Adam also updates the moments and, given a
+(a) ``ls_save_sgd`` / ``ls_save_adam``: save w0 = p (ls_save_sgd given an empty w0 saves nothing:
+    the Adam searches' read-only gradient check; Adam also updates the moments and, given a
     ``dirs`` list, writes the search direction g / (sqrt(v_hat) + eps) for ``ls_trial_sgd``) and return
     per-tensor sums (g^2, or g^2 / (sqrt(v_hat) + eps)) as float32 [n_tensors]; each program
     reduces its chunk with ``tl.sum`` and adds it to its tensor's fp64 slot with one atomic.
@@ -28,25 +29,30 @@ Etas = Union[Sequence[float], Tensor]
 
 # ------------------------------------------------------------------------------------ kernels
 @device_function
-def _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, mask, COMPUTE: tl.constexpr):
-    tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+def _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, mask, COMPUTE: tl.constexpr, N_LISTS: tl.constexpr):
+    if N_LISTS == 3:  # with w0 (else only the sum: nothing is written)
+        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     return g * g  # ls_sq (update_math.h)
 
 
 @triton.jit
 def ls_save_sgd_kernel(ptrs, chunks, sums,
-                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                       N_LISTS: tl.constexpr):
+    # N_LISTS: 3 (params, grads, w0), or 2 without w0 (params only carry the checks: never read)
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
-    p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
-    g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
-    w_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
+    p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
+    w_ptr = p_ptr  # unused without w0
+    if N_LISTS == 3:
+        w_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
     for first in range(start, full_end, BLOCK):
-        acc += _save_sgd_block(p_ptr, g_ptr, w_ptr, first + tl.arange(0, BLOCK), None, COMPUTE)
+        acc += _save_sgd_block(p_ptr, g_ptr, w_ptr, first + tl.arange(0, BLOCK), None, COMPUTE, N_LISTS)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        acc += tl.where(offs < end, _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, offs < end, COMPUTE), 0.0)
+        acc += tl.where(offs < end, _save_sgd_block(p_ptr, g_ptr, w_ptr, offs, offs < end, COMPUTE, N_LISTS), 0.0)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
 
 
@@ -226,9 +232,11 @@ def _run_update(kernel, group: Group, shape: Tuple[int, int], per_tensor: Tensor
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
-    """w0 <- p; returns float32 [n] with sum(g^2) per tensor."""
-    group, shape = _group([params, grads, w0], written=(2,))
-    return _run_reduction(ls_save_sgd_kernel, group, shape, ())
+    """w0 <- p (unless ``w0`` is empty: then nothing is written); returns float32 [n] with sum(g^2)
+    per tensor."""
+    lists = [params, grads] + ([w0] if len(w0) else [])
+    group, shape = _group(lists, written=(2,)[:len(lists) - 2])
+    return _run_reduction(ls_save_sgd_kernel, group, shape, (), N_LISTS=len(lists))
 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from svi_kernels.backends import BACKENDS, backends, get, reference
+from backend_params import BACKEND_PARAMS, device_for
+from svi_kernels.backends import get, reference
 from svi_kernels.optim._line_search import EXACT_DIRECTION
 from tensor_factory import random_lists
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-AVAILABLE = backends()
 SIZES = [1, 7, 0, 4099, 65_537, 33, 0]  # odd sizes, empty tensors in the middle and last
 MANY = [int(n) for n in torch.randint(0, 3000, (300,), generator=torch.Generator().manual_seed(9))]
 KW = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 3))
@@ -27,13 +27,7 @@ TOL = {torch.float32: (2e-6, 1e-5), torch.float64: (1e-14, 1e-13), torch.float16
        torch.bfloat16: (8e-3, 1.6e-2)}
 
 
-def _device(name):
-    return "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-@pytest.fixture(params=[pytest.param(n, id=n, marks=[] if AVAILABLE[n]["available"] else
-                                     [pytest.mark.skip(reason=f"{n}: {AVAILABLE[n]['reason']}")])
-                        for n in BACKENDS])
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return request.param
 
@@ -55,7 +49,7 @@ def _bits(a, b):
 def test_saved_direction_matches_float64_reference(backend, dtype):
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("the Triton backend has no float64 kernels")
-    p, g, m, v = _inputs(dtype, _device(backend))
+    p, g, m, v = _inputs(dtype, device_for(backend))
     w0, dirs = [torch.empty_like(t) for t in p], [torch.full_like(t, 7.0) for t in p]
     want = [[t.detach().cpu().double().clone() for t in x] for x in (p, g, m, v, w0, dirs)]
     sums = get(backend).ls_save_adam(p, g, m, v, w0, dirs, **KW)
@@ -73,7 +67,7 @@ def test_trial_along_saved_direction_is_ls_trial_adam_bit_for_bit(backend, dtype
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("the Triton backend has no float64 kernels")
     impl = get(backend)
-    p, g, m, v = _inputs(dtype, _device(backend), seed=4, sizes=sizes)
+    p, g, m, v = _inputs(dtype, device_for(backend), seed=4, sizes=sizes)
     w0, dirs = [torch.empty_like(t) for t in p], [torch.empty_like(t) for t in p]
     # the same save with and without dirs: the same moments, w0 and sums, bit for bit
     p2, g2, m2, v2 = (_clone(x) for x in (p, g, m, v))
@@ -93,7 +87,7 @@ def test_trial_along_saved_direction_is_ls_trial_adam_bit_for_bit(backend, dtype
 
 def test_dirs_of_another_length_is_refused_before_anything_changes(backend):
     impl = get(backend)
-    p, g, m, v = _inputs(torch.float32, _device(backend), seed=5)
+    p, g, m, v = _inputs(torch.float32, device_for(backend), seed=5)
     before = [_clone(x) for x in (m, v)]
     w0 = [torch.full_like(t, 7.0) for t in p]
     with pytest.raises((RuntimeError, ValueError), match="dirs"):
@@ -103,6 +97,6 @@ def test_dirs_of_another_length_is_refused_before_anything_changes(backend):
 
 
 def test_old_call_without_dirs_fails_loudly(backend):
-    p, g, m, v = _inputs(torch.float32, _device(backend), seed=6)
+    p, g, m, v = _inputs(torch.float32, device_for(backend), seed=6)
     with pytest.raises(TypeError):
         get(backend).ls_save_adam(p, g, m, v, _clone(p), **KW)  # the 5-list call of before dirs existed

@@ -62,20 +62,21 @@ def test_fp32_state_with_bf16_params():
 
 def test_line_search_bookkeeping_is_the_sum_of_its_phases():
     assert traffic.bytes_per_param(traffic.ARMIJO_SGD_PHASES, 4) == 12 + 12
-    # the gradient check (ls_save_sgd, 12), then fp32/fp64: the save also writes the direction d,
-    # each trial reads w0 and d
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 12 + 32 + 12 + 16
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(direction_saved=False), 2) == 6 + 14 + 8 + 8
+    # the gradient check (ls_save_sgd without w0: reads g, 4), then fp32/fp64: the save also writes
+    # the direction d, each trial reads w0 and d
+    assert traffic.op_bytes("ls_grad_check", 4) == 4
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 4 + 32 + 12 + 16
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(direction_saved=False), 2) == 2 + 14 + 8 + 8
     # PLASLS with 10 groups: every step saves and finalises all, searches a tenth on average
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(12 + 32 + 1.2 + 16)
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(4 + 32 + 1.2 + 16)
 
 
 def test_every_row_is_accounted():
     params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(20)]
     ctx = rows_mod.Context(params, [torch.zeros(3)] * 20, torch.device("cpu"), torch.float32)
     expected = {"torch_adamw_foreach": 28, "torch_adamw_fused": 28, "adamw": 28, "svi_sgd": 20, "svi_adam": 28,
-                "ls_trial_sgd": 12, "ls_trial_adam": 12, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 72,
-                "layerwise_adam_sls_bookkeeping": 60 + 1.2, "salsa_search_bookkeeping": 12 + 32 + 12,
+                "ls_trial_sgd": 12, "ls_trial_adam": 12, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 64,
+                "layerwise_adam_sls_bookkeeping": 52 + 1.2, "salsa_search_bookkeeping": 4 + 32 + 12,
                 "salsa_skipped_step": 28}
     seen = set()
     for row in rows_mod.build_rows(["cpu"]):
@@ -88,7 +89,7 @@ def test_every_row_is_accounted():
 def test_bf16_adam_searches_are_counted_without_the_saved_direction():
     params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)) for _ in range(20)]
     ctx = rows_mod.Context(params, [torch.zeros(3, dtype=torch.bfloat16)] * 20, torch.device("cpu"), torch.bfloat16)
-    expected = {"ls_trial_adam": 8, "salsa_search_bookkeeping": 6 + 14 + 8, "adam_sls_bookkeeping": 6 + 14 + 8 + 8}
+    expected = {"ls_trial_adam": 8, "salsa_search_bookkeeping": 2 + 14 + 8, "adam_sls_bookkeeping": 2 + 14 + 8 + 8}
     for row in rows_mod.build_rows(["cpu"]):
         if row.name in expected:
             assert traffic.bytes_per_param(row.phases(ctx), 2) == expected[row.name], row.name

@@ -20,7 +20,9 @@ def test_phases_are_the_ops_one_step_runs(monkeypatch, row_name, adam, dtype):
 
     def recorder(name, original):
         def record(*args, **kwargs):
-            if name == "ls_save_adam" and len(args[5]):
+            if name == "ls_save_sgd" and not len(args[2]):
+                calls.append("ls_grad_check")  # sums of g^2 only, no w0 written
+            elif name == "ls_save_adam" and len(args[5]):
                 calls.append("ls_save_adam_dir")  # with the direction saved
             elif name == "ls_trial_sgd" and adam:
                 calls.append("ls_trial_adam_dir")  # an Adam trial along the saved direction
