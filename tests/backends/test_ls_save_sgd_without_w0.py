@@ -115,3 +115,13 @@ def test_compiled_op_refuses_a_bad_gradient_without_w0(bad):
             "sparse": lambda t: t.to_sparse()}[bad](g[5])
     with pytest.raises(RuntimeError, match=r"grads|gradient|layout|contiguous|dtype|numel"):
         get("cpu").ls_save_sgd(p, g, [])
+
+
+def test_torch_ops_path_gives_the_direct_call_sums():
+    # compiled.py takes the direct call on plain CPU tensors; the dispatcher path (autograd on, a
+    # profiler, torch.compile) must accept the empty w0 too and give the same bits.
+    if not AVAILABLE["cpu"]["available"]:
+        pytest.skip(AVAILABLE["cpu"]["reason"])
+    p, g = _inputs("cpu", torch.float32, MANY, seed=9)
+    direct = get("cpu").ls_save_sgd(p, g, [])
+    assert torch.equal(torch.ops.svi_kernels.ls_save_sgd(p, g, []), direct)
