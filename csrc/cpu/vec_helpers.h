@@ -129,21 +129,58 @@ inline std::array<T*, N> typed(void* const* ptrs) {
 constexpr unsigned bit(unsigned k) { return 1u << k; }
 
 // Sums vector terms lane by lane in double, so the total of a segment does not depend on
-// where the vector body ends; the scalar tail adds its terms in order after it.
+// where the vector body ends; the scalar tail adds its terms in order after it. On AVX2/AVX-512
+// the lanes are double vectors (a float vector widened into two), so a reduction costs a
+// conversion and an add per vector instead of a store and one scalar add per lane; each lane
+// sees the same additions in the same order as the scalar form, hence the same bits.
 template <typename S>
 struct LaneSum {
   using Vec = Vectorized<S>;
-  double lanes[Vec::size()] = {};
+  static constexpr int kLanes = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kWide = std::is_same_v<S, float> || std::is_same_v<S, double>;
+#else
+  static constexpr bool kWide = false;
+#endif
+  static constexpr int kAcc = std::is_same_v<S, float> ? 2 : 1;  // double vectors per S vector
+  Vectorized<double> acc[kAcc];  // at::vec's default constructor leaves the lanes unset
+  double lanes[kLanes] = {};
+
+  LaneSum() {
+    for (auto& a : acc) a = Vectorized<double>(0.0);
+  }
 
   void add(const Vec& x) {
-    __at_align__ S buf[Vec::size()];
-    x.store(buf);
-    for (int j = 0; j < Vec::size(); ++j) lanes[j] += static_cast<double>(buf[j]);
+    if constexpr (kWide) {
+      if constexpr (std::is_same_v<S, double>) {
+        acc[0] = acc[0] + x;
+      } else {
+#if defined(CPU_CAPABILITY_AVX512)
+        const __m512 v = x;
+        acc[0] = acc[0] + Vectorized<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        acc[1] = acc[1] + Vectorized<double>(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+        const __m256 v = x;
+        acc[0] = acc[0] + Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        acc[1] = acc[1] + Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#endif
+      }
+    } else {
+      __at_align__ S buf[kLanes];
+      x.store(buf);
+      for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(buf[j]);
+    }
   }
 
   double total() const {
+    __at_align__ double wide[kLanes];
+    const double* l = lanes;
+    if constexpr (kWide) {
+      for (int a = 0; a < kAcc; ++a) acc[a].store(wide + a * Vectorized<double>::size());
+      l = wide;
+    }
     double s = 0.0;
-    for (int j = 0; j < Vec::size(); ++j) s += lanes[j];
+    for (int j = 0; j < kLanes; ++j) s += l[j];
     return s;
   }
 };
