@@ -185,6 +185,10 @@ struct LaneSum {
   }
 };
 
+struct NoSum {
+  double total() const { return 0.0; }
+};
+
 // Applies body to every element of a segment of N operands. Operand k is read if bit k of
 // kLoad is set and written back if bit k of kStore is set; in the vector body with a streaming
 // store if bit k of kStream is set too (see stream_store: the caller checks alignment and
@@ -197,7 +201,8 @@ inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Bo
   using S = typename IO::S;
   using Vec = typename IO::Vec;
   const std::array<T*, N> p = ptr;  // a local copy stays in registers across the stores
-  LaneSum<S> vsum;
+  // Only a reducing loop holds the accumulator: the others compile exactly as without one.
+  std::conditional_t<kReduce, LaneSum<S>, NoSum> vsum;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) {
     std::array<Vec, N> x[IO::kVecs];
@@ -233,7 +238,8 @@ inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Bo
       if constexpr ((kStore & bit(k)) != 0) p[k][i] = static_cast<T>(x[k]);
     });
   }
-  return kReduce ? vsum.total() + tail_sum : 0.0;
+  if constexpr (kReduce) return vsum.total() + tail_sum;
+  else return 0.0;
 }
 
 // for_each_element with the write-only outputs in kStream stored by streaming stores when
