@@ -1,11 +1,15 @@
 """svi-bench counts a line-search row's bytes from its phases (benchmarks/traffic.py): they must be
 the fused ops one step of the optimizer really runs (recorded here on the reference backend)."""
+import importlib
 from collections import Counter
 
 import pytest
 import torch
 
-from benchmarks import rows as rows_mod
+from svi_kernels._entry import load
+
+# Through svi_kernels._entry: benchmarks/ ships as svi_kernels._benchmarks in the wheel.
+rows_mod = importlib.import_module(load("microbench").__package__ + ".rows")
 
 OPS = ("ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam", "adam_step")
 
