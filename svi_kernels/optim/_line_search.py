@@ -459,23 +459,23 @@ class LineSearchOptimizer(Optimizer):
             return [(gi, device, g, lists) for gi in range(len(self.param_groups))
                     for device, g, lists, _pos, _n in t.buckets(["params", "grads"], gids=[gi])]
 
-        def fused(t) -> bool:  # one launch, which the op checks, with foreach's bits
-            todo = launches(t)
+        def fused(todo) -> bool:  # one launch, which the op checks, with foreach's bits
             if len(todo) != 1:
                 return False
             _gi, device, g, (params, _grads) = todo[0]
             return params[0].dtype in _FOREACH_BITS and bucketing._backends.resolve(g["backend"], device) == "cpu"
 
         def update(t):
-            if t.planned and fused(t):
-                gi, device, g, (params, grads) = launches(t)[0]
+            todo = launches(t)
+            if t.planned and fused(todo):
+                gi, device, g, (params, grads) = todo[0]
                 bucketing.backend_for(g["backend"], device, [params, grads], 0).ls_trial_sgd(
                     params, params, grads, [float(etas[gi])] * len(params))
                 return
-            for gi, _device, _g, (params, grads) in launches(t):
+            for gi, _device, _g, (params, grads) in todo:
                 torch._foreach_add_(params, grads, alpha=-etas[gi])
 
-        self._checked_phase(False, update, one_launch=fused)
+        self._checked_phase(False, update, one_launch=lambda t: fused(launches(t)))
 
     def _skip_adam(self, etas: Sequence[float], step: float, decays: Optional[Sequence[float]] = None) -> None:
         """A skipped step along the Adam direction with the moments updated:

@@ -282,7 +282,7 @@ def fast_path_allowed(opt) -> bool:
 # last step that built them the long way. As for AdamW, the gradients are checked by the first op that
 # reads them (the save phase, or a skipped step's update: one pass over the whole list in C++, before it
 # writes anything but the scratch w0); when it refuses, the step drops the plan and runs the general path
-# (_line_search.LineSearchOptimizer._guarded).
+# (_line_search.LineSearchOptimizer._checked_phase).
 def _ls_plan(opt) -> Optional[GroupPlan]:
     plan = _plans(opt).get("ls")
     return plan if ENABLED and isinstance(plan, GroupPlan) and plan.fits(opt, opt.param_groups) else None
