@@ -21,59 +21,31 @@ namespace svi_kernels {
 namespace cuda {
 namespace {
 
-// Lists: 0 params, 1 grads, 2 w0. Reads p, g; writes w0; sums g^2.
-template <typename M>
+// Lists: 0 params, 1 grads, 2 w0. Reads p, g; writes w0; sums g^2. Without w0 (kWithW0 false:
+// ls_save_sgd given an empty w0, the Adam line searches' gradient check) it reads g only (params
+// come for the list checks), writes nothing and sums g^2 the same way.
+template <typename M, bool kWithW0>
 struct SaveSgdElem {
-  static constexpr int kDepth = 3;
-  static constexpr int kReadMask = 0b011;
-  static constexpr int kWriteMask = 0b100;
+  static constexpr int kDepth = kWithW0 ? 3 : 2;
+  static constexpr int kReadMask = kWithW0 ? 0b011 : 0b010;
+  static constexpr int kWriteMask = kWithW0 ? 0b100 : 0b000;
   static constexpr bool kReduce = true;
   static constexpr bool kWithScalars = false;
 
   __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
-    x[2] = x[0];
+    if constexpr (kWithW0) x[2] = x[0];
     return math::ls_sq(x[1]);
   }
 };
 
-// ls_save_sgd given an empty w0 (the Adam line searches' gradient check): lists 0 params,
-// 1 grads. Reads g only (params come for the list checks); writes nothing; sums g^2.
-template <typename M>
-struct GradSqElem {
-  static constexpr int kDepth = 2;
-  static constexpr int kReadMask = 0b10;
-  static constexpr int kWriteMask = 0b00;
-  static constexpr bool kReduce = true;
-  static constexpr bool kWithScalars = false;
-
-  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const { return math::ls_sq(x[1]); }
-};
-
-// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 w0.
-// Reads p, g, m, v; writes m, v, w0; sums g^2 / (sqrt(v_hat) + eps).
-template <typename M>
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 w0[, 5 dirs when kWithDirs].
+// Reads p, g, m, v; writes m, v, w0 (and the search direction g / denom into dirs);
+// sums g^2 / (sqrt(v_hat) + eps).
+template <typename M, bool kWithDirs>
 struct SaveAdamElem {
-  static constexpr int kDepth = 5;
-  static constexpr int kReadMask = 0b01111;
-  static constexpr int kWriteMask = 0b11100;
-  static constexpr bool kReduce = true;
-  static constexpr bool kWithScalars = false;
-
-  M one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
-
-  __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
-    x[4] = x[0];
-    return math::ls_adam_prepare_elem(x[1], x[2], x[3], one_minus_beta1, beta2, one_minus_beta2, eps,
-                                      bias_correction2_sqrt);
-  }
-};
-
-// SaveAdamElem with a sixth list, 5 dirs, that receives the search direction g / denom.
-template <typename M>
-struct SaveAdamDirElem {
-  static constexpr int kDepth = 6;
+  static constexpr int kDepth = kWithDirs ? 6 : 5;
   static constexpr int kReadMask = 0b001111;
-  static constexpr int kWriteMask = 0b111100;
+  static constexpr int kWriteMask = kWithDirs ? 0b111100 : 0b011100;
   static constexpr bool kReduce = true;
   static constexpr bool kWithScalars = false;
 
@@ -81,8 +53,13 @@ struct SaveAdamDirElem {
 
   __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
     x[4] = x[0];
-    return math::ls_adam_prepare_dir_elem(x[1], x[2], x[3], x[5], one_minus_beta1, beta2, one_minus_beta2, eps,
-                                          bias_correction2_sqrt);
+    if constexpr (kWithDirs) {
+      return math::ls_adam_prepare_dir_elem(x[1], x[2], x[3], x[5], one_minus_beta1, beta2, one_minus_beta2, eps,
+                                            bias_correction2_sqrt);
+    } else {
+      return math::ls_adam_prepare_elem(x[1], x[2], x[3], one_minus_beta1, beta2, one_minus_beta2, eps,
+                                        bias_correction2_sqrt);
+    }
   }
 };
 
@@ -157,10 +134,10 @@ at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::Ten
     using M = opmath_t<scalar_t>;
     if (with_w0) {
       const std::array<at::TensorList, 3> lists{params, grads, w0};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M>{}, sums.data_ptr<double>());
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M, true>{}, sums.data_ptr<double>());
     } else {
       const std::array<at::TensorList, 2> lists{params, grads};
-      multi_tensor_apply<scalar_t>(lists, nullptr, GradSqElem<M>{}, sums.data_ptr<double>());
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveSgdElem<M, false>{}, sums.data_ptr<double>());
     }
   });
   return sums.to(at::kFloat);
@@ -185,11 +162,11 @@ at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::Te
                     static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
     if (with_dirs) {
       const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, w0, dirs};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamDirElem<M>{c[0], c[1], c[2], c[3], c[4]},
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, true>{c[0], c[1], c[2], c[3], c[4]},
                                    sums.data_ptr<double>());
     } else {
       const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M>{c[0], c[1], c[2], c[3], c[4]},
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, false>{c[0], c[1], c[2], c[3], c[4]},
                                    sums.data_ptr<double>());
     }
   });
