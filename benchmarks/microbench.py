@@ -77,12 +77,28 @@ def _pick_backends(spec: Optional[str], device: torch.device) -> List[str]:
 BASELINE = "torch_adamw_fused"
 
 
-def _measure(row, ctx, args, device, pair, param_itemsize):
-    """(ms, the baseline's ms in the same windows or None, launches, syncs, state itemsize, step fn)."""
+def _measure(row, ctx, args, device, paired, param_itemsize):
+    """One row, timed with a window of each ``paired`` call after each of its windows.
+
+    Returns (ms, the paired calls' ms, launches, syncs, state itemsize, step fn, closure ms per step).
+    A bookkeeping row's ms leaves out the time its steps spent inside the closure (forward and
+    backward), measured inside those steps (rows.TrivialClosure).
+    """
     fn, opt = row.build(ctx)
-    ms, pair_ms = timing.median_ms(fn, device, args.warmup, args.repeats, args.row_budget, pair)
+    excluded, counted = None, fn
+    if row.bookkeeping:
+        calls = [0]
+
+        def counted():
+            calls[0] += 1
+            return fn()
+
+        excluded = lambda: ctx.closure.seconds  # noqa: E731
+    before = ctx.closure.seconds
+    ms, paired_ms = timing.median_ms(counted, device, args.warmup, args.repeats, args.row_budget, paired, excluded)
+    closure_ms = 1e3 * (ctx.closure.seconds - before) / calls[0] if row.bookkeeping and calls[0] else None
     launches, syncs = timing.launches_and_syncs(fn, device)
-    return ms, pair_ms, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn
+    return ms, paired_ms, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms
 
 
 def run(args: argparse.Namespace):
@@ -103,19 +119,18 @@ def run(args: argparse.Namespace):
 
     bar = _progress_bar(1 + len(wls) * len(all_rows), disable=args.no_progress)
     bar.set_description("stream bandwidth")
-    bw = stream.measure_stream(args.stream_numel, device=device)
+    probe = stream.StreamProbe(args.stream_numel, device)
+    bw = probe.measure()
     bar.update(1)
 
     results, skipped = [], []
     for i, wl in enumerate(wls):
-        # The fraction of stream compares a row with a bandwidth probe taken when the load may have
-        # been another: each workload gets its own probe, right before its rows (one probe per run
-        # put torch fused AdamW at 73% and 139% of "stream" in one busy run).
-        wl_bw = bw if i == 0 else stream.measure_stream(args.stream_numel, device=device)
+        # The probe's single-call time before the workload sizes its paired windows and is printed; each
+        # row's fraction of stream uses the probe windows run between that row's own windows.
+        wl_bw = bw if i == 0 else probe.measure()
         bw.setdefault("by_workload", {})[wl.name] = wl_bw["gbps"]
         params, grads = workloads.make_tensors(wl, dtype, device)
-        ctx = rows_mod.Context(params, grads, device, dtype, rows_mod.trivial_closure(device))
-        closure_ms, _ = timing.median_ms(rows_mod.closure_overhead(ctx.closure), device, 3, args.repeats)
+        ctx = rows_mod.Context(params, grads, device, dtype, rows_mod.TrivialClosure(device, params))
         itemsize = params[0].element_size() if params else torch.empty((), dtype=dtype).element_size()
         measured = {}
         baseline = None  # (step fn, ms): timed first, then interleaved with every other row
@@ -124,21 +139,22 @@ def run(args: argparse.Namespace):
                 bar.update(1)
                 continue
             bar.set_description(f"{wl.name}: {row.name} [{row.backend}]")
+            paired = [(probe, wl_bw["ms"])] + ([baseline] if baseline else [])
             try:
-                ms, pair_ms, launches, syncs, state_size, fn = _measure(
-                    row, ctx, args, device, baseline, itemsize)
+                ms, paired_ms, launches, syncs, state_size, fn, closure_ms = _measure(
+                    row, ctx, args, device, paired, itemsize)
             except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
                 skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
                 bar.update(1)
                 continue
+            probe_ms, pair_ms = paired_ms[0], (paired_ms[1] if baseline else ms)
             if row.name == BASELINE:
-                baseline, pair_ms = (fn, ms), ms
+                baseline = (fn, ms)
             del fn
             gc.collect()
-            if row.bookkeeping:
-                ms = max(ms - closure_ms, 1e-6)
             bpp = traffic.bytes_per_param(row.phases(ctx), itemsize, state_size)
-            gbps = bpp * wl.numel / (ms * 1e-3) / 1e9
+            gbps = bpp * wl.numel / (max(ms, 1e-6) * 1e-3) / 1e9
+            stream_gbps = probe.gbps(probe_ms)
             measured[id(row)] = {
                 "name": row.name, "backend": row.backend, "kind": row.kind, "workload": wl.name,
                 "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
@@ -146,9 +162,9 @@ def run(args: argparse.Namespace):
                 "ms": ms, "ratio_to_torch_fused_adamw": ms / pair_ms if pair_ms else None,
                 "torch_fused_adamw_ms_paired": pair_ms,
                 "bytes_per_param": bpp, "gbps": gbps,
-                "fraction_of_stream": gbps / wl_bw["gbps"], "stream_gbps": wl_bw["gbps"],
+                "fraction_of_stream": gbps / stream_gbps, "stream_gbps": stream_gbps,
                 "launches_per_step": launches, "syncs_per_step": syncs,
-                "closure_ms_subtracted": closure_ms if row.bookkeeping else None,
+                "closure_ms_subtracted": closure_ms,
                 "compare_to": row.compare_to,
             }
             bar.update(1)
@@ -158,6 +174,7 @@ def run(args: argparse.Namespace):
         del params, grads, ctx
         gc.collect()
     bar.close()
+    del probe
     targets.evaluate(results)
     return results, skipped, bw, backends
 
@@ -196,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     probes = bw.get("by_workload") or {"": bw["gbps"]}
     per_workload = ", ".join(f"{name} {gbps:.1f}".strip() for name, gbps in probes.items())
     print(f"streaming bandwidth (a.add_(b, alpha=s), {bw['numel']:,} fp32, 12 B/elem), measured before each "
-          f"workload's rows: {per_workload} GB/s")
+          f"workload's rows: {per_workload} GB/s; each row's fraction of stream uses the probe run between its "
+          f"own windows (column stream GB/s)")
     busy = _busy_warning()
     if busy:
         print(busy)

@@ -14,6 +14,7 @@ COLUMNS = [  # (header, key, format)
     ("B/param", "bytes_per_param", "{:g}"),
     ("GB/s", "gbps", "{:.1f}"),
     ("stream", "fraction_of_stream", "{:.0%}"),
+    ("stream GB/s", "stream_gbps", "{:.1f}"),
     ("launch", "launches_per_step", "{}"),
     ("sync", "syncs_per_step", "{}"),
     ("targets", "status", "{}"),

@@ -1,4 +1,4 @@
-"""This machine's streaming bandwidth, measured in the same run as the rows it normalises."""
+"""This machine's streaming bandwidth, measured in the same windows as the rows it normalises."""
 from __future__ import annotations
 
 import statistics
@@ -16,25 +16,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StreamProbe:
+    """An in-place ``a.add_(b, alpha=s)`` over ``numel`` float32 elements, kept allocated so svi-bench
+    can run a window of it after every window of a row (timing.median_ms's ``paired``): a row's
+    fraction of stream then compares two figures taken under the same load. (A probe taken once per
+    workload read 80.7 GB/s before one workload and 49-58 GB/s before the others in one run.)"""
+
+    def __init__(self, numel: int = DEFAULT_STREAM_NUMEL, device: torch.device | str = "cpu"):
+        self.numel = numel
+        self.device = torch.device(device)
+        self.a = torch.ones(numel, dtype=torch.float32, device=self.device)
+        self.b = torch.full((numel,), 0.5, dtype=torch.float32, device=self.device)
+        self()  # first touch of both buffers outside any timed window
+
+    def __call__(self) -> None:
+        self.a.add_(self.b, alpha=1e-3)
+
+    def gbps(self, ms: float) -> float:
+        return STREAM_BYTES_PER_ELEMENT * self.numel / (ms * 1e-3) / 1e9
+
+    def measure(self, runs: int = 7) -> dict:
+        """Median over ``runs`` single calls (what sizes the paired windows, and the figure printed)."""
+        times = []
+        for _ in range(runs):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self()
+            _sync(self.device)
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1e3
+        return {"numel": self.numel, "runs": runs, "bytes_per_element": STREAM_BYTES_PER_ELEMENT, "ms": ms,
+                "gbps": self.gbps(ms)}
+
+
 def measure_stream(numel: int = DEFAULT_STREAM_NUMEL, runs: int = 7, device: torch.device | str = "cpu") -> dict:
     """Median GB/s of an in-place ``a.add_(b, alpha=s)`` over ``numel`` float32 elements."""
-    device = torch.device(device)
-    a = torch.ones(numel, dtype=torch.float32, device=device)
-    b = torch.full((numel,), 0.5, dtype=torch.float32, device=device)
-    a.add_(b, alpha=1e-3)  # first touch of both buffers outside the timed runs
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        t0 = time.perf_counter()
-        a.add_(b, alpha=1e-3)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    del a, b
-    seconds = statistics.median(times)
-    return {
-        "numel": numel,
-        "runs": runs,
-        "bytes_per_element": STREAM_BYTES_PER_ELEMENT,
-        "ms": seconds * 1e3,
-        "gbps": STREAM_BYTES_PER_ELEMENT * numel / seconds / 1e9,
-    }
+    return StreamProbe(numel, device).measure(runs)

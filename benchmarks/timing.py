@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,53 +17,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+def _timed(fn: Callable[[], object], calls: int, device: torch.device,
+           excluded: Optional[Callable[[], float]] = None) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls, less what ``excluded`` (a running total of
+    seconds) grew by meanwhile."""
     _sync(device)
+    before = excluded() if excluded is not None else 0.0
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     _sync(device)
-    return (time.perf_counter() - t0) / calls
+    elapsed = time.perf_counter() - t0
+    if excluded is not None:
+        elapsed -= excluded() - before
+    return max(elapsed, 0.0) / calls
 
 
 def _calls_per_window(seconds_per_call: float, device: torch.device) -> int:
     return max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(seconds_per_call, 1e-7)))
 
 
+Paired = Tuple[Callable[[], object], float]  # (another call, its ms per call)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              budget_s: float = float("inf"),
-              paired: Optional[Tuple[Callable[[], object], float]] = None) -> Tuple[float, Optional[float]]:
+              budget_s: float = float("inf"), paired: Sequence[Paired] = (),
+              excluded: Optional[Callable[[], float]] = None) -> Tuple[float, List[float]]:
     """Median over ``repeats`` windows of the mean ms per call, after ``warmup`` untimed calls.
 
     Short calls are grouped so each window lasts at least MIN_WINDOW_S, which keeps timer and
     synchronisation overhead out of the per-call figure. Slow calls get fewer windows (never fewer
     than MIN_REPEATS, nor fewer than one warm-up call) so one row spends about ``budget_s``.
 
-    ``paired=(other_fn, its ms per call)``: a window of ``other_fn`` follows every window of ``fn``,
-    so a load burst from another process hits both; returns (ms, other's ms) and the ratio of the
-    two is the robust figure on a shared machine. Without it, returns (ms, None).
+    ``paired``: a window of each of these calls follows every window of ``fn``, so a load burst from
+    another process hits all of them; returns (ms, [each one's median ms]) and the ratio of ``fn``
+    to one of them is the robust figure on a shared machine.
+
+    ``excluded``: a running total of seconds that ``fn`` spends on something not to be counted (the
+    closure of a line-search step); what it grows by during a window is taken out of that window.
     """
-    estimate = _timed(fn, 1, device)  # first call: allocates state, so it is never timed
+    estimate = _timed(fn, 1, device, excluded)  # first call: allocates state, so it is never timed
     spent = estimate
     for _ in range(max(warmup - 1, 0)):
         if spent > budget_s / 3:
             break
-        estimate = _timed(fn, 1, device)  # the last warm-up call sizes the windows
+        estimate = _timed(fn, 1, device, excluded)  # the last warm-up call sizes the windows
         spent += estimate
     calls = _calls_per_window(estimate, device)
     window_s = estimate * calls
-    if paired is not None:
-        other, other_ms = paired
-        other_calls = _calls_per_window(other_ms * 1e-3, device)
-        window_s += other_ms * 1e-3 * other_calls
+    other_calls = [_calls_per_window(other_ms * 1e-3, device) for _other, other_ms in paired]
+    window_s += sum(other_ms * 1e-3 * n for (_other, other_ms), n in zip(paired, other_calls))
     affordable = max(budget_s - spent, 0.0) / max(window_s, 1e-9)
     windows = max(int(min(repeats, affordable)), min(repeats, MIN_REPEATS), 1)
-    mine, theirs = [], []
+    mine: List[float] = []
+    theirs: List[List[float]] = [[] for _ in paired]
     for _ in range(windows):
-        mine.append(_timed(fn, calls, device))
-        if paired is not None:
-            theirs.append(_timed(other, other_calls, device))
-    return 1e3 * statistics.median(mine), (1e3 * statistics.median(theirs) if theirs else None)
+        mine.append(_timed(fn, calls, device, excluded))
+        for (other, _ms), n, times in zip(paired, other_calls, theirs):
+            times.append(_timed(other, n, device))
+    return 1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs]
 
 
 _LAUNCH_MARKERS = ("LaunchKernel", "cuLaunchCooperativeKernel")

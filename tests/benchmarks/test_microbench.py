@@ -105,13 +105,17 @@ def test_targets_mark_missing_rows():
             row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", 4.0, 8.0, 0.2),
             row("adamw", "reference", "ours", 9.0, 9.0, 0.1),
             row("adamw", "cpu", "ours", 1.0, 0.9, 0.9, workload="huge", gbps=30.0),
-            row("adamw", "cpu", "ours", 1.0, 0.9, 0.9, workload="many-small", gbps=10.0)]
+            row("adamw", "cpu", "ours", 1.0, 0.9, 0.3, workload="many-small", gbps=10.0),
+            row("svi_sgd", "cpu", "ours", 1.0, 0.7, 0.7, workload="huge")]
     targets.evaluate(rows)
     assert rows[0]["status"] == "ok"
     assert rows[1]["status"].startswith("MISSING") and "0.8x" in rows[1]["status"]
     assert "5x faster" in rows[2]["status"] and rows[2]["speedup_vs_reference_style"] == pytest.approx(4.0)
     assert rows[3]["status"] == "-" and rows[4]["status"] == "-"  # baselines and the oracle carry no target
+    # per-byte cost: fraction of stream on huge / here (each against its own probe windows): 0.9 / 0.3
     assert rows[6]["per_byte_cost_vs_huge"] == pytest.approx(3.0) and "per-byte" in rows[6]["status"]
+    assert "of stream" not in rows[6]["status"] and "of stream" not in rows[0]["status"]  # huge, bert-base only
+    assert "80% of stream" in rows[7]["status"]
 
 
 def test_workload_shapes_come_from_bert_config():

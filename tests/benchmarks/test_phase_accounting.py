@@ -38,10 +38,11 @@ def test_phases_are_the_ops_one_step_runs(monkeypatch, row_name, adam, dtype):
     for name in OPS:
         monkeypatch.setattr(impl, name, recorder(name, getattr(impl, name)))
     params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in (5, 7, 3)]
-    ctx = rows_mod.Context(params, [torch.randn(n).to(dtype) for n in (5, 7, 3)], torch.device("cpu"), dtype,
-                           rows_mod.trivial_closure(torch.device("cpu")))
-    for p, g in zip(params, ctx.grads):
+    grads = [torch.randn(n).to(dtype) for n in (5, 7, 3)]
+    for p, g in zip(params, grads):
         p.grad = g
+    ctx = rows_mod.Context(params, grads, torch.device("cpu"), dtype,
+                           rows_mod.TrivialClosure(torch.device("cpu"), params))
     row = next(r for r in rows_mod.build_rows(["reference"]) if r.name == row_name)
     step, _opt = row.build(ctx)
     step()
