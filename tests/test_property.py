@@ -15,32 +15,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svi_kernels.backends import BACKENDS, backends, get, reference
+from backend_params import AVAILABLE, BACKEND_PARAMS
+from backend_params import device_for as _device_for
+from svi_kernels.backends import get, reference
 from tensor_factory import random_lists
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-AVAILABLE = backends()
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 SUM_RTOL = 1e-4
 SETTINGS = settings(max_examples=30, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def _backend_params():
-    out = []
-    for name in BACKENDS:
-        ok = AVAILABLE[name]["available"]
-        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {AVAILABLE[name]['reason']}")]
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
-def _device_for(name):
-    return "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-backend_param = pytest.mark.parametrize("backend", _backend_params())
+backend_param = pytest.mark.parametrize("backend", BACKEND_PARAMS)
 
 # ------------------------------------------------------------------ strategies
 shape = st.one_of(

@@ -10,26 +10,12 @@ import math
 import pytest
 import torch
 
-from svi_kernels.backends import BACKENDS, backends, get, reference
+from backend_params import AVAILABLE, BACKEND_PARAMS
+from backend_params import device_for as _device_for
+from svi_kernels.backends import get, reference
 from tensor_factory import random_lists as lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-AVAILABLE = backends()
-
-
-def _device_for(name):
-    return "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def backend_params():
-    out = []
-    for name in BACKENDS:
-        ok = AVAILABLE[name]["available"]
-        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {AVAILABLE[name]['reason']}")]
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for the final stored values: a couple of units in the last place of the dtype.
@@ -49,7 +35,7 @@ def assert_close(got, want, dtype, what):
                                    msg=lambda m: f"{what}[{i}] (numel {b.numel()}): {m}")
 
 
-@pytest.fixture(params=backend_params())
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return request.param
 

@@ -13,25 +13,20 @@ import math
 import pytest
 import torch
 
-from svi_kernels.backends import BACKENDS, backends, get, reference
+from backend_params import AVAILABLE, BACKEND_PARAMS
+from backend_params import device_for as _device_for
+from svi_kernels.backends import get, reference
 from tensor_factory import random_lists as lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-AVAILABLE = backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
        torch.float64: (1e-12, 1e-12)}
 SIZES = [1, 7, 0, 4099, 278011, 33, 0]  # zero-size tensors in the middle and last
 
 
-def _device_for(name):
-    return "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-@pytest.fixture(params=[pytest.param(n, id=n, marks=[] if AVAILABLE[n]["available"] else
-                                     [pytest.mark.skip(reason=f"{n}: {AVAILABLE[n]['reason']}")])
-                        for n in BACKENDS])
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return request.param
 
