@@ -54,14 +54,16 @@ def check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gam
         raise ValueError(f"Invalid max_backtracks: {max_backtracks} (must be >= 1)")
 
 
-def group_runs(gid: List[int]) -> List[tuple]:
-    """(group, start, end) of each run of equal group indices (StepTensors' positions go group by group)."""
-    runs, start = [], 0
-    for i in range(1, len(gid) + 1):
-        if i == len(gid) or gid[i] != gid[start]:
-            runs.append((gid[start], start, i))
-            start = i
-    return runs
+def count_runs(gid: List[int], pos: List[int]) -> List[tuple]:
+    """(group, number of tensors) of each run of one group index in the positions ``pos`` (StepTensors'
+    positions go group by group, so a bucket has one run per group)."""
+    runs: List[list] = []
+    for gi in map(gid.__getitem__, pos):
+        if runs and runs[-1][0] == gi:
+            runs[-1][1] += 1
+        else:
+            runs.append([gi, 1])
+    return [tuple(r) for r in runs]
 
 
 class StepTensors:
@@ -102,7 +104,6 @@ class StepTensors:
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
         # Sharded parameters: the reductions are summed over the shards before anyone decides.
         self.shards = sharding.shard_sums(opt._name, owners, opt.process_group)
-        self._runs = group_runs(self.gid)
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
         launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
@@ -111,6 +112,7 @@ class StepTensors:
         self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
         self._partitions: Dict[Optional[tuple], List[List[int]]] = {}
         self._sublists: Dict[tuple, list] = {}  # (name, id of a partition's positions) -> that sublist
+        self._count_runs: Dict[int, List[tuple]] = {}  # id of a partition's positions -> count_runs
         self._all_contiguous: Optional[bool] = None
         step_plan.keep_line_search_tensors(opt, self, owners, with_moments)
 
@@ -125,38 +127,50 @@ class StepTensors:
                 raise RuntimeError(f"{opt_name}: the gradient of parameter {i} (of those with gradients) has "
                                    f"dtype {g.dtype}, the parameter {p.dtype}; they must agree")
 
-    def _partition(self, gids: Optional[Sequence[int]]) -> List[List[int]]:
+    def _partition(self, gids: Optional[Sequence[int]], apart: Optional[Sequence[int]] = None) -> List[List[int]]:
         """Positions of the selected groups' tensors, split into fused buckets (memoised, also across
         the steps that reuse the plan's StepTensors fields).
 
         A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps,
-        backend), so groups that agree on them share one launch.
+        backend), so groups that agree on them share one launch. ``apart``: the tensors of these groups
+        are cut out of each bucket into one of their own, placed just before it (the buckets' order is
+        kept, so each group's tensors come in the same order as without).
         """
-        memo = None if gids is None else tuple(sorted(gids))
+        memo = (None if gids is None else tuple(sorted(gids)), None if apart is None else tuple(sorted(apart)))
         if memo not in self._partitions:
             chosen = None if gids is None else set(gids)
             buckets: Dict[tuple, List[int]] = {}
             for i, key in enumerate(self.key):
                 if chosen is None or self.gid[i] in chosen:
                     buckets.setdefault(key, []).append(i)
-            self._partitions[memo] = list(buckets.values())
+            parts = list(buckets.values())
+            if apart is not None:
+                cut = set(apart)
+                parts = [sub for pos in parts for sub in ([i for i in pos if self.gid[i] in cut],
+                                                          [i for i in pos if self.gid[i] not in cut]) if sub]
+            for pos in parts:  # pos lives as long as the memo: its id keys the memos of its sublists and runs
+                self._count_runs[id(pos)] = count_runs(self.gid, pos)
+            self._partitions[memo] = parts
         return self._partitions[memo]
 
-    def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
-        """(device, group, lists, positions, n_check) per fused bucket over the selected groups;
-        ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
+    def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None,
+                apart: Optional[Sequence[int]] = None):
+        """(device, group, lists, positions, n_check) per fused bucket over the selected groups (the
+        groups ``apart`` in buckets of their own, see _partition); ``n_check`` is 0 when every tensor of
+        the bucket is contiguous (nothing left to check)."""
         out = []
-        n = len(self.params)
         if self._all_contiguous is None:
             self._all_contiguous = all(self.contiguous)
-        for pos in self._partition(gids):
-            if len(pos) == n:  # one bucket of everything (positions in order): the lists themselves
-                lists = [getattr(self, name) for name in names]
-            else:
-                lists = [self._sublist(name, pos) for name in names]
+        for pos in self._partition(gids, apart):
             n_check = 0 if self._all_contiguous or all(self.contiguous[i] for i in pos) else len(names)
-            out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], lists, pos, n_check))
+            out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], self.lists(names, pos), pos, n_check))
         return out
+
+    def lists(self, names: Sequence[str], pos: List[int]) -> List[List[Optional[Tensor]]]:
+        """The lists ``names`` at a bucket's positions ``pos`` (one of ``buckets``'s)."""
+        if len(pos) == len(self.params):  # one bucket of everything (positions in order): the lists themselves
+            return [getattr(self, name) for name in names]
+        return [self._sublist(name, pos) for name in names]
 
     def _sublist(self, name: str, pos: List[int]) -> List[Optional[Tensor]]:
         """``getattr(self, name)`` at the positions ``pos`` (a list the partition memoises). All but the
@@ -170,33 +184,31 @@ class StepTensors:
         return sub
 
     def per_tensor(self, per_group: Dict[int, float], pos: List[int]) -> List[float]:
-        """A value per tensor of a bucket from one per group (positions run group by group)."""
-        first = self.gid[pos[0]]
-        if first == self.gid[pos[-1]]:
-            return [per_group[first]] * len(pos)
-        return list(map(per_group.__getitem__, map(self.gid.__getitem__, pos)))
+        """A value per tensor of a bucket from one per group: ``[value] * count`` per run of a group in
+        ``pos`` (runs the partition computed once), so no step looks up each tensor's group."""
+        runs = self._count_runs[id(pos)]
+        if len(runs) == 1:
+            return [per_group[runs[0][0]]] * runs[0][1]
+        out: List[float] = []
+        for gi, count in runs:
+            out += [per_group[gi]] * count
+        return out
 
     def per_group(self, parts, values: List[float]) -> List[float]:
         """Per-group sums of per-tensor ``values`` (those of ``parts`` = [(positions, ...)], in order):
-        each group's values added from 0.0 in the order they come."""
-        if self.n_groups == 1:  # the same additions in the same order, in C
+        each group's values added from 0.0 in the order they come (sum() continues from the group's
+        partial sum: the same additions in the same order as one at a time, in C)."""
+        if self.n_groups == 1:
             return [sum(values, 0.0)]
         sums = [0.0] * self.n_groups
-        if len(parts) == 1 and self._in_order(parts[0][0]):
-            for gi, start, end in self._runs:  # positions in order: each group's run, summed in C
-                sums[gi] = sum(values[start:end], 0.0)
-            return sums
-        gid = self.gid
-        for i, v in zip((i for pos, _ in parts for i in pos), values):
-            sums[gid[i]] += v
+        start = 0
+        for pos, _ in parts:
+            # A partition's positions have their runs; positions summed over shards are a new list.
+            runs = self._count_runs.get(id(pos)) or count_runs(self.gid, pos)
+            for gi, count in runs:
+                sums[gi] = sum(values[start:start + count], sums[gi])
+                start += count
         return sums
-
-    def _in_order(self, pos: List[int]) -> bool:
-        """``pos`` is 0, 1, ..., n-1 (the one bucket of every tensor, which the partition memoises)."""
-        if len(pos) != len(self.gid):
-            return False
-        whole = self._partitions.get(None)
-        return (whole is not None and pos is whole[0]) or pos == list(range(len(pos)))
 
 
 class LineSearchOptimizer(Optimizer):
@@ -367,14 +379,18 @@ class LineSearchOptimizer(Optimizer):
         sums, to the bit, as the save with w0 (same loop, same summation order)."""
         return self._save_sgd(t, save_w0=False)
 
-    def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
+    def _save_adam(self, t: StepTensors, step: int, dir_gids: Optional[Sequence[int]] = None) -> "DeviceSums":
         """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers), and
-        sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
+        sum(g^2 / (sqrt(v_hat) + eps)) per tensor. ``dir_gids``: the only groups whose trials will read
+        d this step (None: every group); the others' tensors are saved in launches that write no d
+        (4 B/param less; the same moments, w0 and sums: the op's one formula)."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
+        names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]
+        for device, g, lists, pos, n_check in t.buckets(names, apart=dir_gids):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            if lists[5][0] is None:  # a bucket's tensors share the dtype: no direction buffers at all
+            # A bucket's tensors share the dtype: no direction buffers at all, or d unread this step.
+            if lists[5][0] is None or (dir_gids is not None and t.gid[pos[0]] not in dir_gids):
                 lists[5] = []
             impl = bucketing.backend_for(g["backend"], device, lists[:5], n_check and 5)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
@@ -389,15 +405,14 @@ class LineSearchOptimizer(Optimizer):
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         """p <- w0 - eta * d: along the direction _save_adam saved in ``t.dirs`` (this step's, with the
         same bias correction: callers pass _save_adam's ``step``), else recomputed from g and v."""
-        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs", "grads", "exp_avg_sqs"],
-                                                         gids=list(etas)):
+        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs"], gids=list(etas)):
             etas_t = t.per_tensor(etas, pos)
             if lists[2][0] is not None:
-                impl = bucketing.backend_for(g["backend"], device, lists[:3], n_check and 3)
-                impl.ls_trial_sgd(*lists[:3], etas_t)
+                impl = bucketing.backend_for(g["backend"], device, lists, n_check)
+                impl.ls_trial_sgd(*lists, etas_t)
                 continue
             _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            trial = [lists[0], lists[1], lists[3], lists[4]]
+            trial = lists[:2] + t.lists(["grads", "exp_avg_sqs"], pos)  # only a bucket that recomputes d reads them
             impl = bucketing.backend_for(g["backend"], device, trial, n_check and 4)
             impl.ls_trial_adam(*trial, etas_t, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
 

@@ -25,7 +25,7 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -111,7 +111,8 @@ class LayerwiseAdamSLS(AdamSLS):
                 if paper:
                     self._final_adam(t, {i: etas[i] for i in everyone}, step)
             else:
-                k = ls.setdefault("next_group", 0) % n
+                k = self._searched_groups()[0]
+                ls.setdefault("next_group", k)
                 # "code": groups before k move first, so k's trials see them moved; "paper": every
                 # group but k stays at w0 (its trial op touches only group k's tensors).
                 before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
@@ -128,6 +129,17 @@ class LayerwiseAdamSLS(AdamSLS):
             self._finish(runner, True, {i: ls["step_sizes"][i] for i in chosen}, {i: old[i] for i in chosen})
             self._merge()
         return loss
+
+    def _searched_groups(self) -> Optional[List[int]]:
+        """The groups the coming step searches (None: every group), whose trials read the direction d."""
+        ls = self.ls_state
+        if ls["step"] < self.warmup_steps or self.strategy == "all":
+            return None
+        return [ls.get("next_group", 0) % len(self.param_groups)]
+
+    def _save_adam(self, t, step: int, dir_gids=None):
+        # "cycle" searches one group a step: only its trials read d, so only its tensors get d written.
+        return super()._save_adam(t, step, self._searched_groups() if dir_gids is None else dir_gids)
 
     @staticmethod
     def _restore_w0(t, gi: int) -> None:

@@ -20,7 +20,7 @@ error or taking the slower route as it always did.
 """
 from __future__ import annotations
 
-from itertools import chain, compress, repeat
+from itertools import compress, repeat
 from operator import attrgetter, is_
 from typing import Dict, List, Optional
 
@@ -43,7 +43,10 @@ class GroupPlan:
 
     def __init__(self, opt, groups: List[dict], owners: List[Tensor]):
         self.param_lists = [g["params"] for g in groups]
-        self.param_ids = [p for g in groups for p in g["params"]]  # the objects, compared by identity
+        # The objects, compared by identity: each group's (to compare without building a joined list each
+        # step) and all of them in order.
+        self.group_params = [list(g["params"]) for g in groups]
+        self.param_ids = self.group_params[0] if len(groups) == 1 else [p for ps in self.group_params for p in ps]
         self.state = opt.state
         self.flags = [_flags(g) for g in groups]
         self.mask = [p.grad is not None for p in self.param_ids]
@@ -63,13 +66,11 @@ class GroupPlan:
     def fits(self, opt, groups: List[dict]) -> bool:
         if len(groups) != len(self.param_lists) or opt.state is not self.state:
             return False
-        for g, params, flags in zip(groups, self.param_lists, self.flags):
-            if g["params"] is not params or _flags(g) != flags:
+        for g, plist, flags, params in zip(groups, self.param_lists, self.flags, self.group_params):
+            current = g["params"]  # the same list, still holding the same objects (it may change in place)
+            if (current is not plist or _flags(g) != flags or len(current) != len(params)
+                    or not all(map(is_, current, params))):
                 return False
-        params = self.param_ids
-        current = groups[0]["params"] if len(groups) == 1 else list(chain.from_iterable(g["params"] for g in groups))
-        if len(current) != len(params) or not all(map(is_, current, params)):
-            return False
         # FSDP2 may give a DTensor a new local tensor (after loading a model state dict, for one).
         return self.to_local is None or all(map(is_, map(sharding.local, self.owners), self.params))
 
