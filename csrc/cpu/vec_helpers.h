@@ -189,13 +189,27 @@ struct NoSum {
   double total() const { return 0.0; }
 };
 
+// A software prefetch of the cache line `ahead` bytes past p (a hint: never faults, also past
+// the end of an allocation).
+inline void prefetch_ahead(const void* p, int64_t ahead) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(static_cast<const char*>(p) + ahead);
+#else
+  (void)p;
+  (void)ahead;
+#endif
+}
+
 // Applies body to every element of a segment of N operands. Operand k is read if bit k of
 // kLoad is set and written back if bit k of kStore is set; in the vector body with a streaming
 // store if bit k of kStream is set too (see stream_store: the caller checks alignment and
 // fences; for_each_element_streaming does both). body receives std::array<V, N>&
 // with V = Vectorized<S> in the vector body and V = S in the scalar tail, and returns void
 // or (when kReduce) the element's term of the segment sum, which is then returned in double.
-template <unsigned kLoad, unsigned kStore, bool kReduce, unsigned kStream = 0, typename T, size_t N, typename Body>
+// kPrefetch > 0: the vector body also prefetches each operand it reads kPrefetch bytes ahead
+// (a hint; the arithmetic and its order are the same either way).
+template <unsigned kLoad, unsigned kStore, bool kReduce, unsigned kStream = 0, int64_t kPrefetch = 0, typename T,
+          size_t N, typename Body>
 inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Body& body) {
   using IO = VecIO<T>;
   using S = typename IO::S;
@@ -207,6 +221,7 @@ inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Bo
   for (; i + IO::kStep <= n; i += IO::kStep) {
     std::array<Vec, N> x[IO::kVecs];
     static_for<N>([&](auto k) {
+      if constexpr (kPrefetch > 0 && (kLoad & bit(k)) != 0) prefetch_ahead(p[k] + i, kPrefetch);
       if constexpr ((kLoad & bit(k)) != 0) {
         Vec v[IO::kVecs];
         IO::load(p[k] + i, v);
