@@ -85,6 +85,7 @@ class StepTensors:
         # reads w0 and d (12 B/param) instead of w0, g and v (16); None where the parameter dtype
         # cannot hold d exactly (fp16/bf16 compute in float32: their trials recompute it).
         self.dirs: List[Optional[Tensor]] = []
+        self.dirs_saved = False  # has this step's save written them (_save_adam's with_dirs)
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
@@ -127,16 +128,14 @@ class StepTensors:
                 raise RuntimeError(f"{opt_name}: the gradient of parameter {i} (of those with gradients) has "
                                    f"dtype {g.dtype}, the parameter {p.dtype}; they must agree")
 
-    def _partition(self, gids: Optional[Sequence[int]], apart: Optional[Sequence[int]] = None) -> List[List[int]]:
+    def _partition(self, gids: Optional[Sequence[int]]) -> List[List[int]]:
         """Positions of the selected groups' tensors, split into fused buckets (memoised, also across
         the steps that reuse the plan's StepTensors fields).
 
         A bucket shares device, dtype and the group hyperparameters a launch takes (betas, eps,
-        backend), so groups that agree on them share one launch. ``apart``: the tensors of these groups
-        are cut out of each bucket into one of their own, placed just before it (the buckets' order is
-        kept, so each group's tensors come in the same order as without).
+        backend), so groups that agree on them share one launch.
         """
-        memo = (None if gids is None else tuple(sorted(gids)), None if apart is None else tuple(sorted(apart)))
+        memo = None if gids is None else tuple(sorted(gids))
         if memo not in self._partitions:
             chosen = None if gids is None else set(gids)
             buckets: Dict[tuple, List[int]] = {}
@@ -144,24 +143,18 @@ class StepTensors:
                 if chosen is None or self.gid[i] in chosen:
                     buckets.setdefault(key, []).append(i)
             parts = list(buckets.values())
-            if apart is not None:
-                cut = set(apart)
-                parts = [sub for pos in parts for sub in ([i for i in pos if self.gid[i] in cut],
-                                                          [i for i in pos if self.gid[i] not in cut]) if sub]
             for pos in parts:  # pos lives as long as the memo: its id keys the memos of its sublists and runs
                 self._count_runs[id(pos)] = count_runs(self.gid, pos)
             self._partitions[memo] = parts
         return self._partitions[memo]
 
-    def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None,
-                apart: Optional[Sequence[int]] = None):
-        """(device, group, lists, positions, n_check) per fused bucket over the selected groups (the
-        groups ``apart`` in buckets of their own, see _partition); ``n_check`` is 0 when every tensor of
-        the bucket is contiguous (nothing left to check)."""
+    def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
+        """(device, group, lists, positions, n_check) per fused bucket over the selected groups;
+        ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
         out = []
         if self._all_contiguous is None:
             self._all_contiguous = all(self.contiguous)
-        for pos in self._partition(gids, apart):
+        for pos in self._partition(gids):
             n_check = 0 if self._all_contiguous or all(self.contiguous[i] for i in pos) else len(names)
             out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], self.lists(names, pos), pos, n_check))
         return out
@@ -379,18 +372,16 @@ class LineSearchOptimizer(Optimizer):
         sums, to the bit, as the save with w0 (same loop, same summation order)."""
         return self._save_sgd(t, save_w0=False)
 
-    def _save_adam(self, t: StepTensors, step: int, dir_gids: Optional[Sequence[int]] = None) -> "DeviceSums":
-        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers), and
-        sum(g^2 / (sqrt(v_hat) + eps)) per tensor. ``dir_gids``: the only groups whose trials will read
-        d this step (None: every group); the others' tensors are saved in launches that write no d
-        (4 B/param less; the same moments, w0 and sums: the op's one formula)."""
+    def _save_adam(self, t: StepTensors, step: int, with_dirs: bool = True) -> "DeviceSums":
+        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers, unless
+        ``with_dirs`` is False: then this step's trials recompute d from g and v), and
+        sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
         parts = []
-        names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]
-        for device, g, lists, pos, n_check in t.buckets(names, apart=dir_gids):
+        t.dirs_saved = with_dirs
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            # A bucket's tensors share the dtype: no direction buffers at all, or d unread this step.
-            if lists[5][0] is None or (dir_gids is not None and t.gid[pos[0]] not in dir_gids):
+            if not with_dirs or lists[5][0] is None:  # (a bucket's tensors share the dtype: all have buffers or none)
                 lists[5] = []
             impl = bucketing.backend_for(g["backend"], device, lists[:5], n_check and 5)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
@@ -404,10 +395,11 @@ class LineSearchOptimizer(Optimizer):
 
     def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
         """p <- w0 - eta * d: along the direction _save_adam saved in ``t.dirs`` (this step's, with the
-        same bias correction: callers pass _save_adam's ``step``), else recomputed from g and v."""
+        same bias correction: callers pass _save_adam's ``step``), else recomputed from g and v (the same
+        bits: tests/optim/test_adam_search_direction.py)."""
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs"], gids=list(etas)):
             etas_t = t.per_tensor(etas, pos)
-            if lists[2][0] is not None:
+            if t.dirs_saved and lists[2][0] is not None:
                 impl = bucketing.backend_for(g["backend"], device, lists, n_check)
                 impl.ls_trial_sgd(*lists, etas_t)
                 continue

@@ -25,7 +25,7 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -111,8 +111,7 @@ class LayerwiseAdamSLS(AdamSLS):
                 if paper:
                     self._final_adam(t, {i: etas[i] for i in everyone}, step)
             else:
-                k = self._searched_groups()[0]
-                ls.setdefault("next_group", k)
+                k = ls.setdefault("next_group", 0) % n
                 # "code": groups before k move first, so k's trials see them moved; "paper": every
                 # group but k stays at w0 (its trial op touches only group k's tensors).
                 before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
@@ -130,16 +129,13 @@ class LayerwiseAdamSLS(AdamSLS):
             self._merge()
         return loss
 
-    def _searched_groups(self) -> Optional[List[int]]:
-        """The groups the coming step searches (None: every group), whose trials read the direction d."""
-        ls = self.ls_state
-        if ls["step"] < self.warmup_steps or self.strategy == "all":
-            return None
-        return [ls.get("next_group", 0) % len(self.param_groups)]
-
-    def _save_adam(self, t, step: int, dir_gids=None):
-        # "cycle" searches one group a step: only its trials read d, so only its tensors get d written.
-        return super()._save_adam(t, step, self._searched_groups() if dir_gids is None else dir_gids)
+    def _save_adam(self, t, step: int, with_dirs: bool = True):
+        # After the warm-up a "cycle" step tries one group of several: its trials recompute d from g and v
+        # (4 B/param more per trial, over that group only) instead of the save writing d for every group
+        # (4 B/param over all of them, and as many bytes again where the write is not streamed).
+        one_of_several = (self.strategy == "cycle" and len(self.param_groups) > 1
+                          and self.ls_state["step"] >= self.warmup_steps)
+        return super()._save_adam(t, step, with_dirs and not one_of_several)
 
     @staticmethod
     def _restore_w0(t, gi: int) -> None:
