@@ -1,7 +1,8 @@
 #pragma once
 // Line-search element loops of one segment (per-ISA; see isa_kernels.h): save (w0 <- p and
 // the sufficient-decrease sum), trial points, and the final Adam step. Their write-only outputs
-// (w0 of a save, p of a trial or final step) use streaming stores when the op asks (`stream`).
+// (w0 and, in fp32/fp64, d of a save; p of a trial or final step) use streaming stores when the
+// op asks (`stream`).
 #include "kernel_table.h"
 #include "vec_helpers.h"
 #include "svi_kernels/update_math.h"
@@ -54,10 +55,10 @@ void save_copy(void* w0, const void* p, int64_t n, bool stream) {
 template <typename T>
 constexpr bool save_w0_in_loop = !VecIO<T>::kReduced;
 
-// The gradient check (ls_save_sgd without w0) only reads g: a core's reads in flight, not the
-// memory, bound a read-only stream. Prefetching 8 KiB ahead in software took 20-27% off it (2^24
-// fp32, AVX-512 EPYC, 1 and 2 threads, paired runs; 4 KiB: 10%). The loops that also write got
-// slower with it (8192 B: save with w0 +12%, trial +10% time), so they do not prefetch.
+// The gradient check (ls_save_sgd without w0) only reads g: a core's reads in flight, more than
+// the memory, seem to bound a read-only stream. Prefetching 8 KiB ahead in software took 13-27%
+// off it (2^24 fp32, AVX-512 EPYC, 1 and 2 threads, paired runs; 4 KiB: 10%). The loops that also
+// write got slower with it (8 KiB: save with w0 +12%, trial +10% time), so they do not prefetch.
 constexpr int64_t kReadOnlyPrefetch = 8192;
 
 template <typename T>
