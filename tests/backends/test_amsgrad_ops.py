@@ -9,12 +9,13 @@ import torch
 
 from svi_kernels.backends import get, reference
 
-from test_ops_parity import DTYPES, SIZES, _device_for, assert_close, backend_params, f64, lists_for
+from backend_params import BACKEND_PARAMS
+from test_ops_parity import DTYPES, SIZES, _device_for, assert_close, f64, lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(params=backend_params())
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return request.param
 
