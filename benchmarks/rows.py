@@ -110,7 +110,10 @@ def _adam_sls_phases(ctx: Context) -> list:
 
 
 def _layerwise_phases(ctx: Context) -> list:
-    return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()), _direction_saved(ctx))
+    """A "cycle" step over several groups saves no direction: only the searched group's trial would
+    read it, and it recomputes d from g and v instead (layerwise.py); with one group it is AdamSLS."""
+    n = len(ctx.layer_groups())
+    return traffic.adam_sls_phases(1.0 / n, _direction_saved(ctx) and n == 1)
 
 
 def _adam_trial_phases(ctx: Context) -> list:

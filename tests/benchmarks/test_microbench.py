@@ -76,7 +76,7 @@ def test_every_row_is_accounted():
     ctx = rows_mod.Context(params, [torch.zeros(3)] * 20, torch.device("cpu"), torch.float32)
     expected = {"torch_adamw_foreach": 28, "torch_adamw_fused": 28, "adamw": 28, "svi_sgd": 20, "svi_adam": 28,
                 "ls_trial_sgd": 12, "ls_trial_adam": 12, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 64,
-                "layerwise_adam_sls_bookkeeping": 52 + 1.2, "salsa_search_bookkeeping": 4 + 32 + 12,
+                "layerwise_adam_sls_bookkeeping": 4 + 28 + 16 / 10 + 16, "salsa_search_bookkeeping": 4 + 32 + 12,
                 "salsa_skipped_step": 28}
     seen = set()
     for row in rows_mod.build_rows(["cpu"]):
