@@ -53,8 +53,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     another process hits all of them; returns (ms, [each one's median ms]) and the ratio of ``fn``
     to one of them is the robust figure on a shared machine.
 
-    ``excluded``: a running total of seconds that ``fn`` spends on something not to be counted (the
-    closure of a line-search step); what it grows by during a window is taken out of that window.
+    ``excluded``: a running total of seconds that ``fn`` (or a paired call) spends on something not to
+    be counted (the closure of a line-search step); what it grows by during a window is taken out of
+    that window.
     """
     estimate = _timed(fn, 1, device, excluded)  # first call: allocates state, so it is never timed
     spent = estimate
@@ -74,7 +75,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     for _ in range(windows):
         mine.append(_timed(fn, calls, device, excluded))
         for (other, _ms), n, times in zip(paired, other_calls, theirs):
-            times.append(_timed(other, n, device))
+            times.append(_timed(other, n, device, excluded))
     return 1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs]
 
 
