@@ -94,11 +94,11 @@ def _measure(row, ctx, args, device, paired, param_itemsize):
         own[1] += ctx.closure.seconds - before
 
     excluded = lambda: ctx.closure.seconds  # noqa: E731  (grows only while a closure runs)
-    ms, paired_ms = timing.median_ms(counted if row.bookkeeping else fn, device, args.warmup, args.repeats,
-                                     args.row_budget, paired, excluded)
+    timed = timing.median_ms(counted if row.bookkeeping else fn, device, args.warmup, args.repeats,
+                             args.row_budget, paired, excluded)
     closure_ms = 1e3 * own[1] / own[0] if row.bookkeeping and own[0] else None
     launches, syncs = timing.launches_and_syncs(fn, device)
-    return ms, paired_ms, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms
+    return timed, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms
 
 
 def run(args: argparse.Namespace):
@@ -147,13 +147,16 @@ def run(args: argparse.Namespace):
             if ours:
                 paired.append(ours)
             try:
-                ms, paired_ms, launches, syncs, state_size, fn, closure_ms = _measure(
+                timed, launches, syncs, state_size, fn, closure_ms = _measure(
                     row, ctx, args, device, paired, itemsize)
             except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
                 skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
                 bar.update(1)
                 continue
-            probe_ms, pair_ms = paired_ms[0], (paired_ms[1] if baseline else ms)
+            ms = timed.ms
+            # ratios window by window (timing.Timing): to the probe, to torch fused AdamW, to our row held to
+            probe_ratio = timed.paired_ratio[0]
+            pair_ms, ratio = (timed.paired_ms[1], timed.paired_ratio[1]) if baseline else (ms, 1.0)
             if row.name == BASELINE:
                 baseline = (fn, ms)
             if row.name in targets.HELD_TO:
@@ -164,18 +167,19 @@ def run(args: argparse.Namespace):
             gc.collect()
             bpp = traffic.bytes_per_param(row.phases(ctx), itemsize, state_size)
             gbps = bpp * wl.numel / (max(ms, 1e-6) * 1e-3) / 1e9
-            stream_gbps = probe.gbps(probe_ms)
+            stream_gbps = probe.gbps(timed.paired_ms[0])
             measured[id(row)] = {
                 "name": row.name, "backend": row.backend, "kind": row.kind, "workload": wl.name,
                 "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
                 "n_tensors": len(wl.shapes), "numel": wl.numel,
-                "ms": ms, "ratio_to_torch_fused_adamw": ms / pair_ms if pair_ms else None,
+                "ms": ms, "ratio_to_torch_fused_adamw": ratio,
                 "torch_fused_adamw_ms_paired": pair_ms,
                 "bytes_per_param": bpp, "gbps": gbps,
-                "fraction_of_stream": gbps / stream_gbps, "stream_gbps": stream_gbps,
+                "fraction_of_stream": probe.fraction(bpp * wl.numel, probe_ratio), "stream_gbps": stream_gbps,
                 "launches_per_step": launches, "syncs_per_step": syncs,
                 "closure_ms_subtracted": closure_ms,
-                "ours_ms_paired": paired_ms[-1] if ours else None,
+                "ours_ms_paired": timed.paired_ms[-1] if ours else None,
+                "ours_ratio_paired": timed.paired_ratio[-1] if ours else None,
                 "compare_to": row.compare_to,
             }
             bar.update(1)

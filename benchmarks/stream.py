@@ -35,6 +35,10 @@ class StreamProbe:
     def gbps(self, ms: float) -> float:
         return STREAM_BYTES_PER_ELEMENT * self.numel / (ms * 1e-3) / 1e9
 
+    def fraction(self, nbytes: float, time_ratio: float) -> float:
+        """Bandwidth of a call moving ``nbytes`` over this probe's, given (call's time / probe's time)."""
+        return nbytes / (STREAM_BYTES_PER_ELEMENT * self.numel) / time_ratio
+
     def measure(self, runs: int = 7) -> dict:
         """Median over ``runs`` single calls (what sizes the paired windows, and the figure printed)."""
         times = []

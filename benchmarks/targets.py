@@ -36,8 +36,8 @@ def _ratio_of_rows(r: dict, other: Optional[dict]) -> Optional[float]:
     """r's time over other's: with other's step run in windows interleaved with r's (svi-bench does),
     from those; else through their ratios to torch fused AdamW, each measured in windows interleaved
     with that row's own (robust to load that changes between the two rows); else ms/ms."""
-    if r.get("ours_ms_paired"):
-        return r["ms"] / r["ours_ms_paired"]
+    if r.get("ours_ratio_paired"):
+        return r["ours_ratio_paired"]
     if not other:
         return None
     mine, theirs = r.get("ratio_to_torch_fused_adamw"), other.get("ratio_to_torch_fused_adamw")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,9 +40,15 @@ def _calls_per_window(seconds_per_call: float, device: torch.device) -> int:
 Paired = Tuple[Callable[[], object], float]  # (another call, its ms per call)
 
 
+class Timing(NamedTuple):
+    ms: float                  # median over windows of fn's mean ms per call
+    paired_ms: List[float]     # each paired call's median ms
+    paired_ratio: List[float]  # median over windows of (fn's ms / that paired call's ms in the next window)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
               budget_s: float = float("inf"), paired: Sequence[Paired] = (),
-              excluded: Optional[Callable[[], float]] = None) -> Tuple[float, List[float]]:
+              excluded: Optional[Callable[[], float]] = None) -> Timing:
     """Median over ``repeats`` windows of the mean ms per call, after ``warmup`` untimed calls.
 
     Short calls are grouped so each window lasts at least MIN_WINDOW_S, which keeps timer and
@@ -50,8 +56,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     than MIN_REPEATS, nor fewer than one warm-up call) so one row spends about ``budget_s``.
 
     ``paired``: a window of each of these calls follows every window of ``fn``, so a load burst from
-    another process hits all of them; returns (ms, [each one's median ms]) and the ratio of ``fn``
-    to one of them is the robust figure on a shared machine.
+    another process hits all of them; the ratio of ``fn`` to one of them, window by window, then
+    median (``paired_ratio``), is the robust figure on a shared machine: this VM's bandwidth moves
+    from one call to the next, which a ratio of two medians taken over different windows keeps.
 
     ``excluded``: a running total of seconds that ``fn`` (or a paired call) spends on something not to
     be counted (the closure of a line-search step); what it grows by during a window is taken out of
@@ -76,7 +83,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
         mine.append(_timed(fn, calls, device, excluded))
         for (other, _ms), n, times in zip(paired, other_calls, theirs):
             times.append(_timed(other, n, device, excluded))
-    return 1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs]
+    return Timing(1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs],
+                  [statistics.median(m / t if t > 0 else math.inf for m, t in zip(mine, times)) for times in theirs])
 
 
 _LAUNCH_MARKERS = ("LaunchKernel", "cuLaunchCooperativeKernel")

@@ -37,18 +37,37 @@ def test_excluded_time_is_taken_out_of_every_window(clock):
     def other():
         clock.now += 0.005
 
-    ms, paired = timing.median_ms(step, torch.device("cpu"), warmup=2, repeats=5, paired=[(other, 5.0)],
-                                  excluded=lambda: spent_in_closure[0])
+    ms, paired, ratio = timing.median_ms(step, torch.device("cpu"), warmup=2, repeats=5, paired=[(other, 5.0)],
+                                         excluded=lambda: spent_in_closure[0])
     assert ms == pytest.approx(1.0)
     assert paired == [pytest.approx(5.0)]  # the paired call keeps its whole time
+    assert ratio == [pytest.approx(0.2)]
 
 
 def test_without_exclusion_the_whole_call_counts(clock):
     def step():
         clock.now += 0.003
 
-    ms, paired = timing.median_ms(step, torch.device("cpu"), warmup=1, repeats=3)
-    assert ms == pytest.approx(3.0) and paired == []
+    ms, paired, ratio = timing.median_ms(step, torch.device("cpu"), warmup=1, repeats=3)
+    assert ms == pytest.approx(3.0) and paired == [] and ratio == []
+
+
+def test_paired_ratio_is_taken_window_by_window(clock):
+    # (fn, paired call) seconds per window, one call each: the medians are 0.04 and 0.04 (ratio 1), while
+    # fn is half the paired call in two windows of three
+    windows = iter([(0.03, None), (0.02, 0.04), (0.04, 0.02), (0.08, 0.16)])
+    current = {}
+
+    def step():
+        current["w"] = next(windows)
+        clock.now += current["w"][0]
+
+    def other():
+        clock.now += current["w"][1]
+
+    t = timing.median_ms(step, torch.device("cpu"), warmup=1, repeats=3, paired=[(other, 30.0)])
+    assert t.ms == pytest.approx(40.0) and t.paired_ms == [pytest.approx(40.0)]
+    assert t.paired_ratio == [pytest.approx(0.5)]
 
 
 def test_trivial_closure_times_its_forward_and_backward_and_reports_the_backward():
@@ -56,8 +75,8 @@ def test_trivial_closure_times_its_forward_and_backward_and_reports_the_backward
     p.grad = torch.randn(4)
     grad_before, version = p.grad.clone(), p.grad._version
     closure = rows_mod.TrivialClosure(torch.device("cpu"), [p])
-    loss = closure(backwards=True)
+    loss = closure.fn(backwards=True)  # the plain function the rows pass to step()
     assert loss.item() == 1.0 and closure.seconds > 0
     assert p.grad._version > version and torch.equal(p.grad, grad_before)  # "written", data untouched
     with torch.no_grad():
-        assert closure().item() < -1e11  # a trial: always accepted
+        assert closure.fn().item() < -1e11  # a trial: always accepted
