@@ -89,6 +89,9 @@ class StepTensors:
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
+        self.dirs_wanted = with_moments and opt._saves_directions()
+        if with_moments and not self.dirs_wanted:
+            opt._dirs.clear()  # no step will write them any more (LayerwiseAdamSLS after its warm-up): freed
         for gi, group in enumerate(opt.param_groups):
             for p in group["params"]:
                 if p.grad is None:
@@ -99,7 +102,8 @@ class StepTensors:
                 self.w0.append(opt._scratch(p))
                 self.gid.append(gi)
                 if with_moments:
-                    self.dirs.append(opt._scratch(p, opt._dirs) if p.dtype in EXACT_DIRECTION else None)
+                    self.dirs.append(opt._scratch(p, opt._dirs) if self.dirs_wanted and p.dtype in EXACT_DIRECTION
+                                     else None)
                     st = opt._moments(p)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
@@ -209,6 +213,11 @@ class LineSearchOptimizer(Optimizer):
 
     _name = "LineSearchOptimizer"
     _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
+
+    def _saves_directions(self) -> bool:
+        """Do this step's Adam saves write the search direction d (StepTensors.dirs)? Where not, no
+        buffer is kept for it and the trials recompute d from g and v."""
+        return True
 
     def __init__(self, params, defaults, process_group=None, search="every"):
         self._w0: Dict[Tensor, Tensor] = {}

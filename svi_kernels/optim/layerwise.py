@@ -129,13 +129,16 @@ class LayerwiseAdamSLS(AdamSLS):
             self._merge()
         return loss
 
-    def _save_adam(self, t, step: int, with_dirs: bool = True):
+    def _saves_directions(self) -> bool:
         # After the warm-up a "cycle" step tries one group of several: its trials recompute d from g and v
         # (4 B/param more per trial, over that group only) instead of the save writing d for every group
-        # (4 B/param over all of them, and as many bytes again where the write is not streamed).
-        one_of_several = (self.strategy == "cycle" and len(self.param_groups) > 1
-                          and self.ls_state["step"] >= self.warmup_steps)
-        return super()._save_adam(t, step, with_dirs and not one_of_several)
+        # (4 B/param over all of them, and as many bytes again where the write is not streamed), and the
+        # parameter-sized buffer for d is not kept.
+        return not (self.strategy == "cycle" and len(self.param_groups) > 1
+                    and self.ls_state["step"] >= self.warmup_steps)
+
+    def _save_adam(self, t, step: int, with_dirs: bool = True):
+        return super()._save_adam(t, step, with_dirs and self._saves_directions())
 
     @staticmethod
     def _restore_w0(t, gi: int) -> None:

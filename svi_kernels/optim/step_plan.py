@@ -304,7 +304,8 @@ def line_search_tensors(opt, with_moments: bool) -> Optional[dict]:
     """StepTensors' fields for this step from the plan, with this step's gradients (unchecked where the
     compiled ops check them), or None when there is no plan or another set of parameters has gradients."""
     plan = _ls_plan(opt)
-    if plan is None or plan.template is None or plan.template["with_moments"] != with_moments:
+    if (plan is None or plan.template is None or plan.template["with_moments"] != with_moments
+            or plan.template["dirs_wanted"] != (with_moments and opt._saves_directions())):
         return None
     grads = plan.grads(opt.param_groups)
     if grads is None or not (plan.template["op_checks"] or grads_pass_checks(grads, plan.template["dtypes"])):

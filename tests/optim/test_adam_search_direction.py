@@ -14,8 +14,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MAKERS = {
     "AdamSLS": lambda ps, b: sk.AdamSLS(ps, init_step_size=10.0, backend=b),  # large: several backtracks
     "SaLSA": lambda ps, b: sk.SaLSA(ps, backend=b),
+    # "all": every step searches every group along the saved direction ("cycle" saves none after its warm-up:
+    # test_layerwise_save.py)
     "LayerwiseAdamSLS": lambda ps, b: sk.LayerwiseAdamSLS([{"params": [p]} for p in ps], warmup_steps=1,
-                                                          init_step_size=10.0, backend=b),
+                                                          strategy="all", init_step_size=10.0, backend=b),
 }
 
 
