@@ -85,7 +85,7 @@ class StepTensors:
         # reads w0 and d (12 B/param) instead of w0, g and v (16); None where the parameter dtype
         # cannot hold d exactly (fp16/bf16 compute in float32: their trials recompute it).
         self.dirs: List[Optional[Tensor]] = []
-        self.dirs_saved = False  # has this step's save written them (_save_adam's with_dirs)
+        self.dirs_saved = False  # has this step's save written them (_save_adam, where dirs_wanted)
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
@@ -381,16 +381,16 @@ class LineSearchOptimizer(Optimizer):
         sums, to the bit, as the save with w0 (same loop, same summation order)."""
         return self._save_sgd(t, save_w0=False)
 
-    def _save_adam(self, t: StepTensors, step: int, with_dirs: bool = True) -> "DeviceSums":
-        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers, unless
-        ``with_dirs`` is False: then this step's trials recompute d from g and v), and
+    def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
+        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers: none where
+        ``_saves_directions`` says no, and this step's trials recompute d from g and v), and
         sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
         parts = []
-        t.dirs_saved = with_dirs
+        t.dirs_saved = t.dirs_wanted
         for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            if not with_dirs or lists[5][0] is None:  # (a bucket's tensors share the dtype: all have buffers or none)
+            if lists[5][0] is None:  # (a bucket's tensors share the dtype: all have buffers or none)
                 lists[5] = []
             impl = bucketing.backend_for(g["backend"], device, lists[:5], n_check and 5)
             parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],

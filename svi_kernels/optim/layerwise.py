@@ -137,9 +137,6 @@ class LayerwiseAdamSLS(AdamSLS):
         return not (self.strategy == "cycle" and len(self.param_groups) > 1
                     and self.ls_state["step"] >= self.warmup_steps)
 
-    def _save_adam(self, t, step: int, with_dirs: bool = True):
-        return super()._save_adam(t, step, with_dirs and self._saves_directions())
-
     @staticmethod
     def _restore_w0(t, gi: int) -> None:
         """Put group ``gi`` back at w0 exactly (one fused copy per bucket)."""
