@@ -25,12 +25,6 @@ ADAM_KW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, dec
                bias_correction1=1 - 0.9 ** 3, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** 3), maximize=False)
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    from svi_kernels.backends import get
-    return get("cpu")
-
-
 def rand(sizes, dtype=torch.float32, seed=0, positive=False):
     gen = torch.Generator().manual_seed(seed)
     out = []

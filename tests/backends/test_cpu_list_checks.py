@@ -48,12 +48,6 @@ OPS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    from svi_kernels.backends import get
-    return get("cpu")
-
-
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
 def test_late_defect_in_every_list_is_named(cpu, op, defect):

@@ -22,20 +22,6 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    from svi_kernels.backends import get
-    return get("cpu")
-
-
-@pytest.fixture
-def stream_threshold():
-    import svi_kernels._C as C
-    old = C._stream_min_bytes()
-    yield lambda n: C._stream_min_bytes(n)
-    C._stream_min_bytes(old)
-
-
 def _bits(t):
     return t.view(INT_OF[t.element_size()])
 

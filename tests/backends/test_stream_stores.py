@@ -20,21 +20,6 @@ SIZES = [1, 7, 64, 4099, 32768 + 13, 40000]  # 32768 = kChunkElems: segments cut
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    from svi_kernels.backends import get
-    return get("cpu")
-
-
-@pytest.fixture
-def threshold():
-    """Sets the streaming threshold for one call, restores it afterwards."""
-    import svi_kernels._C as C
-    old = C._stream_min_bytes()
-    yield lambda n: C._stream_min_bytes(n)
-    C._stream_min_bytes(old)
-
-
 def _lists(dtype, k, offset, seed=0):
     """k lists of tensors; with offset, each tensor is a view starting `offset` elements in."""
     gen = torch.Generator().manual_seed(seed)
@@ -81,10 +66,10 @@ def _run(cpu, op, dtype, offset):
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam"])
-def test_streaming_stores_write_the_same_bytes(cpu, threshold, op, dtype, offset):
-    threshold(0)  # every call streams
+def test_streaming_stores_write_the_same_bytes(cpu, stream_threshold, op, dtype, offset):
+    stream_threshold(0)  # every call streams
     streamed = _run(cpu, op, dtype, offset)
-    threshold(1 << 62)  # no call streams
+    stream_threshold(1 << 62)  # no call streams
     cached = _run(cpu, op, dtype, offset)
     for a, b in zip(streamed, cached):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bit for bit
@@ -92,7 +77,7 @@ def test_streaming_stores_write_the_same_bytes(cpu, threshold, op, dtype, offset
     assert not torch.equal(streamed[0], torch.full_like(streamed[0], 7.0))
 
 
-def test_threshold_is_the_l3_size(threshold):
+def test_threshold_is_the_l3_size(stream_threshold):
     import os
     import svi_kernels._C as C
     default = C._stream_min_bytes()
@@ -105,4 +90,4 @@ def test_threshold_is_the_l3_size(threshold):
         assert default == int(text.rstrip("KM")) * scale, (default, text)
     else:
         assert default == 32 << 20
-    assert threshold(123) == default and C._stream_min_bytes() == 123
+    assert stream_threshold(123) == default and C._stream_min_bytes() == 123
