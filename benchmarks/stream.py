@@ -52,7 +52,3 @@ class StreamProbe:
         return {"numel": self.numel, "runs": runs, "bytes_per_element": STREAM_BYTES_PER_ELEMENT, "ms": ms,
                 "gbps": self.gbps(ms)}
 
-
-def measure_stream(numel: int = DEFAULT_STREAM_NUMEL, runs: int = 7, device: torch.device | str = "cpu") -> dict:
-    """Median GB/s of an in-place ``a.add_(b, alpha=s)`` over ``numel`` float32 elements."""
-    return StreamProbe(numel, device).measure(runs)
