@@ -155,8 +155,9 @@ def run(args: argparse.Namespace):
                 continue
             ms = timed.ms
             # ratios window by window (timing.Timing): to the probe, to torch fused AdamW, to our row held to
-            probe_ratio = timed.paired_ratio[0]
-            pair_ms, ratio = (timed.paired_ms[1], timed.paired_ratio[1]) if baseline else (ms, 1.0)
+            probe_ratio, (probe_lo, probe_hi) = timed.paired_ratio[0], timed.paired_ratio_interval[0]
+            pair_ms, ratio, ratio_interval = ((timed.paired_ms[1], timed.paired_ratio[1], timed.paired_ratio_interval[1])
+                                              if baseline else (ms, 1.0, (1.0, 1.0)))
             if row.name == BASELINE:
                 baseline = (fn, ms)
             if row.name in targets.HELD_TO:
@@ -176,10 +177,15 @@ def run(args: argparse.Namespace):
                 "torch_fused_adamw_ms_paired": pair_ms,
                 "bytes_per_param": bpp, "gbps": gbps,
                 "fraction_of_stream": probe.fraction(bpp * wl.numel, probe_ratio), "stream_gbps": stream_gbps,
+                # 95% intervals of the medians over windows (timing.median_interval): what targets call noise
+                "ms_interval": timed.ms_interval, "ratio_interval": ratio_interval,
+                "fraction_of_stream_interval": (probe.fraction(bpp * wl.numel, probe_hi),
+                                                probe.fraction(bpp * wl.numel, probe_lo)),
                 "launches_per_step": launches, "syncs_per_step": syncs,
                 "closure_ms_subtracted": closure_ms,
                 "ours_ms_paired": timed.paired_ms[-1] if ours else None,
                 "ours_ratio_paired": timed.paired_ratio[-1] if ours else None,
+                "ours_ratio_interval": timed.paired_ratio_interval[-1] if ours else None,
                 "compare_to": row.compare_to,
             }
             bar.update(1)
@@ -239,6 +245,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     met, missed = targets.summary(results)
     print(f"targets: {met} met, {missed} missed; wall time {wall:.0f} s; "
           f"1-min load average {load_before} before, {_load_average()} after (other processes skew timings)")
+    noisy_met, noisy_missed = targets.within_noise(results)
+    if noisy_met or noisy_missed:
+        print(f"within this run's noise: {noisy_met} met and {noisy_missed} missed check(s) have their limit inside "
+              f"the 95% interval of the median over the row's windows (up to --repeats {args.repeats}, fewer for "
+              f"slow rows; marked '(within noise)'): this run cannot tell which side they are on; more windows "
+              f"(--repeats 15 --row-budget 6) narrow the intervals")
     if args.json:
         report.write_json(args.json, results)
         print(f"wrote {args.json}")

@@ -27,23 +27,40 @@ BANDWIDTH_WORKLOADS = ("huge", "bert-base")  # elsewhere the fraction is printed
 MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
 
 
-def _check(label: str, value: Optional[float], limit: float, upper: bool) -> dict:
+Interval = Optional[Tuple[float, float]]
+
+
+def _check(label: str, value: Optional[float], limit: float, upper: bool, interval: Interval = None) -> dict:
+    """``met`` compares the median with the limit; ``within_noise`` says the limit lies inside the 95%
+    interval of that median over the run's windows (timing.median_interval), so this run cannot tell
+    which side of the limit the row is on (more --repeats narrow the interval)."""
     met = None if value is None else (value <= limit if upper else value >= limit)
-    return {"target": label, "value": value, "limit": limit, "met": met}
+    noise = None if met is None or interval is None else bool(min(interval) <= limit <= max(interval))
+    return {"target": label, "value": value, "limit": limit, "met": met, "interval": interval,
+            "within_noise": noise}
 
 
-def _ratio_of_rows(r: dict, other: Optional[dict]) -> Optional[float]:
-    """r's time over other's: with other's step run in windows interleaved with r's (svi-bench does),
-    from those; else through their ratios to torch fused AdamW, each measured in windows interleaved
-    with that row's own (robust to load that changes between the two rows); else ms/ms."""
-    if r.get("ours_ratio_paired"):
-        return r["ours_ratio_paired"]
-    if not other:
+def _quotient(num: Interval, den: Interval) -> Interval:
+    """The interval of a / b for a in ``num``, b in ``den`` (positive intervals)."""
+    if not num or not den or min(den) <= 0:
         return None
+    return (min(num) / max(den), max(num) / min(den))
+
+
+def _ratio_of_rows(r: dict, other: Optional[dict]) -> Tuple[Optional[float], Interval]:
+    """r's time over other's, with its interval: with other's step run in windows interleaved with r's
+    (svi-bench does), from those; else through their ratios to torch fused AdamW, each measured in
+    windows interleaved with that row's own (robust to load that changes between the two rows); else
+    ms/ms."""
+    if r.get("ours_ratio_paired"):
+        return r["ours_ratio_paired"], r.get("ours_ratio_interval")
+    if not other:
+        return None, None
     mine, theirs = r.get("ratio_to_torch_fused_adamw"), other.get("ratio_to_torch_fused_adamw")
     if mine and theirs:
-        return mine / theirs
-    return r["ms"] / other["ms"] if other["ms"] > 0 else None
+        return mine / theirs, _quotient(r.get("ratio_interval"), other.get("ratio_interval"))
+    return (r["ms"] / other["ms"], _quotient(r.get("ms_interval"), other.get("ms_interval"))) if other["ms"] > 0 \
+        else (None, None)
 
 
 def evaluate(results: List[dict]) -> None:
@@ -57,23 +74,24 @@ def evaluate(results: List[dict]) -> None:
             if r["name"] in limits:
                 limit = limits[r["name"]]
                 checks.append(_check(f"<= {limit:.3g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit,
-                                     True))
+                                     True, r.get("ratio_interval")))
             if r["name"] in OURS_RATIO_LIMITS:
                 other, limit = OURS_RATIO_LIMITS[r["name"]]
                 mine = by_key.get((r["workload"], other, r["backend"]))
-                ratio = _ratio_of_rows(r, mine)
+                ratio, interval = _ratio_of_rows(r, mine)
                 r[f"ratio_to_ours_{other}"] = ratio
-                checks.append(_check(f"<= {limit:g}x our {other}", ratio, limit, True))
+                checks.append(_check(f"<= {limit:g}x our {other}", ratio, limit, True, interval))
             ref_name = r.get("compare_to")
             if ref_name:
                 ref = by_key.get((r["workload"], ref_name, "reference-style"))
                 speedup = ref["ms"] / r["ms"] if ref and r["ms"] > 0 else None
                 r["speedup_vs_reference_style"] = speedup
                 checks.append(_check(f">= {BOOKKEEPING_MIN_SPEEDUP:g}x faster than reference-style", speedup,
-                                     BOOKKEEPING_MIN_SPEEDUP, False))
+                                     BOOKKEEPING_MIN_SPEEDUP, False,
+                                     _quotient(ref.get("ms_interval"), r.get("ms_interval")) if ref else None))
             if r["workload"] in BANDWIDTH_WORKLOADS:
                 checks.append(_check(f">= {MIN_FRACTION_OF_STREAM:.0%} of stream", r["fraction_of_stream"],
-                                     MIN_FRACTION_OF_STREAM, False))
+                                     MIN_FRACTION_OF_STREAM, False, r.get("fraction_of_stream_interval")))
             if r["workload"] == "many-small":
                 huge = by_key.get(("huge", r["name"], r["backend"]))
                 if huge is not None and huge["fraction_of_stream"] and r["fraction_of_stream"]:
@@ -82,9 +100,11 @@ def evaluate(results: List[dict]) -> None:
                     cost = huge["fraction_of_stream"] / r["fraction_of_stream"]
                     r["per_byte_cost_vs_huge"] = cost
                     checks.append(_check(f"<= {MANY_SMALL_MAX_COST:g}x per-byte cost of huge", cost,
-                                         MANY_SMALL_MAX_COST, True))
+                                         MANY_SMALL_MAX_COST, True,
+                                         _quotient(huge.get("fraction_of_stream_interval"),
+                                                   r.get("fraction_of_stream_interval"))))
         r["targets"] = checks
-        missing = [c["target"] for c in checks if c["met"] is False]
+        missing = [c["target"] + (" (within noise)" if c["within_noise"] else "") for c in checks if c["met"] is False]
         if not checks:
             r["status"] = "-"
         elif missing:
@@ -96,5 +116,12 @@ def evaluate(results: List[dict]) -> None:
 def summary(results: List[dict]) -> Tuple[int, int]:
     """(met, missed) over all checks."""
     checks = [c for r in results for c in r.get("targets", []) if c["met"] is not None]
+    met = sum(1 for c in checks if c["met"])
+    return met, len(checks) - met
+
+
+def within_noise(results: List[dict]) -> Tuple[int, int]:
+    """(met, missed) over the checks whose limit lies inside the interval of their median."""
+    checks = [c for r in results for c in r.get("targets", []) if c["met"] is not None and c.get("within_noise")]
     met = sum(1 for c in checks if c["met"])
     return met, len(checks) - met

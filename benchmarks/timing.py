@@ -40,10 +40,34 @@ def _calls_per_window(seconds_per_call: float, device: torch.device) -> int:
 Paired = Tuple[Callable[[], object], float]  # (another call, its ms per call)
 
 
+Interval = Tuple[float, float]
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """A distribution-free interval for the median of ``values`` (order statistics, binomial with p = 1/2):
+    the k-th smallest and k-th largest value for the largest k whose coverage is still >= ``level``
+    (7 windows: min and max, 98%; 15 windows: 4th and 12th, 96.5%). With too few values for the level,
+    min and max."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return (math.nan, math.nan)
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2:
+        below_next = below + math.comb(n, k) / 2 ** n
+        if 2 * below_next > 1.0 - level:
+            break
+        below, k = below_next, k + 1
+    k = max(k, 1)
+    return (xs[k - 1], xs[n - k])
+
+
 class Timing(NamedTuple):
     ms: float                  # median over windows of fn's mean ms per call
     paired_ms: List[float]     # each paired call's median ms
     paired_ratio: List[float]  # median over windows of (fn's ms / that paired call's ms in the next window)
+    ms_interval: Interval = (math.nan, math.nan)  # median_interval of fn's per-window ms
+    paired_ratio_interval: List[Interval] = []    # median_interval of each per-window ratio
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
@@ -83,8 +107,10 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
         mine.append(_timed(fn, calls, device, excluded))
         for (other, _ms), n, times in zip(paired, other_calls, theirs):
             times.append(_timed(other, n, device, excluded))
+    ratios = [[m / t if t > 0 else math.inf for m, t in zip(mine, times)] for times in theirs]
     return Timing(1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs],
-                  [statistics.median(m / t if t > 0 else math.inf for m, t in zip(mine, times)) for times in theirs])
+                  [statistics.median(r) for r in ratios], tuple(1e3 * x for x in median_interval(mine)),
+                  [median_interval(r) for r in ratios])
 
 
 _LAUNCH_MARKERS = ("LaunchKernel", "cuLaunchCooperativeKernel")

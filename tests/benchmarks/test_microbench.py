@@ -118,6 +118,38 @@ def test_targets_mark_missing_rows():
     assert "80% of stream" in rows[7]["status"]
 
 
+def test_targets_say_when_a_limit_lies_within_the_run_s_noise():
+    def row(name, ratio, interval, frac=0.9, frac_interval=(0.85, 0.95), workload="huge", ms=1.0, ms_interval=None):
+        return {"name": name, "backend": "cpu", "kind": "ours", "workload": workload, "ms": ms,
+                "ratio_to_torch_fused_adamw": ratio, "ratio_interval": interval, "fraction_of_stream": frac,
+                "fraction_of_stream_interval": frac_interval, "ms_interval": ms_interval, "gbps": 10.0,
+                "compare_to": "reference_style_armijo_sgd_bookkeeping" if "armijo" in name else None}
+    rows = [row("adamw", 1.02, (0.97, 1.08)),                        # missed, but the limit 1.0 is inside
+            row("svi_sgd", 0.85, (0.82, 0.90)),                      # missed clearly
+            row("ls_trial_sgd", 0.48, (0.45, 0.53), frac=0.79, frac_interval=(0.70, 0.81)),  # met in noise; missed in noise
+            row("ls_trial_adam", 0.40, (0.38, 0.42)),                # met clearly
+            row("adamw", 0.9, (0.9, 0.9), frac=0.3, frac_interval=(0.25, 0.5), workload="many-small"),
+            row("armijo_sgd_bookkeeping", 0.5, None, ms=2.0, ms_interval=(1.8, 2.4), workload="w"),
+            dict(row("reference_style_armijo_sgd_bookkeeping", 5.0, None, ms=9.0, ms_interval=(8.0, 10.0), workload="w"),
+                 kind="reference-style", backend="reference-style")]
+    targets.evaluate(rows)
+    by = [{c["target"]: c for c in r["targets"]} for r in rows]
+    assert by[0]["<= 1x torch fused AdamW"]["within_noise"] and "AdamW (within noise)" in rows[0]["status"]
+    assert by[1]["<= 0.8x torch fused AdamW"]["within_noise"] is False and "(within noise)" not in rows[1]["status"]
+    assert by[2]["<= 0.5x torch fused AdamW"]["met"] and by[2]["<= 0.5x torch fused AdamW"]["within_noise"]
+    assert by[2][">= 80% of stream"]["met"] is False and "stream (within noise)" in rows[2]["status"]
+    assert by[3]["<= 0.5x torch fused AdamW"]["within_noise"] is False
+    # per-byte cost 0.9 / 0.3 = 3 (missed); its interval from the two fractions' intervals: [0.85/0.5, 0.95/0.25]
+    cost = by[4]["<= 2x per-byte cost of huge"]
+    assert cost["met"] is False and cost["interval"] == pytest.approx((1.7, 3.8)) and cost["within_noise"]
+    # speedup vs reference-style 9 / 2 = 4.5 (missed); interval [8/2.4, 10/1.8] holds 5
+    speed = by[5][">= 5x faster than reference-style"]
+    assert speed["met"] is False and speed["interval"] == pytest.approx((8 / 2.4, 10 / 1.8)) and speed["within_noise"]
+    # met/missed within noise: rows 0, 2 (stream), 4 (cost), 5 (speedup) missed; row 2's ratio met
+    assert targets.within_noise(rows) == (1, 4)
+    assert targets.summary(rows)[1] == 5  # counted as missed all the same: the median decides
+
+
 def test_workload_shapes_come_from_bert_config():
     pytest.importorskip("transformers")
     mini = workloads.minilm()
