@@ -201,7 +201,7 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
     per tensor."""
     if len(grads) != len(params):
         raise ValueError(f"ls_save_sgd: grads has {len(grads)} tensors but params has {len(params)}")
-    _check_optional_list("ls_save_sgd", "w0", w0, params)
+    check_optional_list("ls_save_sgd", "w0", w0, params)
     terms = []
     for i, g in enumerate(grads):
         if w0:
@@ -217,7 +217,7 @@ def ls_save_adam(
 ) -> Tensor:
     """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
     direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
-    _check_optional_list("ls_save_adam", "dirs", dirs, params)
+    check_optional_list("ls_save_adam", "dirs", dirs, params)
     terms = []
     for i, (p, g, m, v, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, w0)):
         w.copy_(p)
@@ -233,8 +233,9 @@ def ls_save_adam(
     return _sums(terms, params)
 
 
-def _check_optional_list(op: str, name: str, tensors: List[Tensor], params: List[Tensor]) -> None:
-    """An output list the op may go without (ls_save_sgd's w0, ls_save_adam's dirs): empty, or one per param."""
+def check_optional_list(op: str, name: str, tensors: List[Tensor], params: List[Tensor]) -> None:
+    """An output list the op may go without (ls_save_sgd's w0, ls_save_adam's dirs): empty, or one per param.
+    The Triton ops call it too, so both name the list alike."""
     if tensors and len(tensors) != len(params):
         raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {len(params)} (give one per "
                          f"parameter, or an empty list to write no {name})")

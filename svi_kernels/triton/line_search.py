@@ -23,6 +23,7 @@ from . import runtime
 from .runtime import device_function
 from .ieee import chunk_of_program, div_rn, sqrt_rn, tensor_ptr, to_storage
 from .table import Group
+from ..backends.reference import check_optional_list
 
 Etas = Union[Sequence[float], Tensor]
 
@@ -234,6 +235,7 @@ def _run_update(kernel, group: Group, shape: Tuple[int, int], per_tensor: Tensor
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
     """w0 <- p (unless ``w0`` is empty: then nothing is written); returns float32 [n] with sum(g^2)
     per tensor."""
+    check_optional_list("ls_save_sgd", "w0", w0, params)
     lists = [params, grads] + ([w0] if len(w0) else [])
     group, shape = _group(lists, written=(2,)[:len(lists) - 2])
     return _run_reduction(ls_save_sgd_kernel, group, shape, (), N_LISTS=len(lists))
@@ -244,8 +246,7 @@ def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
                  bias_correction2_sqrt: float) -> Tensor:
     """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
     direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
-    if len(dirs) and len(dirs) != len(params):
-        raise ValueError(f"ls_save_adam: dirs has {len(dirs)} tensors but params has {len(params)}")
+    check_optional_list("ls_save_adam", "dirs", dirs, params)
     lists = [params, grads, exp_avgs, exp_avg_sqs, w0] + ([dirs] if len(dirs) else [])
     group, shape = _group(lists, written=(2, 3, 4, 5)[:len(lists) - 2])
     args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))

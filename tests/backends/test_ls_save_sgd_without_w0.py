@@ -98,7 +98,8 @@ def test_mismatched_list_lengths_are_refused_before_anything_is_written(backend,
         w0 = w0 + [torch.full_like(p[0], 7.0)]
     (p_before, _), (g_before, _) = _snapshot(p), _snapshot(g)
     args = (p, g[:-1], []) if bad == "grads shorter" else (p, g, w0)
-    with pytest.raises((RuntimeError, ValueError)):
+    # a w0 of another length is named as such (Triton names a short grads list by its position only)
+    with pytest.raises((RuntimeError, ValueError), match="" if bad == "grads shorter" else "w0"):
         get(backend).ls_save_sgd(*args)
     assert _bits(p, p_before) and _bits(g, g_before)
     assert all(torch.equal(t, torch.full_like(t, 7.0)) for t in w0)
