@@ -33,7 +33,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                          "backend for the device, else 'reference'); 'all' adds 'reference'")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    ap.add_argument("--repeats", type=int, default=7, help="timed windows per row (median taken)")
+    # 15: the 95% interval of a median is then the 4th..12th window, not min..max (timing.median_interval);
+    # with 7 about half the checks sat within noise in an idle run, with 15 a fifth, for 150 s instead of 120 s
+    ap.add_argument("--repeats", type=int, default=15, help="timed windows per row (median taken) (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
     ap.add_argument("--row-budget", type=float, default=2.0,
                     help="seconds one row may spend; slow rows get fewer repeats (at least 3) (default: %(default)s)")
@@ -250,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"within this run's noise: {noisy_met} met and {noisy_missed} missed check(s) have their limit inside "
               f"the 95% interval of the median over the row's windows (up to --repeats {args.repeats}, fewer for "
               f"slow rows; marked '(within noise)'): this run cannot tell which side they are on; more windows "
-              f"(--repeats 15 --row-budget 6) narrow the intervals")
+              f"(--repeats 31 --row-budget 8) narrow the intervals")
     if args.json:
         report.write_json(args.json, results)
         print(f"wrote {args.json}")
