@@ -106,7 +106,6 @@ done
 say "CUDA_HOME=$CUDA_HOME ($(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')), torch $("$PY" -c 'import torch; print(torch.__version__)')"
 
 # ---- 3. build (incremental: build/cuda-check/temp keeps ninja's objects between runs)
-mkdir -p "$OUT"
 log="$OUT/build.log"
 say "building the CUDAExtension (log: ${log#$ROOT/})"
 t_build=$(date +%s)

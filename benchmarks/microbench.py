@@ -169,7 +169,8 @@ def run(args: argparse.Namespace):
             del fn
             gc.collect()
             bpp = traffic.bytes_per_param(row.phases(ctx), itemsize, state_size)
-            gbps = bpp * wl.numel / (max(ms, 1e-6) * 1e-3) / 1e9
+            nbytes = bpp * wl.numel
+            gbps = nbytes / (max(ms, 1e-6) * 1e-3) / 1e9
             stream_gbps = probe.gbps(timed.paired_ms[0])
             measured[id(row)] = {
                 "name": row.name, "backend": row.backend, "kind": row.kind, "workload": wl.name,
@@ -178,11 +179,10 @@ def run(args: argparse.Namespace):
                 "ms": ms, "ratio_to_torch_fused_adamw": ratio,
                 "torch_fused_adamw_ms_paired": pair_ms,
                 "bytes_per_param": bpp, "gbps": gbps,
-                "fraction_of_stream": probe.fraction(bpp * wl.numel, probe_ratio), "stream_gbps": stream_gbps,
+                "fraction_of_stream": probe.fraction(nbytes, probe_ratio), "stream_gbps": stream_gbps,
                 # 95% intervals of the medians over windows (timing.median_interval): what targets call noise
                 "ms_interval": timed.ms_interval, "ratio_interval": ratio_interval,
-                "fraction_of_stream_interval": (probe.fraction(bpp * wl.numel, probe_hi),
-                                                probe.fraction(bpp * wl.numel, probe_lo)),
+                "fraction_of_stream_interval": (probe.fraction(nbytes, probe_hi), probe.fraction(nbytes, probe_lo)),
                 "launches_per_step": launches, "syncs_per_step": syncs,
                 "closure_ms_subtracted": closure_ms,
                 "ours_ms_paired": timed.paired_ms[-1] if ours else None,

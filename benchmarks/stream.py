@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+
+from . import timing
 
 # a += s*b reads a and b and writes a: 3 accesses of 4 bytes per float32 element.
 STREAM_BYTES_PER_ELEMENT = 12
 DEFAULT_STREAM_NUMEL = 100_000_000
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StreamProbe:
@@ -41,14 +37,7 @@ class StreamProbe:
 
     def measure(self, runs: int = 7) -> dict:
         """Median over ``runs`` single calls (what sizes the paired windows, and the figure printed)."""
-        times = []
-        for _ in range(runs):
-            _sync(self.device)
-            t0 = time.perf_counter()
-            self()
-            _sync(self.device)
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1e3
+        ms = statistics.median(timing.seconds_per_call(self, 1, self.device) for _ in range(runs)) * 1e3
         return {"numel": self.numel, "runs": runs, "bytes_per_element": STREAM_BYTES_PER_ELEMENT, "ms": ms,
                 "gbps": self.gbps(ms)}
 

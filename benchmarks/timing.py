@@ -17,8 +17,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], calls: int, device: torch.device,
-           excluded: Optional[Callable[[], float]] = None) -> float:
+def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device,
+                     excluded: Optional[Callable[[], float]] = None) -> float:
     """Seconds per call of ``fn`` over ``calls`` calls, less what ``excluded`` (a running total of
     seconds) grew by meanwhile."""
     _sync(device)
@@ -33,8 +33,8 @@ def _timed(fn: Callable[[], object], calls: int, device: torch.device,
     return max(elapsed, 0.0) / calls
 
 
-def _calls_per_window(seconds_per_call: float, device: torch.device) -> int:
-    return max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(seconds_per_call, 1e-7)))
+def _calls_per_window(seconds: float, device: torch.device) -> int:
+    return max(1, math.ceil(MIN_WINDOW_S.get(device.type, 0.02) / max(seconds, 1e-7)))
 
 
 Paired = Tuple[Callable[[], object], float]  # (another call, its ms per call)
@@ -66,8 +66,8 @@ class Timing(NamedTuple):
     ms: float                  # median over windows of fn's mean ms per call
     paired_ms: List[float]     # each paired call's median ms
     paired_ratio: List[float]  # median over windows of (fn's ms / that paired call's ms in the next window)
-    ms_interval: Interval = (math.nan, math.nan)  # median_interval of fn's per-window ms
-    paired_ratio_interval: List[Interval] = []    # median_interval of each per-window ratio
+    ms_interval: Interval                # median_interval of fn's per-window ms
+    paired_ratio_interval: List[Interval]  # median_interval of each per-window ratio
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
@@ -88,12 +88,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     be counted (the closure of a line-search step); what it grows by during a window is taken out of
     that window.
     """
-    estimate = _timed(fn, 1, device, excluded)  # first call: allocates state, so it is never timed
+    estimate = seconds_per_call(fn, 1, device, excluded)  # first call: allocates state, so it is never timed
     spent = estimate
     for _ in range(max(warmup - 1, 0)):
         if spent > budget_s / 3:
             break
-        estimate = _timed(fn, 1, device, excluded)  # the last warm-up call sizes the windows
+        estimate = seconds_per_call(fn, 1, device, excluded)  # the last warm-up call sizes the windows
         spent += estimate
     calls = _calls_per_window(estimate, device)
     window_s = estimate * calls
@@ -104,9 +104,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     mine: List[float] = []
     theirs: List[List[float]] = [[] for _ in paired]
     for _ in range(windows):
-        mine.append(_timed(fn, calls, device, excluded))
+        mine.append(seconds_per_call(fn, calls, device, excluded))
         for (other, _ms), n, times in zip(paired, other_calls, theirs):
-            times.append(_timed(other, n, device, excluded))
+            times.append(seconds_per_call(other, n, device, excluded))
     ratios = [[m / t if t > 0 else math.inf for m, t in zip(mine, times)] for times in theirs]
     return Timing(1e3 * statistics.median(mine), [1e3 * statistics.median(t) for t in theirs],
                   [statistics.median(r) for r in ratios], tuple(1e3 * x for x in median_interval(mine)),
