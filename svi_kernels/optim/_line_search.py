@@ -85,7 +85,6 @@ class StepTensors:
         # reads w0 and d (12 B/param) instead of w0, g and v (16); None where the parameter dtype
         # cannot hold d exactly (fp16/bf16 compute in float32: their trials recompute it).
         self.dirs: List[Optional[Tensor]] = []
-        self.dirs_saved = False  # has this step's save written them (_save_adam, where dirs_wanted)
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
@@ -386,7 +385,6 @@ class LineSearchOptimizer(Optimizer):
         ``_saves_directions`` says no, and this step's trials recompute d from g and v), and
         sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
         parts = []
-        t.dirs_saved = t.dirs_wanted
         for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
@@ -408,7 +406,7 @@ class LineSearchOptimizer(Optimizer):
         bits: tests/optim/test_adam_search_direction.py)."""
         for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs"], gids=list(etas)):
             etas_t = t.per_tensor(etas, pos)
-            if t.dirs_saved and lists[2][0] is not None:
+            if lists[2][0] is not None:  # buffers exist only where dirs_wanted: this step's save wrote them
                 impl = bucketing.backend_for(g["backend"], device, lists, n_check)
                 impl.ls_trial_sgd(*lists, etas_t)
                 continue
