@@ -30,6 +30,8 @@ TORCH_LIBRARY(svi_kernels, m) {
       "sgd_momentum_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, Tensor? lr_tensor, float momentum, bool nesterov, float weight_decay, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf, float dampening=0.0) -> ()");
+  // ls_save_sgd / ls_save_adam: w0 may be empty (nothing saved; Adam then does not read params),
+  // ls_save_adam's dirs too (only with w0).
   m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
   m.def(
       "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
@@ -42,6 +44,12 @@ TORCH_LIBRARY(svi_kernels, m) {
   m.def(
       "ls_final_adam(Tensor(a!)[] params, Tensor[] w0, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "float[] etas, float eps, float bias_correction1, float bias_correction2_sqrt) -> ()");
+  // The final Adam step from the last trial point p = w0 - trial_eta * g / (sqrt(v_hat) + eps) of
+  // in-place trials (ls_trial_adam with w0 = params): p = (p + trial_eta * g / denom) - (eta_t / bc1)
+  // * m / denom, with the start point recovered in the compute type (update_math.h).
+  m.def(
+      "ls_final_adam_from_trial(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "float[] etas, float trial_eta, float eps, float bias_correction1, float bias_correction2_sqrt) -> ()");
   // The float path's step counters (one-element CPU tensors): +1 each, new values returned.
   m.def("increment_steps(Tensor(a!)[] steps) -> float[]");
 }

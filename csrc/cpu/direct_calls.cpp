@@ -222,6 +222,21 @@ PyObject* direct_ls_final_adam(PyObject*, PyObject* args) {
   return guarded([&] { ls_final_adam(lp.list(), lw.list(), lm.list(), lv.list(), etas, eps, bc1, bc2_sqrt); });
 }
 
+PyObject* direct_ls_final_adam_from_trial(PyObject*, PyObject* args) {
+  PyObject *p, *g, *m, *v, *e;
+  double trial_eta, eps, bc1, bc2_sqrt;
+  if (!PyArg_ParseTuple(args, "OOOOOdddd", &p, &g, &m, &v, &e, &trial_eta, &eps, &bc1, &bc2_sqrt)) return nullptr;
+  if (dispatcher_needed()) return not_implemented();
+  BorrowedList lp, lg, lm, lv;
+  std::vector<double> etas;
+  if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v) || !read_etas(e, etas)) {
+    return not_implemented();
+  }
+  return guarded([&] {
+    ls_final_adam_from_trial(lp.list(), lg.list(), lm.list(), lv.list(), etas, trial_eta, eps, bc1, bc2_sqrt);
+  });
+}
+
 PyObject* direct_increment_steps(PyObject*, PyObject* args) {
   PyObject* s;
   if (!PyArg_ParseTuple(args, "O", &s)) return nullptr;

@@ -19,6 +19,7 @@ PyObject* direct_ls_save_adam(PyObject* self, PyObject* args);
 PyObject* direct_ls_trial_sgd(PyObject* self, PyObject* args);
 PyObject* direct_ls_trial_adam(PyObject* self, PyObject* args);
 PyObject* direct_ls_final_adam(PyObject* self, PyObject* args);
+PyObject* direct_ls_final_adam_from_trial(PyObject* self, PyObject* args);
 PyObject* direct_increment_steps(PyObject* self, PyObject* args);
 
 }  // namespace svi_kernels::cpu

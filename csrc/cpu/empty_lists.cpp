@@ -41,7 +41,8 @@ void empty_lists_or_no_kernel(const c10::OperatorHandle& op, torch::jit::Stack* 
 
 TORCH_LIBRARY_IMPL(svi_kernels, CompositeExplicitAutograd, m) {
   for (const char* name : {"adam_step", "sgd_momentum_step", "adam_step_tensor", "sgd_momentum_step_tensor",
-                           "ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam"}) {
+                           "ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam",
+                           "ls_final_adam_from_trial"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&svi_kernels::empty_lists_or_no_kernel>());
   }
 }

@@ -14,6 +14,7 @@ inline namespace CPU_CAPABILITY {
 constexpr CpuKernels kKernels{
     SVI_CPU_ISA_NAME,  adam_kernel,          sgd_momentum_kernel,  ls_save_sgd_kernel,
     ls_save_adam_kernel, ls_trial_sgd_kernel, ls_trial_adam_kernel, ls_final_adam_kernel,
+    ls_final_adam_from_trial_kernel,
 };
 
 }  // namespace CPU_CAPABILITY

@@ -43,6 +43,7 @@ struct LsAdamSaveScalars {
   double one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
   bool stream = false;  // write w0 (and dirs) with streaming stores (stream_policy.h)
   bool with_dirs = false;  // a sixth pointer, dirs, receives the search direction g / denom
+  bool with_w0 = true;     // false: four pointers (params, grads, exp_avgs, exp_avg_sqs), p is not read
 };
 
 // Trial/final line-search steps: eta is the tensor's step size (eta / bias_correction1 for the
@@ -50,6 +51,7 @@ struct LsAdamSaveScalars {
 struct LsStepScalars {
   double eta, eps, bias_correction2_sqrt;
   bool stream = false;  // write p with streaming stores (stream_policy.h)
+  double trial_eta = 0.0;  // ls_final_adam_from_trial: the step size of the trial point p is at
 };
 
 struct CpuKernels {
@@ -62,8 +64,8 @@ struct CpuKernels {
   // ptrs: params, grads[, w0 when with_w0]; returns the segment's sum of g^2 (stream: w0 by
   // streaming stores)
   double (*ls_save_sgd)(at::ScalarType, void* const* ptrs, int64_t n, const LsSgdSaveScalars&);
-  // ptrs: params, grads, exp_avgs, exp_avg_sqs, w0[, dirs when with_dirs]; returns the
-  // segment's sum of g^2 / denom
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs[, w0 when with_w0[, dirs when with_dirs]];
+  // returns the segment's sum of g^2 / denom
   double (*ls_save_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsAdamSaveScalars&);
   // ptrs: params, w0, grads (eps and bias_correction2_sqrt unused)
   void (*ls_trial_sgd)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
@@ -71,6 +73,8 @@ struct CpuKernels {
   void (*ls_trial_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
   // ptrs: params, w0, exp_avgs, exp_avg_sqs
   void (*ls_final_adam)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
+  // ptrs: params, grads, exp_avgs, exp_avg_sqs (eta = eta / bias_correction1, trial_eta used)
+  void (*ls_final_adam_from_trial)(at::ScalarType, void* const* ptrs, int64_t n, const LsStepScalars&);
 };
 
 // One table per build; avx2_kernels()/avx512_kernels() return nullptr when the compiler could

@@ -8,11 +8,19 @@
 
 #include <vector>
 
+#include "svi_kernels/check.h"
+
 namespace svi_kernels::cpu {
 
 namespace {
 
 at::Tensor no_sums() { return at::empty({0}, at::TensorOptions().dtype(at::kFloat)); }
+
+// An in-place call (w0 is p itself: the optimizers' trials) reads p before it writes it, so the
+// cache lines are already owned and streaming stores would only evict them.
+bool in_place(at::TensorList params, at::TensorList w0) {
+  return !params.empty() && !w0.empty() && params[0].data_ptr() == w0[0].data_ptr();
+}
 
 }  // namespace
 
@@ -34,17 +42,22 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
                         double eps, double bias_correction2_sqrt) {
-  // dirs: one per parameter (the search direction is written), or empty (it is not).
-  const bool with_dirs = !dirs.empty();
+  // w0: one per parameter (p is saved there), or empty (p is not read: the in-place trials' save).
+  // dirs: one per parameter (the search direction is written), or empty (it is not); only with w0.
+  const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
+  SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
   const MultiTensor lists = with_dirs
       ? MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                                      {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
-      : MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+      : with_w0 ? MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                               {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}})
+                : MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                               {"exp_avg_sqs", exp_avg_sqs}});
   if (lists.empty()) return no_sums();
   const at::ScalarType dtype = lists.dtype();
   const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt,
-                             stream_stores_pay(lists.bytes_per_list(), with_dirs ? 6 : 5), with_dirs};
+                             with_w0 && stream_stores_pay(lists.bytes_per_list(), with_dirs ? 6 : 5), with_dirs,
+                             with_w0};
   const auto kernel = cpu_kernels().ls_save_adam;
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
@@ -58,7 +71,7 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
   if (lists.empty()) return;
   const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_trial_sgd;
-  const bool stream = stream_stores_pay(lists.bytes_per_list(), 3);
+  const bool stream = !in_place(params, w0) && stream_stores_pay(lists.bytes_per_list(), 3);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], 0.0, 1.0, stream});
   });
@@ -72,7 +85,7 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
   if (lists.empty()) return;
   const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_trial_adam;
-  const bool stream = stream_stores_pay(lists.bytes_per_list(), 4);
+  const bool stream = !in_place(params, w0) && stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt, stream});
   });
@@ -86,11 +99,27 @@ void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_
   if (lists.empty()) return;
   const at::ScalarType dtype = lists.dtype();
   const auto kernel = cpu_kernels().ls_final_adam;
-  const bool stream = stream_stores_pay(lists.bytes_per_list(), 4);
+  const bool stream = !in_place(params, w0) && stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
     kernel(dtype, ptrs, seg.length,
            LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, stream});
+  });
+}
+
+void ls_final_adam_from_trial(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, c10::ArrayRef<double> etas, double trial_eta, double eps,
+                              double bias_correction1, double bias_correction2_sqrt) {
+  const MultiTensor lists("ls_final_adam_from_trial", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                                       {"exp_avg_sqs", exp_avg_sqs}});
+  check_per_tensor_scalars("ls_final_adam_from_trial", "etas", etas.size(), params.size());
+  if (lists.empty()) return;
+  const at::ScalarType dtype = lists.dtype();
+  const auto kernel = cpu_kernels().ls_final_adam_from_trial;
+  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
+    LsStepScalars sc{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, false};
+    sc.trial_eta = trial_eta;
+    kernel(dtype, ptrs, seg.length, sc);
   });
 }
 

@@ -19,7 +19,7 @@ struct LsAdamSaveCoeffs {
 
 template <typename V>
 struct LsStepCoeffs {
-  V eta, eps, bias_correction2_sqrt;
+  V eta, eps, bias_correction2_sqrt, trial_eta;
 };
 
 template <typename V, typename S>
@@ -31,7 +31,7 @@ LsAdamSaveCoeffs<V> ls_adam_save_coeffs(const LsAdamSaveScalars& s) {
 template <typename V, typename S>
 LsStepCoeffs<V> ls_step_coeffs(const LsStepScalars& s) {
   auto c = [](double x) { return V(static_cast<S>(x)); };
-  return {c(s.eta), c(s.eps), c(s.bias_correction2_sqrt)};
+  return {c(s.eta), c(s.eps), c(s.bias_correction2_sqrt), c(s.trial_eta)};
 }
 
 // w0 <- p: write-only, so streamed on large calls (see stream_policy.h). fp16/bf16 saves copy
@@ -96,6 +96,8 @@ double ls_save_adam_segment(void* const* ptrs, int64_t n, const LsAdamSaveScalar
     return math::ls_adam_prepare_dir_elem(x[G], x[M], x[V], x[D], c.one_minus_beta1, c.beta2, c.one_minus_beta2,
                                           c.eps, c.bias_correction2_sqrt);
   };
+  // Without w0 (the in-place trials' save): the moments and the sum only, p is not read.
+  if (!s.with_w0) return for_each_element<kIn, kMoments, true>(typed<T, 4>(ptrs), n, prepare);
   if constexpr (save_w0_in_loop<T>) {
     // w0 and d are write-only: both streamed on large calls. (With the copy in its own pass,
     // streaming d next to the moments' ordinary stores once measured slower at one thread; with
@@ -154,6 +156,19 @@ void ls_final_adam_segment(void* const* ptrs, int64_t n, const LsStepScalars& s)
   });
 }
 
+template <typename T>
+void ls_final_adam_from_trial_segment(void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  using S = at::opmath_type<T>;
+  enum { P, G, M, V };
+  const BothWidths<LsStepCoeffs, S> coeffs{ls_step_coeffs<S, S>(s), ls_step_coeffs<Vectorized<S>, S>(s)};
+  // p is read and written: no streaming stores (they pay only for write-only outputs).
+  for_each_element<bit(P) | bit(G) | bit(M) | bit(V), bit(P), false>(typed<T, 4>(ptrs), n, [coeffs](auto& x) {
+    const auto& c = coeffs.template get<std::decay_t<decltype(x[0])>>();
+    x[P] = math::ls_final_adam_from_trial_elem(x[P], x[G], x[M], x[V], c.trial_eta, c.eta, c.eps,
+                                               c.bias_correction2_sqrt);
+  });
+}
+
 // Type-erased entries of the CpuKernels table.
 inline double ls_save_sgd_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsSgdSaveScalars& s) {
   return dispatch_dtype(dtype,
@@ -175,6 +190,10 @@ inline void ls_trial_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_
 
 inline void ls_final_adam_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsStepScalars& s) {
   dispatch_dtype(dtype, [&](auto tag) { ls_final_adam_segment<typename decltype(tag)::type>(ptrs, n, s); });
+}
+
+inline void ls_final_adam_from_trial_kernel(at::ScalarType dtype, void* const* ptrs, int64_t n, const LsStepScalars& s) {
+  dispatch_dtype(dtype, [&](auto tag) { ls_final_adam_from_trial_segment<typename decltype(tag)::type>(ptrs, n, s); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -34,7 +34,8 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
 // per-tensor sums of g^2 are returned (the Adam line searches' gradient check, 4 B/param in fp32).
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0);
 
-// dirs: empty, or one tensor per parameter that receives the search direction g / denom.
+// w0: one tensor per parameter that receives p, or empty (p is not read: the in-place trials' save).
+// dirs: empty, or one tensor per parameter that receives the search direction g / denom (needs w0).
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
                         double eps, double bias_correction2_sqrt);
@@ -46,6 +47,11 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
 
 void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt);
+
+// The final Adam step from the trial point p = w0 - trial_eta * g / denom (in-place trials: no w0).
+void ls_final_adam_from_trial(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, c10::ArrayRef<double> etas, double trial_eta, double eps,
+                              double bias_correction1, double bias_correction2_sqrt);
 
 std::vector<double> increment_steps(at::TensorList steps);
 

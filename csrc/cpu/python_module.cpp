@@ -55,6 +55,8 @@ PyMethodDef methods[] = {
     {"_ls_trial_sgd", svi_kernels::cpu::direct_ls_trial_sgd, METH_VARARGS, "ls_trial_sgd, as _adam_step."},
     {"_ls_trial_adam", svi_kernels::cpu::direct_ls_trial_adam, METH_VARARGS, "ls_trial_adam, as _adam_step."},
     {"_ls_final_adam", svi_kernels::cpu::direct_ls_final_adam, METH_VARARGS, "ls_final_adam, as _adam_step."},
+    {"_ls_final_adam_from_trial", svi_kernels::cpu::direct_ls_final_adam_from_trial, METH_VARARGS,
+     "ls_final_adam_from_trial, as _adam_step."},
     {"_increment_steps", svi_kernels::cpu::direct_increment_steps, METH_VARARGS, "increment_steps, as _adam_step."},
     {nullptr, nullptr, 0, nullptr},
 };

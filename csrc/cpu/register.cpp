@@ -13,5 +13,6 @@ TORCH_LIBRARY_IMPL(svi_kernels, CPU, m) {
   m.impl("ls_trial_sgd", &svi_kernels::cpu::ls_trial_sgd);
   m.impl("ls_trial_adam", &svi_kernels::cpu::ls_trial_adam);
   m.impl("ls_final_adam", &svi_kernels::cpu::ls_final_adam);
+  m.impl("ls_final_adam_from_trial", &svi_kernels::cpu::ls_final_adam_from_trial);
   m.impl("increment_steps", &svi_kernels::cpu::increment_steps);
 }

@@ -2,7 +2,9 @@
 //   ls_save_sgd / ls_save_adam   save w0 = p (Adam: update the moments first) and return the
 //                                per-tensor sufficient-decrease sums as float32 [n] on the device;
 //   ls_trial_sgd / ls_trial_adam p = w0 - eta_t * d, one eta per tensor (per-layer search);
-//   ls_final_adam                p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps).
+//   ls_final_adam                p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps);
+//   ls_final_adam_from_trial     the same from the trial point p = w0 - trial_eta * g / denom
+//                                (in-place trials: w0 is not stored).
 // The sums never leave the device here: block sums are added atomically into one float64
 // slot per tensor and rounded to float32 once, so the caller decides when to sync.
 #include <ATen/Dispatch.h>
@@ -38,22 +40,22 @@ struct SaveSgdElem {
   }
 };
 
-// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 w0[, 5 dirs when kWithDirs].
-// Reads p, g, m, v; writes m, v, w0 (and the search direction g / denom into dirs);
-// sums g^2 / (sqrt(v_hat) + eps).
-template <typename M, bool kWithDirs>
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs[, 4 w0[, 5 dirs]] (kDepth 4, 5 or 6).
+// Reads g, m, v (and p when saving w0); writes m, v (w0, and the search direction g / denom into
+// dirs); sums g^2 / (sqrt(v_hat) + eps). Depth 4 is the in-place trials' save: p is not read.
+template <typename M, int kLists>
 struct SaveAdamElem {
-  static constexpr int kDepth = kWithDirs ? 6 : 5;
-  static constexpr int kReadMask = 0b001111;
-  static constexpr int kWriteMask = kWithDirs ? 0b111100 : 0b011100;
+  static constexpr int kDepth = kLists;
+  static constexpr int kReadMask = kLists == 4 ? 0b001110 : 0b001111;
+  static constexpr int kWriteMask = kLists == 6 ? 0b111100 : kLists == 5 ? 0b011100 : 0b001100;
   static constexpr bool kReduce = true;
   static constexpr bool kWithScalars = false;
 
   M one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
 
   __device__ __forceinline__ M operator()(M (&x)[kDepth], M) const {
-    x[4] = x[0];
-    if constexpr (kWithDirs) {
+    if constexpr (kLists >= 5) x[4] = x[0];
+    if constexpr (kLists == 6) {
       return math::ls_adam_prepare_dir_elem(x[1], x[2], x[3], x[5], one_minus_beta1, beta2, one_minus_beta2, eps,
                                             bias_correction2_sqrt);
     } else {
@@ -112,6 +114,25 @@ struct FinalAdamElem {
   }
 };
 
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs; scalar = eta / bc1, trial_eta a member.
+// Reads p, g, m, v; writes p (the final step from the last in-place trial point).
+template <typename M>
+struct FinalFromTrialElem {
+  static constexpr int kDepth = 4;
+  static constexpr int kReadMask = 0b1111;
+  static constexpr int kWriteMask = 0b0001;
+  static constexpr bool kReduce = false;
+  static constexpr bool kWithScalars = true;
+
+  M trial_eta, eps, bias_correction2_sqrt;
+
+  __device__ __forceinline__ M operator()(M (&x)[kDepth], M eta_over_bc1) const {
+    x[0] = math::ls_final_adam_from_trial_elem(x[0], x[1], x[2], x[3], trial_eta, eta_over_bc1, eps,
+                                               bias_correction2_sqrt);
+    return M(0);
+  }
+};
+
 at::Tensor empty_sums() {
   return at::empty({0}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
 }
@@ -143,16 +164,20 @@ at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::Ten
   return sums.to(at::kFloat);
 }
 
-// dirs: one per parameter (the search direction is written), or empty (it is not).
+// w0: one per parameter (p is saved there), or empty (p is not read); dirs: one per parameter (the
+// search direction is written), or empty (it is not); only with w0.
 at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1,
                              double beta2, double eps, double bias_correction2_sqrt) {
-  const bool with_dirs = !dirs.empty();
+  const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
+  SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
   const at::ScalarType dtype = with_dirs
       ? check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                                      {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
-      : check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}});
+      : with_w0 ? check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                               {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}})
+                : check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                               {"exp_avg_sqs", exp_avg_sqs}});
   if (params.empty()) return empty_sums();
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor sums = sum_slots(params[0], params.size());
@@ -162,11 +187,15 @@ at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::Te
                     static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
     if (with_dirs) {
       const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, w0, dirs};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, true>{c[0], c[1], c[2], c[3], c[4]},
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 6>{c[0], c[1], c[2], c[3], c[4]},
+                                   sums.data_ptr<double>());
+    } else if (with_w0) {
+      const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 5>{c[0], c[1], c[2], c[3], c[4]},
                                    sums.data_ptr<double>());
     } else {
-      const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, false>{c[0], c[1], c[2], c[3], c[4]},
+      const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
+      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 4>{c[0], c[1], c[2], c[3], c[4]},
                                    sums.data_ptr<double>());
     }
   });
@@ -218,6 +247,26 @@ void ls_final_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList
   });
 }
 
+void ls_final_adam_from_trial_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                   at::TensorList exp_avg_sqs, at::ArrayRef<double> etas, double trial_eta, double eps,
+                                   double bias_correction1, double bias_correction2_sqrt) {
+  const at::ScalarType dtype = check_lists("ls_final_adam_from_trial", {{"params", params}, {"grads", grads},
+                                                                        {"exp_avgs", exp_avgs},
+                                                                        {"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars("ls_final_adam_from_trial", "etas", etas, params.size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<double> eta_over_bc1(etas.begin(), etas.end());
+  for (double& e : eta_over_bc1) e /= bias_correction1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_final_adam_from_trial", [&] {
+    using M = opmath_t<scalar_t>;
+    const FinalFromTrialElem<M> op{static_cast<M>(trial_eta), static_cast<M>(eps),
+                                   static_cast<M>(bias_correction2_sqrt)};
+    const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
+    multi_tensor_apply<scalar_t>(lists, eta_over_bc1.data(), op, nullptr);
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace svi_kernels
@@ -228,4 +277,5 @@ TORCH_LIBRARY_IMPL(svi_kernels, CUDA, m) {
   m.impl("ls_trial_sgd", &svi_kernels::cuda::ls_trial_sgd_cuda);
   m.impl("ls_trial_adam", &svi_kernels::cuda::ls_trial_adam_cuda);
   m.impl("ls_final_adam", &svi_kernels::cuda::ls_final_adam_cuda);
+  m.impl("ls_final_adam_from_trial", &svi_kernels::cuda::ls_final_adam_from_trial_cuda);
 }

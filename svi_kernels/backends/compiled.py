@@ -40,7 +40,7 @@ def load() -> tuple[bool, str]:
 
 
 _MUTATING = ("adam_step", "sgd_momentum_step", "adam_step_tensor", "sgd_momentum_step_tensor", "ls_trial_sgd",
-             "ls_trial_adam", "ls_final_adam")
+             "ls_trial_adam", "ls_final_adam", "ls_final_adam_from_trial")
 _REDUCING = ("ls_save_sgd", "ls_save_adam")
 
 
@@ -65,7 +65,7 @@ def _register_fakes() -> None:
 # conversion (about half of a step over 10,000 small tensors); otherwise they return NotImplemented
 # and the op goes through torch.ops. Empty when the loaded library has none.
 _DIRECT_OPS = ("adam_step", "sgd_momentum_step", "ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam",
-               "ls_final_adam", "increment_steps")
+               "ls_final_adam", "ls_final_adam_from_trial", "increment_steps")
 _direct_calls: dict = {}
 
 
@@ -186,6 +186,15 @@ def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor]
         return
     _call("ls_final_adam", params, w0, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(eps),
           float(bias_correction1), float(bias_correction2_sqrt))
+
+
+def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                             exp_avg_sqs: List[Tensor], etas: Sequence[float], *, trial_eta: float, eps: float,
+                             bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    if not params:
+        return
+    _call("ls_final_adam_from_trial", params, grads, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(trial_eta),
+          float(eps), float(bias_correction1), float(bias_correction2_sqrt))
 
 
 def increment_steps(steps: List[Tensor]) -> List[float]:

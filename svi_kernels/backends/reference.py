@@ -215,12 +215,19 @@ def ls_save_adam(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float,
 ) -> Tensor:
-    """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
+    """Moments updated before the search, w0 <- p (unless ``w0`` is empty: the in-place trials'
+    save, which does not read p), and (when ``dirs`` is not empty, only with w0) the search
     direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    if len(grads) != len(params):
+        raise ValueError(f"ls_save_adam: grads has {len(grads)} tensors but params has {len(params)}")
+    check_optional_list("ls_save_adam", "w0", w0, params)
     check_optional_list("ls_save_adam", "dirs", dirs, params)
+    if dirs and not w0:
+        raise ValueError("ls_save_adam: dirs needs w0 (give both, or an empty dirs)")
     terms = []
-    for i, (p, g, m, v, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, w0)):
-        w.copy_(p)
+    for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs)):
+        if w0:
+            w0[i].copy_(params[i])
         gf, mf, vf = _opmath(g), _opmath(m), _opmath(v)
         mf = mf + (1.0 - beta1) * (gf - mf)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
@@ -234,7 +241,8 @@ def ls_save_adam(
 
 
 def check_optional_list(op: str, name: str, tensors: List[Tensor], params: List[Tensor]) -> None:
-    """An output list the op may go without (ls_save_sgd's w0, ls_save_adam's dirs): empty, or one per param.
+    """An output list the op may go without (ls_save_sgd's and ls_save_adam's w0, ls_save_adam's dirs):
+    empty, or one per param.
     The Triton ops call it too, so both name the list alike."""
     if tensors and len(tensors) != len(params):
         raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {len(params)} (give one per "
@@ -265,6 +273,22 @@ def ls_final_adam(
     for p, w, m, v, eta in zip(params, w0, exp_avgs, exp_avg_sqs, etas):
         denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
         _store(p, _opmath(w) - (float(eta) / bias_correction1) * (_opmath(m) / denom))
+
+
+def ls_final_adam_from_trial(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    etas: Sequence[float], *, trial_eta: float, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
+) -> None:
+    """From the trial point p = w0 - trial_eta * g / (sqrt(v_hat) + eps) (in-place trials, no w0 stored):
+    p <- (p + trial_eta * g / denom) - (eta_t / bc1) * m / denom, the start point recovered in the
+    compute dtype and not stored."""
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("etas", etas)):
+        if len(lst) != len(params):
+            raise ValueError(f"ls_final_adam_from_trial: {name} has {len(lst)} entries but params has {len(params)}")
+    for p, g, m, v, eta in zip(params, grads, exp_avgs, exp_avg_sqs, etas):
+        denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
+        w0 = _opmath(p) + float(trial_eta) * (_opmath(g) / denom)
+        _store(p, w0 - (float(eta) / bias_correction1) * (_opmath(m) / denom))
 
 
 def available() -> tuple[bool, str]:

@@ -112,3 +112,11 @@ def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor]
     _kernels("line_search").ls_final_adam(params, w0, exp_avgs, exp_avg_sqs, etas, eps=eps,
                                           bias_correction1=bias_correction1,
                                           bias_correction2_sqrt=bias_correction2_sqrt)
+
+
+def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                             exp_avg_sqs: List[Tensor], etas: Union[Sequence[float], Tensor], *, trial_eta: float,
+                             eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    _kernels("line_search").ls_final_adam_from_trial(params, grads, exp_avgs, exp_avg_sqs, etas, trial_eta=trial_eta,
+                                                     eps=eps, bias_correction1=bias_correction1,
+                                                     bias_correction2_sqrt=bias_correction2_sqrt)

@@ -1,9 +1,11 @@
 """Machinery shared by ArmijoSGD, AdamSLS and LayerwiseAdamSLS.
 
 A step works on the tensors of several param groups at once: it buckets them by (device, dtype)
-so each phase (save w0 and reduce, trial point, final step) is one fused launch per bucket, with
-one step size per tensor where groups differ. Scratch copies ``w0`` live outside ``self.state``:
-they are meaningful only inside a step, so checkpoints do not carry them.
+so each phase (reduce and update the moments, trial point, final step) is one fused launch per
+bucket, with one step size per tensor where groups differ. The trials move the parameters in place
+(trial_points.py): no copy of the start point w0 and no search direction is kept, unless
+``keep_start_point=True`` asks for the w0 copies, which then live outside ``self.state`` (meaningful
+only inside a step, so checkpoints do not carry them).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from . import sharding
 from . import step_plan
 from . import search_schedule
 from . import searched_step
+from . import trial_points
 from .adamw import adam_scalars
 
-# Dtypes whose kernels compute in the dtype itself, so a saved search direction is exact.
-EXACT_DIRECTION = (torch.float32, torch.float64)
+# No dtype's search direction is saved any more (the trials recompute it in place, trial_points.py);
+# kept empty for readers of the old name (benchmarks/rows.py's traffic model).
+EXACT_DIRECTION: tuple = ()
 # Dtypes where the CPU op ls_trial_sgd(p, p, g, eta) gives the bits of torch._foreach_add_(p, g, alpha=-eta).
 _FOREACH_BITS = (torch.float32, torch.float64)
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
@@ -80,17 +84,13 @@ class StepTensors:
         self.grads: List[Tensor] = []
         self.exp_avgs: List[Tensor] = []
         self.exp_avg_sqs: List[Tensor] = []
-        self.w0: List[Tensor] = []
-        # Adam's search direction g / (sqrt(v_hat) + eps), written by the save phase so that a trial
-        # reads w0 and d (12 B/param) instead of w0, g and v (16); None where the parameter dtype
-        # cannot hold d exactly (fp16/bf16 compute in float32: their trials recompute it).
-        self.dirs: List[Optional[Tensor]] = []
+        # A copy of the start point per parameter where it is kept (keep_start_point=True, or an fp16
+        # parameter: trial_points.KEEP_DTYPES), None where the trials move it in place.
+        self.w0: List[Optional[Tensor]] = []
         self.gid: List[int] = []
         owners: List[Tensor] = []
         local = sharding.local  # the kernels run on the local shards of FSDP2's DTensors
-        self.dirs_wanted = with_moments and opt._saves_directions()
-        if with_moments and not self.dirs_wanted:
-            opt._dirs.clear()  # no step will write them any more (LayerwiseAdamSLS after its warm-up): freed
+        self.keep_start_point = kept = opt.keep_start_point
         for gi, group in enumerate(opt.param_groups):
             for p in group["params"]:
                 if p.grad is None:
@@ -98,14 +98,18 @@ class StepTensors:
                 owners.append(p)
                 self.params.append(local(p))
                 self.grads.append(local(p.grad))
-                self.w0.append(opt._scratch(p))
+                self.w0.append(opt._scratch(p) if kept or p.dtype in trial_points.KEEP_DTYPES else None)
                 self.gid.append(gi)
                 if with_moments:
-                    self.dirs.append(opt._scratch(p, opt._dirs) if self.dirs_wanted and p.dtype in EXACT_DIRECTION
-                                     else None)
                     st = opt._moments(p)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
+        # Only this step's copies stay (keep_start_point switched off, parameters gone: the rest are freed).
+        kept_copies = {p: w for p, w in zip(owners, self.w0) if w is not None}
+        if kept_copies:
+            opt._w0 = kept_copies
+        else:
+            opt.__dict__.pop("_w0", None)
         # Sharded parameters: the reductions are summed over the shards before anyone decides.
         self.shards = sharding.shard_sums(opt._name, owners, opt.process_group)
         self.n_groups = len(opt.param_groups)
@@ -212,17 +216,13 @@ class LineSearchOptimizer(Optimizer):
 
     _name = "LineSearchOptimizer"
     _group_keys = ("init_step_size", "c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "backend")
+    keep_start_point = False  # (an optimizer pickled before the option existed)
 
-    def _saves_directions(self) -> bool:
-        """Do this step's Adam saves write the search direction d (StepTensors.dirs)? Where not, no
-        buffer is kept for it and the trials recompute d from g and v."""
-        return True
-
-    def __init__(self, params, defaults, process_group=None, search="every"):
-        self._w0: Dict[Tensor, Tensor] = {}
-        self._dirs: Dict[Tensor, Tensor] = {}  # Adam's search directions (StepTensors.dirs), also scratch
+    def __init__(self, params, defaults, process_group=None, search="every", keep_start_point=False):
         # torch.distributed group whose ranks average each tested loss (None: the world; False: off).
         self.process_group = process_group
+        # True: keep a copy of the start point during each step (+4 B/param; trial_points.py)
+        self.keep_start_point = trial_points.check_keep_start_point(keep_start_point)
         search = search_schedule.check_search(search)
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
@@ -308,9 +308,9 @@ class LineSearchOptimizer(Optimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
-    def _scratch(self, p: Tensor, buffers: Optional[Dict[Tensor, Tensor]] = None) -> Tensor:
-        """p's buffer in ``buffers`` (default: the w0 copies), made to match p's local shard."""
-        buffers = self._w0 if buffers is None else buffers
+    def _scratch(self, p: Tensor) -> Tensor:
+        """p's start-point copy (keep_start_point), made to match p's local shard."""
+        buffers = self.__dict__.setdefault("_w0", {})  # (private: a copy or unpickled optimizer has none yet)
         lp = sharding.local(p)  # w0 holds the local shard only
         buf = buffers.get(p)
         if buf is None or buf.shape != lp.shape or buf.dtype != lp.dtype or buf.device != lp.device:
@@ -365,71 +365,47 @@ class LineSearchOptimizer(Optimizer):
     # --------------------------------------------------------- fused phases
     # Adam phases take ``step`` (t = completed steps + 1) and derive each bucket's bias corrections.
     # The reductions stay on the device (``DeviceSums``) until the next host read, which they join.
+    # The moves of the search and the final Adam step are trial_points.TrialPoints'.
     def _save_sgd(self, t: StepTensors, save_w0: bool = True) -> "DeviceSums":
-        """w0 <- p (when ``save_w0``) and sum(g^2) per tensor."""
+        """sum(g^2) per tensor, and w0 <- p when ``save_w0`` where the step keeps w0 (keep_start_point,
+        fp16); without w0 the op reads only g (4 B/param in fp32) and writes nothing."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"] if save_w0 else ["params", "grads"]):
-            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-            parts.append((pos, impl.ls_save_sgd(*lists) if save_w0 else impl.ls_save_sgd(*lists, [])))
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "w0"]):
+            if not save_w0 or lists[2][0] is None:  # (a bucket's tensors share the dtype: all kept or none)
+                lists = lists[:2] + [[]]
+            impl = bucketing.backend_for(g["backend"], device, lists[:2], n_check and 2)
+            parts.append((pos, impl.ls_save_sgd(*lists)))
         return DeviceSums(t, parts)
 
     def _grad_norms(self, t: StepTensors) -> "DeviceSums":
         """Per-tensor sums of g^2 (the Adam variants check them finite before touching their moments):
-        ArmijoSGD's save op given an empty w0, which reads only g (4 B/param in fp32) and writes
-        nothing, instead of torch._foreach_norm's 0-d tensor per parameter and a stack. The same
-        sums, to the bit, as the save with w0 (same loop, same summation order)."""
+        ArmijoSGD's save op given an empty w0, which reads only g and writes nothing, instead of
+        torch._foreach_norm's 0-d tensor per parameter and a stack."""
         return self._save_sgd(t, save_w0=False)
 
     def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
-        """Moments updated, w0 <- p, the search direction d (where ``t.dirs`` has buffers: none where
-        ``_saves_directions`` says no, and this step's trials recompute d from g and v), and
-        sum(g^2 / (sqrt(v_hat) + eps)) per tensor."""
+        """Moments updated (and w0 <- p where the step keeps w0), and sum(g^2 / (sqrt(v_hat) + eps)) per
+        tensor. Without w0 the op reads g, m, v and writes m, v (20 B/param in fp32)."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0", "dirs"]):
+        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
-            if lists[5][0] is None:  # (a bucket's tensors share the dtype: all have buffers or none)
-                lists[5] = []
-            impl = bucketing.backend_for(g["backend"], device, lists[:5], n_check and 5)
-            parts.append((pos, impl.ls_save_adam(*lists, beta1=beta1, beta2=beta2, eps=g["eps"],
+            w0 = [] if lists[4][0] is None else lists[4]
+            impl = bucketing.backend_for(g["backend"], device, lists[:4], n_check and 4)
+            parts.append((pos, impl.ls_save_adam(*lists[:4], w0, [], beta1=beta1, beta2=beta2, eps=g["eps"],
                                                  bias_correction2_sqrt=bc2_sqrt)))
         return DeviceSums(t, parts)
 
-    def _trial_sgd(self, t: StepTensors, etas: Dict[int, float]) -> None:
-        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "grads"], gids=list(etas)):
-            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_trial_sgd(*lists, t.per_tensor(etas, pos))
-
-    def _trial_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
-        """p <- w0 - eta * d: along the direction _save_adam saved in ``t.dirs`` (this step's, with the
-        same bias correction: callers pass _save_adam's ``step``), else recomputed from g and v (the same
-        bits: tests/optim/test_adam_search_direction.py)."""
-        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "dirs"], gids=list(etas)):
-            etas_t = t.per_tensor(etas, pos)
-            if lists[2][0] is not None:  # buffers exist only where dirs_wanted: this step's save wrote them
-                impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-                impl.ls_trial_sgd(*lists, etas_t)
-                continue
-            _, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            trial = lists[:2] + t.lists(["grads", "exp_avg_sqs"], pos)  # only a bucket that recomputes d reads them
-            impl = bucketing.backend_for(g["backend"], device, trial, n_check and 4)
-            impl.ls_trial_adam(*trial, etas_t, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
-
-    def _final_adam(self, t: StepTensors, etas: Dict[int, float], step: int) -> None:
-        for device, g, lists, pos, n_check in t.buckets(["params", "w0", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
-            bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_final_adam(*lists, t.per_tensor(etas, pos), eps=g["eps"], bias_correction1=bc1,
-                               bias_correction2_sqrt=bc2_sqrt)
-
     # --------------------------------------------------------- the search
-    def _armijo(self, runner, f0: float, eta: float, group: dict, try_point, read) -> tuple[float, int, bool]:
+    def _armijo(self, runner, f0: float, eta: float, group: dict, try_point, read,
+                on_nonfinite=None) -> tuple[float, int, bool]:
         """Backtrack from ``eta`` until f0 - f(trial) >= c * eta * s (NaN/inf counts as a failure).
 
         ``read(f1_tensor) -> (f1, s, skip)`` brings the trial loss (and, the first time, the pending
         reductions) to the host in ONE sync per trial. ``skip`` ends the search at once (accepting eta).
         Returns (eta, number of failed trials, found). After ``max_backtracks`` failures eta has been
-        reduced once per failure, as in the reference code.
+        reduced once per failure, as in the reference code. ``on_nonfinite()`` runs after a non-finite
+        trial loss (TrialPoints.check_finite).
         """
         c, beta_b = group["c"], group["beta_b"]
         for e in range(int(group["max_backtracks"])):
@@ -439,6 +415,8 @@ class LineSearchOptimizer(Optimizer):
                 return eta, 0, True
             if math.isfinite(f1) and f1 <= f0 - c * eta * s:
                 return eta, e, True
+            if on_nonfinite is not None and not math.isfinite(f1):
+                on_nonfinite()
             eta *= beta_b
         return eta, int(group["max_backtracks"]), False
 

@@ -13,6 +13,10 @@ searched in turn, the earlier ones already at their new values.
 ``search=`` (search_schedule): "every" (default), an int k, "salsa" or "auto"; a skipped step is one
 fused Adam update ``p - eta * m_hat / (sqrt(v_hat) + eps)`` with the stored step size grown as before
 a search (the stored one unchanged), no trial and nothing read back.
+
+Memory: m and v (8 B/param in fp32, as AdamW). The trials move the parameters in place along
+g / (sqrt(v_hat) + eps) recomputed from g and v, and the final step starts from the last trial point
+(trial_points.py); ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from . import bucketing
 from . import hyperparams
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
+from .trial_points import ADAM, MOMENTUM, TrialPoints
 
 MIN_PRECOND_NORM = 1e-8
 
@@ -36,7 +41,7 @@ class AdamSLS(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
-                 backend: Optional[str] = None, process_group=None, search="every"):
+                 backend: Optional[str] = None, process_group=None, search="every", keep_start_point: bool = False):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -45,10 +50,12 @@ class AdamSLS(LineSearchOptimizer):
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
                         reset_option=reset_option, backend=bucketing._backends.validate(backend))
-        super().__init__(params, defaults, process_group=process_group, search=search)
+        super().__init__(params, defaults, process_group=process_group, search=search,
+                         keep_start_point=keep_start_point)
 
     def _begin(self, closure, force_search: bool = False):
-        """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, t, s, step).
+        """First evaluation, checks, and the fused prepare phase. Returns (runner, loss, f0, points, s, step)
+        with ``points`` the step's TrialPoints.
 
         One host sync reads f0 and the gradient norms (checked before the moments are touched); the
         preconditioned norms ``s`` stay on the device and join the first trial's read.
@@ -71,9 +78,9 @@ class AdamSLS(LineSearchOptimizer):
             raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
         step = self.ls_state["step"] + 1
         s = self._save_adam(t, step)
-        return runner, loss, f0, t, s, step
+        return runner, loss, f0, TrialPoints(self, t, step), s, step
 
-    def _search(self, runner, f0, t, s: DeviceSums, gids: List[int], eta: float, group: dict, step: int):
+    def _search(self, runner, f0, points: TrialPoints, s: DeviceSums, gids: List[int], eta: float, group: dict):
         """Armijo search moving the groups ``gids`` together with one eta; returns (eta, backtracks, found).
 
         The search is skipped (eta accepted) when the preconditioned norm is below 1e-8 or f0 == 0; as in
@@ -84,20 +91,22 @@ class AdamSLS(LineSearchOptimizer):
             s_sel = sum(s.per_group[g] for g in gids)
             return f1v, s_sel, (s_sel < MIN_PRECOND_NORM or f0 == 0.0)
 
-        return self._armijo(runner, f0, eta, group, lambda e: self._trial_adam(t, {g: e for g in gids}, step), read)
+        return self._armijo(runner, f0, eta, group, lambda e: points.move({g: e for g in gids}, ADAM), read,
+                            lambda: points.check_finite(gids))
 
     def step(self, closure=None):
         """One ADAMSLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():
-            runner, loss, f0, t, s, step = self._begin(closure)
-            if t is None:  # skipped by the search= schedule
+            runner, loss, f0, points, s, step = self._begin(closure)
+            if points is None:  # skipped by the search= schedule
                 return loss
             ls = self.ls_state
             old = dict(enumerate(ls["step_sizes"]))
-            for gi, group in enumerate(self.param_groups):
-                eta = reset_step_size(ls["step_sizes"][gi], group)
-                eta, backtracks, found = self._search(runner, f0, t, s, [gi], eta, group, step)
-                self._final_adam(t, {gi: eta}, step)
-                self._record(gi, eta, backtracks, found)
+            with points.restoring():  # an error in the search puts the start point back
+                for gi, group in enumerate(self.param_groups):
+                    eta = reset_step_size(ls["step_sizes"][gi], group)
+                    eta, backtracks, found = self._search(runner, f0, points, s, [gi], eta, group)
+                    points.move({gi: eta}, MOMENTUM)  # the final step, with momentum
+                    self._record(gi, eta, backtracks, found)
             self._finish(runner, True, dict(enumerate(ls["step_sizes"])), old)
         return loss

@@ -8,6 +8,10 @@ the reduced eta is kept; no update when ``||g|| < 1e-8``.
 
 ``search=`` (search_schedule): "every" (default), an int k, "salsa" or "auto"; a skipped step is
 ``p <- p - eta * g`` with the stored step size grown as before a search (the stored one unchanged).
+
+Memory: nothing per parameter (as torch's SGD). The trials move the parameters in place by
+``(eta_prev - eta) * g`` (trial_points.py), so the accepted trial is the new point, no final pass;
+``keep_start_point=True`` keeps a copy of w0 (+4 B/param) for the release's bits and an exact restore.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from . import bucketing
 from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
+from .trial_points import SGD, TrialPoints
 
 FALLBACK_STEP = 1e-6
 MIN_GRAD_NORM = 1e-8
@@ -30,14 +35,15 @@ class ArmijoSGD(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=1.0, c=0.1, beta_b=0.9, gamma=2.0,
                  reset_option=1, max_backtracks=100, backend: Optional[str] = None, process_group=None,
-                 search="every"):
+                 search="every", keep_start_point: bool = False):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         if reset_option not in (0, 1, 2):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
                         backend=bucketing._backends.validate(backend))
-        super().__init__(params, defaults, process_group=process_group, search=search)
+        super().__init__(params, defaults, process_group=process_group, search=search,
+                         keep_start_point=keep_start_point)
 
     def step(self, closure=None):
         """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss.
@@ -56,21 +62,24 @@ class ArmijoSGD(LineSearchOptimizer):
             self._finish(runner, searched=False)
             return loss
         with torch.no_grad():
-            t, sums = self._checked_phase(False, self._save_sgd)  # writes only the scratch w0
+            t, sums = self._checked_phase(False, self._save_sgd)  # writes only the scratch w0, if kept
             f0 = read_first(runner, loss, sums)
             if not sums.all_finite():
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
             gn2 = sums.per_group
-            for gi, group in enumerate(self.param_groups):
-                eta = reset_step_size(ls["step_sizes"][gi], group)
-                if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
-                    self._record(gi, eta, 0, True)
-                    continue
-                eta, backtracks, found = self._armijo(
-                    runner, f0, eta, group, lambda e, gi=gi: self._trial_sgd(t, {gi: e}),
-                    lambda f1, gi=gi: (read_host([f1])[0], gn2[gi], False))
-                if not found:
-                    self._trial_sgd(t, {gi: FALLBACK_STEP})
-                self._record(gi, eta, backtracks, found)
+            points = TrialPoints(self, t)
+            with points.restoring():  # an error in the search puts the start point back
+                for gi, group in enumerate(self.param_groups):
+                    eta = reset_step_size(ls["step_sizes"][gi], group)
+                    if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
+                        self._record(gi, eta, 0, True)
+                        continue
+                    eta, backtracks, found = self._armijo(
+                        runner, f0, eta, group, lambda e, gi=gi: points.move({gi: e}, SGD),
+                        lambda f1, gi=gi: (read_host([f1])[0], gn2[gi], False),
+                        lambda gi=gi: points.check_finite([gi]))
+                    if not found:
+                        points.move({gi: FALLBACK_STEP}, SGD)
+                    self._record(gi, eta, backtracks, found)
         self._finish(runner, True, dict(enumerate(ls["step_sizes"])), dict(enumerate(old)))
         return loss

@@ -18,6 +18,9 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
   at its start-of-step point w0 during group k's trials. With ``"cycle"`` the step then moves every group
   (the searched one with its accepted eta, the others with their stored ones); with ``"all"`` each
   searched group goes back to w0 before the next one is searched, and all groups move at the end.
+- Memory: m and v only (8 B/param in fp32), warm-up included: the trials move the parameters in
+  place (trial_points.py); with ``"paper"`` and ``"all"`` a searched group goes back to w0 by one
+  more in-place move. ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 - ``merge_threshold``: after a step, while there are more than 2 groups and the smallest step size is
   below it, the two groups with the smallest step sizes are merged (their params concatenated, the
   mean of their step sizes kept). Merging changes ``param_groups``, so a checkpoint taken after a merge
@@ -31,6 +34,7 @@ import torch
 
 from ._line_search import reset_step_size
 from .adam_sls import AdamSLS
+from .trial_points import MOMENTUM
 
 CRITERIA = ("code", "paper")
 
@@ -82,66 +86,59 @@ class LayerwiseAdamSLS(AdamSLS):
         """One PLASLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():
             # The warm-up steps always search; afterwards the search= schedule may skip a step.
-            runner, loss, f0, t, s, step = self._begin(closure, force_search=self.ls_state["step"] < self.warmup_steps)
-            if t is None:
+            runner, loss, f0, points, s, step = self._begin(closure,
+                                                             force_search=self.ls_state["step"] < self.warmup_steps)
+            if points is None:
                 return loss
             ls = self.ls_state
             old = dict(enumerate(ls["step_sizes"]))
-            searched = None  # the groups whose step size a search chose this step (None: all)
-            n = len(self.param_groups)
-            etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
-            everyone = list(range(n))
-            if step <= self.warmup_steps:
-                eta, backtracks, found = self._search(runner, f0, t, s, everyone, etas[0],
-                                                      self.param_groups[0], step)
-                self._final_adam(t, {i: eta for i in everyone}, step)
-                for i in everyone:
-                    self._record(i, eta, backtracks if i == 0 else 0, found)
-            elif self.strategy == "all":
-                paper = self.criterion == "paper"
-                for i, group in enumerate(self.param_groups):
-                    eta, backtracks, found = self._search(runner, f0, t, s, [i], etas[i], group, step)
-                    etas[i] = eta
-                    if paper:  # the next group's trials must see this one at w0 again
-                        if i + 1 < n:
-                            self._restore_w0(t, i)
-                    else:
-                        self._final_adam(t, {i: eta}, step)
-                    self._record(i, eta, backtracks, found)
-                if paper:
-                    self._final_adam(t, {i: etas[i] for i in everyone}, step)
-            else:
-                k = ls.setdefault("next_group", 0) % n
-                # "code": groups before k move first, so k's trials see them moved; "paper": every
-                # group but k stays at w0 (its trial op touches only group k's tensors).
-                before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
-                if before:
-                    self._final_adam(t, before, step)
-                eta, backtracks, found = self._search(runner, f0, t, s, [k], etas[k], self.param_groups[k], step)
-                etas[k] = eta
-                self._final_adam(t, {i: etas[i] for i in everyone if i not in before}, step)
-                for i in everyone:
-                    self._record(i, etas[i], backtracks if i == k else 0, found if i == k else True)
-                ls["next_group"] = (k + 1) % n
-                searched = [k]
-            chosen = everyone if searched is None else searched
+            with points.restoring():  # an error in the search puts the start point back
+                searched = self._search_groups(runner, f0, points, s, step)
+            chosen = list(range(len(self.param_groups))) if searched is None else searched
             self._finish(runner, True, {i: ls["step_sizes"][i] for i in chosen}, {i: old[i] for i in chosen})
             self._merge()
         return loss
 
-    def _saves_directions(self) -> bool:
-        # After the warm-up a "cycle" step tries one group of several: its trials recompute d from g and v
-        # (4 B/param more per trial, over that group only) instead of the save writing d for every group
-        # (4 B/param over all of them, and as many bytes again where the write is not streamed), and the
-        # parameter-sized buffer for d is not kept.
-        return not (self.strategy == "cycle" and len(self.param_groups) > 1
-                    and self.ls_state["step"] >= self.warmup_steps)
-
-    @staticmethod
-    def _restore_w0(t, gi: int) -> None:
-        """Put group ``gi`` back at w0 exactly (one fused copy per bucket)."""
-        for _device, _g, (params, w0), _pos, _n in t.buckets(["params", "w0"], gids=[gi]):
-            torch._foreach_copy_(params, w0)
+    def _search_groups(self, runner, f0, points, s, step: int):
+        """This step's searches and final steps; returns the groups whose step size a search chose
+        (None: all)."""
+        ls = self.ls_state
+        n = len(self.param_groups)
+        etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
+        everyone = list(range(n))
+        if step <= self.warmup_steps:
+            eta, backtracks, found = self._search(runner, f0, points, s, everyone, etas[0], self.param_groups[0])
+            points.move({i: eta for i in everyone}, MOMENTUM)
+            for i in everyone:
+                self._record(i, eta, backtracks if i == 0 else 0, found)
+            return None
+        if self.strategy == "all":
+            paper = self.criterion == "paper"
+            for i, group in enumerate(self.param_groups):
+                eta, backtracks, found = self._search(runner, f0, points, s, [i], etas[i], group)
+                etas[i] = eta
+                if paper:  # the next group's trials must see this one at w0 again
+                    if i + 1 < n:
+                        points.restore([i])
+                else:
+                    points.move({i: eta}, MOMENTUM)
+                self._record(i, eta, backtracks, found)
+            if paper:
+                points.move({i: etas[i] for i in everyone}, MOMENTUM)
+            return None
+        k = ls.setdefault("next_group", 0) % n
+        # "code": groups before k move first, so k's trials see them moved; "paper": every
+        # group but k stays at w0 (its trial op touches only group k's tensors).
+        before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
+        if before:
+            points.move(before, MOMENTUM)
+        eta, backtracks, found = self._search(runner, f0, points, s, [k], etas[k], self.param_groups[k])
+        etas[k] = eta
+        points.move({i: etas[i] for i in everyone if i not in before}, MOMENTUM)
+        for i in everyone:
+            self._record(i, etas[i], backtracks if i == k else 0, found if i == k else True)
+        ls["next_group"] = (k + 1) % n
+        return [k]
 
     def _merge(self) -> None:
         if self.merge_threshold is None:

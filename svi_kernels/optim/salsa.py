@@ -19,7 +19,10 @@ deterministic models, including the package's own choices:
 - ``momentum_direction=True`` (the package's ``use_mv``): trials along m_hat / (sqrt(v_hat) + eps)
   and S from sum(g * m_hat / (sqrt(v_hat) + eps)); its sum takes a few extra foreach passes.
 - ``weight_decay`` as the package's current repository (after 0.1.0): p <- p - wd * eta_prev * p
-  after the gradient is computed, on every step; the search starts from the decayed point.
+  after the gradient is computed, on every step; the search starts from the decayed point (the
+  start point a failed step goes back to).
+- Memory: m and v (8 B/param in fp32): the trials move the parameters in place (trial_points.py);
+  ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 
 Where the package is unsafe we differ (docs/api.md lists it): the RNG is replayed for every
 closure call of a step (the package reseeds from the wall clock), ``state_dict`` holds the step
@@ -42,6 +45,7 @@ from . import hyperparams
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
+from .trial_points import ADAM, MOMENTUM, TrialPoints
 
 MIN_SUFFICIENT = 1e-8  # below this smoothed sufficient-decrease term the package does not search
 
@@ -74,7 +78,8 @@ class SaLSA(LineSearchOptimizer):
 
     def __init__(self, params, init_step_size=1.0, c=0.5, betas=(0.9, 0.999), smoothing=0.9, eps=1e-8,
                  weight_decay=0.0, beta_b=0.8, growth=1.1, search="salsa", momentum_direction=False,
-                 max_backtracks=100, backend: Optional[str] = None, process_group=None):
+                 max_backtracks=100, backend: Optional[str] = None, process_group=None,
+                 keep_start_point: bool = False):
         check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -83,7 +88,8 @@ class SaLSA(LineSearchOptimizer):
                         weight_decay=weight_decay, beta_b=beta_b, growth=growth,
                         momentum_direction=hyperparams.check_bool(momentum_direction, "momentum_direction"),
                         max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend))
-        super().__init__(params, defaults, process_group=process_group, search=search)
+        super().__init__(params, defaults, process_group=process_group, search=search,
+                         keep_start_point=keep_start_point)
         ls = self.ls_state
         ls["avg_sufficient"] = [0.0] * len(self.param_groups)
         ls["avg_decrease"] = [0.0] * len(self.param_groups)
@@ -120,10 +126,12 @@ class SaLSA(LineSearchOptimizer):
             if any(g["momentum_direction"] for g in self.param_groups):
                 s = self._momentum_sums(t, t_bias, s)
             accepted: Dict[int, float] = {}
-            for gi, group in enumerate(self.param_groups):
-                eta, backtracks, found = self._search(runner, f0, t, s, gi, grown[gi], group, t_bias)
-                self._record(gi, eta, backtracks, found)
-                accepted[gi] = eta
+            points = TrialPoints(self, t, t_bias)
+            with points.restoring():  # an error in the search puts the start point back
+                for gi, group in enumerate(self.param_groups):
+                    eta, backtracks, found = self._search(runner, f0, points, s, gi, grown[gi], group)
+                    self._record(gi, eta, backtracks, found)
+                    accepted[gi] = eta
             self._finish(runner, True, accepted, {gi: old[gi] for gi in accepted})
         return loss
 
@@ -139,17 +147,19 @@ class SaLSA(LineSearchOptimizer):
 
     def _momentum_sums(self, t: StepTensors, step: int, precond: DeviceSums) -> DeviceSums:
         """sum(g * m_hat / (sqrt(v_hat) + eps)) per tensor for momentum_direction groups (the others
-        keep sum(g^2 / (sqrt(v_hat) + eps)) from the save phase)."""
+        keep sum(g^2 / (sqrt(v_hat) + eps)) from the save phase). One tensor at a time: the scratch is
+        two tensors of the largest parameter, never of the whole bucket."""
         chosen = [gi for gi, g in enumerate(self.param_groups) if g["momentum_direction"]]
         parts = []
         for _device, g, (grads, ms, vs), pos, _n in t.buckets(["grads", "exp_avgs", "exp_avg_sqs"], gids=chosen):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, g["eps"])
-            terms = torch._foreach_mul(grads, ms)
-            torch._foreach_div_(terms, denom)
-            parts.append((pos, torch.stack([x.sum(dtype=torch.float64) / bc1 for x in terms]).float()))
+            sums = []
+            for grad, m, v in zip(grads, ms, vs):
+                denom = torch.sqrt(v)
+                denom.div_(bc2_sqrt).add_(g["eps"])
+                term = torch.mul(grad, m).div_(denom)
+                sums.append(term.sum(dtype=torch.float64) / bc1)
+            parts.append((pos, torch.stack(sums).float()))
         mine = {i for pos, _ in parts for i in pos}
         for pos, sums in precond.parts:
             keep = [k for k, i in enumerate(pos) if i not in mine]
@@ -157,8 +167,7 @@ class SaLSA(LineSearchOptimizer):
                 parts.append(([pos[k] for k in keep], sums[keep]))
         return DeviceSums(t, parts)
 
-    def _search(self, runner, f0: float, t: StepTensors, s: DeviceSums, gi: int, eta: float, group: dict,
-                step: int):
+    def _search(self, runner, f0: float, points: TrialPoints, s: DeviceSums, gi: int, eta: float, group: dict):
         """Smoothed Armijo search of group ``gi`` from ``eta``; returns (eta, failed trials, found).
 
         The parameters stay at the accepted (or last) trial point. S (``s``) is still on the device
@@ -169,10 +178,7 @@ class SaLSA(LineSearchOptimizer):
         momentum = group["momentum_direction"]
 
         def try_point(e: float) -> float:
-            if momentum:
-                self._final_adam(t, {gi: e}, step)
-            else:
-                self._trial_adam(t, {gi: e}, step)
+            points.move({gi: e}, MOMENTUM if momentum else ADAM)
             return read_trial(runner.trial(), s)
 
         # S joins the first trial's read, unless the guard below might skip the search: when f0 == 0,
@@ -186,7 +192,7 @@ class SaLSA(LineSearchOptimizer):
         avg_s = ls["avg_sufficient"][gi] * beta3 + s.per_group[gi] * (1 - beta3)
         ls["avg_sufficient"][gi] = avg_s
         if f0 == 0.0 or not avg_s >= MIN_SUFFICIENT:
-            self._final_adam(t, {gi: eta}, step)  # the momentum step, from w0
+            points.move({gi: eta}, MOMENTUM)  # the momentum step (from w0)
             return eta, 0, True
         max_backtracks = int(group["max_backtracks"])
         for e in range(max_backtracks):
@@ -199,5 +205,7 @@ class SaLSA(LineSearchOptimizer):
             if math.isfinite(f1) and decrease >= eta * c * avg_s:
                 ls["avg_decrease"][gi] = decrease
                 return eta, e, True
+            if not math.isfinite(f1):
+                points.check_finite([gi])
             eta *= beta_b
         return eta, max_backtracks, False

@@ -282,7 +282,7 @@ def fast_path_allowed(opt) -> bool:
 # One plan over all param groups: StepTensors' lists but the gradients (``template``), kept from the
 # last step that built them the long way. As for AdamW, the gradients are checked by the first op that
 # reads them (the save phase, or a skipped step's update: one pass over the whole list in C++, before it
-# writes anything but the scratch w0); when it refuses, the step drops the plan and runs the general path
+# writes anything but the scratch w0 of keep_start_point); when it refuses, the step drops the plan and runs the general path
 # (_line_search.LineSearchOptimizer._checked_phase).
 def _ls_plan(opt) -> Optional[GroupPlan]:
     plan = _plans(opt).get("ls")
@@ -305,7 +305,7 @@ def line_search_tensors(opt, with_moments: bool) -> Optional[dict]:
     compiled ops check them), or None when there is no plan or another set of parameters has gradients."""
     plan = _ls_plan(opt)
     if (plan is None or plan.template is None or plan.template["with_moments"] != with_moments
-            or plan.template["dirs_wanted"] != (with_moments and opt._saves_directions())):
+            or plan.template["keep_start_point"] != opt.keep_start_point):
         return None
     grads = plan.grads(opt.param_groups)
     if grads is None or not (plan.template["op_checks"] or grads_pass_checks(grads, plan.template["dtypes"])):

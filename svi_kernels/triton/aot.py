@@ -74,13 +74,16 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                    grad_scale=one() if a else None, found_inf=one() * 0 if a else None))
     for w0 in (True, False):
         yield f"w0={w0}", lambda w=w0: line_search.ls_save_sgd(L(), L(), L() if w else [])
-    for dirs in (False, True):
-        yield f"dirs={dirs}", lambda d=dirs: line_search.ls_save_adam(
-            L(), L(), L(), L(), L(), L() if d else [], beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.05)
+    for w0, dirs in ((False, False), (True, False), (True, True)):
+        yield f"w0={w0},dirs={dirs}", lambda w=w0, d=dirs: line_search.ls_save_adam(
+            L(), L(), L(), L(), L() if w else [], L() if d else [], beta1=0.9, beta2=0.999, eps=1e-8,
+            bias_correction2_sqrt=0.05)
     yield "", lambda: line_search.ls_trial_sgd(L(), L(), L(), [0.1, 0.2])
     yield "", lambda: line_search.ls_trial_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction2_sqrt=0.05)
     yield "", lambda: line_search.ls_final_adam(L(), L(), L(), L(), [0.1, 0.2], eps=1e-8, bias_correction1=0.1,
                                                 bias_correction2_sqrt=0.05)
+    yield "", lambda: line_search.ls_final_adam_from_trial(L(), L(), L(), L(), [0.1, 0.2], trial_eta=0.3, eps=1e-8,
+                                                           bias_correction1=0.1, bias_correction2_sqrt=0.05)
     for act in ACTIVATIONS:
         yield f"activation={act}", lambda a=act: act_backward_triton(_tensors(dtype, (3000,))[0],
                                                                       _tensors(dtype, (3000,))[0], a)

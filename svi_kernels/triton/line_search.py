@@ -7,10 +7,11 @@
     reduces its chunk with ``tl.sum`` and adds it to its tensor's fp64 slot with one atomic.
 (b) ``ls_trial_sgd`` / ``ls_trial_adam``: p = w0 - eta_t * d, with one eta per tensor read from a
     small device tensor (per-layer line search gives every tensor its own step size).
-(c) ``ls_final_adam``: p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps).
+(c) ``ls_final_adam``: p = w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps); ``ls_final_adam_from_trial``
+    the same from the in-place trial point p = w0 - trial_eta * g / (sqrt(v_hat) + eps).
 
-Per element these are ``ls_sq``, ``ls_adam_prepare_elem``, ``ls_trial_*_elem`` and
-``ls_final_adam_elem`` of csrc/include/svi_kernels/update_math.h.
+Per element these are ``ls_sq``, ``ls_adam_prepare_elem``, ``ls_trial_*_elem``, ``ls_final_adam_elem``
+and ``ls_final_adam_from_trial_elem`` of csrc/include/svi_kernels/update_math.h.
 """
 from typing import List, Sequence, Tuple, Union
 
@@ -61,7 +62,8 @@ def ls_save_sgd_kernel(ptrs, chunks, sums,
 def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, mask,
                      one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt,
                      DTYPE: tl.constexpr, COMPUTE: tl.constexpr, N_LISTS: tl.constexpr):
-    tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
+    if N_LISTS >= 5:  # with w0 (the in-place trials' save, 4 lists, does not read p)
+        tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
@@ -84,13 +86,15 @@ def ls_save_adam_kernel(ptrs, chunks, sums,
                         eps: tl.float64, bias_correction2_sqrt: tl.float64,
                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                         N_LISTS: tl.constexpr):
-    # N_LISTS: 5, or 6 with the dirs list (the search direction is written)
+    # N_LISTS: 4 (no w0: p is not read), 5 (w0), or 6 with the dirs list (the search direction is written)
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
     g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
     m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
     v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, DTYPE, ALIGNED)
-    w_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
+    w_ptr = p_ptr  # unused without w0
+    if N_LISTS >= 5:
+        w_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
     d_ptr = w_ptr  # unused without dirs
     if N_LISTS == 6:
         d_ptr = tensor_ptr(ptrs, t, 5, N_LISTS, DTYPE, ALIGNED)
@@ -181,6 +185,44 @@ def ls_final_adam_kernel(ptrs, chunks, etas_over_bc1, eps: tl.float64, bias_corr
     _step_from_w0(ptrs, chunks, etas_over_bc1, eps, bias_correction2_sqrt, DTYPE, COMPUTE, BLOCK, ALIGNED)
 
 
+@device_function
+def _final_from_trial_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, eta, trial_eta, eps, bc2_sqrt,
+                            DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    # --- ls_final_adam_from_trial_elem (update_math.h)
+    denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    w0 = p + trial_eta * div_rn(g, denom)
+    p = w0 - eta * div_rn(m, denom)
+    # ---
+    tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
+
+
+@triton.jit
+def ls_final_adam_from_trial_kernel(ptrs, chunks, etas_over_bc1, trial_eta: tl.float64, eps: tl.float64,
+                                    bias_correction2_sqrt: tl.float64, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                                    BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # table lists: p, g, m, v
+    t, start, full_end, end = chunk_of_program(chunks, BLOCK)
+    p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
+    g_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    eta = tl.load(etas_over_bc1 + t).to(COMPUTE)
+    c_trial_eta = tl.full([], trial_eta, COMPUTE)
+    c_eps = tl.full([], eps, COMPUTE)
+    c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
+    for first in range(start, full_end, BLOCK):
+        _final_from_trial_block(p_ptr, g_ptr, m_ptr, v_ptr, first + tl.arange(0, BLOCK), None, eta, c_trial_eta,
+                                c_eps, c_bc2_sqrt, DTYPE, COMPUTE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _final_from_trial_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end, eta, c_trial_eta, c_eps, c_bc2_sqrt,
+                                DTYPE, COMPUTE)
+
+
 # ------------------------------------------------------------------------------------ launchers
 def _group(lists, written):
     group = Group(lists, written=written)
@@ -244,10 +286,14 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
                  bias_correction2_sqrt: float) -> Tensor:
-    """Moments updated before the search, w0 <- p, and (when ``dirs`` is not empty) the search
-    direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    """Moments updated before the search, w0 <- p (unless ``w0`` is empty: then p is not read), and
+    (when ``dirs`` is not empty, only with w0) the search direction dirs <- g / (sqrt(v_hat)+eps);
+    returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    check_optional_list("ls_save_adam", "w0", w0, params)
     check_optional_list("ls_save_adam", "dirs", dirs, params)
-    lists = [params, grads, exp_avgs, exp_avg_sqs, w0] + ([dirs] if len(dirs) else [])
+    if len(dirs) and not len(w0):
+        raise ValueError("ls_save_adam: dirs needs w0 (give both, or an empty dirs)")
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([w0] if len(w0) else []) + ([dirs] if len(dirs) else [])
     group, shape = _group(lists, written=(2, 3, 4, 5)[:len(lists) - 2])
     args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))
     return _run_reduction(ls_save_adam_kernel, group, shape, args, N_LISTS=len(lists))
@@ -273,3 +319,14 @@ def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor]
     group, shape = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,))
     scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
     _run_update(ls_final_adam_kernel, group, shape, scaled, (float(eps), float(bias_correction2_sqrt)))
+
+
+def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                             exp_avg_sqs: List[Tensor], etas: Etas, *, trial_eta: float, eps: float,
+                             bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    """From the trial point p = w0 - trial_eta * g / denom (in-place trials): p <- (p + trial_eta * g /
+    denom) - (eta_t / bc1) * m / denom."""
+    group, shape = _group([params, grads, exp_avgs, exp_avg_sqs], written=(0,))
+    scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
+    _run_update(ls_final_adam_from_trial_kernel, group, shape, scaled,
+                (float(trial_eta), float(eps), float(bias_correction2_sqrt)))

@@ -1,4 +1,4 @@
-"""ls_save_adam's ``dirs`` output: the Adam search direction d = g / (sqrt(v_hat) + eps) saved for
+"""ls_save_adam's ``dirs`` output (an op feature; since in-place trials no optimizer writes it): the Adam search direction d = g / (sqrt(v_hat) + eps) saved for
 the trials, which then run ls_trial_sgd(params, w0, dirs) (12 B/param) instead of ls_trial_adam
 (16 B/param). Checked on every available backend: d against the float64 reference; and, for the
 dtypes the optimizers save d in (fp32, fp64), the trial along the saved d equal bit for bit to
@@ -13,7 +13,7 @@ import torch
 
 from backend_params import BACKEND_PARAMS, device_for
 from svi_kernels.backends import get, reference
-from svi_kernels.optim._line_search import EXACT_DIRECTION
+EXACT_DIRECTION = (torch.float32, torch.float64)  # the dtypes whose d is stored exactly
 from tensor_factory import random_lists
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -74,17 +74,22 @@ def test_reset_schedule_doubles_per_epoch():
     assert opt.ls_state["total_backtracks"] == 0
 
 
-def test_fallback_after_max_backtracks():
+@pytest.mark.parametrize("keep", [False, True], ids=["in-place", "keep_start_point"])
+def test_fallback_after_max_backtracks(keep):
     a = 1.0
     w0 = torch.tensor([3.0, -1.0], dtype=torch.float64)
     param = torch.nn.Parameter(w0.clone())
-    opt = sk.ArmijoSGD([param], init_step_size=1e6, max_backtracks=3, backend="reference")
+    opt = sk.ArmijoSGD([param], init_step_size=1e6, max_backtracks=3, backend="reference", keep_start_point=keep)
     opt.zero_grad()
     opt.step(lambda: 0.5 * a * (param ** 2).sum())
     st = opt.ls_state
     assert st["found"] == [False] and st["n_backtracks"] == [3]
     assert st["step_sizes"][0] == pytest.approx(1e6 * 2 ** (1 / 500) * 0.9 ** 3, rel=1e-12)
-    torch.testing.assert_close(param.detach(), w0 - 1e-6 * a * w0, rtol=1e-14, atol=0)
+    if keep:  # from the kept w0, as the reference
+        torch.testing.assert_close(param.detach(), w0 - 1e-6 * a * w0, rtol=1e-14, atol=0)
+    else:  # back from the trial at eta = 1e6 in place: within docs/kernels.md's bound, 8 u eta_1 |g| here
+        bound = 8 * 2.0 ** -53 * 1e6 * 2 ** (1 / 500) * (a * w0).abs() + 6 * 2 * 2.0 ** -53 * 1e6 * w0.abs()
+        assert bool(((param.detach() - (w0 - 1e-6 * a * w0)).abs() <= bound).all())
     assert opt.n_forwards == 1 + 3
 
 

@@ -149,8 +149,9 @@ SVI_HD V ls_adam_prepare_elem(V g, V& m, V& v, V one_minus_beta1, V beta2,
   return ls_adam_prepare_dir_elem(g, m, v, d, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt);
 }
 
-// (b) trial points: p = w0 - eta * d, with d = g (SGD) or g / (sqrt(v_hat) + eps) (Adam; the
-// line-search optimizers pass the d saved by ls_adam_prepare_dir_elem to ls_trial_sgd_elem).
+// (b) trial points: p = w0 - eta * d, with d = g (SGD) or g / (sqrt(v_hat) + eps) (Adam). The
+// line-search optimizers call them in place (w0 is p itself, eta the change of step size since
+// the last trial), so no start point is stored (docs/kernels.md, "In-place trials").
 template <typename V>
 SVI_HD V ls_trial_sgd_elem(V w0, V g, V eta) { return w0 - eta * g; }
 
@@ -165,6 +166,18 @@ SVI_HD V ls_trial_adam_elem(V w0, V g, V v, V eta, V eps, V bias_correction2_sqr
 template <typename V>
 SVI_HD V ls_final_adam_elem(V w0, V m, V v, V eta_over_bc1, V eps, V bias_correction2_sqrt) {
   V denom = svi_sqrt(v) / bias_correction2_sqrt + eps;
+  return w0 - eta_over_bc1 * (m / denom);
+}
+
+// (c') the same final step taken from the last trial point p = w0 - trial_eta * g / denom, with
+// neither w0 nor the direction stored (in-place trials, docs/kernels.md): the start point is
+// recovered in the compute type (not stored) as p + trial_eta * (g / denom), the inverse of
+// ls_trial_adam_elem, and the final step taken from it. Reads p, g, m, v; writes p.
+template <typename V>
+SVI_HD V ls_final_adam_from_trial_elem(V p, V g, V m, V v, V trial_eta, V eta_over_bc1, V eps,
+                                       V bias_correction2_sqrt) {
+  V denom = svi_sqrt(v) / bias_correction2_sqrt + eps;
+  V w0 = p + trial_eta * (g / denom);
   return w0 - eta_over_bc1 * (m / denom);
 }
 
