@@ -182,14 +182,14 @@ def test_build_killed_with_sigkill_is_taken_over(tmp_path, next_starts):
     first = _start(tmp_path, "first", build_s=600)
     try:
         _wait_for(lambda: _builders(tmp_path) == [first.pid], "the first process to start its build")
+        (entry,) = glob.glob(str(tmp_path / "cache" / "*"))
+        assert glob.glob(os.path.join(entry, "build-*", "lock")), "no baton in the build: nothing tested"
         if next_starts == "while it builds":
             second = _start(tmp_path, "second", build_s=0.5)
             _wait_for(lambda: f"waiting for pid {first.pid} on host" in second.err_path.read_text(),
                       "the second process to report the first one's build")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
-        (entry,) = glob.glob(str(tmp_path / "cache" / "*"))
-        assert glob.glob(os.path.join(entry, "build-*", "lock")), "the killed build left no baton: nothing tested"
         if next_starts == "after the kill":
             second = _start(tmp_path, "second", build_s=0.5)
         library, err = _finish(second)
