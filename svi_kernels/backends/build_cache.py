@@ -110,7 +110,11 @@ def obtain(entry: str, name: str, load: Callable[[str], T], build: Callable[[str
     if library:
         return load(library)
     for path in (os.path.dirname(entry), entry):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache directory {path} ({exc}); point SVI_KERNELS_CACHE_DIR at "
+                             "a directory of your own that you can write") from exc
         check_safe(path)
     with _exclusive(entry, what) as dead:
         library = published(entry, name)
@@ -155,7 +159,11 @@ def _read_holder(fd: int) -> Optional[Holder]:
 def _exclusive(entry: str, what: str) -> Iterator[Optional[Holder]]:
     """Hold ``entry``'s build lock; yields the record a holder that died left behind (None after clean releases)."""
     path = os.path.join(entry, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CacheError(f"cannot open the build lock {path} ({exc}); point SVI_KERNELS_CACHE_DIR at a directory "
+                         "of your own that you can write") from exc
     try:
         _acquire(fd, path, entry, what)
         dead = _read_holder(fd)

@@ -198,3 +198,13 @@ def test_holder_record_names_this_process(tmp_path):
     build_cache.obtain(entry, "_C.so", _read, build)
     pid, host, started = seen[0]
     assert int(pid) == os.getpid() and host == socket.gethostname() and abs(float(started) - time.time()) < 60
+
+
+def test_unwritable_cache_place_says_so(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    calls = []
+    with pytest.raises(build_cache.CacheError) as info:
+        build_cache.obtain(str(tmp_path / "file" / "cache" / "tag"), "_C.so", _read, _builder(calls))
+    assert calls == []
+    msg = str(info.value)
+    assert f"cannot create the cache directory {tmp_path / 'file' / 'cache'}" in msg and "SVI_KERNELS_CACHE_DIR" in msg
