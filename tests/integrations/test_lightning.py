@@ -118,6 +118,19 @@ def test_checkpoint_resume_ends_where_an_uninterrupted_fit_does(name, tmp_path):
     assert not _same(resumed, first)
 
 
+@pytest.mark.parametrize("name", list(LINE_SEARCHES))
+def test_fit_under_bf16_mixed(name, tmp_path):
+    """precision="bf16-mixed" (autocast around training_step, no GradScaler): fits, one backward a step."""
+    module = _module(name)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="bf16-mixed", default_root_dir=tmp_path,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(_data(), batch_size=8))
+    ls = trainer.optimizers[0].ls_state
+    assert ls["step"] == ls["n_backwards"] == 3 and ls["n_forwards"] > 3
+    assert not _same(module, _module(name))
+
+
 def test_docs_show_this_code():
     text = DOCS.read_text()
     for obj in (Regression, fit):
