@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from . import input_checks
 from . import sharding
 from . import step_plan
@@ -431,7 +432,7 @@ class LineSearchOptimizer(Optimizer):
         Returns (eta, number of failed trials, found). After ``max_backtracks`` failures eta has been
         reduced once per failure, as in the reference code.
         """
-        c, beta_b = group["c"], group["beta_b"]
+        c = group["c"]
         for e in range(int(group["max_backtracks"])):
             try_point(eta)
             f1, s, skip = read(runner.trial())
@@ -439,7 +440,7 @@ class LineSearchOptimizer(Optimizer):
                 return eta, 0, True
             if math.isfinite(f1) and f1 <= f0 - c * eta * s:
                 return eta, e, True
-            eta *= beta_b
+            eta = initial_step.backtrack(self.ls_state, group, eta, f0, f1, s)  # the papers': eta * beta_b
         return eta, int(group["max_backtracks"]), False
 
     def _record(self, gi: int, eta: float, backtracks: int, found: bool) -> None:

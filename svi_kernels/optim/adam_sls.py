@@ -23,6 +23,7 @@ import torch
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 
@@ -95,7 +96,7 @@ class AdamSLS(LineSearchOptimizer):
             ls = self.ls_state
             old = dict(enumerate(ls["step_sizes"]))
             for gi, group in enumerate(self.param_groups):
-                eta = reset_step_size(ls["step_sizes"][gi], group)
+                eta = initial_step.start(ls, reset_step_size(ls["step_sizes"][gi], group), group, gi)
                 eta, backtracks, found = self._search(runner, f0, t, s, [gi], eta, group, step)
                 self._final_adam(t, {gi: eta}, step)
                 self._record(gi, eta, backtracks, found)

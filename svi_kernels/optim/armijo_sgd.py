@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import bucketing
+from . import initial_step
 from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
@@ -62,7 +63,7 @@ class ArmijoSGD(LineSearchOptimizer):
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
             gn2 = sums.per_group
             for gi, group in enumerate(self.param_groups):
-                eta = reset_step_size(ls["step_sizes"][gi], group)
+                eta = initial_step.start(ls, reset_step_size(ls["step_sizes"][gi], group), group, gi)
                 if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
                     self._record(gi, eta, 0, True)
                     continue

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from . import initial_step
 from ._line_search import reset_step_size
 from .adam_sls import AdamSLS
 
@@ -89,7 +90,8 @@ class LayerwiseAdamSLS(AdamSLS):
             old = dict(enumerate(ls["step_sizes"]))
             searched = None  # the groups whose step size a search chose this step (None: all)
             n = len(self.param_groups)
-            etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
+            etas = [initial_step.start(ls, reset_step_size(ls["step_sizes"][i], g), g, i)
+                    for i, g in enumerate(self.param_groups)]
             everyone = list(range(n))
             if step <= self.warmup_steps:
                 eta, backtracks, found = self._search(runner, f0, t, s, everyone, etas[0],

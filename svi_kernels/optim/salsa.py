@@ -39,6 +39,7 @@ import torch
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
@@ -121,7 +122,8 @@ class SaLSA(LineSearchOptimizer):
                 s = self._momentum_sums(t, t_bias, s)
             accepted: Dict[int, float] = {}
             for gi, group in enumerate(self.param_groups):
-                eta, backtracks, found = self._search(runner, f0, t, s, gi, grown[gi], group, t_bias)
+                start = initial_step.start(ls, grown[gi], group, gi)  # search="auto": caught up (ours)
+                eta, backtracks, found = self._search(runner, f0, t, s, gi, start, group, t_bias)
                 self._record(gi, eta, backtracks, found)
                 accepted[gi] = eta
             self._finish(runner, True, accepted, {gi: old[gi] for gi in accepted})
@@ -199,5 +201,5 @@ class SaLSA(LineSearchOptimizer):
             if math.isfinite(f1) and decrease >= eta * c * avg_s:
                 ls["avg_decrease"][gi] = decrease
                 return eta, e, True
-            eta *= beta_b
+            eta = initial_step.backtrack(ls, group, eta, f0, f1, s.per_group[gi])  # the package's: eta * beta_b
         return eta, max_backtracks, False
