@@ -18,21 +18,29 @@ import traceback
 from typing import Optional
 
 
-def _package_root(module: str) -> str:
-    """The sys.path entry that makes ``module`` importable (a checkout's root, or site-packages)."""
+def _package_root(module: str) -> Optional[str]:
+    """The sys.path entry that makes ``module`` importable (a checkout's root, or site-packages); None for
+    a built-in module."""
     top = importlib.import_module(module.split(".")[0])
-    return os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
+    where = getattr(top, "__file__", None)
+    if where is None:
+        return None
+    return os.path.dirname(os.path.dirname(os.path.abspath(where))) if os.path.basename(where) == "__init__.py" \
+        else os.path.dirname(os.path.abspath(where))
 
 
 class ForkServer:
-    """``ForkServer("pkg.mod:fn").call(request)`` returns ``fn(request)`` computed in a fresh fork (a dict,
-    or ``{"error": ...}`` when it raised, died or took longer than ``timeout_s``)."""
+    """``ForkServer("pkg.mod:fn").call(request)`` returns ``fn(request)`` computed in a fresh fork, or
+    ``{"error": ...}`` when it raised, died or took longer than ``timeout_s`` (the server is then gone)."""
 
     def __init__(self, target: str, preload: tuple = ()):
         module, _, fn = target.partition(":")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_package_root(module)] + [p for p in [env.get("PYTHONPATH")] if p])
-        code = f"from {__name__} import _serve; _serve({module!r}, {fn!r}, {tuple(preload)!r})"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [_package_root(module), env.get("PYTHONPATH")] if p)
+        # this file by its path: importing it through its package could import much more (svi_kernels)
+        here = os.path.abspath(__file__)
+        code = (f"import importlib.util as u; s = u.spec_from_file_location('fork_server', {here!r}); "
+                f"m = u.module_from_spec(s); s.loader.exec_module(m); m._serve({module!r}, {fn!r}, {tuple(preload)!r})")
         # its own session: a timed-out call kills the server and the child it forked, nothing else
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=env, text=True, start_new_session=True)
@@ -45,18 +53,29 @@ class ForkServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            self.close()
+            self._kill()
             return {"error": f"no result within {timeout_s:.0f} s" if not ready else "the fork server died"}
         return json.loads(line)
 
     def close(self) -> None:
+        """Ends the server (it exits when its input closes, between calls)."""
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
                 self.proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self._kill()
+
+    def _kill(self) -> None:
+        """The server and the child it forked (its own session) end now."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -101,10 +120,9 @@ def _serve(module: str, fn_name: str, preload: tuple) -> None:
         with os.fdopen(r) as fh:
             text = fh.read()
         _pid, status = os.waitpid(pid, 0)
-        result: Optional[dict] = json.loads(text) if text else None
-        if result is None:
+        if not text:
             how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"exit code {os.WEXITSTATUS(status)}")
-            result = {"error": f"the process ended without a result ({how})"}
-        results.write(json.dumps(result) + "\n")
+            text = json.dumps({"error": f"the process ended without a result ({how})"})
+        results.write(text + "\n")
         results.flush()
