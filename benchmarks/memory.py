@@ -153,7 +153,10 @@ def measure_peaks(rows: Sequence[rows_mod.Row], backends: Sequence[str], workloa
     rows = [r for r in rows if not r.op_only]
     if not rows:
         return results
-    with fork_server.ForkServer(f"{__name__}:measure_request", preload=("svi_kernels",)) as server:
+    # svi_kernels imported once in the server on CPU; for a GPU each child imports it, so that nothing
+    # the import might initialise in CUDA is inherited through a fork
+    preload = ("svi_kernels",) if device.type == "cpu" else ()
+    with fork_server.ForkServer(f"{__name__}:measure_request", preload=preload) as server:
         for row in rows:
             if progress:
                 progress(f"peak memory: {row.name} [{row.backend}]")
