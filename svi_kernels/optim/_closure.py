@@ -53,7 +53,8 @@ class ClosureRunner:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
                 "the closure returns the loss and does not call backward() (or takes `backwards` and calls "
-                "loss.backward() itself when it is true)")
+                "loss.backward() itself when it is true, or zeroes the gradients and calls backward itself "
+                "as torch.optim.LBFGS's closure does)")
         self.name = opt_name
         self.closure = closure
         self.backwards = takes_backwards(closure)
