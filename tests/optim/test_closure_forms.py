@@ -81,11 +81,13 @@ FORMS = {
 def _run(name, form, steps=STEPS):
     model = _model()
     opt = MAKERS[name](_groups(model, name))
-    grads = []
+    grads, backwards = [], []
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: backwards.append(1))  # backwards that ran
     for k in range(steps):
         x, y = _data(k)
         opt.step(FORMS.get(form, loss_only)(model, opt, x, y))
         grads.append([p.grad.clone() for p in model.parameters()])
+    assert len(backwards) == steps
     return model, opt, grads
 
 
