@@ -118,7 +118,7 @@ class ClosureRunner:
         if changed:  # torch's convention: the closure called backward itself (LBFGS, Lightning)
             self.calls_backward = True
             self.n_backwards += 1
-            return self._check_loss(loss if isinstance(loss, Tensor) else torch.as_tensor(float(loss)))
+            return self._check_loss(_as_tensor(loss))
         loss = self._check_loss(self._number_as_loss(loss))
         if not loss.requires_grad:
             if any(p.requires_grad for p in self.params):
@@ -144,8 +144,7 @@ class ClosureRunner:
         with torch.no_grad(), sharding.fresh_gathers(self.sharded):  # FSDP2: the next forward sees new shards
             if self.calls_backward:
                 with grads_set_aside(self.params), backward_off():
-                    loss = self.closure()
-                loss = loss if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
+                    loss = _as_tensor(self.closure())
             else:
                 loss = self.closure(backwards=False) if self.backwards else self.closure()
             loss = self._check_loss(self._number_as_loss(loss))
@@ -154,6 +153,11 @@ class ClosureRunner:
 
     def average(self, loss: Tensor) -> Tensor:
         return average_over_ranks(loss, self.process_group)
+
+
+def _as_tensor(loss) -> Tensor:
+    """torch's convention lets the closure return a Python number (LBFGS calls float() on it)."""
+    return loss if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
 
 
 def grad_marks(params: List[Tensor]) -> list:
