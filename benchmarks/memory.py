@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import resource
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -54,17 +53,17 @@ def _reset_high_water_mark() -> bool:
 
 
 class _CpuMeter:
-    def __init__(self):
-        self.reset = _reset_high_water_mark()
-        self.method = "VmHWM" if self.reset else "ru_maxrss (not reset: an upper bound)"
-        self.start = _status_bytes("VmRSS") if self.reset else self._maxrss()
+    """The resident high-water mark since construction, less the resident size then (Linux's /proc)."""
 
-    @staticmethod
-    def _maxrss() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    def __init__(self):
+        self.start = _status_bytes("VmRSS")
+        if self.start is None:
+            raise RuntimeError("peak memory on CPU reads /proc/self/status (VmRSS, VmHWM): Linux only")
+        # Where the mark cannot be reset, it may still hold an earlier peak: the figure is then an upper bound
+        self.method = "VmHWM" if _reset_high_water_mark() else "VmHWM (not reset: an upper bound)"
 
     def peak(self) -> int:
-        return (_status_bytes("VmHWM") if self.reset else self._maxrss()) - self.start
+        return _status_bytes("VmHWM") - self.start
 
 
 class _CudaMeter:
