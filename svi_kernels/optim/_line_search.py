@@ -439,6 +439,7 @@ class LineSearchOptimizer(Optimizer):
             if skip:
                 return eta, 0, True
             if math.isfinite(f1) and f1 <= f0 - c * eta * s:
+                initial_step.accepted(self.ls_state, group, eta, f0, f1, s)  # search="auto"'s climbing rule
                 return eta, e, True
             eta = initial_step.backtrack(self.ls_state, group, eta, f0, f1, s)  # the papers': eta * beta_b
         return eta, int(group["max_backtracks"]), False

@@ -13,10 +13,13 @@ failed trial. Ours, not the papers'; every other ``search=`` value keeps the pap
   between searches, so a climb makes the schedule search more often); the Armijo test checks it. After a search that backtracked the start
   is the paper's (catching up there would only add backtracks).
 - *Interpolating backtracking.* A failed trial at ``eta`` gives f0, the slope ``-s`` (``s`` the
-  sufficient-decrease sum, the directional derivative along the trial direction) and f(eta): the
-  quadratic through them has its minimum at ``s eta^2 / (2 (f(eta) - f0 + s eta))``; the next trial is
-  there, kept between ``MIN_SHRINK * eta`` and ``beta_b * eta`` (a non-finite trial loss: the lower
-  bound). The papers multiply by ``beta_b`` (0.9 or 0.8): from ``init_step_size`` to the accepted step
+  sufficient-decrease sum, the directional derivative along the trial direction) and f(eta): on the
+  quadratic through them the Armijo test holds up to ``t_A = (1 - c) s eta^2 / (f(eta) - f0 + s eta)``
+  and the minimum is at ``t_min = s eta^2 / (2 (f(eta) - f0 + s eta))``. The next trial is the larger of
+  ``beta_b * t_A`` (where the papers' scan by beta_b would stop on that model: AdamSLS, c = 0.1; the
+  minimum alone, half as far, left its step sizes, which grow slowly, below the papers') and
+  ``t_min`` (SaLSA, c = 0.5, whose smoothed test accepts more), kept between ``MIN_SHRINK * eta`` and
+  ``beta_b * eta`` (a non-finite trial loss: the lower bound). The papers multiply by ``beta_b`` (0.9 or 0.8): from ``init_step_size`` to the accepted step
   size of a fine-tuning run that took 18-40 trials on the first searches; this takes a few.
 """
 from __future__ import annotations
@@ -55,6 +58,16 @@ def start(ls: dict, paper_start: float, group: dict, gi: int) -> float:
     return eta
 
 
+def accepted(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float) -> None:
+    """A trial at ``eta`` passed: tell the schedule how much larger a step the test would take on the
+    quadratic through f0, the slope -s and f1 (``"auto"`` only; search_schedule's climbing rule)."""
+    if not ours(ls) or not (math.isfinite(f1) and s > 0):
+        return
+    curvature = f1 - f0 + s * eta
+    room = (1.0 - group["c"]) * s * eta / curvature if curvature > 0 else 1e30  # no curvature seen: unbounded
+    search_schedule.note_headroom(ls["search"], room)
+
+
 def backtrack(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float) -> float:
     """The next trial step size after a failed trial at ``eta`` (loss ``f1``, start loss ``f0``,
     slope ``-s``): the papers' ``eta * beta_b``, or under ``"auto"`` the safeguarded quadratic fit."""
@@ -65,4 +78,7 @@ def backtrack(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float)
     curvature = f1 - f0 + s * eta  # > 0 for a failed trial with s > 0 (f1 above the tangent line)
     if not (math.isfinite(f1) and s > 0 and curvature > 0):
         return lo if not math.isfinite(f1) else hi
-    return min(max(s * eta * eta / (2.0 * curvature), lo), hi)
+    # on the model, the test holds up to (1 - c) s eta^2 / curvature (< eta: the trial failed); its
+    # minimum is at half of s eta^2 / curvature
+    reach = max(beta_b * (1.0 - group["c"]), 0.5)
+    return min(max(reach * s * eta * eta / curvature, lo), hi)

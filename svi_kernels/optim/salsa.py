@@ -200,6 +200,7 @@ class SaLSA(LineSearchOptimizer):
             decrease = ls["avg_decrease"][gi] * beta3 + diff * (1 - beta3)
             if math.isfinite(f1) and decrease >= eta * c * avg_s:
                 ls["avg_decrease"][gi] = decrease
+                initial_step.accepted(ls, group, eta, f0, f1, s.per_group[gi])  # search="auto"'s climbing rule
                 return eta, e, True
             eta = initial_step.backtrack(ls, group, eta, f0, f1, s.per_group[gi])  # the package's: eta * beta_b
         return eta, max_backtracks, False

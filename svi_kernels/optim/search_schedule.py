@@ -19,8 +19,9 @@ stored step size, in one fused update (the cost of an AdamW step). The schedules
   step size moved by more than ``AUTO_JUMP`` (x1.5) restarts the estimate (searches on the next
   ``AUTO_WARMUP`` steps). A search's own resolution (x1.1 growth, x0.8 backtrack) then lets the gap grow
   about 2x per search while the step size only jitters, and keeps it short while it trends.
-  *Climbing*: a search that takes its first trial says the step size is held by the growth before each
-  search, not by the test; after ``AUTO_CLIMB`` such searches in a row the next search comes once the
+  *Climbing*: a search that takes its first trial, where the quadratic through f0, the slope and the
+  trial's loss passes the test up to ``AUTO_HEADROOM`` (2x) its step or more, says the step size is held
+  by the growth before each search, not by the test; after ``AUTO_CLIMB`` such searches in a row the next search comes once the
   growth could have reached the tolerance (2 steps at SaLSA's 1.1x), and initial_step.start lets the
   search catch up the growth of the skipped steps. Without it a run whose step size started (or fell)
   far too small grew it once per search and stayed near chance loss where ``"every"`` learned
@@ -48,7 +49,8 @@ SALSA_SLOW, SALSA_FAST = 0.99, 0.9
 AUTO_WARMUP = 2
 AUTO_MAX_INTERVAL = 25
 AUTO_TOLERANCE = math.log(1.25)  # how far log(step size) may drift between two searches
-AUTO_CLIMB = 2  # this many searches in a row took their first trial: the step size is climbing
+AUTO_CLIMB = 2  # this many searches in a row took their first trial with room to spare: the step size is climbing
+AUTO_HEADROOM = 2.0  # room to spare: the accepted trial's quadratic model passes the test up to this x its step
 AUTO_JUMP = math.log(1.5)  # a search moving the step size by more: a new level, the estimate restarts
 
 NAMES = ("every", "salsa", "auto")
@@ -108,10 +110,20 @@ def _auto_interval(state: dict, gi: int) -> float:
 
 def note_start(state: dict, gi: int, eta: float, growth: float) -> None:
     """A search of group ``gi`` starts at ``eta``, its step size growing by ``growth`` per step
-    (initial_step.start): a search that accepts this first trial is climbing (see ``advance``)."""
+    (initial_step.start): a search that accepts this first trial with room to spare is climbing (see
+    ``advance``)."""
     if state["kind"] == "auto" and "start" in state:
         state["start"][gi] = eta
         state["growth"][gi] = growth
+        state["current"] = gi  # the group whose trials note_headroom hears about
+        state.setdefault("headroom", [None] * len(state["n"]))[gi] = None
+
+
+def note_headroom(state: dict, headroom: float) -> None:
+    """The accepted trial of the current search: on the quadratic through f0, the slope and its loss,
+    the test would pass up to ``headroom`` x its step size (initial_step.accepted)."""
+    if state["kind"] == "auto" and state.get("current") is not None:
+        state["headroom"][state["current"]] = headroom
 
 
 def climbing(state: dict, gi: int) -> bool:
@@ -152,7 +164,9 @@ def advance(state: dict, searched: bool, etas: Dict[int, float], old_etas: Dict[
         elif kind == "auto":
             if "start" in state:  # (absent in checkpoints from before it)
                 growth, start = state["growth"][gi], state["start"][gi]
-                held = start is not None and eta == start and growth > 1.0  # took its first trial
+                room = state.get("headroom", [None] * (gi + 1))[gi]
+                # took its first trial, and the test would have taken a much larger one (None: not known)
+                held = start is not None and eta == start and growth > 1.0 and (room is None or room >= AUTO_HEADROOM)
                 state["climb"][gi] = state["climb"][gi] + 1 if held else 0
                 state["start"][gi] = None
             old = old_etas.get(gi)

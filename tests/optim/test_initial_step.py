@@ -26,19 +26,24 @@ def _ls(kind, climb=0, since=0):
 
 def test_papers_backtrack_by_beta_b():
     for kind in ("every", "salsa", 3):
-        assert I.backtrack(_ls(kind), {"beta_b": 0.9}, 0.1, 1.0, 5.0, 2.0) == 0.1 * 0.9
+        assert I.backtrack(_ls(kind), {"beta_b": 0.9, "c": 0.1}, 0.1, 1.0, 5.0, 2.0) == 0.1 * 0.9
 
 
-def test_auto_backtracks_to_the_minimum_of_the_quadratic():
-    f0, s, a = 1.0, 2.0, 50.0  # f(t) = f0 - s t + a t^2: minimum at s / (2a) = 0.02
+def test_auto_backtracks_to_the_armijo_boundary_of_the_quadratic():
+    f0, s, a, c = 1.0, 2.0, 50.0, 0.1  # f(t) = f0 - s t + a t^2: Armijo holds up to (1 - c) s / a = 0.036
     f = lambda t: f0 - s * t + a * t * t  # noqa: E731
-    eta = I.backtrack(_ls("auto"), {"beta_b": 0.9}, 0.1, f0, f(0.1), s)
-    assert eta == pytest.approx(0.02, rel=1e-12)
+    group = {"beta_b": 0.9, "c": c}
+    for eta in (0.1, 0.04, 0.2):
+        nxt = I.backtrack(_ls("auto"), group, eta, f0, f(eta), s)
+        assert nxt == pytest.approx(0.9 * 0.036, rel=1e-12)
+        assert f(nxt) <= f0 - c * nxt * s  # accepted at once
+    # with c = 0.5 (SaLSA) the model's minimum s / (2a) = 0.02 is farther than beta_b * 0.5 * s / a = 0.016
+    assert I.backtrack(_ls("auto"), {"beta_b": 0.8, "c": 0.5}, 0.1, f0, f(0.1), s) == pytest.approx(0.02, rel=1e-12)
     # kept within [0.1 eta, beta_b eta]
-    assert I.backtrack(_ls("auto"), {"beta_b": 0.9}, 10.0, f0, f(10.0), s) == pytest.approx(1.0)
-    assert I.backtrack(_ls("auto"), {"beta_b": 0.9}, 0.021, f0, f(0.021), s) == pytest.approx(0.021 * 0.9)
-    assert I.backtrack(_ls("auto"), {"beta_b": 0.9}, 0.1, f0, math.inf, s) == pytest.approx(0.01)
-    assert I.backtrack(_ls("auto"), {"beta_b": 0.9}, 0.1, f0, math.nan, s) == pytest.approx(0.01)
+    assert I.backtrack(_ls("auto"), group, 10.0, f0, f(10.0), s) == pytest.approx(1.0)
+    assert I.backtrack(_ls("auto"), group, 0.1, f0, math.inf, s) == pytest.approx(0.01)
+    assert I.backtrack(_ls("auto"), group, 0.1, f0, math.nan, s) == pytest.approx(0.01)
+    assert I.backtrack(_ls("auto"), group, 0.1, f0, 1.5, 0.0) == pytest.approx(0.09)  # no slope: the papers' step
 
 
 def test_start_catches_up_only_while_climbing():
@@ -134,12 +139,19 @@ def test_auto_learns_where_every_learns(case):
     assert auto < max(2 * every, every + 0.1), (auto, every)
 
 
+def _layerwise(ps, **kw):
+    ps = list(ps)
+    return sk.LayerwiseAdamSLS([{"params": ps[i:i + 2]} for i in range(0, len(ps), 2)], **kw)
+
+
+AT_DEFAULTS = {"AdamSLS": sk.AdamSLS, "SaLSA": sk.SaLSA, "ArmijoSGD": sk.ArmijoSGD, "LayerwiseAdamSLS": _layerwise}
+
+
 @pytest.mark.parametrize("name", ["tanh-deep", "relu-xor", "finetune"])
-@pytest.mark.parametrize("make", [lambda ps: sk.AdamSLS(ps, search="auto"), lambda ps: sk.SaLSA(ps, search="auto")],
-                         ids=["AdamSLS", "SaLSA"])
-def test_auto_costs_few_forwards(name, make):
+@pytest.mark.parametrize("opt", list(AT_DEFAULTS))
+def test_auto_costs_few_forwards(name, opt):
     """At the defaults: <= 1.3 forwards/step over the first 100 steps, <= 1.2 over 400."""
-    loss, forwards = _train(name, make, steps=400)
+    loss, forwards = _train(name, lambda ps: AT_DEFAULTS[opt](ps, search="auto"), steps=400)
     assert forwards[100] / 100 <= 1.3, forwards[100]
     assert forwards[400] / 400 <= 1.2, forwards[400]
     assert loss < 0.3
