@@ -90,9 +90,9 @@ def _find_row(name: str, backend: str, backends: Sequence[str]) -> rows_mod.Row:
 
 def _context(workload: workloads.Workload, dtype: torch.dtype, device: torch.device) -> rows_mod.Context:
     params, grads = workloads.make_tensors(workload, dtype, device)
-    ctx = rows_mod.Context(params, grads, device, dtype, rows_mod.TrivialClosure(device, params))
-    ctx.layerwise_warmup_steps = _plasls_default_warmup()  # the warm-up's buffers count
-    return ctx
+    # LayerwiseAdamSLS with its default warm-up (the timed rows skip it): the warm-up's buffers count
+    return rows_mod.Context(params, grads, device, dtype, rows_mod.TrivialClosure(device, params),
+                            layerwise_warmup_steps=_plasls_default_warmup())
 
 
 def _plasls_default_warmup() -> int:
