@@ -212,6 +212,11 @@ def main(argv=None) -> int:
 
 
 def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
+    fixed = [f"--{k.replace('_', '-')}" for k in ("modes", "optimizers", "lr_grid", "tune_seeds", "epochs", "subset",
+                                                  "batch_size") + STABILIZER_ARGS if getattr(a, k, None) is not None]
+    if fixed:
+        parser.error(f"tuning-free fixes its settings, arms and lr grid (benchmarks/finetune/tuning_free.py); "
+                     f"{', '.join(fixed)} would be ignored: use --seeds, --arms, --scale or svi-finetune run")
     plan = tuning_free.settings("smoke" if a.scale == "smoke" else "study", a.seeds, a.arms)
     if a.arms and "adamw" not in a.arms:
         parser.error("--arms must include adamw: it sets each setting's target")

@@ -162,3 +162,9 @@ def test_tuning_free_end_to_end(tmp_path, capsys):
     for table in re.findall(r"((?:^\|.*\|\n)+)", md, flags=re.M):
         assert len({line.count("|") for line in table.strip().splitlines()}) == 1, table
     assert (tmp_path / "img" / "tuning_free_profile.png").stat().st_size > 0
+
+
+def test_options_the_protocol_fixes_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["tuning-free", "--out", str(tmp_path), "--estimate-only", "--lr-grid", "1e-3"] + COMMON)
+    assert "--lr-grid would be ignored" in capsys.readouterr().err
