@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from . import report, rows as rows_mod, stream, targets, timing, traffic, workloads
+from . import memory, report, rows as rows_mod, state_bytes, stream, targets, timing, traffic, workloads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OUT_DIR = "bench_out"
@@ -47,6 +47,14 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's choice, one per core)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--peak-memory", action="store_true",
+                    help="also measure each optimizer row's peak memory, one fresh process per row, on "
+                         "--peak-workload (benchmarks/memory.py; 1-2 minutes more on 2 cores)")
+    ap.add_argument("--memory-only", action="store_true", help="the peak-memory run alone, no timing")
+    ap.add_argument("--peak-workload", default=memory.DEFAULT_WORKLOAD,
+                    help="workload of the peak-memory run; its rows get the figures (default: %(default)s)")
+    ap.add_argument("--memory-json", default=os.path.join(OUT_DIR, "memory.json"),
+                    help="the peak-memory run's rows (default: %(default)s)")
     return ap.parse_args(argv)
 
 
@@ -82,9 +90,10 @@ BASELINE = "torch_adamw_fused"
 def _measure(row, ctx, args, device, paired, param_itemsize):
     """One row, timed with a window of each ``paired`` call after each of its windows.
 
-    Returns (ms, the paired calls' ms, launches, syncs, state itemsize, step fn, closure ms per step).
+    Returns (timing, launches, syncs, state itemsize, step fn, closure ms per step, state B/param).
     A bookkeeping row's ms leaves out the time its steps spent inside the closure (forward and
-    backward), measured inside those steps (rows.TrivialClosure).
+    backward), measured inside those steps (rows.TrivialClosure). The state is counted from the
+    optimizer's live tensors after the timed steps (benchmarks/state_bytes.py); None for a bare op.
     """
     fn, opt = row.build(ctx)
     own = [0, 0.0]  # the row's calls, and the closure's seconds inside them (paired calls may run it too)
@@ -100,24 +109,33 @@ def _measure(row, ctx, args, device, paired, param_itemsize):
                              args.row_budget, paired, excluded)
     closure_ms = 1e3 * own[1] / own[0] if row.bookkeeping and own[0] else None
     launches, syncs = timing.launches_and_syncs(fn, device)
-    return timed, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms
+    state = None if opt is None else state_bytes.state_bytes_per_param(opt, ctx.params)
+    return timed, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms, state
+
+
+def _select_rows(all_rows: List[rows_mod.Row], spec: Optional[str]) -> List[rows_mod.Row]:
+    """The rows named in ``spec`` (all when None), torch fused AdamW always: every ratio needs it."""
+    if not spec:
+        return all_rows
+    wanted = {s.strip() for s in spec.split(",")} | {BASELINE}
+    return [r for r in all_rows if r.name in wanted]
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     dtype = DTYPES[args.dtype]
     names = list(workloads.WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",")]
     if args.workload == "all":
         names.remove("tiny")
     wls = [workloads.get(n) for n in names]
     backends = _pick_backends(args.backend, device)
-    all_rows = rows_mod.build_rows(backends)
-    if args.rows:
-        wanted = {s.strip() for s in args.rows.split(",")}
-        wanted.add("torch_adamw_fused")  # every ratio needs it
-        all_rows = [r for r in all_rows if r.name in wanted]
+    all_rows = _select_rows(rows_mod.build_rows(backends), args.rows)
 
     bar = _progress_bar(1 + len(wls) * len(all_rows), disable=args.no_progress)
     bar.set_description("stream bandwidth")
@@ -149,7 +167,7 @@ def run(args: argparse.Namespace):
             if ours:
                 paired.append(ours)
             try:
-                timed, launches, syncs, state_size, fn, closure_ms = _measure(
+                timed, launches, syncs, state_size, fn, closure_ms, state_bpp = _measure(
                     row, ctx, args, device, paired, itemsize)
             except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
                 skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
@@ -179,6 +197,8 @@ def run(args: argparse.Namespace):
                 "ms": ms, "ratio_to_torch_fused_adamw": ratio,
                 "torch_fused_adamw_ms_paired": pair_ms,
                 "bytes_per_param": bpp, "gbps": gbps,
+                # memory (not traffic): the optimizer's live tensors; the peak comes from --peak-memory
+                "state_bytes_per_param": state_bpp, "peak_bytes_per_param": None,
                 "fraction_of_stream": probe.fraction(nbytes, probe_ratio), "stream_gbps": stream_gbps,
                 # 95% intervals of the medians over windows (timing.median_interval): what targets call noise
                 "ms_interval": timed.ms_interval, "ratio_interval": ratio_interval,
@@ -199,7 +219,21 @@ def run(args: argparse.Namespace):
     bar.close()
     del probe
     targets.evaluate(results)
-    return results, skipped, bw, backends
+    peaks = _peak_memory(args, all_rows, backends, device, dtype, results, bar) if args.peak_memory else None
+    return results, skipped, bw, backends, peaks
+
+
+def _peak_memory(args, all_rows, backends, device, dtype, results, bar) -> List[dict]:
+    """memory.measure_peaks on --peak-workload, after the timing; its rows in ``results`` get the figures.
+    A failure is reported as a skipped figure: the timings are already measured."""
+    bar.set_description("peak memory")
+    try:
+        peaks = memory.measure_peaks(all_rows, backends, workloads.get(args.peak_workload), dtype, device,
+                                     threads=args.threads, progress=bar.set_description)
+    except Exception as exc:
+        return [{"name": "all rows", "backend": "-", "error": f"{type(exc).__name__}: {exc}"}]
+    memory.attach(results, peaks)
+    return peaks
 
 
 def _load_average() -> str:
@@ -224,11 +258,33 @@ def _busy_warning() -> str:
             f"are unreliable; `--threads 1` gives steadier ratios on a busy machine")
 
 
+def _memory_only(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args)
+    backends = _pick_backends(args.backend, device)
+    rows = _select_rows(rows_mod.build_rows(backends), args.rows)
+    peaks = memory.measure_peaks(rows, backends, workloads.get(args.peak_workload), DTYPES[args.dtype], device,
+                                 threads=args.threads,
+                                 progress=None if args.no_progress else lambda s: print(s, file=sys.stderr))
+    memory.report(peaks)
+    _write_memory_json(args, peaks)
+    return 0
+
+
+def _write_memory_json(args: argparse.Namespace, peaks: List[dict]) -> None:
+    if args.memory_json:
+        report.write_json(args.memory_json, peaks)
+        print(f"wrote {args.memory_json}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
+    if args.memory_only:
+        return _memory_only(args)
     t0 = time.perf_counter()
     load_before = _load_average()
-    results, skipped, bw, backends = run(args)
+    results, skipped, bw, backends, peaks = run(args)
     wall = time.perf_counter() - t0
 
     print(f"\nsvi-bench on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
@@ -253,6 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"the 95% interval of the median over the row's windows (up to --repeats {args.repeats}, fewer for "
               f"slow rows; marked '(within noise)'): this run cannot tell which side they are on; more windows "
               f"(--repeats 31 --row-budget 8) narrow the intervals")
+    if peaks is not None:
+        print()
+        memory.report(peaks)
+        _write_memory_json(args, peaks)
     if args.json:
         report.write_json(args.json, results)
         print(f"wrote {args.json}")

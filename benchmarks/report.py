@@ -11,7 +11,10 @@ COLUMNS = [  # (header, key, format)
     ("backend", "backend", "{}"),
     ("ms", "ms", "{:.3f}"),
     ("x fused", "ratio_to_torch_fused_adamw", "{:.2f}"),
-    ("B/param", "bytes_per_param", "{:g}"),
+    ("B/param", "bytes_per_param", "{:g}"),  # traffic: bytes moved per parameter per step
+    # memory: the optimizer's live tensors, and (--peak-memory) the peak above parameters + gradients
+    ("state B/p", "state_bytes_per_param", "{:.2f}"),
+    ("peak B/p", "peak_bytes_per_param", "{:.2f}"),
     ("GB/s", "gbps", "{:.1f}"),
     ("stream", "fraction_of_stream", "{:.0%}"),
     ("stream GB/s", "stream_gbps", "{:.1f}"),

@@ -28,6 +28,8 @@ class Context:
     device: torch.device
     dtype: torch.dtype
     closure: Optional[TrivialClosure] = None
+    # LayerwiseAdamSLS's global-search warm-up (the timed rows skip it; the memory run keeps its default)
+    layerwise_warmup_steps: int = LAYERWISE_WARMUP_STEPS
 
     def layer_groups(self) -> List[List[torch.nn.Parameter]]:
         """Contiguous chunks of the tensor list, like PLASLS's groups of consecutive layers."""
@@ -46,6 +48,7 @@ class Row:
     bookkeeping: bool = False  # a whole line-search step minus the forwards (closure cost subtracted)
     compare_to: Optional[str] = None  # the reference-style row this one must beat by >= 5x
     targets: list = field(default_factory=list)
+    op_only: bool = False  # the backend op alone, no optimizer: no state or peak memory to report
 
     def runs_on(self, workload: str) -> bool:
         """Reference-style rows skip the host-overhead workloads (seconds per step there)."""
@@ -178,7 +181,7 @@ def _reference_style(mode: str, layerwise: bool = False):
                                     warmup_steps=LAYERWISE_WARMUP_STEPS)
         else:
             opt = ReferenceStyleSLS([ctx.params], mode, init_step_size=1.0 if mode == "sgd" else 0.1)
-        return (lambda: opt.step(ctx.closure.fn)), None
+        return (lambda: opt.step(ctx.closure.fn)), opt
     return build
 
 
@@ -202,8 +205,8 @@ def build_rows(backends: List[str]) -> List[Row]:
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="sgd", backend=b))),
             Row("svi_adam", b, "ours", adam, _ours(
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="adam", backend=b))),
-            Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b)),
-            Row("ls_trial_adam", b, "ours", _adam_trial_phases, _trial("adam", b)),
+            Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b), op_only=True),
+            Row("ls_trial_adam", b, "ours", _adam_trial_phases, _trial("adam", b), op_only=True),
             Row("armijo_sgd_bookkeeping", b, "ours", armijo, _ours_line_search(
                 lambda sk, ctx, b=b: sk.ArmijoSGD(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_armijo_sgd_bookkeeping"),
@@ -217,7 +220,7 @@ def build_rows(backends: List[str]) -> List[Row]:
             Row("salsa_skipped_step", b, "ours", adam, _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search=SKIP_ALL_BUT_FIRST, backend=b)), bookkeeping=True),
             Row("layerwise_adam_sls_bookkeeping", b, "ours", _layerwise_phases, _ours_line_search(
-                lambda sk, ctx, b=b: sk.LayerwiseAdamSLS(_groups(ctx), warmup_steps=LAYERWISE_WARMUP_STEPS,
+                lambda sk, ctx, b=b: sk.LayerwiseAdamSLS(_groups(ctx), warmup_steps=ctx.layerwise_warmup_steps,
                                                          backend=b)),
                 bookkeeping=True, compare_to="reference_style_layerwise_adam_sls_bookkeeping"),
         ]

@@ -69,9 +69,10 @@ def layer_groups(model: nn.Module, n_groups: int = 10, trainable_only: bool = Tr
 
     Every parameter is in exactly one group (tied weights once, in the group of their first registration).
     ``n_groups`` counts all groups; the blocks get what the fixed groups (before / between / after the
-    stacks) leave, at least one run per stack. Fewer groups come back when the model has fewer blocks, or
-    when groups are empty (``trainable_only`` drops frozen parameters after the split). Raises ``ValueError``
-    when the model has no repeated blocks, or when ``n_groups`` is below what it needs.
+    stacks) leave, at least one run per stack. Below that count (BART has 5: embeddings, encoder, between,
+    decoder, head), neighbouring groups are merged, the smallest pair first, until ``n_groups`` are left.
+    Fewer groups come back when the model has fewer blocks, or when groups are empty (``trainable_only``
+    drops frozen parameters after the split). Raises ``ValueError`` when the model has no repeated blocks.
     """
     stacks = find_stacks(model)
     if not stacks:
@@ -99,12 +100,10 @@ def layer_groups(model: nn.Module, n_groups: int = 10, trainable_only: bool = Tr
         else:
             seen_stack = max(seen_stack, sb[0])
             blocks[sb[0]][sb[1]].append(p)
+    if n_groups < 1:
+        raise ValueError(f"layer_groups: n_groups must be at least 1, got {n_groups}")
     n_fixed = sum(1 for ps in loose if ps)
-    need = n_fixed + len(stacks)
-    if n_groups < need:
-        raise ValueError(f"layer_groups: n_groups={n_groups} is too small for {type(model).__name__}: it needs at "
-                         f"least {need} ({n_fixed} groups outside the blocks + one per stack of blocks)")
-    runs = _split([len(s) for _, s in stacks], n_groups - n_fixed)
+    runs = _split([len(s) for _, s in stacks], n_groups - n_fixed)  # one run per stack at least
 
     named: List[Tuple[str, List[nn.Parameter]]] = []
 
@@ -121,10 +120,20 @@ def layer_groups(model: nn.Module, n_groups: int = 10, trainable_only: bool = Tr
             named.append((f"between {sname} and {stacks[s + 1][0]}", [p for _, p in loose[s + 1]]))
     if loose[-1]:
         named.append(("head", [p for _, p in loose[-1]]))
-    groups = []
-    for name, params in named:
-        if trainable_only:
-            params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "name": name})
-    return groups
+    if trainable_only:
+        named = [(name, [p for p in params if p.requires_grad]) for name, params in named]
+    named = _merge_neighbours([(name, params) for name, params in named if params], n_groups)
+    return [{"params": params, "name": name} for name, params in named]
+
+
+def _merge_neighbours(named: List[Tuple[str, List[nn.Parameter]]], n_groups: int) -> List[Tuple[str, List[nn.Parameter]]]:
+    """Fewer groups than the structure gives (one per stack and one per run of parameters outside them):
+    the two neighbours with the fewest elements together become one, until ``n_groups`` are left. Depth
+    order stays: the embeddings are in the first group, the head in the last."""
+    named = list(named)
+    while len(named) > n_groups:
+        sizes = [sum(p.numel() for p in params) for _, params in named]
+        i = min(range(len(named) - 1), key=lambda j: sizes[j] + sizes[j + 1])
+        (a, pa), (b, pb) = named[i], named[i + 1]
+        named[i:i + 2] = [(f"{a} + {b}", pa + pb)]
+    return named

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -291,8 +292,9 @@ def attach(model: nn.Module, example_inputs=None, *, example_kwargs: Optional[di
     """Make backward write the SVI field into every (Linear, activation) layer of ``model``.
 
     The pairs are found by watching one forward pass (``docs/api.md`` lists what is recognised):
-    - ``example_inputs`` (a tensor or a tuple of positional arguments) and/or ``example_kwargs``: run
-      ``model(*example_inputs, **example_kwargs)`` now, under ``no_grad`` and with the RNG state restored
+    - ``example_inputs`` (a tensor, a tuple of positional arguments, or a mapping of keyword arguments
+      such as a tokenizer's output) and/or ``example_kwargs``: run ``model(*example_inputs, **example_kwargs)``
+      (or ``model(**example_inputs, **example_kwargs)``) now, under ``no_grad`` and with the RNG state restored
       afterwards; ``handle.layers`` is filled on return and every training step carries the field.
     - neither: the model's first forward is watched. That step already carries the field (its Linears run
       the SVI backward, decided when the forward ends); ``handle.layers`` is empty until then. Call it
@@ -308,11 +310,25 @@ def attach(model: nn.Module, example_inputs=None, *, example_kwargs: Optional[di
     if example_inputs is None and example_kwargs is None:
         handle._arm_first_forward()
         return handle
-    if example_inputs is None:
-        args = ()
-    elif isinstance(example_inputs, Tensor):
-        args = (example_inputs,)
-    else:
-        args = tuple(example_inputs)
-    handle._detect_now(args, dict(example_kwargs or {}))
+    handle._detect_now(*_example_call(example_inputs, example_kwargs))
     return handle
+
+
+def _example_call(example_inputs, example_kwargs) -> tuple:
+    """(args, kwargs) of the example forward: a tensor is one argument, a tuple/list the arguments, a
+    Mapping (a dict, a tokenizer's BatchEncoding) keyword arguments; anything else is refused."""
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is None:
+        return (), kwargs
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), kwargs
+    if isinstance(example_inputs, Mapping):
+        both = sorted(set(example_inputs) & set(kwargs))
+        if both:
+            raise ValueError(f"svi.attach: {both} given both in example_inputs (a mapping) and in example_kwargs")
+        return (), {**example_inputs, **kwargs}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), kwargs
+    raise TypeError(
+        f"svi.attach: example_inputs must be a tensor, a tuple or list of positional arguments, or a mapping "
+        f"of keyword arguments; got {type(example_inputs).__name__}. Pass keyword arguments as example_kwargs=")

@@ -34,16 +34,15 @@ def check_partition(model, groups):
 def test_hf_models(name, n_groups):
     model = hf_model(name, dtype=torch.float32)[0]
     assert [(n, len(s)) for n, s in find_stacks(model)] == STACKS[name]
-    if name == "bart" and n_groups < 5:  # before, between, after + one run per stack
-        with pytest.raises(ValueError, match="needs at least 5"):
-            sk.layer_groups(model, n_groups=n_groups)
-        return
     groups = sk.layer_groups(model, n_groups=n_groups)
     check_partition(model, groups)
-    n_blocks = sum(n for _, n in STACKS[name])
-    n_fixed = len(groups) - sum(1 for g in groups if any(g["name"].startswith(p) or g["name"].startswith("layers")
-                                                         for p, _ in STACKS[name]))
-    assert len(groups) == min(n_groups, n_fixed + n_blocks)
+    if name == "bart" and n_groups < 5:  # before, between, after + one run per stack: merged down
+        assert len(groups) == n_groups
+    else:
+        n_blocks = sum(n for _, n in STACKS[name])
+        n_fixed = len(groups) - sum(1 for g in groups if any(g["name"].startswith(p) or g["name"].startswith("layers")
+                                                             for p, _ in STACKS[name]))
+        assert len(groups) == min(n_groups, n_fixed + n_blocks)
     # depth order: the first parameter of each group comes later in registration order than the previous one's
     order = first_param_index(model)
     firsts = [order[id(g["params"][0])] for g in groups]
@@ -60,6 +59,46 @@ def test_bart_groups_both_stacks():
     assert names == ["model", "model.encoder.layers 0-0", "model.encoder.layers 1-1",
                      "between model.encoder.layers and model.decoder.layers", "model.decoder.layers 0-0",
                      "model.decoder.layers 1-1", "model.decoder.layers 2-2", "head"]
+
+
+def tiny_bart(encoder_layers=1, decoder_layers=1):
+    """BartForConditionalGeneration from a config (no download): embeddings tied to the LM head."""
+    T = pytest.importorskip("transformers")
+    cfg = T.BartConfig(vocab_size=50, d_model=16, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                       decoder_ffn_dim=24, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return T.BartForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2, 3, 4, 5, 6])
+def test_bart_below_its_natural_count_merges_neighbours(n_groups):
+    """1+1-layer BART: 5 groups of its own (embeddings, encoder, between, decoder, head); fewer merge
+    neighbours (each parameter once, tied weights once, depth order, embeddings first, head last); more
+    give the 5."""
+    model = tiny_bart()
+    assert model.lm_head.weight is model.model.shared.weight
+    natural = sk.layer_groups(model, n_groups=5)
+    assert [g["name"] for g in natural] == ["model", "model.encoder.layers 0-0",
+                                            "between model.encoder.layers and model.decoder.layers",
+                                            "model.decoder.layers 0-0", "head"]
+    groups = sk.layer_groups(model, n_groups=n_groups)
+    check_partition(model, groups)
+    assert len(groups) == min(n_groups, 5)
+    order = first_param_index(model)
+    firsts = [order[id(g["params"][0])] for g in groups]
+    assert firsts == sorted(firsts)
+    # every group is a run of neighbouring natural groups, in order
+    flat = [id(p) for g in natural for p in g["params"]]
+    assert [id(p) for g in groups for p in g["params"]] == flat
+    assert id(model.model.shared.weight) in {id(p) for p in groups[0]["params"]}
+    assert {id(p) for p in natural[-1]["params"]} <= {id(p) for p in groups[-1]["params"]}
+    opt = sk.LayerwiseAdamSLS(groups, warmup_steps=1)
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    assert len(opt.ls_state["step_sizes"]) == len(groups)
 
 
 def test_tied_weights_once():
@@ -105,5 +144,5 @@ def test_custom_stack_and_sequential_root():
 def test_errors():
     with pytest.raises(ValueError, match="no repeated blocks"):
         sk.layer_groups(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)))
-    with pytest.raises(ValueError, match="needs at least 5"):
-        sk.layer_groups(hf_model("bart", dtype=torch.float32)[0], n_groups=4)
+    with pytest.raises(ValueError, match="at least 1"):
+        sk.layer_groups(hf_model("bart", dtype=torch.float32)[0], n_groups=0)

@@ -195,6 +195,38 @@ def test_bert_intermediate_and_pooler_get_the_field():
             torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["dict", "BatchEncoding", "UserDict"])
+def test_attach_with_a_mapping_batch_passes_keyword_arguments(kind):
+    """A tokenizer's output (a Mapping) given as the example batch is keyword arguments: the same layers as
+    example_kwargs= finds, and the same gradients after."""
+    from collections import UserDict
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 60, (3, 7), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"dict": dict, "BatchEncoding": transformers.BatchEncoding, "UserDict": UserDict}[kind](batch)
+    ref, model = tiny_bert(), tiny_bert()
+    expected = sk.svi.attach(ref, example_kwargs=dict(batch))
+    handle = sk.svi.attach(model, batch)
+    assert handle.layers and sorted(handle.layers) == sorted(expected.layers)
+    labels = torch.tensor([0, 1, 1])
+    for m in (ref, model):
+        m(**batch, labels=labels).loss.backward()
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+@pytest.mark.parametrize("bad", ["input_ids", 3, {1, 2}, (x for x in ())])
+def test_attach_refuses_an_example_that_is_no_argument_tuple(bad):
+    with pytest.raises(TypeError, match="example_kwargs"):
+        sk.svi.attach(mlp(), bad)
+
+
+def test_attach_refuses_a_keyword_given_twice():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="input_ids"):
+        sk.svi.attach(mlp(), {"input_ids": ids}, example_kwargs={"input_ids": ids})
+
+
 def test_svi_optimizer_trains_with_attach():
     model = tiny_bert().train()
     sk.svi.attach(model)

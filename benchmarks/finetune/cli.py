@@ -8,6 +8,7 @@
     svi-finetune run --mode top6 --optimizer adamw-nobc --lr 1e-4 --subset 500 --mmr 0.1 --heads 5 --surt-steps 60
     svi-finetune run --mode top1 --optimizer svi sgd --lr 0.01 0.03 --seeds 0 1
     svi-finetune report --out out/finetune --img-dir docs/img
+    svi-finetune tuning-free --out out/finetune        # claim 5: lr-free peers and an AdamW sweep, 10 seeds
 
 Each run is written to ``<out>/<claim>/runs/*.json`` as it finishes (a restarted command re-uses
 them); ``<out>/report.md`` holds the tables and plots. See docs/results.md for the protocol.
@@ -20,7 +21,7 @@ import sys
 import time
 
 from . import claims as C
-from . import optimizers, report
+from . import optimizers, report, tuning_free
 
 STABILIZER_ARGS = ("mmr", "mmr_distance", "mmr_normalize", "heads", "heads_reduction", "surt_steps", "surt_lr",
                    "surt_mask_rate", "surt_head_steps")
@@ -161,6 +162,13 @@ def main(argv=None) -> int:
     r.add_argument("--grad-clip", type=float, default=0.0)
     r.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
     r.add_argument("--evals-per-epoch", type=int, default=4, help="val evaluations per epoch (each costs a val pass)")
+    tf = sub.add_parser("tuning-free", help="claim 5: ours at defaults vs Prodigy, Schedule-Free, DAdaptAdam, LDoG "
+                                             "and a 5-lr AdamW sweep (needs svi_kernels[tuning-free])")
+    _common(tf)
+    tf.add_argument("--arms", nargs="+", choices=tuning_free.ARMS, default=None, help="arms to run (default: all)")
+    tf.add_argument("--margin", type=float, default=tuning_free.MARGIN,
+                    help="target = AdamW's best median final accuracy minus this")
+    tf.add_argument("--estimate-only", action="store_true", help="print the runtime estimate and stop")
     rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
     rep.add_argument("--out", default="out/finetune")
     rep.add_argument("--img-dir", default=None)
@@ -173,6 +181,8 @@ def main(argv=None) -> int:
         print(os.path.join(a.out, "report.md"))
         return 0
     t0 = time.time()
+    if a.command == "tuning-free":
+        return _tuning_free(a, parser, t0)
     if a.command == "run":
         seeds = a.seeds or [0]
         k = C.parse_mode(a.mode)
@@ -198,6 +208,32 @@ def main(argv=None) -> int:
     claims_done = list(plan)
     report.write_report(a.out, claims_done, a.img_dir, a.target, a.time_axis)
     print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'report.md')}", file=sys.stderr)
+    return 0
+
+
+def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
+    fixed = [f"--{k.replace('_', '-')}" for k in ("modes", "optimizers", "lr_grid", "tune_seeds", "epochs", "subset",
+                                                  "batch_size") + STABILIZER_ARGS if getattr(a, k, None) is not None]
+    if fixed:
+        parser.error(f"tuning-free fixes its settings, arms and lr grid (benchmarks/finetune/tuning_free.py); "
+                     f"{', '.join(fixed)} would be ignored: use --seeds, --arms, --scale or svi-finetune run")
+    plan = tuning_free.settings("smoke" if a.scale == "smoke" else "study", a.seeds, a.arms)
+    if a.arms and "adamw" not in a.arms:
+        parser.error("--arms must include adamw: it sets each setting's target")
+    n_runs = sum(len(arm.lrs) * len(s.seeds) for s in plan for arm in s.arms)
+    est = tuning_free.estimate_seconds(plan)
+    print(f"svi-finetune tuning-free: {len(plan)} settings, {n_runs} runs; estimated runtime ~{est / 60:.0f} min "
+          f"on 2 cores (rough; plus encoding the frozen features once; finished runs are re-used)", file=sys.stderr,
+          flush=True)
+    if a.estimate_only:
+        return 0
+    missing = [o for o in tuning_free.PEERS if o in (a.arms or tuning_free.ARMS) and not optimizers.available(o)]
+    if missing:
+        parser.error("missing peers: " + "; ".join(optimizers.missing_message(o) for o in missing))
+    ctx = _context(a)
+    C.run_claim(ctx, "tuning-free", plan)
+    tuning_free.write_report(a.out, plan, a.img_dir, a.margin)
+    print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'tuning-free.md')}", file=sys.stderr)
     return 0
 
 

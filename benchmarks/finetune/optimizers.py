@@ -16,11 +16,23 @@
 | salsa       | sk.SaLSA, the package's defaults and search rule (search="salsa")         | closure    |
 | salsa-auto  | sk.SaLSA with search="auto"                                               | closure    |
 | salsa-every | sk.SaLSA with search="every" (the reference for "auto")                   | closure    |
+| plasls-auto | sk.LayerwiseAdamSLS as plasls, search="auto"                              | closure    |
+| prodigy     | prodigyopt.Prodigy at its defaults (lr=1)                                 | plain      |
+| schedulefree | schedulefree.AdamWScheduleFree at its defaults (lr=0.0025); train()/eval() | plain     |
+| dadapt-adam | dadaptation.DAdaptAdam at its defaults (lr=1)                             | plain      |
+| ldog        | dog.LDoG at its defaults, evaluated at its PolynomialDecayAverager weights | plain      |
+
+The last four (the lr-free peers of claim 5) come from the optional extra ``svi_kernels[tuning-free]``
+(pinned versions); their "lr" slot is ignored, as the line searches' is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
+
+import contextlib
+import importlib
+import importlib.util
 
 import torch
 from torch import nn
@@ -30,9 +42,16 @@ try:  # our package; absent or incomplete while it is being written
 except Exception:  # pragma: no cover
     sk = None
 
-LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls", "adamsls-auto", "salsa", "salsa-auto", "salsa-every"}
+LINE_SEARCH = {"adamsls", "plasls", "plasls-paper", "sgdsls", "adamsls-auto", "salsa", "salsa-auto", "salsa-every",
+               "plasls-auto"}
+# lr-free peers: name -> (module, class, the pinned PyPI package of the tuning-free extra)
+PEERS = {"prodigy": ("prodigyopt", "Prodigy", "prodigyopt==1.1.2"),
+         "schedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree==1.4.1"),
+         "dadapt-adam": ("dadaptation", "DAdaptAdam", "dadaptation==3.2"),
+         "ldog": ("dog", "LDoG", "dog-optimizer==1.0.3")}
+NO_LR = LINE_SEARCH | set(PEERS)  # arms whose "lr" slot is a placeholder
 NAMES = ["sgd", "svi", "svi-adam", "adam", "adamw", "adamw-nobc", "adamsls", "plasls", "plasls-paper", "sgdsls",
-         "adamsls-auto", "salsa", "salsa-auto", "salsa-every"]
+         "adamsls-auto", "salsa", "salsa-auto", "salsa-every", "plasls-auto"] + list(PEERS)
 
 
 def has(name: str) -> bool:
@@ -46,11 +65,62 @@ class Built:
     implementation: str
     svi_handle: Any = None
     notes: List[str] = field(default_factory=list)
+    averager: Any = None  # LDoG's PolynomialDecayAverager (evaluation uses its weights)
 
     def close(self) -> None:
         if self.svi_handle is not None:
             self.svi_handle.remove()
 
+    def after_step(self) -> None:
+        if self.averager is not None:
+            self.averager.step()
+
+    @contextlib.contextmanager
+    def evaluating(self, top: nn.Module):
+        """Evaluate as each optimizer's README asks: Schedule-Free at its averaged point (``eval()``,
+        ``train()`` after), LDoG at the averager's weights (the trained ones are put back after)."""
+        opt = self.optimizer
+        if hasattr(opt, "eval") and hasattr(opt, "train") and type(opt).__module__.startswith("schedulefree"):
+            opt.eval()
+            try:
+                yield
+            finally:
+                opt.train()
+            return
+        if self.averager is None:
+            yield
+            return
+        trained = {k: v.clone() for k, v in top.state_dict().items()}
+        top.load_state_dict(self.averager.averaged_model.state_dict())
+        try:
+            yield
+        finally:
+            top.load_state_dict(trained)
+
+
+def missing_message(name: str) -> str:
+    pin = PEERS[name][2]
+    return f"optimizer {name!r} needs {pin} (pip install 'svi_kernels[tuning-free]', or pip install torch==<yours> {pin})"
+
+
+def available(name: str) -> bool:
+    """Is the package of peer ``name`` importable?"""
+    return importlib.util.find_spec(PEERS[name][0]) is not None
+
+
+def _peer(name: str, params: list, top: nn.Module) -> Built:
+    module, cls, _pin = PEERS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(missing_message(name)) from None
+    opt = getattr(mod, cls)(params)  # the published defaults
+    if name == "schedulefree":
+        opt.train()  # its README: train() before training steps, eval() before evaluation
+        return Built(opt, False, f"schedulefree.{cls} (defaults)")
+    if name == "ldog":  # its README: LDoG with polynomial-decay averaging, evaluated at the average
+        return Built(opt, False, "dog.LDoG (defaults) + PolynomialDecayAverager", averager=mod.PolynomialDecayAverager(top))
+    return Built(opt, False, f"{module}.{cls} (defaults)")
 
 def _decay_groups(top: nn.Module, weight_decay: float) -> list:
     """HF/Mosbach rule: no weight decay on biases and LayerNorm weights."""
@@ -115,14 +185,18 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
             raise RuntimeError("svi_kernels.SaLSA is not available yet")
         search = {"salsa": "salsa", "salsa-auto": "auto", "salsa-every": "every"}[name]
         return Built(sk.SaLSA(params, search=search, **kw), True, f'svi_kernels.SaLSA(search="{search}")')
-    if name in ("plasls", "plasls-paper"):
+    if name in PEERS:
+        return _peer(name, params, top)
+    if name in ("plasls", "plasls-paper", "plasls-auto"):
         if not (has("LayerwiseAdamSLS") and has("layer_groups")):
             raise RuntimeError("svi_kernels.LayerwiseAdamSLS / layer_groups are not available yet")
         groups = _plasls_groups(full_model, plasls_groups)
         criterion = "paper" if name == "plasls-paper" else "code"
+        search = "auto" if name == "plasls-auto" else "every"
         opt = sk.LayerwiseAdamSLS(groups, n_batches_per_epoch=sls_batches_per_epoch, init_step_size=0.1, c=0.1,
-                                  criterion=criterion, **kw)
-        impl = "svi_kernels.LayerwiseAdamSLS" + ("(criterion=paper)" if criterion == "paper" else "")
+                                  criterion=criterion, search=search, **kw)
+        impl = "svi_kernels.LayerwiseAdamSLS" + ("(criterion=paper)" if criterion == "paper" else "") + \
+            ('(search="auto")' if search == "auto" else "")
         return Built(opt, True, impl, notes=[f"{len(groups)} trained groups"])
     if name == "sgdsls":
         if not has("ArmijoSGD"):

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .optimizers import LINE_SEARCH  # their "lr" slot is a placeholder, not a rate
+from .optimizers import NO_LR  # their "lr" slot is a placeholder, not a rate
 
 
 def load_runs(claim_dir: str, summary: dict) -> None:
@@ -127,7 +127,7 @@ def plot_curves(summary: dict, path: str, title: str, time_axis: str = "wall") -
                 mean = np.nanmean(ys, 0)
                 std = np.nanstd(ys, 0, ddof=1) if ys.shape[0] > 1 else np.zeros_like(mean)
                 lr = arm["chosen_lr"]
-                lab = f"{label} (lr {lr:g})" if arm["optimizer"] not in LINE_SEARCH else label
+                lab = f"{label} (lr {lr:g})" if arm["optimizer"] not in NO_LR else label
                 line, = ax.plot(xs, mean, label=lab, lw=1.3)
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
             if key == "val_acc":
@@ -196,7 +196,7 @@ def markdown_tables(claim: str, summary: dict, stats: dict) -> str:
     for entry in summary["settings"]:
         st = stats[entry["setting"]["name"]]
         for label, a in st["arms"].items():
-            lr = "— (line search)" if entry["arms"][label]["optimizer"] in LINE_SEARCH else f"{a['lr']:g}"
+            lr = "— (no lr)" if entry["arms"][label]["optimizer"] in NO_LR else f"{a['lr']:g}"
             lines.append(f"| {entry['setting']['name']} ({st['mode']}, n={st['n_train']}) | {label} | {lr} | "
                          f"{a['final_mean']:.4f} ± {a['final_std']:.4f} (n={a['n']}) | {a['best_mean']:.4f} | "
                          f"{_f(a['train_loss_mean'])} | {st['target']:.3f} | {_f(a['steps_to_target'], '{:.0f}')} | "

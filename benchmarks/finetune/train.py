@@ -194,9 +194,10 @@ def _run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, 
         warm = int(round(cfg.warmup * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg.schedule, warm, total))
 
-    acc0, vloss0 = evaluate(top, val)
+    with built.evaluating(top):
+        acc0, vloss0 = evaluate(top, val)
     history = {"step": [0], "epoch": [0.0], "wall_s": [0.0], "cpu_s": [0.0], "train_loss": [float("nan")],
-               "val_acc": [acc0], "val_loss": [vloss0]}
+               "val_acc": [acc0], "val_loss": [vloss0], "forwards": [0], "backwards": [0]}
     loop = _Loop(top, train, val, cfg, built, sched, history, progress, order_gen, total, steps_per_epoch)
     try:
         loop.run()
@@ -260,13 +261,18 @@ class _Loop:
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             opt.step()
+            self.built.after_step()  # LDoG's averager
             if self.sched is not None:
                 self.sched.step()
         return float(loss.detach())
 
     def _record(self, window: List[float]) -> None:
         h = self.history
-        acc, vloss = evaluate(self.top, self.val)
+        with self.built.evaluating(self.top):  # Schedule-Free's eval(), LDoG's averaged weights
+            acc, vloss = evaluate(self.top, self.val)
+        ls = optimizers.line_search_stats(self.built.optimizer)  # forward and backward passes so far
+        h.setdefault("forwards", []).append(ls.get("n_forwards", self.step))
+        h.setdefault("backwards", []).append(ls.get("n_backwards", self.step))
         h["step"].append(self.step)
         h["epoch"].append(self.step / self.steps_per_epoch)
         h["wall_s"].append(self.wall)

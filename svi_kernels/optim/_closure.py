@@ -1,15 +1,22 @@
 """Closure evaluation for the line-search optimizers (the SLS closure contract).
 
-Two closure forms are accepted (told apart by the closure's signature):
+Three closure forms are accepted:
 
 - ``closure()`` returns the loss and does not call backward (SLS, AdamSLS); the first evaluation
   runs with grad enabled and is backpropagated here.
-- ``closure(backwards=False)`` (salsa-optimizer's form) calls ``loss.backward()`` itself when
-  ``backwards`` is true; the first evaluation passes ``backwards=True``. This form is what gradient
-  accumulation needs: the closure loops over micro-batches, calls backward on each, and returns the
-  mean loss (detached or not).
+- ``closure(backwards=False)`` (salsa-optimizer's form, told apart by its signature) calls
+  ``loss.backward()`` itself when ``backwards`` is true; the first evaluation passes ``backwards=True``.
+  This form is what gradient accumulation needs: the closure loops over micro-batches, calls backward
+  on each, and returns the mean loss (detached or not).
+- torch's convention (LBFGS, PyTorch Lightning): ``closure()`` zeroes the gradients, calls backward and
+  returns the loss (a tensor or a number). Told apart from the first form by its first evaluation: the
+  gradients changed. Its trial evaluations set the step's gradients aside (the closure's zero_grad and
+  backward cannot touch them; they are put back after) and turn backward into a no-op in this thread
+  (``backward_off``), so a trial costs a forward, as in the other forms.
 
-Trial evaluations run under ``torch.no_grad()``. Every
+Whether a closure called backward is told by its gradients: a gradient that is new (a weak reference
+to the old tensor no longer points at it, so nothing old is kept alive) or whose version moved (in-place
+zeroing, accumulation). Trial evaluations run under ``torch.no_grad()``. Every
 evaluation of one step starts from the same RNG state, so dropout masks match (Vaswani et al. run
 the closure under a fixed seed for the same reason). Under ``torch.distributed`` the losses are
 averaged over ranks, so every rank takes the same Armijo decision and replicas stay identical.
@@ -18,6 +25,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
 from inspect import CO_VARARGS, CO_VARKEYWORDS
 from types import FunctionType
 from typing import Callable, Iterable, List, Optional
@@ -42,10 +53,12 @@ class ClosureRunner:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
                 "the closure returns the loss and does not call backward() (or takes `backwards` and calls "
-                "loss.backward() itself when it is true)")
+                "loss.backward() itself when it is true, or zeroes the gradients and calls backward itself "
+                "as torch.optim.LBFGS's closure does)")
         self.name = opt_name
         self.closure = closure
         self.backwards = takes_backwards(closure)
+        self.calls_backward = False  # torch's convention (set by the first evaluation)
         self.params = params
         # Whose gradients tell whether the closure called backward: a few at both ends of the list
         # (a backward reaches nearly every parameter; all 10,000 would cost ~10 ms of host time).
@@ -86,13 +99,13 @@ class ClosureRunner:
         they were.
         """
         self._restore_rng()
-        before = self._grad_versions(self.watched)
+        before = grad_marks(self.watched)
         with torch.enable_grad():
             loss = self.closure(backwards=True) if self.backwards else self.closure()
-        loss = self._check_loss(self._number_as_loss(loss))
-        changed = before != self._grad_versions(self.watched)
+        changed = grads_changed(before, self.watched)
         self.n_forwards += 1
         if self.backwards:
+            loss = self._check_loss(self._number_as_loss(loss))
             if not changed and len(self.watched) < len(self.params):
                 # the watched ones may all be unused: any gradient at all will do then
                 changed = any(p.grad is not None for p in self.params)
@@ -102,24 +115,21 @@ class ClosureRunner:
                     "closure that takes `backwards` must call loss.backward() itself when it is true")
             self.n_backwards += 1
             return loss
-        if changed:
-            raise RuntimeError(
-                f"{self.name}: the closure changed gradients (it called backward itself?). A closure without "
-                "arguments must only return the loss (step() calls backward on the first evaluation); a closure "
-                "that calls backward itself must take a `backwards` argument: def closure(backwards=False)")
-        if not loss.requires_grad and not any(p.requires_grad for p in self.params):
-            return loss  # nothing to differentiate: no gradient, so the step moves nothing (torch's no-op step)
+        if changed:  # torch's convention: the closure called backward itself (LBFGS, Lightning)
+            self.calls_backward = True
+            self.n_backwards += 1
+            return self._check_loss(_as_tensor(loss))
+        loss = self._check_loss(self._number_as_loss(loss))
         if not loss.requires_grad:
-            raise RuntimeError(
-                f"{self.name}: the closure's loss does not require grad (was it detached or computed under "
-                "no_grad?); step() needs to call backward on it")
+            if any(p.requires_grad for p in self.params):
+                warnings.warn(
+                    f"{self.name}: the closure's loss does not require grad (it does not depend on the parameters, "
+                    "or was detached or computed under no_grad): step() used the gradients present, and "
+                    "parameters without one did not move", stacklevel=4)
+            return loss  # nothing to differentiate (torch's no-op step where no gradient exists)
         loss.backward()
         self.n_backwards += 1
         return loss
-
-    @staticmethod
-    def _grad_versions(params):
-        return [(p.grad is None, p.grad._version if p.grad is not None else -1) for p in params]
 
     def check_f0(self, f0: float) -> None:
         if not math.isfinite(f0):
@@ -132,13 +142,78 @@ class ClosureRunner:
         as a float64 tensor on its device, not read back. NaN/inf are returned as they are."""
         self._restore_rng()
         with torch.no_grad(), sharding.fresh_gathers(self.sharded):  # FSDP2: the next forward sees new shards
-            loss = self._check_loss(self._number_as_loss(self.closure(backwards=False) if self.backwards
-                                                         else self.closure()))
+            if self.calls_backward:
+                with grads_set_aside(self.params), backward_off():
+                    loss = _as_tensor(self.closure())
+            else:
+                loss = self.closure(backwards=False) if self.backwards else self.closure()
+            loss = self._check_loss(self._number_as_loss(loss))
         self.n_forwards += 1
         return self.average(loss)
 
     def average(self, loss: Tensor) -> Tensor:
         return average_over_ranks(loss, self.process_group)
+
+
+def _as_tensor(loss) -> Tensor:
+    """torch's convention lets the closure return a Python number (LBFGS calls float() on it)."""
+    return loss if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
+
+
+def grad_marks(params: List[Tensor]) -> list:
+    """What identifies each parameter's gradient now: None, or a weak reference to the tensor and its
+    version. Weak, so the old gradients are not kept alive: once freed (zero_grad(set_to_none=True)),
+    the reference is dead and no new tensor can pass for the old one (as a reused id() would)."""
+    return [None if (g := p.grad) is None else (weakref.ref(g), g._version) for p in params]
+
+
+def grads_changed(marks: list, params: List[Tensor]) -> bool:
+    """Did any gradient change since ``marks``: a new tensor (set_to_none then backward, or replaced by
+    a hook or a trainer), or the same one written in place (zeroed, accumulated into)?"""
+    for mark, p in zip(marks, params):
+        g = p.grad
+        if mark is None:
+            if g is not None:
+                return True
+        elif g is None or mark[0]() is not g or mark[1] != g._version:
+            return True
+    return False
+
+
+@contextmanager
+def grads_set_aside(params: List[Tensor]):
+    """The gradients are taken off the parameters (no copy) and put back on exit, whatever the body
+    did to ``.grad``: a trial of a closure that zeroes the gradients cannot touch the step's."""
+    saved = [p.grad for p in params]
+    for p, g in zip(params, saved):
+        if g is not None:
+            p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+@contextmanager
+def backward_off():
+    """``torch.autograd.backward`` (what ``Tensor.backward`` calls) does nothing in this thread until
+    exit; other threads' calls go through. A trial evaluation of a closure that calls backward (torch's
+    convention) costs a forward then: its gradients would be thrown away."""
+    real = torch.autograd.backward
+    thread = threading.get_ident()
+
+    def backward(*args, **kwargs):
+        if threading.get_ident() != thread:
+            return real(*args, **kwargs)
+        return None
+
+    torch.autograd.backward = backward
+    try:
+        yield
+    finally:
+        if torch.autograd.backward is backward:
+            torch.autograd.backward = real
 
 
 def average_over_ranks(loss: Tensor, process_group=None) -> Tensor:

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from . import input_checks
 from . import sharding
 from . import step_plan
@@ -407,17 +408,18 @@ class LineSearchOptimizer(Optimizer):
         reduced once per failure, as in the reference code. ``on_nonfinite()`` runs after a non-finite
         trial loss (TrialPoints.check_finite).
         """
-        c, beta_b = group["c"], group["beta_b"]
+        c = group["c"]
         for e in range(int(group["max_backtracks"])):
             try_point(eta)
             f1, s, skip = read(runner.trial())
             if skip:
                 return eta, 0, True
             if math.isfinite(f1) and f1 <= f0 - c * eta * s:
+                initial_step.accepted(self.ls_state, group, eta, f0, f1, s)  # search="auto"'s climbing rule
                 return eta, e, True
             if on_nonfinite is not None and not math.isfinite(f1):
                 on_nonfinite()
-            eta *= beta_b
+            eta = initial_step.backtrack(self.ls_state, group, eta, f0, f1, s)  # the papers': eta * beta_b
         return eta, int(group["max_backtracks"]), False
 
     def _record(self, gi: int, eta: float, backtracks: int, found: bool) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 from .trial_points import ADAM, MOMENTUM, TrialPoints
@@ -104,7 +105,7 @@ class AdamSLS(LineSearchOptimizer):
             old = dict(enumerate(ls["step_sizes"]))
             with points.restoring():  # an error in the search puts the start point back
                 for gi, group in enumerate(self.param_groups):
-                    eta = reset_step_size(ls["step_sizes"][gi], group)
+                    eta = initial_step.start(ls, reset_step_size(ls["step_sizes"][gi], group), group, gi)
                     eta, backtracks, found = self._search(runner, f0, points, s, [gi], eta, group)
                     points.move({gi: eta}, MOMENTUM)  # the final step, with momentum
                     self._record(gi, eta, backtracks, found)

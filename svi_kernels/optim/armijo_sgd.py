@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import bucketing
+from . import initial_step
 from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
@@ -70,7 +71,7 @@ class ArmijoSGD(LineSearchOptimizer):
             points = TrialPoints(self, t)
             with points.restoring():  # an error in the search puts the start point back
                 for gi, group in enumerate(self.param_groups):
-                    eta = reset_step_size(ls["step_sizes"][gi], group)
+                    eta = initial_step.start(ls, reset_step_size(ls["step_sizes"][gi], group), group, gi)
                     if math.sqrt(gn2[gi]) < MIN_GRAD_NORM:
                         self._record(gi, eta, 0, True)
                         continue

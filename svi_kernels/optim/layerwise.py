@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from . import initial_step
 from ._line_search import reset_step_size
 from .adam_sls import AdamSLS
 from .trial_points import MOMENTUM
@@ -104,7 +105,8 @@ class LayerwiseAdamSLS(AdamSLS):
         (None: all)."""
         ls = self.ls_state
         n = len(self.param_groups)
-        etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
+        etas = [initial_step.start(ls, reset_step_size(ls["step_sizes"][i], g), g, i)
+                for i, g in enumerate(self.param_groups)]
         everyone = list(range(n))
         if step <= self.warmup_steps:
             eta, backtracks, found = self._search(runner, f0, points, s, everyone, etas[0], self.param_groups[0])

@@ -42,6 +42,7 @@ import torch
 
 from . import bucketing
 from . import hyperparams
+from . import initial_step
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
@@ -129,7 +130,8 @@ class SaLSA(LineSearchOptimizer):
             points = TrialPoints(self, t, t_bias)
             with points.restoring():  # an error in the search puts the start point back
                 for gi, group in enumerate(self.param_groups):
-                    eta, backtracks, found = self._search(runner, f0, points, s, gi, grown[gi], group)
+                    start = initial_step.start(ls, grown[gi], group, gi)  # search="auto": caught up (ours)
+                    eta, backtracks, found = self._search(runner, f0, points, s, gi, start, group)
                     self._record(gi, eta, backtracks, found)
                     accepted[gi] = eta
             self._finish(runner, True, accepted, {gi: old[gi] for gi in accepted})
@@ -204,8 +206,9 @@ class SaLSA(LineSearchOptimizer):
             decrease = ls["avg_decrease"][gi] * beta3 + diff * (1 - beta3)
             if math.isfinite(f1) and decrease >= eta * c * avg_s:
                 ls["avg_decrease"][gi] = decrease
+                initial_step.accepted(ls, group, eta, f0, f1, s.per_group[gi])  # search="auto"'s climbing rule
                 return eta, e, True
             if not math.isfinite(f1):
                 points.check_finite([gi])
-            eta *= beta_b
+            eta = initial_step.backtrack(ls, group, eta, f0, f1, s.per_group[gi])  # the package's: eta * beta_b
         return eta, max_backtracks, False

@@ -21,6 +21,7 @@ back the step sizes and averages the step had changed, before the error propagat
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -100,6 +101,8 @@ class TrialPoints:
         (step sizes, backtracks, SaLSA's averages, the cycle position) as before the step; then re-raise."""
         ls = self.opt.ls_state
         saved = {k: (list(v) if isinstance(v, list) else v) for k, v in ls.items() if k != "search"}
+        if ls["search"]["kind"] == "auto":  # (its search notes where the search started and how it went)
+            saved["search"] = copy.deepcopy(ls["search"])
         try:
             yield self
         except BaseException:

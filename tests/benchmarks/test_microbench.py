@@ -36,12 +36,22 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
             assert isinstance(row[key], typ), (key, row)
         assert row["workload"] == "tiny" and row["ms"] > 0 and row["bytes_per_param"] > 0
         assert "status" in row and isinstance(row["targets"], list)
+        # memory, counted from the live tensors (none for the bare ops); the peak only with --peak-memory
+        if row["name"].startswith("ls_trial"):
+            assert row["state_bytes_per_param"] is None
+        else:
+            assert isinstance(row["state_bytes_per_param"], float) and row["state_bytes_per_param"] >= 0.0
+        assert row["peak_bytes_per_param"] is None
     names = {(r["name"], r["backend"]) for r in rows}
     assert ("torch_adamw_fused", "torch") in names and ("torch_adamw_foreach", "torch") in names
     assert ("reference_style_adam_sls_bookkeeping", "reference-style") in names
     fused = next(r for r in rows if r["name"] == "torch_adamw_fused")
     assert fused["ratio_to_torch_fused_adamw"] == pytest.approx(1.0)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Adam moments (+ one 4-byte step count per tensor on the 4.3 K parameters of tiny); SGD's search keeps w0
+    state = {(r["name"], r["backend"]): r["state_bytes_per_param"] for r in rows}
+    assert 8.0 <= state[("torch_adamw_fused", "torch")] <= 8.01 and 8.0 <= state[("adamw", "reference")] <= 8.1
+    assert state[("reference_style_armijo_sgd_bookkeeping", "reference-style")] == 0.0
 
 
 @pytest.mark.parametrize("op,fp32,bf16", [

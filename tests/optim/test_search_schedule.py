@@ -223,3 +223,43 @@ def test_salsa_rule_starts_by_searching_most_steps():
         S.advance(st, search, {0: 0.05} if search else {}, {0: 0.05})
     assert all(decisions[:60]) and sum(decisions) > 120
     assert not math.isnan(st["fast"][0])
+
+
+def test_auto_climbing_needs_first_trials_with_room_to_spare():
+    """Searches that take their first trial with room to spare (the test would take >= 2x) climb: after
+    AUTO_CLIMB of them the gap is the growth's (2 steps at 1.1x); a first trial near the test's limit,
+    or a backtrack, is not climbing."""
+    st = S.new_state("auto", 1)
+    for step in (1, 2, 3):
+        S.note_start(st, 0, 0.1, 1.1)
+        S.note_headroom(st, 5.0)
+        S.advance(st, True, {0: 0.1}, {0: 0.1})
+    assert S.climbing(st, 0) and S._auto_interval(st, 0) == 2
+    S.note_start(st, 0, 0.1, 1.1)
+    S.note_headroom(st, 1.2)  # accepted, but the test would not take much more: held by the test
+    S.advance(st, True, {0: 0.1}, {0: 0.1})
+    assert not S.climbing(st, 0) and S._auto_interval(st, 0) > 2
+    S.note_start(st, 0, 0.1, 1.1)
+    S.advance(st, True, {0: 0.08}, {0: 0.1})  # backtracked
+    assert not S.climbing(st, 0)
+
+
+def test_auto_checkpoint_from_before_the_climbing_rule_still_steps():
+    """A checkpoint whose schedule state has no start/growth/climb/headroom (saved before them) loads
+    and steps: the rule then starts where the searches are taken as not climbing."""
+    model = _model(3)
+    opt = sk.AdamSLS(model.parameters(), search="auto")
+    x, y = _data(4)
+    for _ in range(4):
+        opt.zero_grad()
+        opt.step(_plain(model, x, y))
+    sd = copy.deepcopy(opt.state_dict())
+    search = sd["param_groups"][0]["ls"][0]["search"]
+    for key in ("start", "growth", "climb", "headroom", "current"):
+        search.pop(key, None)
+    fresh = sk.AdamSLS(model.parameters(), search="auto")
+    fresh.load_state_dict(sd)
+    for _ in range(30):
+        fresh.zero_grad()
+        fresh.step(_plain(model, x, y))
+    assert fresh.ls_state["step"] == 34 and fresh.ls_state["search"]["n_searches"] >= 3

@@ -241,25 +241,19 @@ def _not_applicable(reason, *tests):
     return tuple(co.DecorateInfo(pytest.mark.skip(reason=reason), "TestOptimRenewed", t) for t in tests)
 
 
-# Generic tests of torch's test_optim.py that do not apply to a line search, and why. Our closures return
-# the loss and leave backward to step() (or take `backwards`), and there is no lr.
+# Generic tests of torch's test_optim.py that do not apply to a line search, and why: there is no lr,
+# and step() needs a closure. Those whose closure calls backward itself (torch's convention) or returns a
+# constant apply: they are run below (test_line_search_torch_closure_*) and by the generic contract.
 LS_NOT_APPLICABLE = (
     _not_applicable("no lr: the step size is searched", "test_tensor_lr", "test_param_groups_lr",
                     "test_load_state_dict_post_hook")
-    + _not_applicable("step() without a closure", "test_param_groups_weight_decay")
-    + _not_applicable("the closure calls backward itself (torch's convention; ours: the loss only, or "
-                      "closure(backwards))", "test_forloop_goes_right_direction", "test_state_dict_deterministic",
-                      "test_can_load_older_state_dict", "test_can_load_from_to_named_state_dict",
-                      "test_save_load_equality_with_weights_only")
-    + _not_applicable("the closure returns a constant for parameters that require grad (nothing to search on)",
-                      "test_load_nontensor_step", "test_non_empty_state", "test_step_is_noop_for_zero_grads",
-                      "test_deepcopy_copies_all_public_attrs"))
+    + _not_applicable("step() without a closure", "test_param_groups_weight_decay"))
 
 
 def line_search_infos():
     """OptimizerInfo entries for the line searches, shaped like torch's LBFGS entry: the step needs a
     closure, no foreach/fused/differentiable, no complex parameters, no LR scheduler (no lr). The
-    torch tests listed in LS_NOT_APPLICABLE are covered here with our closure form instead."""
+    torch tests listed in LS_NOT_APPLICABLE do not apply."""
     infos = [(sk.ArmijoSGD, [("small init", dict(init_step_size=0.5, c=0.2))]),
              (sk.AdamSLS, [("betas", dict(betas=(0.8, 0.99), init_step_size=0.05))]),
              (sk.LayerwiseAdamSLS, [("warmup", dict(warmup_steps=1))])]
@@ -274,16 +268,29 @@ def line_search_infos():
 LS_INFOS = {info.name: info for info in line_search_infos()}
 
 
-def _ls_setup(info, kwargs, named=False, seed=0):
+CLOSURE_FORMS = ("loss only", "torch's")
+
+
+def _ls_setup(info, kwargs, named=False, seed=0, form="loss only"):
+    """A small model, its optimizer and a closure: ours (the loss only) or torch's (zero_grad, backward,
+    the loss)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     x = torch.randn(5, 3)
     opt = info.optim_cls(model.named_parameters() if named else model.parameters(), **kwargs)
-    return model, opt, (lambda: model(x).pow(2).mean())
+    if form == "loss only":
+        return model, opt, (lambda: model(x).pow(2).mean())
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+    return model, opt, closure
 
 
 def _ls_step(opt, closure):
-    opt.zero_grad()  # the line searches add the closure's gradient to .grad, as backward() does
+    opt.zero_grad()  # the line searches add a loss-only closure's gradient to .grad, as backward() does
     return opt.step(closure)
 
 
@@ -299,14 +306,16 @@ def test_line_search_scheduler_error_says_searched(name):
     assert copy.deepcopy(opt).param_groups[0].get("lr") is None
 
 
+@pytest.mark.parametrize("form", CLOSURE_FORMS)
 @pytest.mark.parametrize("name", list(LS_INFOS))
-def test_line_search_generic_contract(name):
+def test_line_search_generic_contract(name, form):
     """torch's generic optimizer checks that apply to any optimizer: printing, step hooks (local and
     global, in torch's order), state_dict hooks, state_dict round trips (named params, weights_only
-    torch.load), deepcopy, a step with no gradients is a no-op, two param groups each searched."""
+    torch.load), deepcopy, a step with no gradients is a no-op, two param groups each searched; with
+    our closure and with torch's."""
     info = LS_INFOS[name]
     for inp in info.optim_inputs_func("cpu"):
-        model, opt, closure = _ls_setup(info, inp.kwargs)
+        model, opt, closure = _ls_setup(info, inp.kwargs, form=form)
         repr(opt)
         calls = []
         handles = [register_optimizer_step_pre_hook(lambda *a: calls.append(0)),
@@ -330,10 +339,10 @@ def test_line_search_generic_contract(name):
 
         # state_dict round trips, plain and named, through torch.save / torch.load(weights_only=True)
         for named0, named1 in ((False, False), (True, False), (False, True), (True, True)):
-            model_a, opt_a, closure_a = _ls_setup(info, inp.kwargs, named=named0)
+            model_a, opt_a, closure_a = _ls_setup(info, inp.kwargs, named=named0, form=form)
             for _ in range(3):
                 _ls_step(opt_a, closure_a)
-            model_b, opt_b, closure_b = _ls_setup(info, inp.kwargs, named=named1)
+            model_b, opt_b, closure_b = _ls_setup(info, inp.kwargs, named=named1, form=form)
             model_b.load_state_dict(model_a.state_dict())
             buf = io.BytesIO()
             torch.save(opt_a.state_dict(), buf)
@@ -353,10 +362,92 @@ def test_line_search_generic_contract(name):
         assert all(torch.equal(a, b) for a, b in zip(before, frozen))
 
         # two param groups: each searched on its own, the loss goes down
-        model, _, closure = _ls_setup(info, inp.kwargs)
+        model, _, closure = _ls_setup(info, inp.kwargs, form=form)  # (torch's zeroes the same parameters)
         opt = info.optim_cls([{"params": model[0].parameters()}, {"params": model[2].parameters()}], **inp.kwargs)
         start = closure().item()
         for _ in range(5):
             _ls_step(opt, closure)
         assert closure().item() < start
         assert len(opt.ls_state["step_sizes"]) == 2
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("name", list(LS_INFOS))
+def test_line_search_torch_closure_goes_right_direction(name, contiguous):
+    """torch's test_forloop_goes_right_direction: weight (10, 5) and bias, contiguous or not, 20 steps
+    with torch's closure (zero_grad, backward, the loss): the loss goes down."""
+    info = LS_INFOS[name]
+    for inp in info.optim_inputs_func("cpu"):
+        torch.manual_seed(0)
+        shape_w, shape_b = ((10, 5), (10,)) if contiguous else ((10, 5, 2), (10, 2))
+        weight, bias = torch.nn.Parameter(torch.randn(shape_w)), torch.nn.Parameter(torch.randn(shape_b))
+        w, b = (weight, bias) if contiguous else (weight[..., 0], bias[..., 0])
+        x = torch.randn(5)
+        opt = info.optim_cls([weight, bias], **inp.kwargs)
+
+        def closure():
+            opt.zero_grad()
+            loss = (w.mv(x) + b).pow(2).sum()
+            loss.backward()
+            return loss
+
+        start = closure().item()
+        for _ in range(20):
+            opt.step(closure)
+        assert closure().item() < start
+        assert opt.ls_state["n_backwards"] == 20
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_tree, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", list(LS_INFOS))
+def test_line_search_torch_closure_state_dict_deterministic(name):
+    """torch's test_state_dict_deterministic and test_can_load_older_state_dict: an optimizer loaded from
+    another's (deep-copied) state_dict steps as the other does with torch's closure, and their state_dicts
+    stay equal."""
+    info = LS_INFOS[name]
+    for inp in info.optim_inputs_func("cpu"):
+        model_a, opt_a, closure_a = _ls_setup(info, inp.kwargs, form="torch's")
+        for _ in range(4):
+            opt_a.step(closure_a)
+        model_b, opt_b, closure_b = _ls_setup(info, inp.kwargs, form="torch's")
+        model_b.load_state_dict(model_a.state_dict())
+        sd = copy.deepcopy(opt_a.state_dict())
+        opt_b.load_state_dict(sd)
+        for _ in range(4):
+            torch.testing.assert_close(opt_a.step(closure_a), opt_b.step(closure_b))
+            for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+                torch.testing.assert_close(pa, pb)
+        assert _same_tree(opt_a.state_dict(), opt_b.state_dict())
+
+
+@pytest.mark.parametrize("name", list(LS_INFOS))
+def test_line_search_constant_closure_is_a_no_op(name):
+    """torch's test_step_is_noop_for_zero_grads and test_step_is_noop_when_params_have_no_grad: a closure
+    returning a constant (shape [1]) moves nothing, with or without requires_grad; test_non_empty_state:
+    with random gradients present the step runs and leaves state behind."""
+    info = LS_INFOS[name]
+    for inp in info.optim_inputs_func("cpu"):
+        for requires_grad in (True, False):
+            param = torch.randn(5, 1, requires_grad=requires_grad)
+            old = param.detach().clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info.optim_cls([param], **inp.kwargs).step(lambda: torch.tensor([1.0]))
+            assert torch.equal(param.detach(), old)
+        model = torch.nn.Linear(3, 2)
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+        opt = info.optim_cls(model.parameters(), **inp.kwargs)
+        with pytest.warns(UserWarning, match="does not require grad"):
+            opt.step(lambda: torch.tensor(1.0))
+        assert opt.ls_state["step"] == 1
+        assert all(len(opt.state[p]) > 0 for p in model.parameters()) or name == "ArmijoSGD"

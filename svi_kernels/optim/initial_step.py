@@ -1,0 +1,84 @@
+"""The step sizes a search tries under ``search="auto"``: where it starts and where it goes after a
+failed trial. Ours, not the papers'; every other ``search=`` value keeps the papers' search exactly.
+
+- *Start, caught up.* The papers grow the stored step size once per step before searching (AdamSLS,
+  ArmijoSGD, LayerwiseAdamSLS: ``gamma^(1/n_batches_per_epoch)`` with reset_option 1; SaLSA:
+  ``growth``). A step skipped by the schedule does not grow it, so a search after ``k`` skipped steps
+  started from the stored value grown once: the step size could then rise only once per *search*
+  while searching every step lets it rise once per *step*. A run whose first searches landed on a
+  small step size stayed there (a binary task stuck near chance loss while ``"every"`` learned it).
+  Under ``"auto"``, when the last search took its first trial (the step size held by the growth, not
+  by the test), the search starts from the stored value grown once per step since then (the growth
+  "every" would have had, at most ``MAX_CATCH_UP`` = 1.25x more: the drift the schedule tolerates
+  between searches, so a climb makes the schedule search more often); the Armijo test checks it. After a search that backtracked the start
+  is the paper's (catching up there would only add backtracks).
+- *Interpolating backtracking.* A failed trial at ``eta`` gives f0, the slope ``-s`` (``s`` the
+  sufficient-decrease sum, the directional derivative along the trial direction) and f(eta): on the
+  quadratic through them the Armijo test holds up to ``t_A = (1 - c) s eta^2 / (f(eta) - f0 + s eta)``
+  and the minimum is at ``t_min = s eta^2 / (2 (f(eta) - f0 + s eta))``. The next trial is the larger of
+  ``beta_b * t_A`` (where the papers' scan by beta_b would stop on that model: AdamSLS, c = 0.1; the
+  minimum alone, half as far, left its step sizes, which grow slowly, below the papers') and
+  ``t_min`` (SaLSA, c = 0.5, whose smoothed test accepts more), kept between ``MIN_SHRINK * eta`` and
+  ``beta_b * eta`` (a non-finite trial loss: the lower bound). The papers multiply by ``beta_b`` (0.9 or 0.8): from ``init_step_size`` to the accepted step
+  size of a fine-tuning run that took 18-40 trials on the first searches; this takes a few.
+"""
+from __future__ import annotations
+
+import math
+
+from . import search_schedule
+
+MIN_SHRINK = 0.1  # a failed trial shrinks eta by at most 10x (the usual safeguard of interpolation)
+MAX_CATCH_UP = 1.25  # at most this much growth caught up per search (the drift "auto" tolerates between searches)
+
+
+def ours(ls: dict) -> bool:
+    """Does this optimizer search our way (``search="auto"``)? ``ls``: its ``ls_state``."""
+    return ls["search"]["kind"] == "auto"
+
+
+def growth_per_step(group: dict) -> float:
+    """The factor by which the paper's rule grows a group's step size before each search (1: none)."""
+    if "growth" in group:  # SaLSA
+        return float(group["growth"])
+    if group.get("reset_option") == 1:
+        return float(group["gamma"]) ** (1.0 / group["n_batches_per_epoch"])
+    return 1.0  # reset_option 0 keeps it, 2 restarts at init_step_size: nothing to catch up
+
+
+def start(ls: dict, paper_start: float, group: dict, gi: int) -> float:
+    """Where group ``gi``'s search starts: the paper's start (stored step size grown once); under
+    ``"auto"``, when the group's last search took its first trial (the step size was held by the
+    growth, not by the test), grown once more per step the schedule skipped since."""
+    if not ours(ls):
+        return paper_start
+    state, growth = ls["search"], growth_per_step(group)
+    eta = paper_start * min(growth ** state["since"], MAX_CATCH_UP) if search_schedule.climbing(state, gi) else paper_start
+    search_schedule.note_start(state, gi, eta, growth)
+    return eta
+
+
+def accepted(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float) -> None:
+    """A trial at ``eta`` passed: tell the schedule how much larger a step the test would take on the
+    quadratic through f0, the slope -s and f1 (``"auto"`` only; search_schedule's climbing rule)."""
+    if not ours(ls) or not (math.isfinite(f1) and s > 0):
+        return
+    curvature = f1 - f0 + s * eta
+    room = (1.0 - group["c"]) * s * eta / curvature if curvature > 0 else 1e30  # no curvature seen: unbounded
+    search_schedule.note_headroom(ls["search"], room)
+
+
+def backtrack(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float) -> float:
+    """The next trial step size after a failed trial at ``eta`` (loss ``f1``, start loss ``f0``,
+    slope ``-s``): the papers' ``eta * beta_b``, or under ``"auto"`` the safeguarded quadratic fit."""
+    beta_b = group["beta_b"]
+    if not ours(ls):
+        return eta * beta_b
+    lo, hi = MIN_SHRINK * eta, beta_b * eta
+    curvature = f1 - f0 + s * eta  # > 0 for a failed trial with s > 0 (f1 above the tangent line)
+    if not (math.isfinite(f1) and s > 0 and curvature > 0):
+        return lo if not math.isfinite(f1) else hi
+    # on the model, the test holds up to (1 - c) s eta^2 / curvature (< eta: the trial failed); its
+    # minimum is at half of s eta^2 / curvature
+    reach = max(beta_b * (1.0 - group["c"]), 0.5)
+    return min(max(reach * s * eta * eta / curvature, lo), hi)
