@@ -14,8 +14,11 @@ math::AdamCoeffs<V> adam_coeffs(const AdamScalars& s) {
           c(s.weight_decay),    c(s.decay),     c(s.step_size),       c(s.bias_correction2_sqrt)};
 }
 
+// flatten: everything the loop calls is inlined into each instantiation, whatever else the translation
+// unit holds, so GCC's FMA contraction sees the same expression in the float and the GradScaler
+// (kUnscale) path and they keep agreeing bit for bit (docs/kernels.md, "A caveat for maintainers").
 template <typename T, bool kDecoupled, bool kWeightDecay, bool kMaximize, bool kUnscale, bool kAmsgrad>
-void adam_segment(void* const* ptrs, int64_t n, const AdamScalars& s) {
+__attribute__((flatten)) void adam_segment(void* const* ptrs, int64_t n, const AdamScalars& s) {
   using S = at::opmath_type<T>;
   enum { P, G, M, V, MAXV };
   constexpr size_t kLists = kAmsgrad ? 5 : 4;

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -112,16 +113,21 @@ class TrialPoints:
 
     def check_finite(self, gids: Iterable[int]) -> None:
         """After a non-finite trial loss: the in-place groups' parameters must still be finite (a trial
-        point that overflowed its dtype cannot be moved back without a kept w0). Reads p once."""
+        point that overflowed its dtype cannot be moved back without a kept w0). Reads p once; sharded
+        parameters decide on the sums over all shards, so every rank raises or none."""
+        from ._closure import read_host
+        from ._line_search import DeviceSums
+        parts = []
         for device, g, (params, w0), pos, n_check in self.t.buckets(["params", "w0"], gids=list(gids)):
-            if w0[0] is not None:
-                continue
-            impl = bucketing.backend_for(g["backend"], device, [params, params], n_check and 2)
-            if not bool(torch.isfinite(impl.ls_save_sgd(params, params, []).sum())):
-                raise FloatingPointError(
-                    f"{self.opt._name}: a trial point overflowed {params[0].dtype} (step size times the search "
-                    f"direction beyond its range), and without a copy of the start point it cannot be moved "
-                    f"back; construct the optimizer with keep_start_point=True")
+            if w0[0] is None:
+                impl = bucketing.backend_for(g["backend"], device, [params, params], n_check and 2)
+                parts.append((pos, impl.ls_save_sgd(params, params, [])))  # sum(p^2) per tensor
+        sums = DeviceSums(self.t, parts)
+        if parts and not all(map(math.isfinite, read_host(sums.tensors()))):
+            raise FloatingPointError(
+                f"{self.opt._name}: a trial point overflowed the parameters' dtype (step size times the search "
+                f"direction beyond its range), and without a copy of the start point it cannot be moved back; "
+                f"construct the optimizer with keep_start_point=True")
 
     # ---------------------------------------------------------------- launches
     def _launch(self, etas: Dict[int, float], direction: str, kept: bool) -> None:

@@ -16,6 +16,12 @@ from rank_jobs import ranks as _ranks
 
 # Adam's update divides by sqrt(v): a gradient that differs in its last bit moves the parameter by a few ulps.
 ATOL = 1e-6
+# The Adam line searches' trials move the parameters in place (docs/kernels.md, "In-place trials"): the final
+# step recovers w0 from a trial point |w0 - eta d| ~ 5 here (init_step_size=5), whose rounding (half an ulp of 5,
+# 2.4e-7 per step) differs between the sharded and the one-process run once their gradients differ in the last
+# bit. The decisions (step sizes, backtracks) must still be the same, and the ranks identical, exactly.
+ATOL_IN_PLACE = 1e-5
+IN_PLACE_ADAM = ("AdamSLS", "LayerwiseAdamSLS", "SaLSA")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +41,10 @@ def _decisions(ls):
 
 
 def _assert_matches_single_process(recs, ref, name):
+    atol = ATOL_IN_PLACE if name in IN_PLACE_ADAM else ATOL
     for r, rec in enumerate(recs):
         for i, (a, b) in enumerate(zip(rec["params"], ref["params"])):
-            assert torch.allclose(a, b, rtol=0, atol=ATOL), f"rank {r} param {i}: max diff {(a - b).abs().max()}"
+            assert torch.allclose(a, b, rtol=0, atol=atol), f"rank {r} param {i}: max diff {(a - b).abs().max()}"
         assert all(torch.equal(a, b) for a, b in zip(rec["params"], recs[0]["params"])), "ranks differ"
         if name in J.LINE_SEARCH:
             assert rec["ls"] == recs[0]["ls"], "line-search state differs across ranks"

@@ -288,3 +288,20 @@ def test_no_parameter_sized_scratch_in_a_step(name, backend):
         assert max(mode.sizes) <= 64 * len(params), f"{max(mode.sizes)} B allocated at once"
     else:
         assert max(mode.sizes) <= largest, f"{max(mode.sizes)} B > the largest parameter's {largest} B"
+
+
+@pytest.mark.parametrize("backend", LS_BACKENDS)
+def test_a_trial_point_that_overflows_is_refused_without_a_kept_start_point(backend):
+    """fp32: a trial at eta = 1e38 overflows to inf; in place it could not be moved back, so the step
+    says so (FloatingPointError naming keep_start_point); with the start point kept the search backtracks
+    from w0 as the release did."""
+    def run(keep):
+        p = torch.nn.Parameter(torch.tensor([3.0, -1.0, 2.0]))
+        opt = sk.ArmijoSGD([p], init_step_size=1e38, beta_b=0.1, backend=backend, keep_start_point=keep)
+        opt.zero_grad()
+        opt.step(lambda: 0.5 * (p.double() ** 2).sum().float() * 10.0)
+        return p, opt
+    with pytest.raises(FloatingPointError, match="keep_start_point=True"):
+        run(False)
+    p, opt = run(True)
+    assert bool(torch.isfinite(p).all()) and opt.ls_state["found"] == [True] and opt.ls_state["n_backtracks"][0] > 0

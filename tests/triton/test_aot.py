@@ -35,7 +35,7 @@ def test_every_kernel_compiles_to_sm90_ptx(tmp_path):
     assert compiled == {"adam_step_kernel", "sgd_momentum_step_kernel", "adam_step_tensor_kernel",
                         "sgd_momentum_step_tensor_kernel", "ls_save_sgd_kernel", "ls_save_adam_kernel",
                         "ls_trial_sgd_kernel", "ls_trial_adam_kernel", "ls_final_adam_kernel",
-                        "act_backward_kernel"}, report
+                        "ls_final_adam_from_trial_kernel", "act_backward_kernel"}, report
     for dtype in ("fp32", "fp16", "bf16"):
         assert any(f"[{dtype}" in line for line in lines), dtype
     # The update kernels keep the header's rounding: IEEE sqrt/div, no FMA contraction, and the
