@@ -2,8 +2,8 @@
 
 A backend is a module with the same functional signature for every fused op
 (``adam_step``, ``sgd_momentum_step``, ``ls_save_sgd``, ``ls_save_adam``, ``ls_trial_sgd``,
-``ls_trial_adam``, ``ls_final_adam``, and the AMP / capturable variants ``adam_step_tensor`` and
-``sgd_momentum_step_tensor``); see ``reference.py`` for the contract.
+``ls_trial_adam``, ``ls_final_adam``, ``ls_final_adam_from_trial``, and the AMP / capturable variants
+``adam_step_tensor`` and ``sgd_momentum_step_tensor``); see ``reference.py`` for the contract.
 
 - ``reference``: plain PyTorch, any device, always available (the oracle).
 - ``cpu``: the C++ kernels of ``svi_kernels._C`` (vectorised, OpenMP), CPU tensors.

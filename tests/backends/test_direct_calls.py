@@ -103,6 +103,7 @@ LS_CALLS = {  # name: (number of lists, extra args after the lists)
     "ls_trial_sgd": (3, ("etas",)),
     "ls_trial_adam": (4, ("etas", 1e-8, 0.3)),
     "ls_final_adam": (4, ("etas", 1e-8, 0.2, 0.3)),
+    "ls_final_adam_from_trial": (4, ("etas", 0.7, 1e-8, 0.2, 0.3)),
 }
 
 
