@@ -107,6 +107,7 @@ class StepTensors:
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
         # Only this step's copies stay (keep_start_point switched off, parameters gone: the rest are freed).
         kept_copies = {p: w for p, w in zip(owners, self.w0) if w is not None}
+        self.any_kept = bool(kept_copies)  # (the plan keeps it with the lists: TrialPoints skips a pass without)
         if kept_copies:
             opt._w0 = kept_copies
         else:

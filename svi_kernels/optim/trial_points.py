@@ -74,7 +74,8 @@ class TrialPoints:
             else:  # (no optimizer changes direction otherwise) back to w0 first
                 self.restore([gi])
                 deltas[gi] = eta
-        self._launch(etas, direction, kept=True)
+        if self.t.any_kept:
+            self._launch(etas, direction, kept=True)
         moved = {gi: d for gi, d in deltas.items() if d != 0.0}
         if moved:
             self._launch(moved, direction, kept=False)
@@ -86,7 +87,7 @@ class TrialPoints:
     def restore(self, gids: Iterable[int]) -> None:
         """Put the groups ``gids`` back at the start point (bit for bit where w0 is kept)."""
         gids = [gi for gi in gids if gi in self.at]
-        for _device, _g, (params, w0), _pos, _n in self.t.buckets(["params", "w0"], gids=gids):
+        for _device, _g, (params, w0), _pos, _n in self.t.buckets(["params", "w0"], gids=gids) if self.t.any_kept else ():
             if w0[0] is not None:
                 torch._foreach_copy_(params, w0)
         for direction in (SGD, ADAM, MOMENTUM):
@@ -136,7 +137,7 @@ class TrialPoints:
         t = self.t
         names = ["params", "w0" if kept else "params"] + list(_READS[direction])
         for device, g, lists, pos, n_check in t.buckets(names, gids=list(etas)):
-            if (t.lists(["w0"], pos)[0][0] is not None) != kept:
+            if t.any_kept and (t.lists(["w0"], pos)[0][0] is not None) != kept:
                 continue
             impl = bucketing.backend_for(g["backend"], device, lists, n_check)
             per_tensor = t.per_tensor(etas, pos)
@@ -155,7 +156,7 @@ class TrialPoints:
         ``w0 - trial_eta * g / denom`` (the kept buckets took it from w0 in ``move``)."""
         t = self.t
         for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
-            if t.lists(["w0"], pos)[0][0] is not None:
+            if t.any_kept and t.lists(["w0"], pos)[0][0] is not None:
                 continue
             bc1, bc2_sqrt = adam_scalars(self.step, *g["betas"], True)
             impl = bucketing.backend_for(g["backend"], device, lists, n_check)
