@@ -90,11 +90,11 @@ class LayerwiseAdamSLS(AdamSLS):
             old = dict(enumerate(ls["step_sizes"]))
             searched = None  # the groups whose step size a search chose this step (None: all)
             n = len(self.param_groups)
-            etas = [initial_step.start(ls, reset_step_size(ls["step_sizes"][i], g), g, i)
-                    for i, g in enumerate(self.param_groups)]
+            etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
             everyone = list(range(n))
             if step <= self.warmup_steps:
-                eta, backtracks, found = self._search(runner, f0, t, s, everyone, etas[0],
+                eta, backtracks, found = self._search(runner, f0, t, s, everyone,
+                                                      initial_step.start(ls, etas[0], self.param_groups[0], 0),
                                                       self.param_groups[0], step)
                 self._final_adam(t, {i: eta for i in everyone}, step)
                 for i in everyone:
@@ -102,7 +102,8 @@ class LayerwiseAdamSLS(AdamSLS):
             elif self.strategy == "all":
                 paper = self.criterion == "paper"
                 for i, group in enumerate(self.param_groups):
-                    eta, backtracks, found = self._search(runner, f0, t, s, [i], etas[i], group, step)
+                    start = initial_step.start(ls, etas[i], group, i)  # search="auto": may catch up (ours)
+                    eta, backtracks, found = self._search(runner, f0, t, s, [i], start, group, step)
                     etas[i] = eta
                     if paper:  # the next group's trials must see this one at w0 again
                         if i + 1 < n:
@@ -119,7 +120,8 @@ class LayerwiseAdamSLS(AdamSLS):
                 before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
                 if before:
                     self._final_adam(t, before, step)
-                eta, backtracks, found = self._search(runner, f0, t, s, [k], etas[k], self.param_groups[k], step)
+                start = initial_step.start(ls, etas[k], self.param_groups[k], k)  # search="auto" (ours)
+                eta, backtracks, found = self._search(runner, f0, t, s, [k], start, self.param_groups[k], step)
                 etas[k] = eta
                 self._final_adam(t, {i: etas[i] for i in everyone if i not in before}, step)
                 for i in everyone:
