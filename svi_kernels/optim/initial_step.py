@@ -50,8 +50,8 @@ def growth_per_step(group: dict) -> float:
 
 def start(ls: dict, paper_start: float, group: dict, gi: int) -> float:
     """Where group ``gi``'s search starts: the paper's start (stored step size grown once); under
-    ``"auto"``, when the group's last search took its first trial (the step size was held by the
-    growth, not by the test), grown once more per step the schedule skipped since."""
+    ``"auto"``, while the schedule says the group is climbing (its step size held by the growth, not
+    by the test), grown once more per step the schedule skipped since, at most ``MAX_CATCH_UP``."""
     if not ours(ls):
         return paper_start
     state, growth = ls["search"], growth_per_step(group)
