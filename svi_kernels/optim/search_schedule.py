@@ -117,6 +117,7 @@ def note_start(state: dict, gi: int, eta: float, growth: float) -> None:
         state["start"][gi] = eta
         state["growth"][gi] = growth
         state["current"] = gi  # the group whose trials note_headroom hears about
+        state["trial"] = None  # initial_step.backtrack's last failed trial of this search
         state.setdefault("headroom", [None] * len(state["n"]))[gi] = None
 
 
