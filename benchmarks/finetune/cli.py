@@ -222,9 +222,10 @@ def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: flo
         parser.error("--arms must include adamw: it sets each setting's target")
     n_runs = sum(len(arm.lrs) * len(s.seeds) for s in plan for arm in s.arms)
     est = tuning_free.estimate_seconds(plan)
+    each = ", ".join(f"{s.name} ~{tuning_free.estimate_seconds([s]) / 60:.0f}" for s in plan)
     print(f"svi-finetune tuning-free: {len(plan)} settings, {n_runs} runs; estimated runtime ~{est / 60:.0f} min "
-          f"on 2 cores (rough; plus encoding the frozen features once; finished runs are re-used)", file=sys.stderr,
-          flush=True)
+          f"({each}) with 1 thread on 2 shared cores (rough; plus encoding the frozen features once; finished "
+          f"runs are re-used)", file=sys.stderr, flush=True)
     if a.estimate_only:
         return 0
     missing = [o for o in tuning_free.PEERS if o in (a.arms or tuning_free.ARMS) and not optimizers.available(o)]

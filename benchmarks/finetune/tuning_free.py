@@ -37,13 +37,15 @@ BEST = "adamw (best lr)"
 # (name, top_layers, subset, epochs, batch size, evals per epoch) per scale
 SETTINGS = {
     "smoke": [("classifier-n64", 0, 64, 2, 16, 2), ("full-n32", -1, 32, 1, 16, 2)],
-    "study": [("classifier-n500", 0, 500, 5, 32, 4), ("top1-n500", 1, 500, 5, 32, 4),
-              ("top2-n500", 2, 500, 5, 32, 4), ("full-n256", -1, 256, 2, 16, 2)],
+    "study": [("classifier-n500", 0, 500, 5, 32, 2), ("top1-n500", 1, 500, 5, 32, 2),
+              ("top2-n500", 2, 500, 5, 32, 2), ("full-n256", -1, 256, 1, 16, 2)],
 }
-# rough seconds per training step and per evaluation on the study's 2 shared cores (MiniLM, max_len 64),
-# for the runtime estimate: claim 2b measured ~30 ms/step at top2, the others scaled by the layers run
-STEP_S = {0: 0.003, 1: 0.016, 2: 0.030, -1: 0.25}
-EVAL_S = {0: 0.05, 1: 0.6, 2: 1.1, -1: 4.0}
+# rough seconds per training step and per evaluation (800 val sentences), MiniLM, max_len 64, 1 thread
+# on the shared 2-core machine, for the runtime estimate: a pilot measured 0.2-0.3 s/step at top2
+# (batch 32) and 0.85 s/step end to end (batch 16), ~9 s per evaluation end to end; top1 and the
+# classifier are scaled by the layers they run
+STEP_S = {0: 0.01, 1: 0.12, 2: 0.22, -1: 0.85}
+EVAL_S = {0: 0.1, 1: 1.2, 2: 2.2, -1: 9.0}
 FORWARDS = 1.25  # forwards per step of the searching arms (search="auto"), for the estimate
 
 

@@ -105,11 +105,12 @@ class LayerwiseAdamSLS(AdamSLS):
         (None: all)."""
         ls = self.ls_state
         n = len(self.param_groups)
-        etas = [initial_step.start(ls, reset_step_size(ls["step_sizes"][i], g), g, i)
-                for i, g in enumerate(self.param_groups)]
+        etas = [reset_step_size(ls["step_sizes"][i], g) for i, g in enumerate(self.param_groups)]
         everyone = list(range(n))
         if step <= self.warmup_steps:
-            eta, backtracks, found = self._search(runner, f0, points, s, everyone, etas[0], self.param_groups[0])
+            eta, backtracks, found = self._search(runner, f0, points, s, everyone,
+                                                  initial_step.start(ls, etas[0], self.param_groups[0], 0),
+                                                  self.param_groups[0])
             points.move({i: eta for i in everyone}, MOMENTUM)
             for i in everyone:
                 self._record(i, eta, backtracks if i == 0 else 0, found)
@@ -117,7 +118,8 @@ class LayerwiseAdamSLS(AdamSLS):
         if self.strategy == "all":
             paper = self.criterion == "paper"
             for i, group in enumerate(self.param_groups):
-                eta, backtracks, found = self._search(runner, f0, points, s, [i], etas[i], group)
+                start = initial_step.start(ls, etas[i], group, i)  # search="auto": may catch up (ours)
+                eta, backtracks, found = self._search(runner, f0, points, s, [i], start, group)
                 etas[i] = eta
                 if paper:  # the next group's trials must see this one at w0 again
                     if i + 1 < n:
@@ -134,7 +136,8 @@ class LayerwiseAdamSLS(AdamSLS):
         before = {i: etas[i] for i in range(k)} if self.criterion == "code" else {}
         if before:
             points.move(before, MOMENTUM)
-        eta, backtracks, found = self._search(runner, f0, points, s, [k], etas[k], self.param_groups[k])
+        start = initial_step.start(ls, etas[k], self.param_groups[k], k)  # search="auto" (ours)
+        eta, backtracks, found = self._search(runner, f0, points, s, [k], start, self.param_groups[k])
         etas[k] = eta
         points.move({i: etas[i] for i in everyone if i not in before}, MOMENTUM)
         for i in everyone:

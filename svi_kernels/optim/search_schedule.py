@@ -20,11 +20,12 @@ stored step size, in one fused update (the cost of an AdamW step). The schedules
   ``AUTO_WARMUP`` steps). A search's own resolution (x1.1 growth, x0.8 backtrack) then lets the gap grow
   about 2x per search while the step size only jitters, and keeps it short while it trends.
   *Climbing*: a search that takes its first trial, where the quadratic through f0, the slope and the
-  trial's loss passes the test up to ``AUTO_HEADROOM`` (2x) its step or more, says the step size is held
-  by the growth before each search, not by the test; after ``AUTO_CLIMB`` such searches in a row the next search comes once the
-  growth could have reached the tolerance (2 steps at SaLSA's 1.1x), and initial_step.start lets the
-  search catch up the growth of the skipped steps. Without it a run whose step size started (or fell)
-  far too small grew it once per search and stayed near chance loss where ``"every"`` learned
+  trial's loss passes the test up to ``AUTO_HEADROOM`` (2x) its step or more, says the step size is
+  held by the growth before each search, not by the test; after ``AUTO_CLIMB`` such searches in a row
+  the next search comes once the growth could have reached the tolerance (2 steps at SaLSA's 1.1x),
+  and initial_step.start lets the search catch up the growth of the skipped steps. Without it a run
+  whose step size started (or fell) far too small grew it once per search and stayed near chance loss
+  where ``"every"`` learned
   (tests/optim/test_initial_step.py). Under ``"auto"`` the search also backtracks by interpolation
   (initial_step.backtrack).
   Designed on a 600-step fine-tuning run (docs/results.md, claim 2b). Known limit: SaLSA's smoothed test
@@ -116,6 +117,7 @@ def note_start(state: dict, gi: int, eta: float, growth: float) -> None:
         state["start"][gi] = eta
         state["growth"][gi] = growth
         state["current"] = gi  # the group whose trials note_headroom hears about
+        state["trial"] = None  # initial_step.backtrack's last failed trial of this search
         state.setdefault("headroom", [None] * len(state["n"]))[gi] = None
 
 

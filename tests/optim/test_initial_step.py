@@ -46,6 +46,23 @@ def test_auto_backtracks_to_the_armijo_boundary_of_the_quadratic():
     assert I.backtrack(_ls("auto"), group, 0.1, f0, 1.5, 0.0) == pytest.approx(0.09)  # no slope: the papers' step
 
 
+def test_a_second_failure_backtracks_along_the_secant():
+    """A cross-entropy line falls steeply, then rises about linearly: the quadratic fit shrinks eta by
+    ~0.8 a trial there; after a second failure the line through the last two trials meets the Armijo
+    line at t_sec = 0.025 here, and the next trial is beta_b * t_sec, which passes."""
+    f0, s, c = 1.0, 100.0, 0.1
+    f = lambda t: 0.5 + 10 * t  # noqa: E731  (beyond a kink at t = 0.005)
+    ls, group = _ls("auto"), {"beta_b": 0.9, "c": c}
+    S.note_start(ls["search"], 0, 0.1, 1.0)
+    eta2 = I.backtrack(ls, group, 0.1, f0, f(0.1), s)
+    assert 0.7 * 0.1 < eta2 < 0.9 * 0.1  # the quadratic's step: slow on this line
+    eta3 = I.backtrack(ls, group, eta2, f0, f(eta2), s)
+    assert eta3 == pytest.approx(0.9 * 0.025, rel=1e-9)
+    assert f(eta3) <= f0 - c * eta3 * s
+    S.note_start(ls["search"], 0, 0.1, 1.0)  # a new search forgets the trials of the last one
+    assert I.backtrack(ls, group, 0.1, f0, f(0.1), s) == pytest.approx(eta2)
+
+
 def test_start_catches_up_only_while_climbing():
     sls = {"gamma": 2.0, "n_batches_per_epoch": 10, "reset_option": 1}
     grow = 2.0 ** 0.1
