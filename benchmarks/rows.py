@@ -109,30 +109,34 @@ def _phases(*ops):
     return lambda ctx: [(op, 1.0) for op in ops]
 
 
-def _direction_saved(ctx: Context) -> bool:
-    """Do the Adam line searches save their direction for these parameters (fp32/fp64)?"""
-    from svi_kernels.optim._line_search import EXACT_DIRECTION
-    return ctx.dtype in EXACT_DIRECTION
+def _keeps_w0(ctx: Context) -> bool:
+    """Do the line searches keep a copy of the start point for these parameters (the rows leave
+    keep_start_point off: fp16/bf16 only, trial_points.KEEP_DTYPES), or move them in place?"""
+    from svi_kernels.optim.trial_points import KEEP_DTYPES
+    return ctx.dtype in KEEP_DTYPES
+
+
+def _armijo_sgd_phases(ctx: Context) -> list:
+    return traffic.armijo_sgd_phases(_keeps_w0(ctx))
 
 
 def _adam_sls_phases(ctx: Context) -> list:
-    return traffic.adam_sls_phases(1.0, _direction_saved(ctx))
+    return traffic.adam_sls_phases(1.0, _keeps_w0(ctx))
 
 
 def _layerwise_phases(ctx: Context) -> list:
-    """A "cycle" step over several groups saves no direction: only the searched group's trial would
-    read it, and it recomputes d from g and v instead (layerwise.py); with one group it is AdamSLS."""
-    n = len(ctx.layer_groups())
-    return traffic.adam_sls_phases(1.0 / n, _direction_saved(ctx) and n == 1)
+    """A "cycle" step over n groups: the check and the save cover every parameter, the trial and
+    (in place) the final step from it the searched group, 1/n on average over a cycle."""
+    return traffic.adam_sls_phases(1.0 / len(ctx.layer_groups()), _keeps_w0(ctx))
 
 
-def _adam_trial_phases(ctx: Context) -> list:
-    """The trial op of an Adam search, as the optimizers run it for ctx's dtype."""
-    return [(traffic.adam_search_ops(_direction_saved(ctx))[1], 1.0)]
+def _trial_phases(op: str):
+    """The trial op ``op`` as the line searches run it for ctx's dtype (in place, or from a kept w0)."""
+    return lambda ctx: [(traffic.line_search_op(op, _keeps_w0(ctx)), 1.0)]
 
 
 def _salsa_search_phases(ctx: Context) -> list:
-    return traffic.adam_search_phases(_direction_saved(ctx))
+    return traffic.adam_search_phases(_keeps_w0(ctx))
 
 
 # ---- builders ----
@@ -158,17 +162,16 @@ def _ours_line_search(make):
 
 
 def _trial(kind: str, backend: str):
+    """The bare trial op as the line searches call it: in place (w0 = p; each call moves p by eta * d)
+    or, where they keep one, from a copy of the start point."""
     def build(ctx):
         mod = importlib.import_module("svi_kernels.backends").get(backend)
         ps = [p.detach() for p in ctx.params]
-        w0 = [p.clone() for p in ps]
+        w0 = [p.clone() for p in ps] if _keeps_w0(ctx) else ps
         etas = [1e-3] * len(ps)
         if kind == "sgd":
             return (lambda: mod.ls_trial_sgd(ps, w0, ctx.grads, etas)), None
         v = [g * g + 1e-12 for g in ctx.grads]
-        if _direction_saved(ctx):  # what the optimizers run: ls_trial_sgd along the saved direction
-            dirs = [g / (x.sqrt() / 0.5 + 1e-8) for g, x in zip(ctx.grads, v)]
-            return (lambda: mod.ls_trial_sgd(ps, w0, dirs, etas)), None
         return (lambda: mod.ls_trial_adam(ps, w0, ctx.grads, v, etas, eps=1e-8,
                                           bias_correction2_sqrt=0.5)), None
     return build
@@ -192,7 +195,6 @@ def _groups(ctx):
 def build_rows(backends: List[str]) -> List[Row]:
     """All rows, in table order: torch baselines, then ours per backend, then reference-style."""
     adam, sgd = _phases("adam_step"), _phases("sgd_momentum_step")
-    armijo = lambda ctx: traffic.ARMIJO_SGD_PHASES  # noqa: E731
     rows = [
         Row("torch_adamw_foreach", "torch", "torch", adam, _torch_adamw(False)),
         Row("torch_adamw_fused", "torch", "torch", adam, _torch_adamw(True)),
@@ -205,9 +207,9 @@ def build_rows(backends: List[str]) -> List[Row]:
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="sgd", backend=b))),
             Row("svi_adam", b, "ours", adam, _ours(
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="adam", backend=b))),
-            Row("ls_trial_sgd", b, "ours", _phases("ls_trial_sgd"), _trial("sgd", b), op_only=True),
-            Row("ls_trial_adam", b, "ours", _adam_trial_phases, _trial("adam", b), op_only=True),
-            Row("armijo_sgd_bookkeeping", b, "ours", armijo, _ours_line_search(
+            Row("ls_trial_sgd", b, "ours", _trial_phases("ls_trial_sgd"), _trial("sgd", b), op_only=True),
+            Row("ls_trial_adam", b, "ours", _trial_phases("ls_trial_adam"), _trial("adam", b), op_only=True),
+            Row("armijo_sgd_bookkeeping", b, "ours", _armijo_sgd_phases, _ours_line_search(
                 lambda sk, ctx, b=b: sk.ArmijoSGD(ctx.params, backend=b)),
                 bookkeeping=True, compare_to="reference_style_armijo_sgd_bookkeeping"),
             Row("adam_sls_bookkeeping", b, "ours", _adam_sls_phases, _ours_line_search(
@@ -225,7 +227,7 @@ def build_rows(backends: List[str]) -> List[Row]:
                 bookkeeping=True, compare_to="reference_style_layerwise_adam_sls_bookkeeping"),
         ]
     rows += [
-        Row("reference_style_armijo_sgd_bookkeeping", "reference-style", "reference-style", armijo,
+        Row("reference_style_armijo_sgd_bookkeeping", "reference-style", "reference-style", _armijo_sgd_phases,
             _reference_style("sgd"), bookkeeping=True),
         Row("reference_style_adam_sls_bookkeeping", "reference-style", "reference-style", _adam_sls_phases,
             _reference_style("adam"), bookkeeping=True),

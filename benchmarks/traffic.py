@@ -10,24 +10,41 @@ from typing import Dict, Iterable, Optional, Tuple
 
 # (reads, writes) per element, by operand role:
 #   param: the parameter p; grad: its gradient g;
-#   copy:  scratch in p's dtype: the saved start point w0 of a line search, and the Adam search
-#          direction d = g / (sqrt(v_hat) + eps) that the save phase writes for the trials;
+#   copy:  scratch in p's dtype: the start point w0 of a line search, where the step keeps one
+#          (fp16/bf16 parameters, keep_start_point=True; svi_kernels/optim/trial_points.py);
 #   state: optimizer state (Adam's m and v, the momentum buffer).
 OP_ACCESSES: Dict[str, Dict[str, Tuple[int, int]]] = {
     "adam_step": {"param": (1, 1), "grad": (1, 0), "state": (2, 2)},                   # p,g,m,v -> p,m,v
     "sgd_momentum_step": {"param": (1, 1), "grad": (1, 0), "state": (1, 1)},           # p,g,buf -> p,buf
     "ls_save_sgd": {"param": (1, 0), "grad": (1, 0), "copy": (0, 1)},                  # p,g -> w0 (+ sum g^2)
-    # ls_save_sgd given an empty w0: the Adam searches' gradient check, sum g^2 only
-    "ls_grad_check": {"grad": (1, 0)},                                                   # g -> (sum g^2)
     "ls_save_adam": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 1)},  # p,g,m,v -> w0,m,v
-    # ls_save_adam given a dirs list (fp32/fp64): also writes d
-    "ls_save_adam_dir": {"param": (1, 0), "grad": (1, 0), "state": (2, 2), "copy": (0, 2)},  # p,g,m,v -> w0,d,m,v
     "ls_trial_sgd": {"param": (0, 1), "grad": (1, 0), "copy": (1, 0)},                 # w0,g -> p
     "ls_trial_adam": {"param": (0, 1), "grad": (1, 0), "state": (1, 0), "copy": (1, 0)},  # w0,g,v -> p
-    # an Adam trial along the saved d: ls_trial_sgd on (p, w0, d)
-    "ls_trial_adam_dir": {"param": (0, 1), "copy": (2, 0)},                           # w0,d -> p
     "ls_final_adam": {"param": (0, 1), "state": (2, 0), "copy": (1, 0)},               # w0,m,v -> p
+    # the Adam final step from the last (in-place) trial point, w0 recovered in registers
+    "ls_final_adam_from_trial": {"param": (1, 1), "grad": (1, 0), "state": (2, 0)},   # p,g,m,v -> p
 }
+KEPT_W0_OPS = ("ls_save_sgd", "ls_save_adam", "ls_trial_sgd", "ls_trial_adam", "ls_final_adam")
+
+
+def without_w0(op: str) -> str:
+    """``op`` as a line search calls it with no kept start point: a save given an empty w0 reads
+    neither p nor w0 and writes no copy (``_no_w0``: ls_save_sgd reads only g); a move given w0 = p
+    reads p where it read w0 (``_in_place``)."""
+    return op + ("_no_w0" if op.startswith("ls_save") else "_in_place")
+
+
+def _accesses_without_w0(op: str) -> Dict[str, Tuple[int, int]]:
+    acc = dict(OP_ACCESSES[op])
+    w0_reads, _w0_writes = acc.pop("copy")
+    if op.startswith("ls_save"):
+        acc.pop("param")  # p is read only to be copied
+    else:
+        acc["param"] = (acc["param"][0] + w0_reads, acc["param"][1])
+    return acc
+
+
+OP_ACCESSES.update({without_w0(op): _accesses_without_w0(op) for op in KEPT_W0_OPS})
 
 Phases = Iterable[Tuple[str, float]]  # (op, how many times per step; fractions allowed)
 
@@ -44,33 +61,42 @@ def bytes_per_param(phases: Phases, param_itemsize: int, state_itemsize: Optiona
     return float(sum(count * op_bytes(op, param_itemsize, state_itemsize) for op, count in phases))
 
 
-def adam_search_ops(direction_saved: bool = True) -> Tuple[str, str]:
-    """(save, trial) ops of an Adam line search: with the direction saved (fp32/fp64 parameters,
-    _line_search.EXACT_DIRECTION) the save writes d and every trial reads w0 and d; else (fp16/bf16)
-    the trials recompute d from g and v."""
-    return ("ls_save_adam_dir", "ls_trial_adam_dir") if direction_saved else ("ls_save_adam", "ls_trial_adam")
+def line_search_op(op: str, keeps_w0: bool) -> str:
+    """The form of ``op`` a line search runs: from a kept w0, or without one (``without_w0``)."""
+    return op if keeps_w0 else without_w0(op)
 
 
 # Before their save phase touches the moments, the Adam line searches check every gradient finite
 # with ArmijoSGD's save op given an empty w0 (sum g^2 per tensor, nothing written): _line_search._grad_norms.
-ADAM_GRAD_CHECK = ("ls_grad_check", 1.0)
+ADAM_GRAD_CHECK = (without_w0("ls_save_sgd"), 1.0)
 
 
-def adam_search_phases(direction_saved: bool = True) -> list:
-    """A searched Adam step up to its first trial: the gradient check, the save (moments, w0, d), one trial."""
-    save, trial = adam_search_ops(direction_saved)
-    return [ADAM_GRAD_CHECK, (save, 1.0), (trial, 1.0)]
+def armijo_sgd_phases(keeps_w0: bool = False) -> list:
+    """ArmijoSGD with one accepted trial: save (sum g^2; w0 <- p where kept) + the trial, which is the step."""
+    return [(line_search_op("ls_save_sgd", keeps_w0), 1.0), (line_search_op("ls_trial_sgd", keeps_w0), 1.0)]
 
 
-def adam_sls_phases(searched_fraction: float = 1.0, direction_saved: bool = True) -> list:
-    """AdamSLS with one accepted trial: gradient check + save (moments, w0, d) + trial over the searched
-    parameters + final.
+def adam_search_phases(keeps_w0: bool = False) -> list:
+    """A searched Adam step up to its first trial: the gradient check, the save (moments; w0 where
+    kept), one trial (SaLSA's accepted trial is its step)."""
+    return [ADAM_GRAD_CHECK, (line_search_op("ls_save_adam", keeps_w0), 1.0),
+            (line_search_op("ls_trial_adam", keeps_w0), 1.0)]
+
+
+def adam_sls_phases(searched_fraction: float = 1.0, keeps_w0: bool = False) -> list:
+    """AdamSLS with one accepted trial: gradient check + save + trial over the searched parameters +
+    final step. The final step from a kept w0 is ls_final_adam over every parameter; in place it is
+    ls_final_adam_from_trial for the searched parameters (at their trial point) and ls_final_adam
+    in place for those still at w0.
 
     LayerwiseAdamSLS ("cycle") searches one of n groups per step: over a cycle the trial touches
     1/n of the parameters per step on average.
     """
-    save, trial = adam_search_ops(direction_saved)
-    return [ADAM_GRAD_CHECK, (save, 1.0), (trial, searched_fraction), ("ls_final_adam", 1.0)]
-
-
-ARMIJO_SGD_PHASES = [("ls_save_sgd", 1.0), ("ls_trial_sgd", 1.0)]  # the accepted trial is the step
+    phases = adam_search_phases(keeps_w0)
+    phases[-1] = (phases[-1][0], searched_fraction)
+    if keeps_w0:
+        return phases + [("ls_final_adam", 1.0)]
+    phases.append(("ls_final_adam_from_trial", searched_fraction))
+    if searched_fraction < 1.0:
+        phases.append((without_w0("ls_final_adam"), 1.0 - searched_fraction))
+    return phases

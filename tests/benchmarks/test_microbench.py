@@ -48,7 +48,7 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
     fused = next(r for r in rows if r["name"] == "torch_adamw_fused")
     assert fused["ratio_to_torch_fused_adamw"] == pytest.approx(1.0)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Adam moments (+ one 4-byte step count per tensor on the 4.3 K parameters of tiny); SGD's search keeps w0
+    # Adam moments (+ one 4-byte step count per tensor on the 4.3 K parameters of tiny)
     state = {(r["name"], r["backend"]): r["state_bytes_per_param"] for r in rows}
     assert 8.0 <= state[("torch_adamw_fused", "torch")] <= 8.01 and 8.0 <= state[("adamw", "reference")] <= 8.1
     assert state[("reference_style_armijo_sgd_bookkeeping", "reference-style")] == 0.0
@@ -57,7 +57,10 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize("op,fp32,bf16", [
     ("adam_step", 28, 14), ("sgd_momentum_step", 20, 10), ("ls_trial_sgd", 12, 6), ("ls_trial_adam", 16, 8),
     ("ls_save_sgd", 12, 6), ("ls_save_adam", 28, 14), ("ls_final_adam", 16, 8),
-    ("ls_save_adam_dir", 32, 16), ("ls_trial_adam_dir", 12, 6),
+    ("ls_final_adam_from_trial", 20, 10),
+    # without a kept start point: saves given an empty w0, moves given w0 = p (docs/kernels.md's table)
+    ("ls_save_sgd_no_w0", 4, 2), ("ls_save_adam_no_w0", 20, 10), ("ls_trial_sgd_in_place", 12, 6),
+    ("ls_trial_adam_in_place", 16, 8), ("ls_final_adam_in_place", 16, 8),
 ])
 def test_op_bytes_from_reads_and_writes(op, fp32, bf16):
     assert traffic.op_bytes(op, 4) == fp32
@@ -71,22 +74,27 @@ def test_fp32_state_with_bf16_params():
 
 
 def test_line_search_bookkeeping_is_the_sum_of_its_phases():
-    assert traffic.bytes_per_param(traffic.ARMIJO_SGD_PHASES, 4) == 12 + 12
-    # the gradient check (ls_save_sgd without w0: reads g, 4), then fp32/fp64: the save also writes
-    # the direction d, each trial reads w0 and d
-    assert traffic.op_bytes("ls_grad_check", 4) == 4
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 4 + 32 + 12 + 16
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(direction_saved=False), 2) == 2 + 14 + 8 + 8
-    # PLASLS with 10 groups: every step saves and finalises all, searches a tenth on average
-    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(4 + 32 + 1.2 + 16)
+    # in place (fp32/fp64): ArmijoSGD's save reads g; the Adam searches check g (4), save the moments
+    # (20), try in place (16) and take the final step from the trial point (20)
+    assert traffic.bytes_per_param(traffic.armijo_sgd_phases(), 4) == 4 + 12
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(), 4) == 4 + 20 + 16 + 20
+    assert traffic.bytes_per_param(traffic.adam_search_phases(), 4) == 4 + 20 + 16
+    # from a kept w0 (fp16/bf16, keep_start_point=True): the saves copy p, the moves read w0
+    assert traffic.bytes_per_param(traffic.armijo_sgd_phases(keeps_w0=True), 4) == 12 + 12
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(keeps_w0=True), 2) == 2 + 14 + 8 + 8
+    # PLASLS with 10 groups: every step checks and saves all and takes every final step, searches a
+    # tenth on average; in place the searched tenth's final step is from its trial point (20), the
+    # others' from w0 (16)
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1), 4) == pytest.approx(4 + 20 + 1.6 + 2 + 14.4)
+    assert traffic.bytes_per_param(traffic.adam_sls_phases(0.1, keeps_w0=True), 4) == pytest.approx(4 + 28 + 1.6 + 16)
 
 
 def test_every_row_is_accounted():
     params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(20)]
     ctx = rows_mod.Context(params, [torch.zeros(3)] * 20, torch.device("cpu"), torch.float32)
     expected = {"torch_adamw_foreach": 28, "torch_adamw_fused": 28, "adamw": 28, "svi_sgd": 20, "svi_adam": 28,
-                "ls_trial_sgd": 12, "ls_trial_adam": 12, "armijo_sgd_bookkeeping": 24, "adam_sls_bookkeeping": 64,
-                "layerwise_adam_sls_bookkeeping": 4 + 28 + 16 / 10 + 16, "salsa_search_bookkeeping": 4 + 32 + 12,
+                "ls_trial_sgd": 12, "ls_trial_adam": 16, "armijo_sgd_bookkeeping": 16, "adam_sls_bookkeeping": 60,
+                "layerwise_adam_sls_bookkeeping": 4 + 20 + 36 / 10 + 16 * 9 / 10, "salsa_search_bookkeeping": 40,
                 "salsa_skipped_step": 28}
     seen = set()
     for row in rows_mod.build_rows(["cpu"]):
@@ -96,13 +104,15 @@ def test_every_row_is_accounted():
     assert {"reference_style_armijo_sgd_bookkeeping", "layerwise_adam_sls_bookkeeping"} <= seen
 
 
-def test_bf16_adam_searches_are_counted_without_the_saved_direction():
+def test_bf16_line_searches_are_counted_from_their_kept_start_point():
     params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)) for _ in range(20)]
     ctx = rows_mod.Context(params, [torch.zeros(3, dtype=torch.bfloat16)] * 20, torch.device("cpu"), torch.bfloat16)
-    expected = {"ls_trial_adam": 8, "salsa_search_bookkeeping": 2 + 14 + 8, "adam_sls_bookkeeping": 2 + 14 + 8 + 8}
+    expected = {"ls_trial_sgd": 6, "ls_trial_adam": 8, "armijo_sgd_bookkeeping": 6 + 6,
+                "salsa_search_bookkeeping": 2 + 14 + 8, "adam_sls_bookkeeping": 2 + 14 + 8 + 8,
+                "layerwise_adam_sls_bookkeeping": 2 + 14 + 8 / 10 + 8}
     for row in rows_mod.build_rows(["cpu"]):
         if row.name in expected:
-            assert traffic.bytes_per_param(row.phases(ctx), 2) == expected[row.name], row.name
+            assert traffic.bytes_per_param(row.phases(ctx), 2) == pytest.approx(expected[row.name]), row.name
 
 
 def test_targets_mark_missing_rows():
