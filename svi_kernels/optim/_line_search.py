@@ -28,9 +28,6 @@ from . import searched_step
 from . import trial_points
 from .adamw import adam_scalars
 
-# No dtype's search direction is saved any more (the trials recompute it in place, trial_points.py);
-# kept empty for readers of the old name (benchmarks/rows.py's traffic model).
-EXACT_DIRECTION: tuple = ()
 # Dtypes where the CPU op ls_trial_sgd(p, p, g, eta) gives the bits of torch._foreach_add_(p, g, alpha=-eta).
 _FOREACH_BITS = (torch.float32, torch.float64)
 LS_KEY = "ls"  # self.state[LS_KEY]: counters and per-group step sizes (round-trips through state_dict)
