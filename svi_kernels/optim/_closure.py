@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 
 class ClosureRunner:
     def __init__(self, opt_name: str, closure: Callable[[], Tensor], params: List[Tensor], process_group=None,
-                 sharded: Optional[bool] = None):
+                 sharded: Optional[bool] = None, trials: bool = True):
         if closure is None:
             raise RuntimeError(
                 f"{opt_name}.step() needs a closure: `loss = opt.step(lambda: loss_fn(model(x), y))`; "
@@ -68,11 +68,16 @@ class ClosureRunner:
         # Counted here and added to the optimizer's state only when the step succeeds.
         self.n_forwards = 0
         self.n_backwards = 0
-        self.cpu_rng = torch.get_rng_state()
+        # The RNG state every evaluation starts from; ``trials=False`` (a step the search= schedule skips:
+        # one evaluation, nothing to match it with) captures none (a copy of the generator's state: up to ~10 us
+        # of host work a step inside a training loop).
+        self.cpu_rng = torch.get_rng_state() if trials else None
         self.cuda_rng = (torch.cuda.get_rng_state_all()
-                         if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+                         if trials and torch.cuda.is_available() and torch.cuda.is_initialized() else None)
 
     def _restore_rng(self) -> None:
+        if self.cpu_rng is None:
+            return
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -140,6 +145,8 @@ class ClosureRunner:
     def trial(self) -> Tensor:
         """Evaluate f at the current (trial) parameters without grad; returns the (rank-averaged) loss
         as a float64 tensor on its device, not read back. NaN/inf are returned as they are."""
+        if self.cpu_rng is None:
+            raise RuntimeError(f"{self.name}: a trial evaluation in a step whose runner has no RNG state (trials=False)")
         self._restore_rng()
         with torch.no_grad(), sharding.fresh_gathers(self.sharded):  # FSDP2: the next forward sees new shards
             if self.calls_backward:

@@ -121,6 +121,7 @@ class StepTensors:
         self._sublists: Dict[tuple, list] = {}  # (name, id of a partition's positions) -> that sublist
         self._count_runs: Dict[int, List[tuple]] = {}  # id of a partition's positions -> count_runs
         self._all_contiguous: Optional[bool] = None
+        self._impls: Dict[tuple, object] = {}  # (backend, device) -> module of contiguous buckets (see impl)
         step_plan.keep_line_search_tensors(opt, self, owners, with_moments)
 
     def grads_pass_checks(self) -> bool:
@@ -164,6 +165,18 @@ class StepTensors:
             n_check = 0 if self._all_contiguous or all(self.contiguous[i] for i in pos) else len(names)
             out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], self.lists(names, pos), pos, n_check))
         return out
+
+    def impl(self, backend: Optional[str], device, lists, n_check: int):
+        """bucketing.backend_for(backend, device, lists, n_check), memoised for contiguous buckets
+        (``n_check`` 0: the answer depends on the backend and device alone), also across the steps that
+        reuse the plan's fields (a changed backend drops the plan)."""
+        if n_check:
+            return bucketing.backend_for(backend, device, lists, n_check)
+        key = (backend, device)
+        impl = self._impls.get(key)
+        if impl is None:
+            impl = self._impls[key] = bucketing.backend_for(backend, device, lists, 0)
+        return impl
 
     def lists(self, names: Sequence[str], pos: List[int]) -> List[List[Optional[Tensor]]]:
         """The lists ``names`` at a bucket's positions ``pos`` (one of ``buckets``'s)."""
@@ -321,15 +334,17 @@ class LineSearchOptimizer(Optimizer):
     def _runner(self, closure, check: bool):
         """This step's ClosureRunner. ``check`` (a searched step): refuse bad parameters before any
         forward; a fitting plan checked them when it was built (the gradients are checked after the
-        backward, by the first op that reads them, or by StepTensors off the plan)."""
+        backward, by the first op that reads them, or by StepTensors off the plan). Without ``check``
+        (a skipped step: no trial) the runner keeps no RNG state."""
         from ._closure import ClosureRunner, all_params
         planned = step_plan.line_search_params(self)
         if planned is None:
             if check:
                 self._check_params()
-            return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group)
+            return ClosureRunner(self._name, closure, all_params(self.param_groups), self.process_group,
+                                 trials=check)
         params, sharded = planned
-        return ClosureRunner(self._name, closure, params, self.process_group, sharded=sharded)
+        return ClosureRunner(self._name, closure, params, self.process_group, sharded=sharded, trials=check)
 
     def _check_params(self) -> None:
         for group in self.param_groups:
@@ -461,7 +476,7 @@ class LineSearchOptimizer(Optimizer):
             todo = launches(t)
             if t.planned and fused(todo):
                 gi, device, g, (params, grads) = todo[0]
-                bucketing.backend_for(g["backend"], device, [params, grads], 0).ls_trial_sgd(
+                t.impl(g["backend"], device, [params, grads], 0).ls_trial_sgd(
                     params, params, grads, [float(etas[gi])] * len(params))
                 return
             for gi, _device, _g, (params, grads) in todo:
@@ -475,7 +490,7 @@ class LineSearchOptimizer(Optimizer):
         ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step.
         ``decays`` (per group, default 1) is the decoupled weight-decay factor."""
         def one_launch(t) -> bool:
-            return len(self.param_groups) == 1 and len(t.buckets(["params"], gids=[0])) == 1
+            return len(self.param_groups) == 1 and len(t._partition([0])) == 1  # (one bucket; no lists built)
 
         def update(t):
             if not t.planned and not one_launch(t):  # no launch may refuse after another has stepped
@@ -488,7 +503,7 @@ class LineSearchOptimizer(Optimizer):
                 wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
                 for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
                                                                   gids=[gi]):
-                    impl = bucketing.backend_for(g["backend"], device, lists, n_check)
+                    impl = t.impl(g["backend"], device, lists, n_check)
                     impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                                    weight_decay=wd, decoupled=True, bias_correction1=bc1,
                                    bias_correction2_sqrt=bc2_sqrt)
