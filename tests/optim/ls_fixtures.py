@@ -54,7 +54,7 @@ def record_checkpoint(name):
 
 
 def coupled_problem(seed=0, sizes=(4, 3, 5), n=30):
-    """tests/optim/test_layerwise_criterion.py's least-squares problem that couples the groups."""
+    """A least-squares loss that couples the groups: moving one group changes the others' best step."""
     gen = torch.Generator().manual_seed(seed)
     d = sum(sizes)
     A = torch.randn(n, d, generator=gen, dtype=torch.float64)

@@ -10,22 +10,9 @@ import torch
 
 import svi_kernels as sk
 from helpers import LS_BACKENDS
+from ls_fixtures import coupled_problem  # a least-squares loss that couples the groups
 
 EPS = 1e-8
-
-
-def coupled_problem(seed=0, sizes=(4, 3, 5), n=30):
-    """A least-squares loss that couples the groups: moving one group changes the others' best step."""
-    gen = torch.Generator().manual_seed(seed)
-    d = sum(sizes)
-    A = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    b = torch.randn(n, generator=gen, dtype=torch.float64)
-    ps = [torch.nn.Parameter(torch.randn(m, generator=gen, dtype=torch.float64)) for m in sizes]
-
-    def f(ws):
-        r = A @ torch.cat(list(ws)) - b
-        return 0.5 * (r @ r) / n
-    return ps, f
 
 
 class Recorder:
