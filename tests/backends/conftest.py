@@ -1,5 +1,14 @@
-"""Fixtures of the CPU kernel tests (tests/backends/test_cpu_*.py, test_stream_stores.py)."""
+"""Fixtures of the op tests: ``backend`` (every backend, skipped with the reason where unavailable) and
+the CPU kernel tests' (tests/backends/test_cpu_*.py, test_stream_stores.py)."""
 import pytest
+
+from backend_params import BACKEND_PARAMS
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request):
+    """The name of each backend in turn (tests/backend_params.py)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

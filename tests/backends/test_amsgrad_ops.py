@@ -9,15 +9,9 @@ import torch
 
 from svi_kernels.backends import get, reference
 
-from backend_params import BACKEND_PARAMS
 from test_ops_parity import DTYPES, SIZES, _device_for, assert_close, f64, lists_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def _max_v(v, seed):

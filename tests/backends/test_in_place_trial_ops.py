@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from backend_params import BACKEND_PARAMS, device_for
+from backend_params import device_for
 from svi_kernels.backends import get, reference
 from tensor_factory import random_lists
 
@@ -31,11 +31,6 @@ FINAL = dict(eps=1e-8, bias_correction1=1 - 0.9 ** STEP, bias_correction2_sqrt=m
 UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 TOL = {torch.float32: (2e-6, 1e-5), torch.float64: (1e-14, 1e-13), torch.float16: (1e-3, 2e-3),
        torch.bfloat16: (8e-3, 1.6e-2)}
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def _skip_fp64_triton(backend, dtype):

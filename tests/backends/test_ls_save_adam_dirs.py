@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from backend_params import BACKEND_PARAMS, device_for
+from backend_params import device_for
 from svi_kernels.backends import get, reference
 EXACT_DIRECTION = (torch.float32, torch.float64)  # the dtypes whose d is stored exactly
 from tensor_factory import random_lists
@@ -25,11 +25,6 @@ ETAS = [0.3, 0.0, 1e-3, 2.5, 0.07, 1.0, 0.5]
 # one rounding to the stored dtype plus a few in the compute dtype
 TOL = {torch.float32: (2e-6, 1e-5), torch.float64: (1e-14, 1e-13), torch.float16: (1e-3, 2e-3),
        torch.bfloat16: (8e-3, 1.6e-2)}
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def _inputs(dtype, device, seed=3, sizes=SIZES):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend_params import AVAILABLE, BACKEND_PARAMS, device_for
+from backend_params import AVAILABLE, device_for
 from svi_kernels.backends import get
 from tensor_factory import random_lists
 
@@ -18,11 +18,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SIZES = [1, 7, 0, 4099, 65_537, 33, 0]  # odd sizes (one over two CPU chunks), empty tensors mid and last
 MANY = [int(n) for n in torch.randint(0, 3000, (300,), generator=torch.Generator().manual_seed(12))]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def _skip_unsupported(backend, dtype):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from backend_params import AVAILABLE, BACKEND_PARAMS
+from backend_params import AVAILABLE
 from backend_params import device_for as _device_for
 from svi_kernels.backends import get, reference
 from tensor_factory import random_lists as lists_for
@@ -33,11 +33,6 @@ def assert_close(got, want, dtype, what):
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a.detach().cpu().double(), b.to(a.dtype).double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}[{i}] (numel {b.numel()}): {m}")
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def sizes_for(backend_name):

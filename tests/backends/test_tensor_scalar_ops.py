@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from backend_params import AVAILABLE, BACKEND_PARAMS
+from backend_params import AVAILABLE
 from backend_params import device_for as _device_for
 from svi_kernels.backends import get, reference
 from tensor_factory import random_lists as lists_for
@@ -24,11 +24,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
        torch.float64: (1e-12, 1e-12)}
 SIZES = [1, 7, 0, 4099, 278011, 33, 0]  # zero-size tensors in the middle and last
-
-
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    return request.param
 
 
 def f64(ts):
