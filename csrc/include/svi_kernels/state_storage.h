@@ -12,13 +12,7 @@
 //   bf16 bits = (float_bits(x) + r) >> 16, or x rounded to nearest when x is NaN.
 // E[stored] = x for finite x: the 16 dropped bits are rounded up with probability (their value) / 2^16.
 
-#ifndef SVI_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SVI_HD __host__ __device__ __forceinline__
-#else
-#define SVI_HD inline
-#endif
-#endif
+#include "svi_hd.h"
 
 #include <c10/core/ScalarType.h>
 

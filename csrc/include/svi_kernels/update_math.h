@@ -11,15 +11,7 @@
 // Coefficients arrive already broadcast to V (the caller does it once per chunk).
 // Low-precision params (fp16/bf16) are converted to float before these are called.
 
-// A translation unit may predefine SVI_HD: csrc/cpu/isa_*.cpp use `static inline`
-// so that each instruction-set build keeps its own copies (no ODR merging).
-#ifndef SVI_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SVI_HD __host__ __device__ __forceinline__
-#else
-#define SVI_HD inline
-#endif
-#endif
+#include "svi_hd.h"
 
 #include <cmath>
 
