@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import torch
 
-from . import memory, report, rows as rows_mod, state_bytes, stream, targets, timing, traffic, workloads
+from . import memory, peers, report, rows as rows_mod, state_bytes, stream, targets, timing, traffic, workloads
+from .unavailable import RowUnavailable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OUT_DIR = "bench_out"
@@ -33,6 +34,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                          "backend for the device, else 'reference'); 'all' adds 'reference'")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out the peers' rows (bitsandbytes, torchao: benchmarks/peers.py; by default they "
+                         "run where installed, torchao compiling its update on its first step)")
     # 15: the 95% interval of a median is then the 4th..12th window, not min..max (timing.median_interval);
     # with 7 about half the checks sat within noise in an idle run, with 15 a fifth, for 150 s instead of 120 s
     ap.add_argument("--repeats", type=int, default=15, help="timed windows per row (median taken) (default: %(default)s)")
@@ -110,7 +114,7 @@ def _measure(row, ctx, args, device, paired, param_itemsize):
     closure_ms = 1e3 * own[1] / own[0] if row.bookkeeping and own[0] else None
     launches, syncs = timing.launches_and_syncs(fn, device)
     state = None if opt is None else state_bytes.state_bytes_per_param(opt, ctx.params)
-    return timed, launches, syncs, rows_mod.state_itemsize(opt, param_itemsize), fn, closure_ms, state
+    return timed, launches, syncs, row.traffic_state_itemsize(opt, param_itemsize), fn, closure_ms, state
 
 
 def _select_rows(all_rows: List[rows_mod.Row], spec: Optional[str]) -> List[rows_mod.Row]:
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace):
         names.remove("tiny")
     wls = [workloads.get(n) for n in names]
     backends = _pick_backends(args.backend, device)
-    all_rows = _select_rows(rows_mod.build_rows(backends), args.rows)
+    all_rows = _select_rows(rows_mod.build_rows(backends, peers=args.peers), args.rows)
 
     bar = _progress_bar(1 + len(wls) * len(all_rows), disable=args.no_progress)
     bar.set_description("stream bandwidth")
@@ -169,8 +173,9 @@ def run(args: argparse.Namespace):
             try:
                 timed, launches, syncs, state_size, fn, closure_ms, state_bpp = _measure(
                     row, ctx, args, device, paired, itemsize)
-            except Exception as exc:  # an optimizer not written yet, an unsupported dtype...
-                skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # a peer not installed, an optimizer not written yet, an unsupported dtype...
+                why = str(exc) if isinstance(exc, RowUnavailable) else f"{type(exc).__name__}: {exc}"
+                skipped.append(f"{wl.name}: {row.name} [{row.backend}]: {why}")
                 bar.update(1)
                 continue
             ms = timed.ms
@@ -209,6 +214,7 @@ def run(args: argparse.Namespace):
                 "ours_ratio_paired": timed.paired_ratio[-1] if ours else None,
                 "ours_ratio_interval": timed.paired_ratio_interval[-1] if ours else None,
                 "compare_to": row.compare_to,
+                "package_version": peers.installed_version(row.package) if row.package else None,
             }
             bar.update(1)
         wl_results = [measured[id(r)] for r in all_rows if id(r) in measured]
@@ -263,7 +269,7 @@ def _memory_only(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = _device(args)
     backends = _pick_backends(args.backend, device)
-    rows = _select_rows(rows_mod.build_rows(backends), args.rows)
+    rows = _select_rows(rows_mod.build_rows(backends, peers=args.peers), args.rows)
     peaks = memory.measure_peaks(rows, backends, workloads.get(args.peak_workload), DTYPES[args.dtype], device,
                                  threads=args.threads,
                                  progress=None if args.no_progress else lambda s: print(s, file=sys.stderr))
@@ -294,6 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"streaming bandwidth (a.add_(b, alpha=s), {bw['numel']:,} fp32, 12 B/elem), measured before each "
           f"workload's rows: {per_workload} GB/s; each row's fraction of stream uses the probe run between its "
           f"own windows (column stream GB/s)")
+    if args.peers:
+        print(peers.describe())
     busy = _busy_warning()
     if busy:
         print(busy)

@@ -69,7 +69,7 @@ def write_plot(path: str, results: List[dict], title: Optional[str] = None) -> N
     rows_of = {w: [r for r in results if r["workload"] == w and r["ratio_to_torch_fused_adamw"]] for w in workloads}
     height = sum(max(len(v), 1) for v in rows_of.values()) * 0.28 + 1.2 * len(workloads)
     fig, axes = plt.subplots(len(workloads), 1, figsize=(9, max(height, 3)), squeeze=False)
-    colors = {"torch": "tab:gray", "ours": "tab:blue", "reference-style": "tab:orange"}
+    colors = {"torch": "tab:gray", "peer": "tab:purple", "ours": "tab:blue", "reference-style": "tab:orange"}
     for ax, w in zip(axes[:, 0], workloads):
         rows = rows_of[w]
         labels = [f"{r['name']} [{r['backend']}]" for r in rows]

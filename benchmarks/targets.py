@@ -25,6 +25,12 @@ BOOKKEEPING_MIN_SPEEDUP = 5.0   # vs the reference-style bookkeeping of the same
 MIN_FRACTION_OF_STREAM = 0.8    # every fused row, on the workloads of large tensors (issue 12):
 BANDWIDTH_WORKLOADS = ("huge", "bert-base")  # elsewhere the fraction is printed, without a target
 MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
+# issue 24, low-precision state: faster than torch fused AdamW where bandwidth bounds the step (fewer bytes
+# move), on BANDWIDTH_WORKLOADS; and the memory it keeps, with fp32 parameters (live tensors, B/param)
+STATE_DTYPE_RATIO_LIMITS = {"adamw_bf16_state": 0.8}
+STATE_BYTES_LIMITS = {name: 4.05 for name in ("adamw_bf16_state", "adam_sls_bookkeeping_bf16_state",
+                                              "salsa_search_bookkeeping_bf16_state",
+                                              "layerwise_adam_sls_bookkeeping_bf16_state")}
 
 
 Interval = Optional[Tuple[float, float]]
@@ -89,6 +95,13 @@ def evaluate(results: List[dict]) -> None:
                 checks.append(_check(f">= {BOOKKEEPING_MIN_SPEEDUP:g}x faster than reference-style", speedup,
                                      BOOKKEEPING_MIN_SPEEDUP, False,
                                      _quotient(ref.get("ms_interval"), r.get("ms_interval")) if ref else None))
+            if r["workload"] in BANDWIDTH_WORKLOADS and r["name"] in STATE_DTYPE_RATIO_LIMITS:
+                limit = STATE_DTYPE_RATIO_LIMITS[r["name"]]
+                checks.append(_check(f"<= {limit:.3g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit,
+                                     True, r.get("ratio_interval")))
+            if r["name"] in STATE_BYTES_LIMITS and r.get("dtype") == "fp32":
+                limit = STATE_BYTES_LIMITS[r["name"]]
+                checks.append(_check(f"state <= {limit:g} B/param", r.get("state_bytes_per_param"), limit, True))
             if r["workload"] in BANDWIDTH_WORKLOADS:
                 checks.append(_check(f">= {MIN_FRACTION_OF_STREAM:.0%} of stream", r["fraction_of_stream"],
                                      MIN_FRACTION_OF_STREAM, False, r.get("fraction_of_stream_interval")))

@@ -49,14 +49,15 @@ OP_ACCESSES.update({without_w0(op): _accesses_without_w0(op) for op in KEPT_W0_O
 Phases = Iterable[Tuple[str, float]]  # (op, how many times per step; fractions allowed)
 
 
-def op_bytes(op: str, param_itemsize: int, state_itemsize: Optional[int] = None) -> float:
-    """Bytes per parameter element of one call of ``op``; state defaults to the param dtype."""
+def op_bytes(op: str, param_itemsize: int, state_itemsize: Optional[float] = None) -> float:
+    """Bytes per parameter element of one call of ``op``; state defaults to the param dtype (a fraction
+    counts quantised state with its scales: 1 + 4/256 for 8-bit codes with one fp32 scale per 256)."""
     state_itemsize = param_itemsize if state_itemsize is None else state_itemsize
     size = {"param": param_itemsize, "grad": param_itemsize, "copy": param_itemsize, "state": state_itemsize}
     return float(sum((r + w) * size[role] for role, (r, w) in OP_ACCESSES[op].items()))
 
 
-def bytes_per_param(phases: Phases, param_itemsize: int, state_itemsize: Optional[int] = None) -> float:
+def bytes_per_param(phases: Phases, param_itemsize: int, state_itemsize: Optional[float] = None) -> float:
     """Sum of the phases' traffic: e.g. a line-search step is save + trial(s) + final."""
     return float(sum(count * op_bytes(op, param_itemsize, state_itemsize) for op, count in phases))
 

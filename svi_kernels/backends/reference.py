@@ -6,6 +6,11 @@ ones in ``csrc/include/svi_kernels/update_math.h`` (see docs/kernels.md), in the
 
 Low-precision tensors (fp16/bf16) are computed in float32 and rounded once on store, like the
 kernels. Called on float64 copies this is the float64 reference of the tests.
+
+Optimizer state may have another dtype than the params (state_storage.STATE_DTYPES: bf16 state
+for fp32 params, fp32 state for fp16/bf16 params); the ops that write state take ``state_seed``:
+None rounds every store to nearest, an int stochastically rounds the stores into bf16 state
+(state_storage.stochastic_round_bf16, the bits every backend uses).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .state_storage import check_state_dtypes, check_state_seed, store_state
 
 NAME = "reference"
 
@@ -59,35 +66,52 @@ def adam_step(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
     bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
-    max_exp_avg_sqs: Optional[List[Tensor]] = None,
+    max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
 ) -> None:
     """max_exp_avg_sqs given: AMSGrad, max_v <- max(max_v, v) and the denominator uses max_v."""
+    _check_adam_state("adam_step", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed)
     step_size = lr / bias_correction1
     decay = 1.0 - lr * weight_decay
     maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
-    for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, maxes):
+    for t, (p, g, m, v, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes)):
         pf, mf, vf, second = _adam_math(
             _opmath(p), _opmath(g), _opmath(m), _opmath(v), vmax, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled=decoupled, decay=decay, step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, maximize=maximize)
         _store(p, pf)
-        _store(m, mf)
-        _store(v, vf)
-        if vmax is not None:
-            _store(vmax, second)
+        _store_moments(t, m, mf, v, vf, vmax, second, state_seed)
+
+
+def _check_adam_state(op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed) -> None:
+    check_state_seed(op, state_seed)
+    check_state_dtypes(op, params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                                    "max_exp_avg_sqs": max_exp_avg_sqs})
+
+
+def _store_moments(t, m, mf, v, vf, vmax, second, state_seed, keep=None) -> None:
+    store_state(m, mf, state_seed, t, "exp_avgs", keep)
+    store_state(v, vf, state_seed, t, "exp_avg_sqs", keep)
+    if vmax is not None:
+        store_state(vmax, second, state_seed, t, "max_exp_avg_sqs", keep)
 
 
 def sgd_momentum_step(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
-    dampening: float = 0.0,
+    dampening: float = 0.0, state_seed: Optional[int] = None,
 ) -> None:
     """buf = momentum * buf + (1 - dampening) * g on every call (torch's first undamped step is the caller's)."""
-    for p, g, b in zip(params, grads, momentum_buffers):
+    _check_sgd_state("sgd_momentum_step", params, momentum_buffers, state_seed)
+    for t, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         pf, bf = _sgd_math(_opmath(p), _opmath(g), _opmath(b), lr=lr, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         _store(p, pf)
-        _store(b, bf)
+        store_state(b, bf, state_seed, t, "momentum_buffers")
+
+
+def _check_sgd_state(op, params, momentum_buffers, state_seed) -> None:
+    check_state_seed(op, state_seed)
+    check_state_dtypes(op, params, {"momentum_buffers": momentum_buffers})
 
 
 # ------------------------------------------------------------ AMP / capturable (tensor scalars)
@@ -134,24 +158,25 @@ def adam_step_tensor(
     state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-    max_exp_avg_sqs: Optional[List[Tensor]] = None,
+    max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
 ) -> None:
     """adam_step with lr, the step counts (already incremented), the loss scale and the skip flag as
     tensors, never read by the host. found_inf != 0: nothing changes. grad_scale: g <- g / grad_scale,
     written back to the gradient, before the update. Bias corrections in float64 from each step.
     max_exp_avg_sqs: AMSGrad, as in adam_step."""
+    _check_adam_state("adam_step_tensor", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed)
     if not params:
         return
     compute = _compute_dtype(params[0])
     lr64 = _as_f64(lr, params[0])
     keep = _keep(found_inf, params[0])
     maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
-    for p, g, m, v, step, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, maxes):
+    for t, (p, g, m, v, step, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, maxes)):
         step_size, bc2_sqrt = lr64, 1.0
         if correct_bias:  # adam_bias_corrections (update_math.h), in float64
-            t = step.detach().reshape(()).to(device=p.device, dtype=torch.float64)
-            step_size = lr64 / (1.0 - torch.pow(float(beta1), t))
-            bc2_sqrt = torch.sqrt(1.0 - torch.pow(float(beta2), t))
+            n = step.detach().reshape(()).to(device=p.device, dtype=torch.float64)
+            step_size = lr64 / (1.0 - torch.pow(float(beta1), n))
+            bc2_sqrt = torch.sqrt(1.0 - torch.pow(float(beta2), n))
         step_size, bc2_sqrt = _as_compute(step_size, compute), _as_compute(bc2_sqrt, compute)
         decay = _as_compute(1.0 - lr64 * weight_decay, compute)
         gu = _unscaled(g, grad_scale, compute)
@@ -162,31 +187,30 @@ def adam_step_tensor(
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
-        _store_unless_skipped(m, mf, keep)
-        _store_unless_skipped(v, vf, keep)
-        if vmax is not None:
-            _store_unless_skipped(vmax, second, keep)
+        _store_moments(t, m, mf, v, vf, vmax, second, state_seed, keep)
 
 
 def sgd_momentum_step_tensor(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, dampening: float = 0.0,
+    state_seed: Optional[int] = None,
 ) -> None:
     """sgd_momentum_step with lr, the loss scale and the skip flag as tensors (see adam_step_tensor)."""
+    _check_sgd_state("sgd_momentum_step_tensor", params, momentum_buffers, state_seed)
     if not params:
         return
     compute = _compute_dtype(params[0])
     lr_c = _as_compute(_as_f64(lr, params[0]), compute)
     keep = _keep(found_inf, params[0])
-    for p, g, b in zip(params, grads, momentum_buffers):
+    for t, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         gu = _unscaled(g, grad_scale, compute)
         pf, bf = _sgd_math(_opmath(p), gu, _opmath(b), lr=lr_c, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
-        _store_unless_skipped(b, bf, keep)
+        store_state(b, bf, state_seed, t, "momentum_buffers", keep)
 
 
 def _sums(values: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
@@ -214,16 +238,19 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 def ls_save_adam(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float,
+    state_seed: Optional[int] = None,
 ) -> Tensor:
     """Moments updated before the search, w0 <- p (unless ``w0`` is empty: the in-place trials'
     save, which does not read p), and (when ``dirs`` is not empty, only with w0) the search
-    direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    direction dirs <- g / (sqrt(v_hat)+eps); returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor.
+    w0 and dirs have the params' dtype (whatever the state's)."""
     if len(grads) != len(params):
         raise ValueError(f"ls_save_adam: grads has {len(grads)} tensors but params has {len(params)}")
     check_optional_list("ls_save_adam", "w0", w0, params)
     check_optional_list("ls_save_adam", "dirs", dirs, params)
     if dirs and not w0:
         raise ValueError("ls_save_adam: dirs needs w0 (give both, or an empty dirs)")
+    _check_adam_state("ls_save_adam", params, exp_avgs, exp_avg_sqs, None, state_seed)
     terms = []
     for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs)):
         if w0:
@@ -235,8 +262,7 @@ def ls_save_adam(
         terms.append((gf * gf) / denom)
         if dirs:
             _store(dirs[i], gf / denom)
-        _store(m, mf)
-        _store(v, vf)
+        _store_moments(i, m, mf, v, vf, None, None, state_seed)
     return _sums(terms, params)
 
 
@@ -260,6 +286,7 @@ def ls_trial_adam(
     etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float,
 ) -> None:
     """p <- w0 - eta_t * g / (sqrt(v_hat) + eps): the search direction has no momentum."""
+    check_state_dtypes("ls_trial_adam", params, {"exp_avg_sqs": exp_avg_sqs})
     for p, w, g, v, eta in zip(params, w0, grads, exp_avg_sqs, etas):
         denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
         _store(p, _opmath(w) - float(eta) * (_opmath(g) / denom))
@@ -270,6 +297,7 @@ def ls_final_adam(
     etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
 ) -> None:
     """p <- w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps): the final step uses the momentum."""
+    check_state_dtypes("ls_final_adam", params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
     for p, w, m, v, eta in zip(params, w0, exp_avgs, exp_avg_sqs, etas):
         denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
         _store(p, _opmath(w) - (float(eta) / bias_correction1) * (_opmath(m) / denom))
@@ -285,6 +313,7 @@ def ls_final_adam_from_trial(
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("etas", etas)):
         if len(lst) != len(params):
             raise ValueError(f"ls_final_adam_from_trial: {name} has {len(lst)} entries but params has {len(params)}")
+    check_state_dtypes("ls_final_adam_from_trial", params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
     for p, g, m, v, eta in zip(params, grads, exp_avgs, exp_avg_sqs, etas):
         denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
         w0 = _opmath(p) + float(trial_eta) * (_opmath(g) / denom)

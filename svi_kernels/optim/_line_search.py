@@ -22,6 +22,7 @@ from . import hyperparams
 from . import initial_step
 from . import input_checks
 from . import sharding
+from . import state_storage
 from . import step_plan
 from . import search_schedule
 from . import searched_step
@@ -99,7 +100,7 @@ class StepTensors:
                 self.w0.append(opt._scratch(p) if kept or p.dtype in trial_points.KEEP_DTYPES else None)
                 self.gid.append(gi)
                 if with_moments:
-                    st = opt._moments(p)
+                    st = opt._moments(p, group)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
         # Only this step's copies stay (keep_start_point switched off, parameters gone: the rest are freed).
@@ -113,7 +114,9 @@ class StepTensors:
         self.shards = sharding.shard_sums(opt._name, owners, opt.process_group)
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
-        launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g["backend"]) for g in opt.param_groups]
+        # (the state dtype follows from the parameter's and the group's state_dtype; the backend comes last)
+        launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g.get(state_storage.KEY), g["backend"])
+                      for g in opt.param_groups]
         # Computed once per step; every phase (and every trial) reuses them.
         self.key = [(p.device, p.dtype) + launch_key[gi] for p, gi in zip(self.params, self.gid)]
         self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
@@ -156,7 +159,8 @@ class StepTensors:
         return self._partitions[memo]
 
     def buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
-        """(device, group, lists, positions, n_check) per fused bucket over the selected groups;
+        """(device, group, lists, positions, n_check) per fused bucket over the selected groups (a bucket's
+        state tensors share a dtype: its groups share the state_dtype);
         ``n_check`` is 0 when every tensor of the bucket is contiguous (nothing left to check)."""
         out = []
         if self._all_contiguous is None:
@@ -236,6 +240,8 @@ class LineSearchOptimizer(Optimizer):
         # True: keep a copy of the start point during each step (+4 B/param; trial_points.py)
         self.keep_start_point = trial_points.check_keep_start_point(keep_start_point)
         search = search_schedule.check_search(search)
+        if self._uses_moments:  # (ArmijoSGD keeps no state)
+            defaults = {**defaults, state_storage.KEY: state_storage.check_value(defaults.get(state_storage.KEY))}
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
         self.state[LS_KEY] = {
@@ -249,6 +255,8 @@ class LineSearchOptimizer(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        if self._uses_moments:
+            state_storage.check_new_group(self, self._name)
         searched_step.wrap_groups(self)  # no "lr": a scheduler gets a clear error (searched_step.py)
         ls = self.state.get(LS_KEY)
         if ls is not None:  # None while the constructor adds its first groups
@@ -295,29 +303,37 @@ class LineSearchOptimizer(Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:
-                        self._moments(p)
+                        self._moments(p, group)
         return sharding.counters_into_groups(super().state_dict(), LS_KEY)
 
     def load_state_dict(self, state_dict):
         # torch keeps non-parameter state entries by reference; copy ours so that stepping after a
         # load never mutates the checkpoint the caller still holds.
         input_checks.check_state_dict(self._name, state_dict, self._group_keys)
+        state_storage.check_groups(self._name, self)  # (parameters whose dtype changed since construction)
         state_dict = sharding.counters_from_groups(state_dict, LS_KEY)
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
+        kept = state_storage.settings(self)
         super().load_state_dict(state_dict)
+        if self._uses_moments:  # (ArmijoSGD keeps no state)
+            state_storage.keep_after_load(self, kept)
         searched_step.wrap_groups(self)
         ls = self.state.get(LS_KEY)
         if ls is not None and len(ls["step_sizes"]) != len(self.param_groups):
             raise ValueError(f"{self._name}.load_state_dict: {len(ls['step_sizes'])} step sizes for "
                              f"{len(self.param_groups)} param groups")
 
-    def _moments(self, p: Tensor) -> dict:
-        """p's state with its Adam moments (zeros, with p's placement, when new)."""
+    def _moments(self, p: Tensor, group: dict) -> dict:
+        """p's state with its Adam moments in the group's state dtype (zeros, with p's placement, when new;
+        converted when the group's ``state_dtype`` changed)."""
         st = self.state[p]
+        state_dtype = group.get(state_storage.KEY)
         if "exp_avg" not in st:
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg"] = state_storage.zeros(p, state_dtype)
+            st["exp_avg_sq"] = state_storage.zeros(p, state_dtype)
+        elif st["exp_avg"].dtype != state_storage.dtype_for(p.dtype, state_dtype):
+            state_storage.conform(st, p.dtype, state_dtype)
         return st
 
     def _scratch(self, p: Tensor) -> Tensor:
@@ -397,9 +413,10 @@ class LineSearchOptimizer(Optimizer):
         torch._foreach_norm's 0-d tensor per parameter and a stack."""
         return self._save_sgd(t, save_w0=False)
 
-    def _save_adam(self, t: StepTensors, step: int) -> "DeviceSums":
+    def _save_adam(self, t: StepTensors, step: int, seeds: state_storage.StepSeeds) -> "DeviceSums":
         """Moments updated (and w0 <- p where the step keeps w0), and sum(g^2 / (sqrt(v_hat) + eps)) per
-        tensor. Without w0 the op reads g, m, v and writes m, v (20 B/param in fp32)."""
+        tensor. Without w0 the op reads g, m, v and writes m, v (20 B/param in fp32). Each launch takes
+        its state seed from ``seeds``."""
         parts = []
         for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
             beta1, beta2 = g["betas"]
@@ -407,7 +424,8 @@ class LineSearchOptimizer(Optimizer):
             w0 = [] if lists[4][0] is None else lists[4]
             impl = bucketing.backend_for(g["backend"], device, lists[:4], n_check and 4)
             parts.append((pos, impl.ls_save_adam(*lists[:4], w0, [], beta1=beta1, beta2=beta2, eps=g["eps"],
-                                                 bias_correction2_sqrt=bc2_sqrt)))
+                                                 bias_correction2_sqrt=bc2_sqrt,
+                                                 **state_storage.seed_kwarg(seeds.next(g), 0, lists[2]))))
         return DeviceSums(t, parts)
 
     # --------------------------------------------------------- the search
@@ -484,11 +502,13 @@ class LineSearchOptimizer(Optimizer):
 
         self._checked_phase(False, update, one_launch=lambda t: fused(launches(t)))
 
-    def _skip_adam(self, etas: Sequence[float], step: float, decays: Optional[Sequence[float]] = None) -> None:
+    def _skip_adam(self, etas: Sequence[float], step: float, seeds: state_storage.StepSeeds,
+                   decays: Optional[Sequence[float]] = None) -> None:
         """A skipped step along the Adam direction with the moments updated:
         p <- p * decay - eta * m_hat / (sqrt(v_hat) + eps), bias corrections at ``step``. One fused
-        ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step.
-        ``decays`` (per group, default 1) is the decoupled weight-decay factor."""
+        ``adam_step`` per (group, device, dtype): the launches and memory traffic of an AdamW step, each
+        with its state seed from ``seeds``. ``decays`` (per group, default 1) is the decoupled weight-decay
+        factor."""
         def one_launch(t) -> bool:
             return len(self.param_groups) == 1 and len(t._partition([0])) == 1  # (one bucket; no lists built)
 
@@ -506,7 +526,8 @@ class LineSearchOptimizer(Optimizer):
                     impl = t.impl(g["backend"], device, lists, n_check)
                     impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                                    weight_decay=wd, decoupled=True, bias_correction1=bc1,
-                                   bias_correction2_sqrt=bc2_sqrt)
+                                   bias_correction2_sqrt=bc2_sqrt,
+                                   **state_storage.seed_kwarg(seeds.next(group), 0, lists[2]))
 
         self._checked_phase(True, update, one_launch)
 

@@ -14,7 +14,9 @@ searched in turn, the earlier ones already at their new values.
 fused Adam update ``p - eta * m_hat / (sqrt(v_hat) + eps)`` with the stored step size grown as before
 a search (the stored one unchanged), no trial and nothing read back.
 
-Memory: m and v (8 B/param in fp32, as AdamW). The trials move the parameters in place along
+Memory: m and v (8 B/param in fp32, as AdamW; 4 B/param with ``state_dtype=torch.bfloat16``, stored with
+stochastic rounding; ``torch.float32`` keeps fp32 moments beside fp16/bf16 parameters; state_storage.py).
+The trials move the parameters in place along
 g / (sqrt(v_hat) + eps) recomputed from g and v, and the final step starts from the last trial point
 (trial_points.py); ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 """
@@ -28,6 +30,7 @@ import torch
 from . import bucketing
 from . import hyperparams
 from . import initial_step
+from . import state_storage
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 from .trial_points import ADAM, MOMENTUM, TrialPoints
@@ -42,7 +45,8 @@ class AdamSLS(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
-                 backend: Optional[str] = None, process_group=None, search="every", keep_start_point: bool = False):
+                 backend: Optional[str] = None, process_group=None, search="every", keep_start_point: bool = False,
+                 *, state_dtype: Optional[torch.dtype] = None):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -50,7 +54,8 @@ class AdamSLS(LineSearchOptimizer):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
-                        reset_option=reset_option, backend=bucketing._backends.validate(backend))
+                        reset_option=reset_option, backend=bucketing._backends.validate(backend),
+                        state_dtype=state_storage.check_value(state_dtype))
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
 
@@ -64,13 +69,14 @@ class AdamSLS(LineSearchOptimizer):
         stored step sizes grown as before a search, nothing read back) and ``t`` is None.
         """
         search = force_search or self._searches_now()
+        seeds = state_storage.step_seeds(self)  # (this step() call's; drawn by the launches that write m, v)
         # A searched step fails before the forward; a skipped step checks once, after it (host cost of AdamW).
         runner = self._runner(closure, check=search)
         loss = runner.first()  # the gradients are checked by the first op that reads them
         if not search:
             step = self.ls_state["step"] + 1
             self._skip_adam([reset_step_size(eta, g) for eta, g in zip(self.ls_state["step_sizes"], self.param_groups)],
-                            step)
+                            step, seeds)
             self._finish(runner, searched=False)
             return runner, loss, None, None, None, step
         t, norms = self._checked_phase(True, self._grad_norms)
@@ -78,7 +84,7 @@ class AdamSLS(LineSearchOptimizer):
         if not norms.all_finite():
             raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
         step = self.ls_state["step"] + 1
-        s = self._save_adam(t, step)
+        s = self._save_adam(t, step, seeds)
         return runner, loss, f0, TrialPoints(self, t, step), s, step
 
     def _search(self, runner, f0, points: TrialPoints, s: DeviceSums, gids: List[int], eta: float, group: dict):

@@ -15,6 +15,10 @@ Two ways through ``step()``:
 With ``master_weights=True`` each fp16/bf16 parameter is updated through a float32 copy in its state
 (``master_param``, with float32 moments) by the same fused ops, then rounded into the parameter in
 place (``master_weights.step_with_masters``).
+
+``state_dtype=torch.bfloat16`` keeps the moments in bf16 (4 B/param beside fp32 parameters instead of 8),
+stored with stochastic rounding; ``torch.float32`` keeps fp32 moments beside fp16/bf16 parameters
+(state_storage.py, docs/api.md).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from . import master_weights
 from . import step_counters
 from . import tensor_ops
 from . import plain_step
+from . import state_storage
 from . import step_plan
 from . import torch_flags as F
 
@@ -53,6 +58,10 @@ class AdamW(Optimizer):
             moments in float32 too) that takes the update, rounded to nearest into the parameter
             after each step; small updates then accumulate instead of rounding away. Other dtypes
             ignore it. ``load_state_dict`` keeps this optimizer's setting.
+        state_dtype: the dtype of the moments: None (the working tensor's: the parameter's, or float32
+            beside a master), ``torch.float32``, or ``torch.bfloat16`` (fp32 arithmetic, stored with
+            stochastic rounding; not with ``capturable=True``, float16 or float64 parameters).
+            ``load_state_dict`` keeps this optimizer's setting and converts the loaded moments to it.
         backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
 
     Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands the loss scale and the inf flag
@@ -64,7 +73,8 @@ class AdamW(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
+                 state_dtype: Optional[torch.dtype] = None):
         hyperparams.check_lr(lr, foreach=foreach, capturable=capturable)
         hyperparams.check_nonneg(eps, "eps")
         hyperparams.check_betas(betas, foreach=foreach, capturable=capturable)
@@ -73,9 +83,14 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=bool(amsgrad), backend=bucketing._backends.validate(backend),
                         foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
-                        master_weights=hyperparams.check_bool(master_weights, "master_weights"))
+                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        state_dtype=state_storage.check_value(state_dtype))
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        state_storage.check_new_group(self, "AdamW")
 
     def __setstate__(self, state):
         # Groups loaded from a torch.optim.AdamW checkpoint lack our keys.
@@ -87,15 +102,18 @@ class AdamW(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("capturable", False)
             group.setdefault("master_weights", False)
+            group.setdefault(state_storage.KEY, None)
         F.set_defaults(self.param_groups)
         F.steps_as_tensors(self.state)
 
     def load_state_dict(self, state_dict):
         input_checks.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
                            ("step", "exp_avg", "exp_avg_sq"))
-        flags = [g["master_weights"] for g in self.param_groups]
+        state_storage.check_groups("AdamW", self)  # (parameters whose dtype changed since construction)
+        flags, kept = [g["master_weights"] for g in self.param_groups], state_storage.settings(self)
         super().load_state_dict(state_dict)
         master_weights.keep_master_state(self, state_dict, flags)
+        state_storage.keep_after_load(self, kept)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
@@ -103,25 +121,27 @@ class AdamW(Optimizer):
         step_plan.step(self, self._general_step, decoupled=True)  # built once, reused while nothing changes
         return loss
 
-    def _general_step(self, groups) -> None:
+    def _general_step(self, groups, seeds: state_storage.StepSeeds) -> None:
         """Every check, the state of new parameters, and any path (AMP, capturable, masters, complex...)."""
         _, kinds = input_checks.closure_then_check("AdamW", None, groups, complex_ok=True)
         grad_scale, found_inf = tensor_ops.amp_attributes(self)
         for group, (has_complex, _) in zip(groups, kinds):
             adam_group_step(self.state, group, tensor_path=tensor_ops.use_tensor_path(group, grad_scale, found_inf),
                             grad_scale=grad_scale, found_inf=found_inf, correct_bias=group["correct_bias"],
-                            decoupled=True, has_complex=has_complex)
+                            decoupled=True, has_complex=has_complex, seeds=seeds)
 
 
 def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Optional[Tensor],
                     found_inf: Optional[Tensor], correct_bias: bool, decoupled: bool,
-                    has_complex: bool = False) -> None:
+                    has_complex: bool = False, seeds: state_storage.StepSeeds = state_storage.NO_SEEDS) -> None:
     """One param group's Adam step, for AdamW (decoupled) and SVI(base="adam") (L2): the state of each
-    parameter with a gradient (moments created like its working tensor, see master_weights.working_tensor;
-    the step moved to its device on the tensor path), then the fused step through
-    master_weights.step_with_masters. Runs every step over every parameter: the flags are read once."""
+    parameter with a gradient (moments created like its working tensor, see master_weights.working_tensor,
+    in the group's state dtype; the step moved to its device on the tensor path), then the fused step through
+    master_weights.step_with_masters, each launch with its seed from ``seeds``. Runs every step over every
+    parameter: the flags are read once."""
     amsgrad, masters, fused, differentiable = group["amsgrad"], group["master_weights"], group["fused"], \
         group["differentiable"]
+    state_dtype = group.get(state_storage.KEY)
     owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
     for p in group["params"]:
         g = p.grad
@@ -133,13 +153,16 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
             if fused:
                 F.check_fused_param(p)
             state["step"] = step_counters.new_step(p, on_device=tensor_path)
-            state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-        elif tensor_path:
-            step_counters.step_to_param_device(state, p)
+            state["exp_avg"] = state_storage.zeros(w, state_dtype)
+            state["exp_avg_sq"] = state_storage.zeros(w, state_dtype)
+        else:
+            if tensor_path:
+                step_counters.step_to_param_device(state, p)
+            if state["exp_avg"].dtype != state_storage.dtype_for(w.dtype, state_dtype):  # (the setting changed)
+                state_storage.conform(state, w.dtype, state_dtype)
         if amsgrad:
             if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = state_storage.zeros(w, state_dtype)
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         owners.append(p)
         params.append(w)
@@ -162,8 +185,9 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
                  correct_bias=correct_bias, maximize=group["maximize"], decoupled=decoupled,
                  backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
-    master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None, **hyper),
-                        lists, owners, grad_scale)
+    master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None,
+                                                       state_seed=seeds.next(group), **hyper),
+                                     lists, owners, grad_scale)
 
 
 def adam_scalars(step: float, beta1: float, beta2: float, correct_bias: bool) -> tuple[float, float]:
@@ -177,10 +201,13 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
           state_steps: List[Tensor], *, lr, beta1: float, beta2: float, eps: float, weight_decay: float,
           correct_bias: bool = True, maximize: bool = False, decoupled: bool = True,
           backend: Optional[str] = None, capturable: bool = False, grad_scale: Optional[Tensor] = None,
-          found_inf: Optional[Tensor] = None, max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
+          found_inf: Optional[Tensor] = None, max_exp_avg_sqs: Optional[List[Tensor]] = None,
+          state_seed: Optional[int] = None) -> None:
     """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step).
 
     ``max_exp_avg_sqs`` given: AMSGrad (torch's ``amsgrad=True``), updated in the same launch.
+    The moments may be bf16 beside fp32 params, or fp32 beside fp16/bf16 params; ``state_seed``
+    (0 <= seed < 2**31) stores bf16 moments with stochastic rounding (None: to nearest).
 
     With ``capturable`` or AMP tensors (``grad_scale``: grads are scaled by it; ``found_inf``: skip
     the step when non-zero) it runs the tensor ops instead: one launch per (device, dtype), lr and
@@ -192,7 +219,7 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
         _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize,
                       decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf,
-                      max_exp_avg_sqs=max_exp_avg_sqs)
+                      max_exp_avg_sqs=max_exp_avg_sqs, state_seed=state_seed)
         return
     lr = hyperparams.as_float(lr, "lr")
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
@@ -200,29 +227,30 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
     amsgrad = max_exp_avg_sqs is not None
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     buckets = bucketing.group_by(tensor_lists, extra_keys=step_values)
-    for (device, _dtype, step), (lists, _idx) in buckets.items():
+    for k, ((device, _dtype, step), (lists, _idx)) in enumerate(buckets.items()):
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
         impl = bucketing.backend_for(backend, device, lists[:4])
-        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
+        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
                        weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
                        bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
 
 
 def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs) -> None:
+                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs, state_seed) -> None:
     """The tensor path: no value is read back to the host (see the module docstring)."""
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
     scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if max_exp_avg_sqs is not None:
         tensor_lists.append(max_exp_avg_sqs)
-    for (device, _dtype), (lists, _idx) in bucketing.group_by(tensor_lists).items():
+    for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by(tensor_lists).items()):
         steps = lists[4]
         step_counters.check_steps_on(device, steps)
         scale, skip = scalars.grad_scale(device), scalars.found_inf(device)
         step_counters.increment_steps(steps, skip)
         impl = bucketing.backend_for(backend, device, lists[:4])
-        impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]), lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
+        impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]),
+                              **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
                               weight_decay=float(weight_decay), decoupled=decoupled, correct_bias=correct_bias,
                               maximize=maximize, grad_scale=scale, found_inf=skip)
 

@@ -7,6 +7,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import state_storage
+
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -18,26 +20,22 @@ MASTER_CHUNK_NUMEL = 1 << 26
 def working_tensor(group, state: dict, p: Tensor) -> Tensor:
     """The tensor the fused op updates for p: p itself, or, for an fp16/bf16 p under
     ``master_weights``, its float32 copy ``state["master_param"]`` (created here at p's first step
-    with master weights, from p's current value; the moments already there become float32 too, so a
-    checkpoint saved without master weights resumes with them). A group whose flag was switched off
-    drops the master and keeps its moments in p's dtype (p already holds the rounded master)."""
+    with master weights, from p's current value; the moments already there take the state dtype of a
+    float32 working tensor (state_storage.py: float32, or the group's ``state_dtype``), so a checkpoint
+    saved without master weights resumes with them). A group whose flag was switched off drops the
+    master and keeps its moments in p's state dtype (p already holds the rounded master)."""
+    state_dtype = group.get(state_storage.KEY)
     if group["master_weights"] and p.dtype in LOW_PRECISION:
         master = state.get("master_param")
         if master is None:
-            _cast_state(state, torch.float32)
+            state_storage.conform(state, torch.float32, state_dtype)
             master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                              copy=True)
         return master
     if "master_param" in state:
         del state["master_param"]
-        _cast_state(state, p.dtype)
+        state_storage.conform(state, p.dtype, state_dtype)
     return p
-
-
-def _cast_state(state: dict, dtype: torch.dtype) -> None:
-    for k, v in state.items():
-        if k != "step" and isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
-            state[k] = v.to(dtype)
 
 
 def step_with_masters(update, lists: List[List[Tensor]], params: List[Tensor],
@@ -85,7 +83,8 @@ def _chunks(indices: List[int], tensors: Sequence[Tensor]):
 def keep_master_state(opt, state_dict, flags: Sequence[bool]) -> None:
     """After ``Optimizer.load_state_dict``: keep each group's own ``master_weights`` (a storage choice
     of this optimizer, not of the checkpoint), and undo the cast of the float32 state of master
-    params (torch casts every float state to its param's dtype) where master weights are on."""
+    params (torch casts every float state to its param's dtype) where master weights are on
+    (state_storage.keep_after_load then converts the moments to the group's state dtype)."""
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     params = [(p, flag) for g, flag in zip(opt.param_groups, flags) for p in g["params"]]
     for group, flag in zip(opt.param_groups, flags):

@@ -21,7 +21,8 @@ deterministic models, including the package's own choices:
 - ``weight_decay`` as the package's current repository (after 0.1.0): p <- p - wd * eta_prev * p
   after the gradient is computed, on every step; the search starts from the decayed point (the
   start point a failed step goes back to).
-- Memory: m and v (8 B/param in fp32): the trials move the parameters in place (trial_points.py);
+- Memory: m and v (8 B/param in fp32; 4 B/param with ``state_dtype=torch.bfloat16``, stored with
+  stochastic rounding; state_storage.py): the trials move the parameters in place (trial_points.py);
   ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 
 Where the package is unsafe we differ (docs/api.md lists it): the RNG is replayed for every
@@ -43,6 +44,7 @@ import torch
 from . import bucketing
 from . import hyperparams
 from . import initial_step
+from . import state_storage
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
@@ -80,7 +82,7 @@ class SaLSA(LineSearchOptimizer):
     def __init__(self, params, init_step_size=1.0, c=0.5, betas=(0.9, 0.999), smoothing=0.9, eps=1e-8,
                  weight_decay=0.0, beta_b=0.8, growth=1.1, search="salsa", momentum_direction=False,
                  max_backtracks=100, backend: Optional[str] = None, process_group=None,
-                 keep_start_point: bool = False):
+                 keep_start_point: bool = False, *, state_dtype: Optional[torch.dtype] = None):
         check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -88,7 +90,8 @@ class SaLSA(LineSearchOptimizer):
         defaults = dict(init_step_size=init_step_size, c=c, betas=betas, smoothing=smoothing, eps=eps,
                         weight_decay=weight_decay, beta_b=beta_b, growth=growth,
                         momentum_direction=hyperparams.check_bool(momentum_direction, "momentum_direction"),
-                        max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend))
+                        max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend),
+                        state_dtype=state_storage.check_value(state_dtype))
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
         ls = self.ls_state
@@ -107,6 +110,7 @@ class SaLSA(LineSearchOptimizer):
         with torch.no_grad():
             ls = self.ls_state
             search = self._searches_now()
+            seeds = state_storage.step_seeds(self)  # (this step() call's; drawn by the launches that write m, v)
             # A searched step fails before the forward; a skipped step checks once, after it (AdamW's host cost).
             runner = self._runner(closure, check=search)
             loss = runner.first()  # the gradients are checked by the first op that reads them
@@ -115,7 +119,7 @@ class SaLSA(LineSearchOptimizer):
             grown = [eta * g["growth"] for eta, g in zip(old, self.param_groups)]
             if not search:
                 decays = [1.0 - g["weight_decay"] * eta for eta, g in zip(old, self.param_groups)]
-                self._skip_adam(grown, t_bias, decays)
+                self._skip_adam(grown, t_bias, seeds, decays)
                 self._finish(runner, searched=False)
                 return loss
             t, norms = self._checked_phase(True, self._grad_norms)
@@ -123,7 +127,7 @@ class SaLSA(LineSearchOptimizer):
             if not norms.all_finite():
                 raise FloatingPointError(f"{self._name}: non-finite gradient; parameters and state were left unchanged")
             self._decay(t, old)
-            s = self._save_adam(t, t_bias)
+            s = self._save_adam(t, t_bias, seeds)
             if any(g["momentum_direction"] for g in self.param_groups):
                 s = self._momentum_sums(t, t_bias, s)
             accepted: Dict[int, float] = {}

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import bucketing
 from . import hyperparams
+from . import state_storage
 from . import step_counters
 from . import tensor_ops
 from . import sharding
@@ -104,7 +105,7 @@ _DTYPE, _LAYOUT, _LOCAL = attrgetter("dtype"), attrgetter("layout"), attrgetter(
 def _flags(group: dict) -> tuple:
     """The group settings that choose the path, the state a plan holds or how launches are bucketed."""
     return (group.get("master_weights"), group.get("differentiable"), group.get("capturable"), group.get("amsgrad"),
-            group.get("backend"), group.get("base"), group.get("betas"), group.get("eps"))
+            group.get("backend"), group.get("base"), group.get("betas"), group.get("eps"), group.get(state_storage.KEY))
 
 
 def _plans(opt) -> dict:
@@ -140,18 +141,22 @@ def drop(opt, key: tuple, group: dict) -> None:
     _plans(opt)[key] = _mark(opt, group)
 
 
-def _single_compiled_bucket(tensors: List[Tensor], backend) -> Optional[object]:
-    """The compiled backend module when every tensor shares one device and dtype, is real, floating and
-    contiguous; else None."""
-    if not tensors:
-        return None
-    t0 = tensors[0]
-    device, dtype = t0.device, t0.dtype
+def _uniform(tensors: List[Tensor], device, dtype) -> bool:
+    """Every tensor on ``device``, of the real floating ``dtype``, contiguous."""
     if dtype.is_complex or not dtype.is_floating_point:
+        return False
+    return all(t.device == device and t.dtype is dtype and t.is_contiguous() for t in tensors)
+
+
+def _single_compiled_bucket(params: List[Tensor], states: List[Tensor], backend) -> Optional[object]:
+    """The compiled backend module when the parameters share one device and dtype and the state tensors
+    one dtype (the state dtype, maybe another: state_storage.py) on that device, all real, floating and
+    contiguous; else None."""
+    if not params:
         return None
-    for t in tensors:
-        if t.device != device or t.dtype is not dtype or not t.is_contiguous():
-            return None
+    device = params[0].device
+    if not _uniform(params, device, params[0].dtype) or (states and not _uniform(states, device, states[0].dtype)):
+        return None
     if bucketing._backends.resolve(backend, device) not in ("cpu", "cuda"):
         return None
     return bucketing._backends.get(bucketing._backends.resolve(backend, device))
@@ -184,11 +189,15 @@ def build_adam(opt, group: dict) -> Optional[GroupPlan]:
         return None
     if step_counters._host_counters(plan.lists["step"]):  # checked once: one extension call per step
         plan.bump_steps = step_counters._compiled.increment_steps
-    plan.impl = _single_compiled_bucket(plan.params + [t for k in keys[1:] for t in plan.lists[k]], group["backend"])
+    states = [t for k in keys[1:] for t in plan.lists[k]]
+    if not state_storage.has_dtype(states, plan.params * (len(keys) - 1), group.get(state_storage.KEY)):
+        return None  # (the general path converts them first)
+    plan.impl = _single_compiled_bucket(plan.params, states, group["backend"])
     return plan if plan.impl is not None else None
 
 
-def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: bool) -> bool:
+def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: bool,
+                 seeds: state_storage.StepSeeds) -> bool:
     from .adamw import adam_scalars
     beta1, beta2 = group["betas"]
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
@@ -200,6 +209,7 @@ def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: b
         return False
     bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, group.get("correct_bias", True))
     extra = {"max_exp_avg_sqs": plan.lists["max_exp_avg_sq"]} if "max_exp_avg_sq" in plan.lists else {}
+    extra.update(state_storage.seed_kwarg(seeds.next(group), 0, plan.lists["exp_avg"]))
     try:
         plan.impl.adam_step(plan.params, grads, plan.lists["exp_avg"], plan.lists["exp_avg_sq"], **extra,
                             lr=hyperparams.as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
@@ -220,18 +230,21 @@ def build_sgd(opt, group: dict) -> Optional[GroupPlan]:
         return None
     plan = GroupPlan(opt, [group], owners)
     plan.lists["momentum_buffer"] = [sharding.local(st["momentum_buffer"]) for st in states]
-    plan.impl = _single_compiled_bucket(plan.params + plan.lists["momentum_buffer"], group["backend"])
+    if not state_storage.has_dtype(plan.lists["momentum_buffer"], plan.params, group.get(state_storage.KEY)):
+        return None  # (the general path converts them first)
+    plan.impl = _single_compiled_bucket(plan.params, plan.lists["momentum_buffer"], group["backend"])
     return plan if plan.impl is not None else None
 
 
-def _sgd_launch(plan: GroupPlan, group: dict, grads: List[Tensor]) -> bool:
+def _sgd_launch(plan: GroupPlan, group: dict, grads: List[Tensor], seeds: state_storage.StepSeeds) -> bool:
     momentum = hyperparams.as_float(group["momentum"], "momentum")
     dampening = hyperparams.as_float(group.get("dampening", 0.0), "dampening") if momentum != 0.0 else 0.0
     try:
         plan.impl.sgd_momentum_step(plan.params, grads, plan.lists["momentum_buffer"], lr=hyperparams.as_float(group["lr"], "lr"),
                                     momentum=momentum, nesterov=bool(group["nesterov"]),
                                     weight_decay=hyperparams.as_float(group["weight_decay"], "weight_decay"),
-                                    maximize=group["maximize"], **({"dampening": dampening} if dampening else {}))
+                                    maximize=group["maximize"], **({"dampening": dampening} if dampening else {}),
+                                    **state_storage.seed_kwarg(seeds.next(group), 0, plan.lists["momentum_buffer"]))
     except RuntimeError:
         return False
     return True
@@ -244,10 +257,18 @@ def _kind(opt, group: dict) -> str:
 
 def step(opt, general, *, decoupled: bool) -> None:
     """Step every param group: through their plans when all groups have one (the checks they need were
-    made when they were built, and the gradients' in the C++ op), else ``general(groups)`` for all of
-    them (its checks run before it changes anything). If an op refuses group k's gradients, groups
-    before it have stepped; ``general`` then runs groups k.. (and raises the error it finds)."""
+    made when they were built, and the gradients' in the C++ op), else ``general(groups, seeds)`` for all
+    of them (its checks run before it changes anything). If an op refuses group k's gradients, groups
+    before it have stepped; ``general`` then runs groups k.. (and raises the error it finds). ``seeds``:
+    this step() call's state seeds (state_storage.step_seeds), drawn launch by launch on either path.
+
+    Under torch.compile a step that draws seeds runs outside the graph (a graph break): a seed traced into
+    the graph would be a new constant, hence a new graph, at every step."""
+    if torch.compiler.is_compiling() and state_storage.draws_seeds(opt):
+        _step_outside_graph(opt, general, decoupled)
+        return
     groups = opt.param_groups
+    seeds = state_storage.step_seeds(opt)
     ready = []
     if fast_path_allowed(opt):
         for gi, group in enumerate(groups):
@@ -261,15 +282,21 @@ def step(opt, general, *, decoupled: bool) -> None:
                 break
             ready.append((gi, kind, plan, grads))
     if not ready:
-        general(groups)
+        general(groups, seeds)
         return
     for k, (gi, kind, plan, grads) in enumerate(ready):
         group = groups[gi]
-        done = _sgd_launch(plan, group, grads) if kind == "sgd" else _adam_launch(plan, group, grads, decoupled)
+        done = (_sgd_launch(plan, group, grads, seeds) if kind == "sgd"
+                else _adam_launch(plan, group, grads, decoupled, seeds))
         if not done:
             drop(opt, (gi, kind), group)
-            general(groups[k:])
+            general(groups[k:], seeds)
             return
+
+
+@torch.compiler.disable
+def _step_outside_graph(opt, general, decoupled: bool) -> None:
+    step(opt, general, decoupled=decoupled)
 
 
 def fast_path_allowed(opt) -> bool:

@@ -16,6 +16,11 @@ sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on th
 
 ``master_weights=True``: as in ``AdamW``, every fp16/bf16 parameter is updated through a float32 copy
 (state ``master_param``; its momentum buffer or moments in float32) and rounded into the parameter.
+
+``state_dtype=``: the dtype of the momentum buffer or the moments, as in ``AdamW``: None (the working
+tensor's), ``torch.float32``, or ``torch.bfloat16`` (stored with stochastic rounding; not with capturable,
+differentiable, sparse gradients, float16 or float64 parameters). ``load_state_dict`` keeps this
+optimizer's setting and converts the loaded state to it (state_storage.py).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from . import input_checks
 from . import master_weights
 from . import tensor_ops
 from . import plain_step
+from . import state_storage
 from . import torch_flags as F
 from . import step_plan
 from .adamw import adam_group_step
@@ -42,7 +48,8 @@ class SVI(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=None, weight_decay=0.0, base="sgd",
                  betas=(0.9, 0.999), eps=1e-8, *, dampening=0.0, maximize: bool = False, amsgrad: bool = False,
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False):
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
+                 state_dtype: Optional[torch.dtype] = None):
         foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
         hyperparams.check_lr(lr, foreach=foreach_of_adam, capturable=capturable)
         hyperparams.check_nonneg(momentum, "momentum")
@@ -66,9 +73,13 @@ class SVI(Optimizer):
                         amsgrad=bool(amsgrad), capturable=bool(capturable),
                         master_weights=hyperparams.check_bool(master_weights, "master_weights"),
                         backend=bucketing._backends.validate(backend), foreach=foreach, fused=fused,
-                        differentiable=differentiable)
+                        differentiable=differentiable, state_dtype=state_storage.check_value(state_dtype))
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        state_storage.check_new_group(self, "SVI")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -82,6 +93,7 @@ class SVI(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("master_weights", False)
             group.setdefault("dampening", 0.0)
+            group.setdefault(state_storage.KEY, None)
         F.set_defaults(self.param_groups)
         F.steps_as_tensors(self.state)
 
@@ -91,9 +103,11 @@ class SVI(Optimizer):
             if st and not ({"momentum_buffer"} <= set(st) or {"step", "exp_avg", "exp_avg_sq"} <= set(st)):
                 raise ValueError(f"SVI.load_state_dict: state of parameter {k} has neither a momentum buffer nor "
                                  f"Adam moments (keys {sorted(st)}); is this a state_dict of another optimizer?")
-        flags = [g["master_weights"] for g in self.param_groups]
+        state_storage.check_groups("SVI", self)  # (parameters whose dtype changed since construction)
+        flags, kept = [g["master_weights"] for g in self.param_groups], state_storage.settings(self)
         super().load_state_dict(state_dict)
         master_weights.keep_master_state(self, state_dict, flags)
+        state_storage.keep_after_load(self, kept)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
@@ -101,33 +115,43 @@ class SVI(Optimizer):
         step_plan.step(self, self._general_step, decoupled=False)  # built once, reused while nothing changes
         return loss
 
-    def _general_step(self, groups) -> None:
+    def _general_step(self, groups, seeds: state_storage.StepSeeds) -> None:
         """Every check, the state of new parameters, and any path (AMP, capturable, masters, sparse...)."""
         _, kinds = input_checks.closure_then_check("SVI", None, groups, complex_ok=True,
                                         sparse_ok=lambda group: group["base"] == "sgd")
+        for group, (_, has_sparse) in zip(groups, kinds):
+            if has_sparse and group.get(state_storage.KEY) is not None:
+                raise RuntimeError(f"SVI: sparse gradients take the plain PyTorch update, which keeps the momentum "
+                                   f"buffer in the parameter's dtype; state_dtype={group[state_storage.KEY]} is "
+                                   f"not supported with them (use state_dtype=None)")
         grad_scale, found_inf = tensor_ops.amp_attributes(self)
         for group, (has_complex, has_sparse) in zip(groups, kinds):
             tensor_path = tensor_ops.use_tensor_path(group, grad_scale, found_inf)
             if group["base"] == "adam":
                 adam_group_step(self.state, group, tensor_path=tensor_path, grad_scale=grad_scale,
-                                found_inf=found_inf, correct_bias=True, decoupled=False, has_complex=has_complex)
+                                found_inf=found_inf, correct_bias=True, decoupled=False, has_complex=has_complex,
+                                seeds=seeds)
             elif group["differentiable"] or has_sparse:
                 self._plain_sgd_group_step(group)
             else:
-                self._sgd_group_step(group, tensor_path, grad_scale, found_inf, has_complex)
+                self._sgd_group_step(group, tensor_path, grad_scale, found_inf, has_complex, seeds)
 
-    def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf, has_complex: bool) -> None:
+    def _sgd_group_step(self, group, tensor_path: bool, grad_scale, found_inf, has_complex: bool,
+                        seeds: state_storage.StepSeeds) -> None:
         owners = [p for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in owners]
         params = [master_weights.working_tensor(group, self.state[p], p) for p in owners]  # p, or its fp32 master
         bufs, fresh = [], []
+        state_dtype = group.get(state_storage.KEY)
         for p, w in zip(owners, params):
             st = self.state[p]
             if "momentum_buffer" not in st or st["momentum_buffer"] is None:
                 if group["fused"]:
                     F.check_fused_param(p)
-                st["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                st["momentum_buffer"] = state_storage.zeros(w, state_dtype)
                 fresh.append(len(bufs))
+            elif st["momentum_buffer"].dtype != state_storage.dtype_for(w.dtype, state_dtype):  # (setting changed)
+                state_storage.conform(st, w.dtype, state_dtype)
             bufs.append(st["momentum_buffer"])
         if has_complex:  # optimised as real views, as torch does (no copy)
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
@@ -142,11 +166,13 @@ class SVI(Optimizer):
             # new (zero) buffers take one undamped step (mu * 0 + g == g) in a launch of their own.
             is_fresh = set(fresh)
             new = [[tl[i] for i in fresh] for tl in lists]
-            master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0}), new,
+            master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0},
+                                                                 state_seed=seeds.next(group)), new,
                                 [owners[i] for i in fresh], grad_scale)
             keep = [i for i in range(len(owners)) if i not in is_fresh]
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
-        master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper), lists, owners, grad_scale)
+        master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper, state_seed=seeds.next(group)), lists, owners,
+                                         grad_scale)
 
     def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
@@ -168,9 +194,11 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
             nesterov: bool, weight_decay: float, dampening: float = 0.0, maximize: bool = False,
             backend: Optional[str] = None,
             capturable: bool = False, grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None) -> None:
+            found_inf: Optional[Tensor] = None, state_seed: Optional[int] = None) -> None:
     """Functional momentum SGD (torch.optim.SGD semantics given zero-initialised buffers: dampening
     applies to every step, so a caller starts new buffers with dampening 0), one launch per (device, dtype).
+    The buffers may be bf16 beside fp32 params or fp32 beside fp16/bf16 params; ``state_seed``
+    (0 <= seed < 2**31) stores bf16 buffers with stochastic rounding (None: to nearest).
 
     With ``capturable`` or AMP tensors it runs the tensor op: lr (number or device tensor), loss scale
     and skip flag are read by the kernel, never by the host.
@@ -179,18 +207,18 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
         return
     if capturable or grad_scale is not None or found_inf is not None:
         scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
-        for (device, _dtype), (lists, _idx) in bucketing.group_by([params, grads, momentum_buffers]).items():
+        for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by([params, grads, momentum_buffers]).items()):
             impl = bucketing.backend_for(backend, device, lists)
-            impl.sgd_momentum_step_tensor(*lists, lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
+            impl.sgd_momentum_step_tensor(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
                                           nesterov=bool(nesterov), weight_decay=hyperparams.as_float(weight_decay, "weight_decay"),
                                           maximize=maximize, grad_scale=scalars.grad_scale(device),
                                           **_dampening_kwarg(dampening),
                                           found_inf=scalars.found_inf(device))
         return
     lr = hyperparams.as_float(lr, "lr")
-    for (device, _dtype), (lists, _idx) in bucketing.group_by([params, grads, momentum_buffers]).items():
+    for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by([params, grads, momentum_buffers]).items()):
         impl = bucketing.backend_for(backend, device, lists)
-        impl.sgd_momentum_step(*lists, lr=lr, momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
+        impl.sgd_momentum_step(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr, momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
                                weight_decay=hyperparams.as_float(weight_decay, "weight_decay"), maximize=maximize,
                                **_dampening_kwarg(dampening))
 

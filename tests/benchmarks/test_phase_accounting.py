@@ -82,6 +82,20 @@ def test_phases_are_the_ops_a_step_runs_weighed_by_the_parameters_they_cover(mon
         assert got[op] == pytest.approx(want[op]), op
 
 
+@pytest.mark.parametrize("row_name", [name + "_bf16_state" for name in
+                                     ("adam_sls_bookkeeping", "salsa_search_bookkeeping", "layerwise_adam_sls_bookkeeping")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bf16_state_rows_run_the_ops_of_their_fp32_state_rows(monkeypatch, row_name, dtype):
+    """issue 24: the same ops (their bytes counted with 2-byte state, Row.state_itemsize)."""
+    try:
+        got, want = _recorded_shares(monkeypatch, row_name, dtype)
+    except rows_mod.RowUnavailable as exc:  # an svi_kernels without state_dtype
+        pytest.skip(str(exc))
+    assert set(got) == set(want)
+    for op in want:
+        assert got[op] == pytest.approx(want[op]), op
+
+
 @pytest.mark.parametrize("row_name", ["armijo_sgd_bookkeeping", "adam_sls_bookkeeping", "layerwise_adam_sls_bookkeeping"])
 def test_the_model_follows_the_code_s_choice_of_keeping_w0(monkeypatch, row_name):
     """The rows read which dtypes keep their start point from trial_points.KEEP_DTYPES, as the optimizers do:
