@@ -1,8 +1,9 @@
 // CUDA kernels of svi_kernels::adam_step (Adam / AdamW), one multi-tensor pass:
 // reads p, g, m, v and writes p, m, v (28 B/param in fp32), and of its tensor-scalar variant
 // adam_step_tensor (AMP loss scale, capturable; also writes g when unscaling). With
-// max_exp_avg_sqs (AMSGrad) one more list is read and written (36 B/param in fp32).
-#include <ATen/Dispatch.h>
+// max_exp_avg_sqs (AMSGrad) one more list is read and written (36 B/param in fp32). The moments
+// may hold another dtype than the params (state_storage.h's pairs; bf16 moments are
+// stochastically rounded when the call gives a state_seed).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -12,6 +13,7 @@
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
+#include "state_dispatch.h"
 #include "svi_kernels/adam_lists.h"
 #include "svi_kernels/update_math.h"
 
@@ -30,19 +32,29 @@ __device__ __forceinline__ void adam_or_amsgrad(M* x, int max_list, const Coeffs
   }
 }
 
-at::ScalarType check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  return svi_kernels::check_adam_lists<NamedList>(
-      [op](std::initializer_list<NamedList> lists) { return check_lists(op, lists); }, params, grads, exp_avgs,
-      exp_avg_sqs, max_exp_avg_sqs);
+// adam_lists.h names the lists params, grads, then the state lists (exp_avgs, exp_avg_sqs[,
+// max_exp_avg_sqs]): the first two share the params' dtype, the others the state dtype.
+ListDtypes check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  ListDtypes dtypes;
+  svi_kernels::check_adam_lists<NamedList>(
+      [op, &dtypes](std::initializer_list<NamedList> lists) {
+        const at::ArrayRef<NamedList> all(lists);
+        dtypes = check_lists(op, all.slice(0, 2), all.slice(2));
+        return dtypes.param;
+      },
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  return dtypes;
 }
 
-// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, [4 max_exp_avg_sqs when AMSGRAD].
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, [4 max_exp_avg_sqs when AMSGRAD]; the
+// state lists in SR list order (0 exp_avgs, 1 exp_avg_sqs, 2 max_exp_avg_sqs).
 template <typename M, bool DECOUPLED, bool AMSGRAD>
 struct AdamElem {
   static constexpr int kDepth = AMSGRAD ? 5 : 4;
   static constexpr int kReadMask = AMSGRAD ? 0b11111 : 0b1111;
   static constexpr int kWriteMask = AMSGRAD ? 0b11101 : 0b1101;
+  static constexpr int kStateMask = AMSGRAD ? 0b11100 : 0b1100;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
 
@@ -60,11 +72,13 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled, double bias_correction1,
                     double bias_correction2_sqrt, bool maximize,
-                    const std::optional<at::TensorList>& max_exp_avg_sqs) {
-  const at::ScalarType dtype = check_adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+                    const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
+  constexpr const char* op = "adam_step";
+  const ListDtypes dtypes = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::adam_step", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
     // Host scalars in double, rounded once to the compute type (as the reference does).
     math::AdamCoeffs<M> c;
@@ -77,14 +91,17 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     c.step_size = static_cast<M>(lr / bias_correction1);
     c.bias_correction2_sqrt = static_cast<M>(bias_correction2_sqrt);
     const bool has_wd = weight_decay != 0.0;
+    auto run = [&](const auto& lists, auto elem) {
+      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
+    };
     if (max_exp_avg_sqs.has_value()) {
       const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs};
-      if (decoupled) multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, true, true>{c, has_wd, maximize}, nullptr);
-      else multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, false, true>{c, has_wd, maximize}, nullptr);
+      if (decoupled) run(lists, AdamElem<M, true, true>{c, has_wd, maximize});
+      else run(lists, AdamElem<M, false, true>{c, has_wd, maximize});
     } else {
       const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
-      if (decoupled) multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, true, false>{c, has_wd, maximize}, nullptr);
-      else multi_tensor_apply<scalar_t>(lists, nullptr, AdamElem<M, false, false>{c, has_wd, maximize}, nullptr);
+      if (decoupled) run(lists, AdamElem<M, true, false>{c, has_wd, maximize});
+      else run(lists, AdamElem<M, false, false>{c, has_wd, maximize});
     }
   });
 }
@@ -93,13 +110,14 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 // so the op never waits for the host (GradScaler without a sync; CUDA-graph capture). Lists:
 // 0-3 as above, 4 state_steps, [5 max_exp_avg_sqs when AMSGRAD]. The steps ride in the address
 // table as a list that is neither read nor written element-wise: each block reads its tensor's
-// step once.
+// step once. State lists in SR list order: 2 exp_avgs, 3 exp_avg_sqs, 5 max_exp_avg_sqs.
 template <typename M, bool DECOUPLED, bool UNSCALE, bool AMSGRAD>
 struct AdamTensorElem {
   static constexpr int kDepth = AMSGRAD ? 6 : 5;
   static constexpr int kMax = AMSGRAD ? 0b100000 : 0;
   static constexpr int kReadMask = 0b01111 | kMax;
   static constexpr int kWriteMask = (UNSCALE ? 0b01111 : 0b01101) | kMax;  // unscaled grads are written back
+  static constexpr int kStateMask = 0b01100 | kMax;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
   static constexpr bool kDeviceScalars = true;
@@ -155,9 +173,10 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                            double weight_decay, bool decoupled, bool correct_bias, bool maximize,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::TensorList>& max_exp_avg_sqs) {
+                           const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
   constexpr const char* op = "adam_step_tensor";
-  const at::ScalarType dtype = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const ListDtypes dtypes = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const StateRounding rounding = state_rounding(op, state_seed);
   SVI_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   if (params.empty()) return;
@@ -169,7 +188,7 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
     steps_double = is_double;
   }
   const c10::cuda::CUDAGuard guard(device);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::adam_step_tensor", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
     auto run = [&](auto elem) {
       elem.lr = device_scalar(op, "lr_tensor", lr_tensor, device, lr);
@@ -186,10 +205,10 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
       if constexpr (decltype(elem)::kDepth == 6) {
         const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                                   *max_exp_avg_sqs};
-        multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+        multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
       } else {
         const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps};
-        multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+        multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
       }
     };
     const bool unscale = grad_scale.has_value();

@@ -7,6 +7,8 @@
 //                                (in-place trials: w0 is not stored).
 // The sums never leave the device here: block sums are added atomically into one float64
 // slot per tensor and rounded to float32 once, so the caller decides when to sync.
+// The Adam ops' moments may hold another dtype than the params (state_storage.h's pairs; w0 and
+// dirs have the params' dtype); ls_save_adam stochastically rounds bf16 moments given a state_seed.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -17,6 +19,7 @@
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
+#include "state_dispatch.h"
 #include "svi_kernels/update_math.h"
 
 namespace svi_kernels {
@@ -43,11 +46,13 @@ struct SaveSgdElem {
 // Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs[, 4 w0[, 5 dirs]] (kDepth 4, 5 or 6).
 // Reads g, m, v (and p when saving w0); writes m, v (w0, and the search direction g / denom into
 // dirs); sums g^2 / (sqrt(v_hat) + eps). Depth 4 is the in-place trials' save: p is not read.
+// State: m (SR list 0), v (SR list 1).
 template <typename M, int kLists>
 struct SaveAdamElem {
   static constexpr int kDepth = kLists;
   static constexpr int kReadMask = kLists == 4 ? 0b001110 : 0b001111;
   static constexpr int kWriteMask = kLists == 6 ? 0b111100 : kLists == 5 ? 0b011100 : 0b001100;
+  static constexpr int kStateMask = 0b001100;
   static constexpr bool kReduce = true;
   static constexpr bool kWithScalars = false;
 
@@ -80,12 +85,13 @@ struct TrialSgdElem {
   }
 };
 
-// Lists: 0 params, 1 w0, 2 grads, 3 exp_avg_sqs; scalar = eta. Reads w0, g, v; writes p.
+// Lists: 0 params, 1 w0, 2 grads, 3 exp_avg_sqs (state); scalar = eta. Reads w0, g, v; writes p.
 template <typename M>
 struct TrialAdamElem {
   static constexpr int kDepth = 4;
   static constexpr int kReadMask = 0b1110;
   static constexpr int kWriteMask = 0b0001;
+  static constexpr int kStateMask = 0b1000;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -97,12 +103,14 @@ struct TrialAdamElem {
   }
 };
 
-// Lists: 0 params, 1 w0, 2 exp_avgs, 3 exp_avg_sqs; scalar = eta / bc1. Reads w0, m, v; writes p.
+// Lists: 0 params, 1 w0, 2 exp_avgs, 3 exp_avg_sqs (state); scalar = eta / bc1. Reads w0, m, v;
+// writes p.
 template <typename M>
 struct FinalAdamElem {
   static constexpr int kDepth = 4;
   static constexpr int kReadMask = 0b1110;
   static constexpr int kWriteMask = 0b0001;
+  static constexpr int kStateMask = 0b1100;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -114,13 +122,14 @@ struct FinalAdamElem {
   }
 };
 
-// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs; scalar = eta / bc1, trial_eta a member.
-// Reads p, g, m, v; writes p (the final step from the last in-place trial point).
+// Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs (state); scalar = eta / bc1, trial_eta a
+// member. Reads p, g, m, v; writes p (the final step from the last in-place trial point).
 template <typename M>
 struct FinalFromTrialElem {
   static constexpr int kDepth = 4;
   static constexpr int kReadMask = 0b1111;
   static constexpr int kWriteMask = 0b0001;
+  static constexpr int kStateMask = 0b1100;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -168,35 +177,36 @@ at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::Ten
 // search direction is written), or empty (it is not); only with w0.
 at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1,
-                             double beta2, double eps, double bias_correction2_sqrt) {
+                             double beta2, double eps, double bias_correction2_sqrt,
+                             std::optional<int64_t> state_seed) {
+  constexpr const char* op = "ls_save_adam";
   const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
   SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
-  const at::ScalarType dtype = with_dirs
-      ? check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
-      : with_w0 ? check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                               {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}})
-                : check_lists("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                               {"exp_avg_sqs", exp_avg_sqs}});
+  const std::initializer_list<NamedList> state = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  const ListDtypes dtypes =
+      with_dirs ? check_lists(op, {{"params", params}, {"grads", grads}, {"w0", w0}, {"dirs", dirs}}, state)
+      : with_w0 ? check_lists(op, {{"params", params}, {"grads", grads}, {"w0", w0}}, state)
+                : check_lists(op, {{"params", params}, {"grads", grads}}, state);
+  const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return empty_sums();
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor sums = sum_slots(params[0], params.size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_save_adam", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
     const M c[5] = {static_cast<M>(1.0 - beta1), static_cast<M>(beta2), static_cast<M>(1.0 - beta2),
                     static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    auto run = [&](const auto& lists, auto elem) {
+      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, sums.data_ptr<double>(), rounding);
+    };
     if (with_dirs) {
-      const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, w0, dirs};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 6>{c[0], c[1], c[2], c[3], c[4]},
-                                   sums.data_ptr<double>());
+      run(std::array<at::TensorList, 6>{params, grads, exp_avgs, exp_avg_sqs, w0, dirs},
+          SaveAdamElem<M, 6>{c[0], c[1], c[2], c[3], c[4]});
     } else if (with_w0) {
-      const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, w0};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 5>{c[0], c[1], c[2], c[3], c[4]},
-                                   sums.data_ptr<double>());
+      run(std::array<at::TensorList, 5>{params, grads, exp_avgs, exp_avg_sqs, w0},
+          SaveAdamElem<M, 5>{c[0], c[1], c[2], c[3], c[4]});
     } else {
-      const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
-      multi_tensor_apply<scalar_t>(lists, nullptr, SaveAdamElem<M, 4>{c[0], c[1], c[2], c[3], c[4]},
-                                   sums.data_ptr<double>());
+      run(std::array<at::TensorList, 4>{params, grads, exp_avgs, exp_avg_sqs},
+          SaveAdamElem<M, 4>{c[0], c[1], c[2], c[3], c[4]});
     }
   });
   return sums.to(at::kFloat);
@@ -216,54 +226,56 @@ void ls_trial_sgd_cuda(at::TensorList params, at::TensorList w0, at::TensorList 
 
 void ls_trial_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
                         at::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_lists(
-      "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}});
-  check_scalars("ls_trial_adam", "etas", etas, params.size());
+  constexpr const char* op = "ls_trial_adam";
+  const ListDtypes dtypes =
+      check_lists(op, {{"params", params}, {"w0", w0}, {"grads", grads}}, {{"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_trial_adam", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
-    const TrialAdamElem<M> op{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    const TrialAdamElem<M> elem{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
     const std::array<at::TensorList, 4> lists{params, w0, grads, exp_avg_sqs};
-    multi_tensor_apply<scalar_t>(lists, etas.data(), op, nullptr);
+    multi_tensor_apply<scalar_t, state_t>(lists, etas.data(), elem, nullptr);
   });
 }
 
 void ls_final_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_lists(
-      "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
-  check_scalars("ls_final_adam", "etas", etas, params.size());
+  constexpr const char* op = "ls_final_adam";
+  const ListDtypes dtypes =
+      check_lists(op, {{"params", params}, {"w0", w0}}, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // eta / bc1 per tensor, in double on the host (the reference divides the Python floats).
   std::vector<double> eta_over_bc1(etas.begin(), etas.end());
   for (double& e : eta_over_bc1) e /= bias_correction1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_final_adam", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
-    const FinalAdamElem<M> op{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
+    const FinalAdamElem<M> elem{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
     const std::array<at::TensorList, 4> lists{params, w0, exp_avgs, exp_avg_sqs};
-    multi_tensor_apply<scalar_t>(lists, eta_over_bc1.data(), op, nullptr);
+    multi_tensor_apply<scalar_t, state_t>(lists, eta_over_bc1.data(), elem, nullptr);
   });
 }
 
 void ls_final_adam_from_trial_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                    at::TensorList exp_avg_sqs, at::ArrayRef<double> etas, double trial_eta, double eps,
                                    double bias_correction1, double bias_correction2_sqrt) {
-  const at::ScalarType dtype = check_lists("ls_final_adam_from_trial", {{"params", params}, {"grads", grads},
-                                                                        {"exp_avgs", exp_avgs},
-                                                                        {"exp_avg_sqs", exp_avg_sqs}});
-  check_scalars("ls_final_adam_from_trial", "etas", etas, params.size());
+  constexpr const char* op = "ls_final_adam_from_trial";
+  const ListDtypes dtypes = check_lists(op, {{"params", params}, {"grads", grads}},
+                                        {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<double> eta_over_bc1(etas.begin(), etas.end());
   for (double& e : eta_over_bc1) e /= bias_correction1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::ls_final_adam_from_trial", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
-    const FinalFromTrialElem<M> op{static_cast<M>(trial_eta), static_cast<M>(eps),
-                                   static_cast<M>(bias_correction2_sqrt)};
+    const FinalFromTrialElem<M> elem{static_cast<M>(trial_eta), static_cast<M>(eps),
+                                     static_cast<M>(bias_correction2_sqrt)};
     const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
-    multi_tensor_apply<scalar_t>(lists, eta_over_bc1.data(), op, nullptr);
+    multi_tensor_apply<scalar_t, state_t>(lists, eta_over_bc1.data(), elem, nullptr);
   });
 }
 

@@ -2,7 +2,9 @@
 // Device side of the CUDA multi-tensor apply, shared by every op in csrc/cuda.
 //
 // An op is a small "element op" struct (see adam.cu) that says which of its DEPTH
-// tensor lists it reads and writes, whether it sums a per-element term per tensor,
+// tensor lists it reads and writes, which of them hold optimizer state (kStateMask: stored
+// as the state dtype, which may differ from the params'; bf16 state may be stochastically
+// rounded, svi_kernels/state_storage.h), whether it sums a per-element term per tensor,
 // and what it does to one element in opmath registers (float for fp16/bf16/fp32,
 // double for fp64). The formulas themselves come from svi_kernels/update_math.h.
 // One generic kernel runs any element op over one chunk per block; launch_plan.h
@@ -20,6 +22,7 @@
 
 #include "launch_plan.h"
 #include "list_checks.h"
+#include "svi_kernels/state_storage.h"
 
 namespace svi_kernels {
 namespace cuda {
@@ -104,15 +107,64 @@ __device__ __forceinline__ void block_sum_to(double value, double* out) {
   }
 }
 
+// The lists an element op keeps optimizer state in (bit d: list d), stored as the state type TS;
+// the others hold the param type T. Ops without kStateMask have none (TS must then be T).
+template <typename Op, typename = void>
+struct StateMaskOf : std::integral_constant<int, 0> {};
+template <typename Op>
+struct StateMaskOf<Op, std::void_t<decltype(Op::kStateMask)>> : std::integral_constant<int, Op::kStateMask> {};
+
+// The SR list id l of state list d: the state lists in list order are l = 0, 1, 2, so an op
+// orders them exp_avgs / momentum_buffers, exp_avg_sqs, max_exp_avg_sqs (state_storage.h, SrList).
+constexpr uint32_t sr_list_of(int state_mask, int d) {
+  uint32_t l = 0;
+  for (int k = 0; k < d; ++k) l += has_bit(state_mask, k) ? 1u : 0u;
+  return l;
+}
+
+// How a call stores its state lists: rounded to nearest (no state_seed), or, given a seed, with
+// stochastic rounding into bf16 state (state_storage.h; fp32/fp16/fp64 state always to nearest).
+struct StateRounding {
+  bool stochastic = false;
+  uint32_t seed = 0;
+};
+
+// Host side: the rounding of an op's optional state_seed (0 <= seed < 2^31, checked).
+inline StateRounding state_rounding(const char* op, std::optional<int64_t> state_seed) {
+  StateRounding r;
+  if (!state_seed.has_value()) return r;
+  SVI_CHECK(*state_seed >= 0 && *state_seed < (int64_t{1} << 31), op, ": state_seed must be in [0, 2**31), got ",
+            *state_seed);
+  r.stochastic = true;
+  r.seed = static_cast<uint32_t>(*state_seed);
+  return r;
+}
+
+// A value of state list `list` stored as TS: bf16 with stochastic rounding when the call has a
+// seed (key: the tensor's sr_key; index: the element's flat index in its tensor), else to nearest.
+template <typename TS, typename M>
+__device__ __forceinline__ TS to_state(M x, bool stochastic, uint32_t key, uint32_t list, int64_t index) {
+  if constexpr (std::is_same_v<TS, c10::BFloat16>) {
+    if (stochastic) {
+      const uint32_t r = sr_bits(key, list, static_cast<uint32_t>(index));
+      return TS(sr_round_bf16_bits(static_cast<float>(x), r), TS::from_bits());
+    }
+  }
+  return static_cast<TS>(x);
+}
+
 // One block = one chunk of one tensor. Offsets into the tensor are 64-bit
-// (chunk * kChunkSize); offsets inside a chunk fit in int.
-template <typename T, typename ElemOp, typename Meta>
+// (chunk * kChunkSize); offsets inside a chunk fit in int. Lists in ElemOp's kStateMask hold TS,
+// the others T; values are loaded into M registers, the op runs, and writes are stored back in
+// each list's own type (state lists through to_state).
+template <typename T, typename TS, typename ElemOp, typename Meta>
 __global__ void __launch_bounds__(kBlockSize)
-multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
+multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateRounding rounding) {
   using M = opmath_t<T>;
   constexpr int D = ElemOp::kDepth;
   constexpr int kRead = ElemOp::kReadMask;
   constexpr int kWrite = ElemOp::kWriteMask;
+  constexpr int kState = StateMaskOf<ElemOp>::value;
   static_assert(D == Meta::kDepth, "element op and metadata disagree on the number of lists");
 
   const int slot = meta.block_to_tensor[blockIdx.x];
@@ -120,13 +172,22 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
   if constexpr (HasDeviceScalars<ElemOp>::value) {
     if (tensor_op.skipped()) return;  // the whole block: no reduction follows (kReduce is false)
   }
+  // block_to_chunk is the chunk's index inside its tensor (also when the tensor continues from an
+  // earlier launch), so begin + (offset in the chunk) is the element's flat index in the tensor.
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numel[slot] - begin;
   const int n = left < kChunkSize ? static_cast<int>(left) : kChunkSize;
+  // list_index: the tensor's index in the op's lists (not its slot in this launch).
+  const uint32_t key = rounding.stochastic ? sr_key(rounding.seed, static_cast<uint32_t>(meta.list_index[slot])) : 0u;
 
+  // List d of this chunk: ptr[d] when it holds T, sptr[d] when it holds TS (a state list).
   T* ptr[D];
+  TS* sptr[D];
 #pragma unroll
-  for (int d = 0; d < D; ++d) ptr[d] = static_cast<T*>(meta.addresses[d][slot]) + begin;
+  for (int d = 0; d < D; ++d) {
+    ptr[d] = has_bit(kState, d) ? nullptr : static_cast<T*>(meta.addresses[d][slot]) + begin;
+    sptr[d] = has_bit(kState, d) ? static_cast<TS*>(meta.addresses[d][slot]) + begin : nullptr;
+  }
   M scalar = M(0);
   if constexpr (Meta::kWithScalars) scalar = static_cast<M>(meta.scalars[slot]);
 
@@ -134,7 +195,8 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
   bool aligned = n % kILP == 0;
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (has_bit(kRead | kWrite, d)) aligned = aligned && vec_aligned(ptr[d]);
+    if (has_bit(kRead | kWrite, d))
+      aligned = aligned && (has_bit(kState, d) ? vec_aligned(sptr[d]) : vec_aligned(ptr[d]));
 
   if (aligned) {
     // Vector path: thread i owns elements [kILP*i, kILP*i + kILP) of each pass.
@@ -143,9 +205,15 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
 #pragma unroll
       for (int d = 0; d < D; ++d) {
         if (has_bit(kRead, d)) {
-          const Vec<T> v = reinterpret_cast<const Vec<T>*>(ptr[d])[i];
+          if (has_bit(kState, d)) {
+            const Vec<TS> v = reinterpret_cast<const Vec<TS>*>(sptr[d])[i];
 #pragma unroll
-          for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
+            for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
+          } else {
+            const Vec<T> v = reinterpret_cast<const Vec<T>*>(ptr[d])[i];
+#pragma unroll
+            for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
+          }
         } else {
 #pragma unroll
           for (int j = 0; j < kILP; ++j) x[d][j] = M(0);
@@ -163,7 +231,16 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
       }
 #pragma unroll
       for (int d = 0; d < D; ++d) {
-        if (has_bit(kWrite, d)) {
+        if (!has_bit(kWrite, d)) continue;
+        if (has_bit(kState, d)) {
+          // Element j of this vector is element kILP*i + j of the chunk.
+          const int64_t first = begin + static_cast<int64_t>(kILP) * i;
+          Vec<TS> v;
+#pragma unroll
+          for (int j = 0; j < kILP; ++j)
+            v.val[j] = to_state<TS>(x[d][j], rounding.stochastic, key, sr_list_of(kState, d), first + j);
+          reinterpret_cast<Vec<TS>*>(sptr[d])[i] = v;
+        } else {
           Vec<T> v;
 #pragma unroll
           for (int j = 0; j < kILP; ++j) v.val[j] = static_cast<T>(x[d][j]);
@@ -179,12 +256,15 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
       for (int j = 0; j < kILP; ++j) {
         const int idx = base + threadIdx.x + j * blockDim.x;
 #pragma unroll
-        for (int d = 0; d < D; ++d)
-          x[d][j] = (has_bit(kRead, d) && idx < n) ? static_cast<M>(ptr[d][idx]) : M(0);
+        for (int d = 0; d < D; ++d) {
+          if (!has_bit(kRead, d) || idx >= n) x[d][j] = M(0);
+          else if (has_bit(kState, d)) x[d][j] = static_cast<M>(sptr[d][idx]);
+          else x[d][j] = static_cast<M>(ptr[d][idx]);
+        }
       }
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
-        const int idx = base + threadIdx.x + j * blockDim.x;
+        const int idx = base + threadIdx.x + j * blockDim.x;  // element idx of the chunk
         if (idx < n) {
           M e[D];
 #pragma unroll
@@ -192,8 +272,13 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
           const M term = tensor_op(e, scalar);
           if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
 #pragma unroll
-          for (int d = 0; d < D; ++d)
-            if (has_bit(kWrite, d)) ptr[d][idx] = static_cast<T>(e[d]);
+          for (int d = 0; d < D; ++d) {
+            if (!has_bit(kWrite, d)) continue;
+            if (has_bit(kState, d))
+              sptr[d][idx] = to_state<TS>(e[d], rounding.stochastic, key, sr_list_of(kState, d), begin + idx);
+            else
+              ptr[d][idx] = static_cast<T>(e[d]);
+          }
         }
       }
     }
@@ -201,16 +286,19 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums) {
   if constexpr (ElemOp::kReduce) block_sum_to(acc, sums + meta.list_index[slot]);
 }
 
-// Runs op over every element of the lists (all of dtype T, on the current device),
-// with one launch per kMaxBlocks chunks or per Meta::kMaxTensors tensors.
-// sums: device doubles, one per tensor, for reducing ops (else null).
-template <typename T, typename ElemOp, size_t N_LISTS>
+// Runs op over every element of the lists (on the current device): the lists in the op's
+// kStateMask hold TS, the others T. One launch per kMaxBlocks chunks or per Meta::kMaxTensors
+// tensors. sums: device doubles, one per tensor, for reducing ops (else null). rounding: how state
+// lists are stored (ops that do not write state pass none).
+template <typename T, typename TS = T, typename ElemOp, size_t N_LISTS>
 int multi_tensor_apply(const std::array<at::TensorList, N_LISTS>& lists, const double* scalars,
-                       const ElemOp& op, double* sums) {
+                       const ElemOp& op, double* sums, StateRounding rounding = {}) {
   constexpr int DEPTH = static_cast<int>(N_LISTS);
   constexpr bool kWithScalars = ElemOp::kWithScalars;
   using Meta = TensorListMeta<DEPTH, kWithScalars>;
-  static_assert(sizeof(Meta) + sizeof(ElemOp) + sizeof(double*) <= kParamBytes,
+  static_assert(StateMaskOf<ElemOp>::value != 0 || std::is_same_v<T, TS>, "an op without state lists has one dtype");
+  static_assert(std::is_same_v<opmath_t<T>, opmath_t<TS>>, "params and state share the compute type");
+  static_assert(sizeof(Meta) + sizeof(ElemOp) + sizeof(double*) + sizeof(StateRounding) <= kParamBytes,
                 "kernel arguments exceed the 4 KB parameter space");
   const size_t n = lists[0].size();
   std::array<std::vector<void*>, DEPTH> addresses;
@@ -222,7 +310,7 @@ int multi_tensor_apply(const std::array<at::TensorList, N_LISTS>& lists, const d
   for (size_t t = 0; t < n; ++t) numels[t] = lists[0][t].numel();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   return plan_launches<DEPTH, kWithScalars>(addresses, numels, scalars, [&](const Meta& meta, int n_blocks) {
-    multi_tensor_kernel<T><<<n_blocks, kBlockSize, 0, stream>>>(meta, op, sums);
+    multi_tensor_kernel<T, TS><<<n_blocks, kBlockSize, 0, stream>>>(meta, op, sums, rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -1,6 +1,7 @@
 // CUDA kernel of svi_kernels::sgd_momentum_step (momentum / Nesterov SGD, the SVI-SGD base),
-// one multi-tensor pass: reads p, g, buf and writes p, buf (20 B/param in fp32).
-#include <ATen/Dispatch.h>
+// one multi-tensor pass: reads p, g, buf and writes p, buf (20 B/param in fp32). The momentum
+// buffers may hold another dtype than the params (state_storage.h's pairs; bf16 buffers are
+// stochastically rounded when the call gives a state_seed).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -8,18 +9,20 @@
 
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
+#include "state_dispatch.h"
 #include "svi_kernels/update_math.h"
 
 namespace svi_kernels {
 namespace cuda {
 namespace {
 
-// Lists: 0 params, 1 grads, 2 momentum_buffers.
+// Lists: 0 params, 1 grads, 2 momentum_buffers (state, SR list 0).
 template <typename M, bool NESTEROV>
 struct SgdMomentumElem {
   static constexpr int kDepth = 3;
   static constexpr int kReadMask = 0b111;
   static constexpr int kWriteMask = 0b101;
+  static constexpr int kStateMask = 0b100;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
 
@@ -35,12 +38,14 @@ struct SgdMomentumElem {
 
 void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             double lr, double momentum, bool nesterov, double weight_decay, bool maximize,
-                            double dampening) {
-  const at::ScalarType dtype = check_lists(
-      "sgd_momentum_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+                            double dampening, std::optional<int64_t> state_seed) {
+  constexpr const char* op = "sgd_momentum_step";
+  const ListDtypes dtypes =
+      check_lists(op, {{"params", params}, {"grads", grads}}, {{"momentum_buffers", momentum_buffers}});
+  const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::sgd_momentum_step", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
     math::SgdCoeffs<M> c;
     c.lr = static_cast<M>(lr);
@@ -50,9 +55,11 @@ void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     const bool has_wd = weight_decay != 0.0;
     const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
     if (nesterov) {
-      multi_tensor_apply<scalar_t>(lists, nullptr, SgdMomentumElem<M, true>{c, has_wd, maximize}, nullptr);
+      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, SgdMomentumElem<M, true>{c, has_wd, maximize}, nullptr,
+                                            rounding);
     } else {
-      multi_tensor_apply<scalar_t>(lists, nullptr, SgdMomentumElem<M, false>{c, has_wd, maximize}, nullptr);
+      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, SgdMomentumElem<M, false>{c, has_wd, maximize}, nullptr,
+                                            rounding);
     }
   });
 }
@@ -64,6 +71,7 @@ struct SgdMomentumTensorElem {
   static constexpr int kDepth = 3;
   static constexpr int kReadMask = 0b111;
   static constexpr int kWriteMask = UNSCALE ? 0b111 : 0b101;  // unscaled grads are written back
+  static constexpr int kStateMask = 0b100;
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
   static constexpr bool kDeviceScalars = true;
@@ -104,14 +112,16 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
                                    double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
                                    bool nesterov, double weight_decay, bool maximize,
                                    const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf, double dampening) {
+                                   const std::optional<at::Tensor>& found_inf, double dampening,
+                                   std::optional<int64_t> state_seed) {
   constexpr const char* op = "sgd_momentum_step_tensor";
-  const at::ScalarType dtype = check_lists(
-      op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  const ListDtypes dtypes =
+      check_lists(op, {{"params", params}, {"grads", grads}}, {{"momentum_buffers", momentum_buffers}});
+  const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "svi_kernels::sgd_momentum_step_tensor", [&] {
+  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
     using M = opmath_t<scalar_t>;
     const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
     auto run = [&](auto elem) {
@@ -123,7 +133,7 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
       elem.dampening = dampening;
       elem.has_weight_decay = weight_decay != 0.0;
       elem.maximize = maximize;
-      multi_tensor_apply<scalar_t>(lists, nullptr, elem, nullptr);
+      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
     };
     const bool unscale = grad_scale.has_value();
     if (nesterov && unscale) run(SgdMomentumTensorElem<M, true, true>{});
