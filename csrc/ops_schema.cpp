@@ -3,6 +3,13 @@
 // svi_kernels/backends/compiled.py so torch.compile can trace the ops.
 // Every op takes lists of tensors of ONE device and ONE dtype (a fused group),
 // and launches once for the whole list.
+//
+// Optimizer state (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers) may have a dtype of
+// its own: an allowed (param, state) pair of csrc/include/svi_kernels/state_storage.h, one dtype
+// for all state lists of a call; arithmetic is float32 except for (float64, float64). The ops
+// that write state take `int? state_seed=None` last: None rounds every store to nearest; given
+// (0 <= state_seed < 2**31), the stores into bfloat16 state round stochastically with the bits
+// of state_storage.h (the same in every backend).
 #include <torch/library.h>
 
 TORCH_LIBRARY(svi_kernels, m) {
@@ -12,10 +19,11 @@ TORCH_LIBRARY(svi_kernels, m) {
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, float bias_correction1, "
-      "float bias_correction2_sqrt, bool maximize, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
+      "float bias_correction2_sqrt, bool maximize, Tensor(d!)[]? max_exp_avg_sqs=None, int? state_seed=None) -> ()");
   m.def(
       "sgd_momentum_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "float lr, float momentum, bool nesterov, float weight_decay, bool maximize, float dampening=0.0) -> ()");
+      "float lr, float momentum, bool nesterov, float weight_decay, bool maximize, float dampening=0.0, "
+      "int? state_seed=None) -> ()");
   // Tensor-scalar variants for AMP (GradScaler) and CUDA-graph capture: lr (lr_tensor when given,
   // else lr), the per-parameter step counts (already incremented by the caller), the loss scale
   // and the skip flag are read from memory by the kernel, never by the host. When found_inf != 0
@@ -25,18 +33,18 @@ TORCH_LIBRARY(svi_kernels, m) {
       "adam_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool correct_bias, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)[]? max_exp_avg_sqs=None, int? state_seed=None) -> ()");
   m.def(
       "sgd_momentum_step_tensor(Tensor(a!)[] params, Tensor(g!)[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, Tensor? lr_tensor, float momentum, bool nesterov, float weight_decay, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, float dampening=0.0) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, float dampening=0.0, int? state_seed=None) -> ()");
   // ls_save_sgd / ls_save_adam: w0 may be empty (nothing saved; Adam then does not read params),
   // ls_save_adam's dirs too (only with w0).
   m.def("ls_save_sgd(Tensor[] params, Tensor[] grads, Tensor(a!)[] w0) -> Tensor");
   m.def(
       "ls_save_adam(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
       "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] w0, Tensor(d!)[] dirs, float beta1, float beta2, float eps, "
-      "float bias_correction2_sqrt) -> Tensor");
+      "float bias_correction2_sqrt, int? state_seed=None) -> Tensor");
   m.def("ls_trial_sgd(Tensor(a!)[] params, Tensor[] w0, Tensor[] grads, float[] etas) -> ()");
   m.def(
       "ls_trial_adam(Tensor(a!)[] params, Tensor[] w0, Tensor[] grads, Tensor[] exp_avg_sqs, "

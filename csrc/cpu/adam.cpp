@@ -2,6 +2,7 @@
 #include "kernel_table.h"
 #include "multi_tensor.h"
 #include "ops.h"
+#include "segment_storage.h"
 #include "tensor_checks.h"
 #include "svi_kernels/adam_lists.h"
 #include "svi_kernels/update_math.h"
@@ -13,13 +14,16 @@
 namespace svi_kernels::cpu {
 namespace {
 
+// exp_avgs, exp_avg_sqs and max_exp_avg_sqs (lists 2, 3, 4) hold state.
+constexpr unsigned kStateLists = 0b11100;
+
 // The Adam lists (4, or 5 with AMSGrad's max_exp_avg_sqs last), checked and gathered in one pass.
 MultiTensor adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs) {
   std::optional<MultiTensor> lists;
   svi_kernels::check_adam_lists<NamedList>(
       [&](std::initializer_list<NamedList> named) {
-        lists.emplace(op, named);
+        lists.emplace(op, named, kStateLists);
         return lists->dtype();
       },
       params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
@@ -31,17 +35,18 @@ MultiTensor adam_lists(const char* op, at::TensorList params, at::TensorList gra
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                double bias_correction1, double bias_correction2_sqrt, bool maximize,
-               const std::optional<at::TensorList>& max_exp_avg_sqs) {
+               const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
   const MultiTensor lists = adam_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const StateStores stores("adam_step", lists, state_seed);
   if (lists.empty()) return;
-  const at::ScalarType dtype = lists.dtype();
   // Host scalars in double, as torch computes them (see update_math.h).
   AdamScalars s{
       1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, lr / bias_correction1,
       bias_correction2_sqrt, decoupled, weight_decay != 0.0, maximize};
   s.amsgrad = max_exp_avg_sqs.has_value();
   const auto kernel = cpu_kernels().adam;
-  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  lists.parallel_segments(
+      [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(stores(seg), ptrs, seg.length, s); });
 }
 
 void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -49,12 +54,12 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool decoupled, bool correct_bias, bool maximize,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::TensorList>& max_exp_avg_sqs) {
+                      const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
   constexpr const char* op = "adam_step_tensor";
   const MultiTensor lists = adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const StateStores stores(op, lists, state_seed);
   check_per_tensor_scalars(op, "state_steps", state_steps.size(), params.size());
   if (lists.empty() || step_skipped(op, found_inf)) return;
-  const at::ScalarType dtype = lists.dtype();
   if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
   // One scalar set per tensor: the step count (hence the bias corrections) is per parameter.
   // The same double arithmetic as adam_step's Python caller, so both paths agree bit for bit.
@@ -77,7 +82,7 @@ void adam_step_tensor(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   const auto kernel = cpu_kernels().adam;
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
-    kernel(dtype, ptrs, seg.length, per_tensor[seg.tensor]);
+    kernel(stores(seg), ptrs, seg.length, per_tensor[seg.tensor]);
   });
 }
 

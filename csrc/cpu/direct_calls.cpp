@@ -89,6 +89,20 @@ void set_python_error(const std::exception& e) {
   PyErr_SetString(PyExc_RuntimeError, c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
 }
 
+// The state_seed argument (None or an int); false when it is neither (torch.ops then takes the call).
+bool read_seed(PyObject* obj, std::optional<int64_t>& seed) {
+  if (obj == Py_None) return true;
+  if (!PyLong_CheckExact(obj)) return false;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  seed = v;
+  return true;
+}
+
 // The per-tensor step sizes of the line-search ops (a list of floats; compiled.py makes it one).
 bool read_etas(PyObject* obj, std::vector<double>& etas) {
   if (!PyList_CheckExact(obj)) return false;
@@ -128,36 +142,40 @@ PyObject* guarded(const F& f) {
 }  // namespace
 
 PyObject* direct_adam_step(PyObject*, PyObject* args) {
-  PyObject *p, *g, *m, *v, *maxv;
+  PyObject *p, *g, *m, *v, *maxv, *seed_obj;
   double lr, beta1, beta2, eps, wd, bc1, bc2_sqrt;
   int decoupled, maximize;
-  if (!PyArg_ParseTuple(args, "OOOOdddddpddpO", &p, &g, &m, &v, &lr, &beta1, &beta2, &eps, &wd, &decoupled, &bc1,
-                        &bc2_sqrt, &maximize, &maxv)) {
+  if (!PyArg_ParseTuple(args, "OOOOdddddpddpOO", &p, &g, &m, &v, &lr, &beta1, &beta2, &eps, &wd, &decoupled, &bc1,
+                        &bc2_sqrt, &maximize, &maxv, &seed_obj)) {
     return nullptr;
   }
-  if (dispatcher_needed()) return not_implemented();
+  std::optional<int64_t> seed;
+  if (dispatcher_needed() || !read_seed(seed_obj, seed)) return not_implemented();
   BorrowedList lp, lg, lm, lv, lmax;
   if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v)) return not_implemented();
   const bool amsgrad = maxv != Py_None;
   if (amsgrad && !lmax.borrow(maxv)) return not_implemented();
   return guarded([&] {
     adam_step(lp.list(), lg.list(), lm.list(), lv.list(), lr, beta1, beta2, eps, wd, decoupled != 0, bc1, bc2_sqrt,
-              maximize != 0, amsgrad ? std::optional<at::TensorList>(lmax.list()) : std::nullopt);
+              maximize != 0, amsgrad ? std::optional<at::TensorList>(lmax.list()) : std::nullopt, seed);
   });
 }
 
 PyObject* direct_sgd_momentum_step(PyObject*, PyObject* args) {
-  PyObject *p, *g, *b;
+  PyObject *p, *g, *b, *seed_obj;
   double lr, momentum, wd, dampening;
   int nesterov, maximize;
-  if (!PyArg_ParseTuple(args, "OOOddpdpd", &p, &g, &b, &lr, &momentum, &nesterov, &wd, &maximize, &dampening)) {
+  if (!PyArg_ParseTuple(args, "OOOddpdpdO", &p, &g, &b, &lr, &momentum, &nesterov, &wd, &maximize, &dampening,
+                        &seed_obj)) {
     return nullptr;
   }
-  if (dispatcher_needed()) return not_implemented();
+  std::optional<int64_t> seed;
+  if (dispatcher_needed() || !read_seed(seed_obj, seed)) return not_implemented();
   BorrowedList lp, lg, lb;
   if (!lp.borrow(p) || !lg.borrow(g) || !lb.borrow(b)) return not_implemented();
   return guarded([&] {
-    sgd_momentum_step(lp.list(), lg.list(), lb.list(), lr, momentum, nesterov != 0, wd, maximize != 0, dampening);
+    sgd_momentum_step(lp.list(), lg.list(), lb.list(), lr, momentum, nesterov != 0, wd, maximize != 0, dampening,
+                      seed);
   });
 }
 
@@ -172,17 +190,20 @@ PyObject* direct_ls_save_sgd(PyObject*, PyObject* args) {
 }
 
 PyObject* direct_ls_save_adam(PyObject*, PyObject* args) {
-  PyObject *p, *g, *m, *v, *w0, *d;
+  PyObject *p, *g, *m, *v, *w0, *d, *seed_obj;
   double beta1, beta2, eps, bc2_sqrt;
-  if (!PyArg_ParseTuple(args, "OOOOOOdddd", &p, &g, &m, &v, &w0, &d, &beta1, &beta2, &eps, &bc2_sqrt)) return nullptr;
-  if (dispatcher_needed()) return not_implemented();
+  if (!PyArg_ParseTuple(args, "OOOOOOddddO", &p, &g, &m, &v, &w0, &d, &beta1, &beta2, &eps, &bc2_sqrt, &seed_obj)) {
+    return nullptr;
+  }
+  std::optional<int64_t> seed;
+  if (dispatcher_needed() || !read_seed(seed_obj, seed)) return not_implemented();
   BorrowedList lp, lg, lm, lv, lw, ld;
   if (!lp.borrow(p) || !lg.borrow(g) || !lm.borrow(m) || !lv.borrow(v) || !lw.borrow(w0) || !ld.borrow(d)) {
     return not_implemented();
   }
   return guarded_tensor([&] {
     return ls_save_adam(lp.list(), lg.list(), lm.list(), lv.list(), lw.list(), ld.list(), beta1, beta2, eps,
-                        bc2_sqrt);
+                        bc2_sqrt, seed);
   });
 }
 

@@ -28,7 +28,8 @@
 #include <c10/util/copysign.h>
 #include <c10/util/irange.h>
 
-#include "kernel_table.h"
-
-// Per-ISA copies of the formula templates get internal linkage (see update_math.h).
+// Per-ISA copies of the formula templates get internal linkage (see svi_hd.h); defined before
+// kernel_table.h includes state_storage.h.
 #define SVI_HD static inline
+
+#include "kernel_table.h"

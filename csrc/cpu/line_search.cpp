@@ -3,6 +3,7 @@
 #include "kernel_table.h"
 #include "multi_tensor.h"
 #include "ops.h"
+#include "segment_storage.h"
 #include "stream_policy.h"
 #include "tensor_checks.h"
 
@@ -41,27 +42,29 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
 
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
-                        double eps, double bias_correction2_sqrt) {
+                        double eps, double bias_correction2_sqrt, std::optional<int64_t> state_seed) {
   // w0: one per parameter (p is saved there), or empty (p is not read: the in-place trials' save).
   // dirs: one per parameter (the search direction is written), or empty (it is not); only with w0.
   const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
   SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
+  // exp_avgs and exp_avg_sqs (lists 2, 3) hold state; w0 and dirs have the params' dtype.
+  constexpr unsigned kState = 0b1100;
   const MultiTensor lists = with_dirs
       ? MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}})
+                                     {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}, {"dirs", dirs}}, kState)
       : with_w0 ? MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                               {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}})
+                                               {"exp_avg_sqs", exp_avg_sqs}, {"w0", w0}}, kState)
                 : MultiTensor("ls_save_adam", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                               {"exp_avg_sqs", exp_avg_sqs}});
+                                               {"exp_avg_sqs", exp_avg_sqs}}, kState);
+  const StateStores stores("ls_save_adam", lists, state_seed);
   if (lists.empty()) return no_sums();
-  const at::ScalarType dtype = lists.dtype();
   const LsAdamSaveScalars sc{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt,
                              with_w0 && stream_stores_pay(lists.bytes_per_list(), with_dirs ? 6 : 5), with_dirs,
                              with_w0};
   const auto kernel = cpu_kernels().ls_save_adam;
   std::vector<double> partial(lists.num_segments(), 0.0);
   lists.parallel_segments(
-      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(dtype, ptrs, seg.length, sc); });
+      [&](int64_t s, const Segment& seg, void* const* ptrs) { partial[s] = kernel(stores(seg), ptrs, seg.length, sc); });
   return lists.per_tensor_sums(partial);
 }
 
@@ -80,30 +83,29 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
 void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
   const MultiTensor lists(
-      "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}});
+      "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}}, 0b1000);
   check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
   if (lists.empty()) return;
-  const at::ScalarType dtype = lists.dtype();
+  const SegmentStorage st = StateStores(lists).dtypes();
   const auto kernel = cpu_kernels().ls_trial_adam;
   const bool stream = !in_place(params, w0) && stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
-    kernel(dtype, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt, stream});
+    kernel(st, ptrs, seg.length, LsStepScalars{etas[seg.tensor], eps, bias_correction2_sqrt, stream});
   });
 }
 
 void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
   const MultiTensor lists(
-      "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+      "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, 0b1100);
   check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
   if (lists.empty()) return;
-  const at::ScalarType dtype = lists.dtype();
+  const SegmentStorage st = StateStores(lists).dtypes();
   const auto kernel = cpu_kernels().ls_final_adam;
   const bool stream = !in_place(params, w0) && stream_stores_pay(lists.bytes_per_list(), 4);
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     // The final step moves by (eta / bias_correction1) along the momentum, computed in double.
-    kernel(dtype, ptrs, seg.length,
-           LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, stream});
+    kernel(st, ptrs, seg.length, LsStepScalars{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, stream});
   });
 }
 
@@ -111,15 +113,15 @@ void ls_final_adam_from_trial(at::TensorList params, at::TensorList grads, at::T
                               at::TensorList exp_avg_sqs, c10::ArrayRef<double> etas, double trial_eta, double eps,
                               double bias_correction1, double bias_correction2_sqrt) {
   const MultiTensor lists("ls_final_adam_from_trial", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                                                       {"exp_avg_sqs", exp_avg_sqs}});
+                                                       {"exp_avg_sqs", exp_avg_sqs}}, 0b1100);
   check_per_tensor_scalars("ls_final_adam_from_trial", "etas", etas.size(), params.size());
   if (lists.empty()) return;
-  const at::ScalarType dtype = lists.dtype();
+  const SegmentStorage st = StateStores(lists).dtypes();
   const auto kernel = cpu_kernels().ls_final_adam_from_trial;
   lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) {
     LsStepScalars sc{etas[seg.tensor] / bias_correction1, eps, bias_correction2_sqrt, false};
     sc.trial_eta = trial_eta;
-    kernel(dtype, ptrs, seg.length, sc);
+    kernel(st, ptrs, seg.length, sc);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include "svi_kernels/check.h"
+#include "svi_kernels/state_storage.h"
 #include "tensor_checks.h"
 
 #include <array>
@@ -65,11 +66,13 @@ inline ChunkPlan plan_chunks(c10::ArrayRef<int64_t> numels, int64_t chunk_elems 
 // reading each TensorImpl (a cache miss apiece), so each is read once, by plain field
 // comparisons that build no error text. Anything the fast comparison does not accept goes to
 // check_fused_group, which raises the precise error (before any tensor is modified).
+// state_lists: bit k set when the k-th list holds optimizer state, which may have a dtype of its
+// own (an allowed (param, state) pair, svi_kernels/state_storage.h).
 constexpr size_t kMaxLists = 6;
 
 class MultiTensor {
  public:
-  MultiTensor(const char* op, std::initializer_list<NamedList> lists) {
+  MultiTensor(const char* op, std::initializer_list<NamedList> lists, unsigned state_lists = 0) {
     num_lists_ = lists.size();
     SVI_CHECK(num_lists_ >= 1 && num_lists_ <= kMaxLists, "svi_kernels::", op, ": internal error, bad list count");
     const at::TensorList first = lists.begin()->tensors;
@@ -78,21 +81,23 @@ class MultiTensor {
     for (const NamedList& l : lists) ok = ok && l.tensors.size() == n;
     if (ok && n > 0) {
       ok = first[0].defined() && supported_dtype(first[0].scalar_type());
-      if (ok) gather(lists, n);
+      if (ok) gather(lists, n, state_lists);
       ok = ok && gathered_;
     }
     if (!ok) {
-      dtype_ = check_fused_group(op, lists);  // throws on every input gather() refuses
+      dtypes_ = check_fused_group(op, lists, state_lists);  // throws on every input gather() refuses
       SVI_CHECK(n == 0, "svi_kernels::", op, ": internal error, the fast and the full argument checks disagree");
     }
     num_tensors_ = static_cast<int64_t>(n);
   }
 
-  at::ScalarType dtype() const { return dtype_; }
+  // The params' dtype (every list that is not state), and the state lists' dtype.
+  at::ScalarType dtype() const { return dtypes_.param; }
+  at::ScalarType state_dtype() const { return dtypes_.state; }
   bool empty() const { return num_tensors_ == 0; }
   const ChunkPlan& plan() const { return plan_; }
-  // Bytes of one list (every list has the same numels and dtype).
-  int64_t bytes_per_list() const { return total_elems_ * elem_size_; }
+  // Bytes of one list of the params' dtype (every list has the same numels).
+  int64_t bytes_per_list() const { return total_elems_ * elem_size_[0]; }
   int64_t num_segments() const { return static_cast<int64_t>(plan_.segments.size()); }
 
   // Calls f(segment_index, segment, ptrs) for every segment, tasks in parallel; ptrs[k]
@@ -105,7 +110,7 @@ class MultiTensor {
           const Segment& seg = plan_.segments[s];
           std::array<void*, kMaxLists> ptrs;
           char* const* base = &base_[seg.tensor * num_lists_];
-          for (size_t k = 0; k < num_lists_; ++k) ptrs[k] = base[k] + seg.offset * elem_size_;
+          for (size_t k = 0; k < num_lists_; ++k) ptrs[k] = base[k] + seg.offset * elem_size_[k];
           f(s, seg, ptrs.data());
         }
       }
@@ -125,10 +130,28 @@ class MultiTensor {
 
  private:
   // What check_fused_group demands of each tensor, as field comparisons against list 0's
-  // first tensor (whose dtype the caller has checked); records the pointers and numels.
-  // Leaves gathered_ false at the first tensor it does not accept.
-  void gather(std::initializer_list<NamedList> lists, size_t n) {
+  // first tensor (whose dtype the caller has checked) and the first state list's; records the
+  // pointers and numels. Leaves gathered_ false at the first tensor it does not accept.
+  void gather(std::initializer_list<NamedList> lists, size_t n, unsigned state_lists) {
     const caffe2::TypeMeta dtype = lists.begin()->tensors[0].dtype();
+    caffe2::TypeMeta state_dtype = dtype;
+    std::array<caffe2::TypeMeta, kMaxLists> want;
+    {
+      size_t k = 0;
+      for (const NamedList& l : lists) {
+        if ((state_lists >> k) & 1u) {
+          if (!l.tensors[0].defined()) return;
+          state_dtype = l.tensors[0].dtype();  // every state list must match the first one's
+          break;
+        }
+        ++k;
+      }
+      if (!state_pair_allowed(c10::typeMetaToScalarType(dtype), c10::typeMetaToScalarType(state_dtype))) return;
+      for (k = 0; k < num_lists_; ++k) {
+        want[k] = ((state_lists >> k) & 1u) ? state_dtype : dtype;
+        elem_size_[k] = static_cast<int64_t>(want[k].itemsize());
+      }
+    }
     base_.resize(n * num_lists_);
     std::vector<int64_t> numels(n);
     for (size_t t = 0; t < n; ++t) {
@@ -139,7 +162,7 @@ class MultiTensor {
         const at::Tensor& x = l.tensors[t];
         if (!x.defined()) return;
         c10::TensorImpl* impl = x.unsafeGetTensorImpl();
-        if (impl->device_type() != c10::kCPU || impl->layout() != c10::kStrided || impl->dtype() != dtype ||
+        if (impl->device_type() != c10::kCPU || impl->layout() != c10::kStrided || impl->dtype() != want[k] ||
             impl->numel() != numel || !impl->is_contiguous()) {
           return;
         }
@@ -148,8 +171,7 @@ class MultiTensor {
       numels[t] = numel;
       total_elems_ += numel;
     }
-    dtype_ = c10::typeMetaToScalarType(dtype);
-    elem_size_ = static_cast<int64_t>(dtype.itemsize());
+    dtypes_ = {c10::typeMetaToScalarType(dtype), c10::typeMetaToScalarType(state_dtype)};
     plan_ = plan_chunks(numels);
     gathered_ = true;
   }
@@ -189,10 +211,10 @@ class MultiTensor {
   ChunkPlan plan_;
   std::vector<char*> base_;  // base_[t * num_lists_ + k]: data of tensor t of list k
   size_t num_lists_ = 0;
-  int64_t elem_size_ = 0;
+  std::array<int64_t, kMaxLists> elem_size_{};
   int64_t num_tensors_ = 0;
   int64_t total_elems_ = 0;
-  at::ScalarType dtype_ = at::ScalarType::Undefined;
+  ListDtypes dtypes_;
   bool gathered_ = false;
 };
 

@@ -2,30 +2,40 @@
 #include "kernel_table.h"
 #include "multi_tensor.h"
 #include "ops.h"
+#include "segment_storage.h"
 #include "tensor_checks.h"
 
 namespace svi_kernels::cpu {
 
+namespace {
+constexpr unsigned kStateLists = 0b100;  // momentum_buffers
+}  // namespace
+
 void sgd_momentum_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-                       double momentum, bool nesterov, double weight_decay, bool maximize, double dampening) {
+                       double momentum, bool nesterov, double weight_decay, bool maximize, double dampening,
+                       std::optional<int64_t> state_seed) {
   const MultiTensor lists(
-      "sgd_momentum_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+      "sgd_momentum_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}},
+      kStateLists);
+  const StateStores stores("sgd_momentum_step", lists, state_seed);
   if (lists.empty()) return;
-  const at::ScalarType dtype = lists.dtype();
   SgdScalars s{lr, momentum, weight_decay, nesterov, weight_decay != 0.0, maximize};
   s.dampening = dampening;
   const auto kernel = cpu_kernels().sgd_momentum;
-  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  lists.parallel_segments(
+      [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(stores(seg), ptrs, seg.length, s); });
 }
 
 void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                               double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, bool nesterov,
                               double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf, double dampening) {
+                              const std::optional<at::Tensor>& found_inf, double dampening,
+                              std::optional<int64_t> state_seed) {
   constexpr const char* op = "sgd_momentum_step_tensor";
-  const MultiTensor lists(op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  const MultiTensor lists(op, {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}},
+                          kStateLists);
+  const StateStores stores(op, lists, state_seed);
   if (lists.empty() || step_skipped(op, found_inf)) return;
-  const at::ScalarType dtype = lists.dtype();
   if (lr_tensor.has_value()) lr = read_scalar(op, "lr_tensor", *lr_tensor);
   SgdScalars s{lr, momentum, weight_decay, nesterov, weight_decay != 0.0, maximize};
   s.dampening = dampening;
@@ -34,7 +44,8 @@ void sgd_momentum_step_tensor(at::TensorList params, at::TensorList grads, at::T
     s.grad_scale = read_scalar(op, "grad_scale", *grad_scale);
   }
   const auto kernel = cpu_kernels().sgd_momentum;
-  lists.parallel_segments([&](int64_t, const Segment& seg, void* const* ptrs) { kernel(dtype, ptrs, seg.length, s); });
+  lists.parallel_segments(
+      [&](int64_t, const Segment& seg, void* const* ptrs) { kernel(stores(seg), ptrs, seg.length, s); });
 }
 
 }  // namespace svi_kernels::cpu

@@ -1,22 +1,27 @@
 #include "tensor_checks.h"
 
 #include "svi_kernels/check.h"
+#include "svi_kernels/state_storage.h"
 
 namespace svi_kernels::cpu {
 
-at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList> lists) {
+ListDtypes check_fused_group(const char* op, std::initializer_list<NamedList> lists, unsigned state_lists) {
   const NamedList& first = *lists.begin();
   const size_t n = first.tensors.size();
   for (const NamedList& l : lists) {
     SVI_CHECK(l.tensors.size() == n, "svi_kernels::", op, ": ", first.name, " has ", n, " tensors but ",
                 l.name, " has ", l.tensors.size(), "; every list needs one tensor per parameter");
   }
-  if (n == 0) return at::ScalarType::Undefined;
+  if (n == 0) return {};
 
   const at::ScalarType dtype = first.tensors[0].scalar_type();
+  at::ScalarType state_dtype = at::ScalarType::Undefined;  // of the first state tensor checked
+  const char* state_name = nullptr;
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = first.tensors[i].numel();
+    unsigned k = 0;
     for (const NamedList& l : lists) {
+      const bool state = (state_lists >> k++) & 1u;
       const at::Tensor& t = l.tensors[i];
       SVI_CHECK(t.defined(), "svi_kernels::", op, ": ", l.name, "[", i, "] is an undefined tensor");
       SVI_CHECK(t.layout() == at::kStrided, "svi_kernels::", op, ": ", l.name, "[", i, "] has layout ",
@@ -28,16 +33,30 @@ at::ScalarType check_fused_group(const char* op, std::initializer_list<NamedList
                   "torch.view_as_real views instead");
       SVI_CHECK(supported_dtype(t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
                   t.scalar_type(), "; supported dtypes are float32, float64, float16 and bfloat16");
-      SVI_CHECK(t.scalar_type() == dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
-                  t.scalar_type(), " but ", first.name, "[0] has ", dtype,
-                  "; all tensors of one call must share a dtype (group them by dtype)");
+      if (!state) {
+        SVI_CHECK(t.scalar_type() == dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+                    t.scalar_type(), " but ", first.name, "[0] has ", dtype,
+                    "; all tensors of one call must share a dtype (group them by dtype)");
+      } else {
+        SVI_CHECK(state_pair_allowed(dtype, t.scalar_type()), "svi_kernels::", op, ": ", l.name, "[", i,
+                  "] has dtype ", t.scalar_type(), " but ", first.name, "[0] has ", dtype,
+                  "; the allowed (param, state) dtype pairs are ", kStatePairsText);
+        if (state_name == nullptr) {
+          state_dtype = t.scalar_type();
+          state_name = l.name;
+        }
+        SVI_CHECK(t.scalar_type() == state_dtype, "svi_kernels::", op, ": ", l.name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but ", state_name, "[0] has ", state_dtype,
+                  "; all state lists of one call share one dtype, an allowed (param, state) dtype pair: ",
+                  kStatePairsText);
+      }
       SVI_CHECK(t.numel() == numel, "svi_kernels::", op, ": ", l.name, "[", i, "] has ", t.numel(),
                   " elements but ", first.name, "[", i, "] has ", numel);
       SVI_CHECK(t.is_contiguous(), "svi_kernels::", op, ": ", l.name, "[", i,
                   "] is not contiguous; the fused ops need contiguous tensors");
     }
   }
-  return dtype;
+  return {dtype, state_name != nullptr ? state_dtype : dtype};
 }
 
 void check_per_tensor_scalars(const char* op, const char* name, size_t count, size_t num_tensors) {

@@ -11,8 +11,12 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
+
+#include "kernel_table.h"
+#include "sr_lanes.h"
 
 namespace at::vec {
 inline namespace CPU_CAPABILITY {
@@ -34,15 +38,13 @@ inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-// How a tensor of dtype T is read and written in compute type S = opmath(T): fp32 and fp64
-// map one vector to one vector; one fp16/bf16 vector holds two float vectors.
-template <typename T>
+// How an operand stored as T is read and written in compute type S, in steps of kVecs S-vectors:
+// fp32 and fp64 map each vector to one vector; one fp16/bf16 vector holds two float vectors.
+template <typename T, typename S, int kVecs>
 struct VecIO {
-  using S = at::opmath_type<T>;
   using Vec = Vectorized<S>;
   static constexpr bool kReduced = !std::is_same_v<S, T>;
-  static constexpr int kVecs = kReduced ? 2 : 1;
-  static constexpr int64_t kStep = kVecs * Vec::size();  // elements per vector step
+  static_assert(!kReduced || kVecs == 2, "an fp16/bf16 vector holds two float vectors");
 
   static void load(const T* src, Vec (&out)[kVecs]) {
     if constexpr (kReduced) {
@@ -50,16 +52,45 @@ struct VecIO {
       out[0] = lo;
       out[1] = hi;
     } else {
-      out[0] = Vec::loadu(src);
+      for (int j = 0; j < kVecs; ++j) out[j] = Vec::loadu(src + j * Vec::size());
     }
   }
 
-  static Vectorized<T> pack(const Vec (&in)[kVecs]) {
-    if constexpr (kReduced) return at::vec::convert_from_float<T>(in[0], in[1]);
-    else return in[0];
-  }
+  // kStream: by streaming stores (stream_store below).
+  template <bool kStream>
+  static void store(T* dst, const Vec (&in)[kVecs]);
+};
 
-  static void store(T* dst, const Vec (&in)[kVecs]) { pack(in).store(dst); }
+// The element loops' operands: their storage types (one per tensor list), data pointers and,
+// for the operands stored with stochastic rounding, the SR hash input of the segment's element 0
+// (sr_base + offset * kSrIndexMul, state_storage.h). The compute type S is float, or double
+// when every operand is double (the (f64, f64) pair); a vector step holds kVecs S-vectors: 2 when
+// an operand is fp16/bf16, else 1. Same-dtype operands compile to the one-dtype loop of old.
+template <typename Ops, typename Seq>
+struct FirstOperands;
+
+template <typename... Ts>
+struct Operands {
+  static constexpr size_t N = sizeof...(Ts);
+  template <size_t k>
+  using T = std::tuple_element_t<k, std::tuple<Ts...>>;
+  using S = std::conditional_t<(std::is_same_v<Ts, double> && ...), double, float>;
+  static_assert(std::is_same_v<S, double> || (!std::is_same_v<Ts, double> && ...), "fp64 mixes with nothing");
+  static constexpr int kVecs = (!std::is_same_v<Ts, S> || ...) ? 2 : 1;
+  using Vec = Vectorized<S>;
+  static constexpr int64_t kStep = kVecs * Vec::size();
+
+  std::array<void*, N> ptr;
+  std::array<uint32_t, N> sr_base{};
+
+  // The operands 0..K-1 (the calls that leave the last lists out).
+  template <size_t K>
+  using First = typename FirstOperands<Operands, std::make_index_sequence<K>>::type;
+};
+
+template <typename Ops, size_t... I>
+struct FirstOperands<Ops, std::index_sequence<I...>> {
+  using type = Operands<typename Ops::template T<I>...>;
 };
 
 // Streaming (non-temporal) stores. An ordinary store first reads the destination's cache line
@@ -96,6 +127,21 @@ inline void stream_store(T* dst, const Vectorized<T>& v) {
 
 inline void stream_fence() {}
 #endif
+
+template <typename T, typename S, int kVecs>
+template <bool kStream>
+void VecIO<T, S, kVecs>::store(T* dst, const Vec (&in)[kVecs]) {
+  if constexpr (kReduced) {
+    const Vectorized<T> packed = at::vec::convert_from_float<T>(in[0], in[1]);
+    if constexpr (kStream) stream_store(dst, packed);
+    else packed.store(dst);
+  } else {
+    for (int j = 0; j < kVecs; ++j) {
+      if constexpr (kStream) stream_store(dst + j * Vec::size(), in[j]);
+      else in[j].store(dst + j * Vec::size());
+    }
+  }
+}
 
 template <typename T>
 inline bool vector_aligned(const void* p) {
@@ -203,41 +249,53 @@ inline void prefetch_ahead(const void* p, int64_t ahead) {
 // Applies body to every element of a segment of N operands. Operand k is read if bit k of
 // kLoad is set and written back if bit k of kStore is set; in the vector body with a streaming
 // store if bit k of kStream is set too (see stream_store: the caller checks alignment and
-// fences; for_each_element_streaming does both). body receives std::array<V, N>&
-// with V = Vectorized<S> in the vector body and V = S in the scalar tail, and returns void
-// or (when kReduce) the element's term of the segment sum, which is then returned in double.
-// kPrefetch > 0: the vector body also prefetches each operand it reads kPrefetch bytes ahead
-// (a hint; the arithmetic and its order are the same either way).
-template <unsigned kLoad, unsigned kStore, bool kReduce, unsigned kStream = 0, int64_t kPrefetch = 0, typename T,
-          size_t N, typename Body>
-inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Body& body) {
-  using IO = VecIO<T>;
-  using S = typename IO::S;
-  using Vec = typename IO::Vec;
-  const std::array<T*, N> p = ptr;  // a local copy stays in registers across the stores
+// fences; for_each_element_streaming does both); with stochastic rounding to bf16 if bit k of
+// kSr is set (sr_lanes.h; the operand is bf16), else rounded to nearest. body receives
+// std::array<V, N>& with V = Vectorized<S> in the vector body and V = S in the scalar tail, and
+// returns void or (when kReduce) the element's term of the segment sum, which is then returned
+// in double. kPrefetch > 0: the vector body also prefetches each operand it reads kPrefetch bytes
+// ahead (a hint; the arithmetic and its order are the same either way).
+template <unsigned kLoad, unsigned kStore, bool kReduce, unsigned kStream = 0, int64_t kPrefetch = 0,
+          unsigned kSr = 0, typename... Ts, typename Body>
+inline double for_each_element(const Operands<Ts...>& ops, int64_t n, const Body& body) {
+  using Ops = Operands<Ts...>;
+  using S = typename Ops::S;
+  using Vec = typename Ops::Vec;
+  constexpr size_t N = Ops::N;
+  constexpr int kVecs = Ops::kVecs;
+  const std::array<void*, N> p = ops.ptr;  // a local copy stays in registers across the stores
+  const auto ptr_of = [&p](auto k) { return static_cast<typename Ops::template T<decltype(k)::value>*>(p[k]); };
   // Only a reducing loop holds the accumulator: the others compile exactly as without one.
   std::conditional_t<kReduce, LaneSum<S>, NoSum> vsum;
   int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    std::array<Vec, N> x[IO::kVecs];
+  for (; i + Ops::kStep <= n; i += Ops::kStep) {
+    std::array<Vec, N> x[kVecs];
     static_for<N>([&](auto k) {
-      if constexpr (kPrefetch > 0 && (kLoad & bit(k)) != 0) prefetch_ahead(p[k] + i, kPrefetch);
+      using IO = VecIO<typename Ops::template T<k>, S, kVecs>;
+      if constexpr (kPrefetch > 0 && (kLoad & bit(k)) != 0) prefetch_ahead(ptr_of(k) + i, kPrefetch);
       if constexpr ((kLoad & bit(k)) != 0) {
-        Vec v[IO::kVecs];
-        IO::load(p[k] + i, v);
-        for (int j = 0; j < IO::kVecs; ++j) x[j][k] = v[j];
+        Vec v[kVecs];
+        IO::load(ptr_of(k) + i, v);
+        for (int j = 0; j < kVecs; ++j) x[j][k] = v[j];
       }
     });
-    for (int j = 0; j < IO::kVecs; ++j) {
+    for (int j = 0; j < kVecs; ++j) {
       if constexpr (kReduce) vsum.add(body(x[j]));
       else body(x[j]);
     }
     static_for<N>([&](auto k) {
+      using IO = VecIO<typename Ops::template T<k>, S, kVecs>;
       if constexpr ((kStore & bit(k)) != 0) {
-        Vec v[IO::kVecs];
-        for (int j = 0; j < IO::kVecs; ++j) v[j] = x[j][k];
-        if constexpr ((kStream & bit(k)) != 0) stream_store(p[k] + i, IO::pack(v));
-        else IO::store(p[k] + i, v);
+        Vec v[kVecs];
+        for (int j = 0; j < kVecs; ++j) v[j] = x[j][k];
+        if constexpr ((kSr & bit(k)) != 0) {
+          static_assert(std::is_same_v<typename Ops::template T<k>, at::BFloat16>, "SR stores into bf16");
+          const uint32_t start = ops.sr_base[k] + static_cast<uint32_t>(i) * kSrIndexMul;
+          for (int j = 0; j < kVecs; ++j) {
+            v[j] = sr_truncate(v[j], sr_bits_lanes(start + static_cast<uint32_t>(j * Vec::size()) * kSrIndexMul));
+          }
+        }
+        IO::template store<(kStream & bit(k)) != 0>(ptr_of(k) + i, v);
       }
     });
   }
@@ -245,36 +303,71 @@ inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Bo
   for (; i < n; ++i) {
     std::array<S, N> x{};
     static_for<N>([&](auto k) {
-      if constexpr ((kLoad & bit(k)) != 0) x[k] = static_cast<S>(p[k][i]);
+      if constexpr ((kLoad & bit(k)) != 0) x[k] = static_cast<S>(ptr_of(k)[i]);
     });
     if constexpr (kReduce) tail_sum += static_cast<double>(body(x));
     else body(x);
     static_for<N>([&](auto k) {
-      if constexpr ((kStore & bit(k)) != 0) p[k][i] = static_cast<T>(x[k]);
+      using T = typename Ops::template T<k>;
+      if constexpr ((kStore & bit(k)) != 0) {
+        if constexpr ((kSr & bit(k)) != 0) ptr_of(k)[i] = sr_round_scalar(x[k], ops.sr_base[k], i);
+        else ptr_of(k)[i] = static_cast<T>(x[k]);
+      }
     });
   }
   if constexpr (kReduce) return vsum.total() + tail_sum;
   else return 0.0;
 }
 
+// N operands of one dtype T.
+template <typename T, size_t N, typename = std::make_index_sequence<N>>
+struct SameType;
+template <typename T, size_t N, size_t... K>
+struct SameType<T, N, std::index_sequence<K...>> {
+  using type = Operands<std::conditional_t<(K >= 0), T, T>...>;
+};
+
+template <typename T, size_t N>
+inline typename SameType<T, N>::type same_type(const std::array<T*, N>& ptr) {
+  typename SameType<T, N>::type ops;
+  for (size_t k = 0; k < N; ++k) ops.ptr[k] = ptr[k];
+  return ops;
+}
+
+// The loop over N operands of one dtype.
+template <unsigned kLoad, unsigned kStore, bool kReduce, unsigned kStream = 0, int64_t kPrefetch = 0, typename T,
+          size_t N, typename Body>
+inline double for_each_element(const std::array<T*, N>& ptr, int64_t n, const Body& body) {
+  return for_each_element<kLoad, kStore, kReduce, kStream, kPrefetch>(same_type(ptr), n, body);
+}
+
 // for_each_element with the write-only outputs in kStream stored by streaming stores when
 // `stream` is set, this build has them and every such output is vector-aligned (a view may
 // start anywhere); otherwise with ordinary stores. The values written are the same either way.
-template <unsigned kLoad, unsigned kStore, unsigned kStream, bool kReduce, typename T, size_t N, typename Body>
-inline double for_each_element_streaming(bool stream, const std::array<T*, N>& ptr, int64_t n, const Body& body) {
+template <unsigned kLoad, unsigned kStore, unsigned kStream, bool kReduce, unsigned kSr = 0, typename... Ts,
+          typename Body>
+inline double for_each_element_streaming(bool stream, const Operands<Ts...>& ops, int64_t n, const Body& body) {
+  using Ops = Operands<Ts...>;
   static_assert((kStream & ~kStore) == 0 && (kStream & kLoad) == 0, "only write-only outputs stream");
   if constexpr (kHasStreamStores) {
     bool aligned = true;
-    static_for<N>([&](auto k) {
-      if constexpr ((kStream & bit(k)) != 0) aligned = aligned && vector_aligned<T>(ptr[k]);
+    static_for<Ops::N>([&](auto k) {
+      if constexpr ((kStream & bit(k)) != 0) {
+        aligned = aligned && vector_aligned<typename Ops::template T<k>>(ops.ptr[k]);
+      }
     });
     if (stream && aligned) {
-      const double sum = for_each_element<kLoad, kStore, kReduce, kStream>(ptr, n, body);
+      const double sum = for_each_element<kLoad, kStore, kReduce, kStream, 0, kSr>(ops, n, body);
       stream_fence();
       return sum;
     }
   }
-  return for_each_element<kLoad, kStore, kReduce>(ptr, n, body);
+  return for_each_element<kLoad, kStore, kReduce, 0, 0, kSr>(ops, n, body);
+}
+
+template <unsigned kLoad, unsigned kStore, unsigned kStream, bool kReduce, typename T, size_t N, typename Body>
+inline double for_each_element_streaming(bool stream, const std::array<T*, N>& ptr, int64_t n, const Body& body) {
+  return for_each_element_streaming<kLoad, kStore, kStream, kReduce>(stream, same_type(ptr), n, body);
 }
 
 // Calls f(type_tag<T>) for the dtypes the kernels support (validated by the caller).
@@ -297,10 +390,48 @@ inline auto dispatch_dtype(at::ScalarType dtype, const F& f) {
   std::abort();
 }
 
+// Calls f(type_tag<T>, type_tag<TS>) for the allowed (param, state) dtype pairs of
+// svi_kernels/state_storage.h (validated by the caller): the same dtype, (fp32, bf16),
+// (fp16, fp32) and (bf16, fp32). Only these pairs are instantiated.
+template <typename F>
+inline auto dispatch_pair(at::ScalarType param, at::ScalarType state, const F& f) {
+  if (param == state) return dispatch_dtype(param, [&](auto tag) { return f(tag, tag); });
+  if (param == at::kFloat && state == at::kBFloat16) return f(type_tag<float>{}, type_tag<at::BFloat16>{});
+  if (param == at::kHalf && state == at::kFloat) return f(type_tag<at::Half>{}, type_tag<float>{});
+  if (param == at::kBFloat16 && state == at::kFloat) return f(type_tag<at::BFloat16>{}, type_tag<float>{});
+  std::abort();  // see dispatch_dtype
+}
+
 // Turns a runtime flag into a compile-time one, so the formulas' branches fold away.
 template <typename F>
 inline auto with_flag(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// The state-writing kernels' dispatch: f(type_tag<T>, type_tag<TS>, kSr) with kSr a
+// std::bool_constant, true when the bf16 state is stored with stochastic rounding.
+template <typename F>
+inline auto dispatch_storage(const SegmentStorage& st, const F& f) {
+  return dispatch_pair(st.param, st.state, [&](auto t, auto ts) {
+    if constexpr (std::is_same_v<typename decltype(ts)::type, at::BFloat16>) {
+      return with_flag(st.stochastic, [&](auto sr) { return f(t, ts, sr); });
+    } else {
+      return f(t, ts, std::false_type{});
+    }
+  });
+}
+
+// The SR hash input of the segment's first element in state list `list` (SrList).
+inline uint32_t segment_sr_base(const SegmentStorage& st, uint32_t list) {
+  return sr_base(st.key, list) + static_cast<uint32_t>(st.offset) * kSrIndexMul;
+}
+
+// The Operands of a segment from the op's pointers (list order); sr_base left for the caller.
+template <typename Ops>
+inline Ops operands_of(void* const* ptrs) {
+  Ops ops;
+  for (size_t k = 0; k < Ops::N; ++k) ops.ptr[k] = ptrs[k];
+  return ops;
 }
 
 // A coefficient struct of update_math.h in both widths: scalar for the tail, vector for the body.

@@ -107,21 +107,26 @@ def _empty_sums() -> Tensor:
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
-              max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
+              max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
     if not params:
         return
     _call("adam_step", params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
           float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
-          bool(maximize), max_exp_avg_sqs)
+          bool(maximize), max_exp_avg_sqs, _seed(state_seed))
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
-                      dampening: float = 0.0) -> None:
+                      dampening: float = 0.0, state_seed: Optional[int] = None) -> None:
     if not params:
         return
     _call("sgd_momentum_step", params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
-          float(weight_decay), bool(maximize), float(dampening))
+          float(weight_decay), bool(maximize), float(dampening), _seed(state_seed))
+
+
+def _seed(state_seed: Optional[int]) -> Optional[int]:
+    """The ops' state_seed: None (round to nearest) or a plain int (stochastic rounding into bf16 state)."""
+    return None if state_seed is None else int(state_seed)
 
 
 def _lr_args(lr: Union[float, Tensor]) -> tuple:
@@ -133,22 +138,24 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
                      grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-                     max_exp_avg_sqs: Optional[List[Tensor]] = None) -> None:
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
     if not params:
         return
     _ops().adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *_lr_args(lr), float(beta1),
                             float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(correct_bias),
-                            bool(maximize), grad_scale, found_inf, max_exp_avg_sqs)
+                            bool(maximize), grad_scale, found_inf, max_exp_avg_sqs, _seed(state_seed))
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                             found_inf: Optional[Tensor] = None, dampening: float = 0.0) -> None:
+                             found_inf: Optional[Tensor] = None, dampening: float = 0.0,
+                             state_seed: Optional[int] = None) -> None:
     if not params:
         return
     _ops().sgd_momentum_step_tensor(params, grads, momentum_buffers, *_lr_args(lr), float(momentum), bool(nesterov),
-                                    float(weight_decay), bool(maximize), grad_scale, found_inf, float(dampening))
+                                    float(weight_decay), bool(maximize), grad_scale, found_inf, float(dampening),
+                                    _seed(state_seed))
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
@@ -159,11 +166,11 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
-                 bias_correction2_sqrt: float) -> Tensor:
+                 bias_correction2_sqrt: float, state_seed: Optional[int] = None) -> Tensor:
     if not params:
         return _empty_sums()
     return _call("ls_save_adam", params, grads, exp_avgs, exp_avg_sqs, w0, dirs, float(beta1), float(beta2),
-                 float(eps), float(bias_correction2_sqrt))
+                 float(eps), float(bias_correction2_sqrt), _seed(state_seed))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
