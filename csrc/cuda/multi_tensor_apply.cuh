@@ -180,14 +180,16 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
   // list_index: the tensor's index in the op's lists (not its slot in this launch).
   const uint32_t key = rounding.stochastic ? sr_key(rounding.seed, static_cast<uint32_t>(meta.list_index[slot])) : 0u;
 
-  // List d of this chunk: ptr[d] when it holds T, sptr[d] when it holds TS (a state list).
-  T* ptr[D];
-  TS* sptr[D];
+  // List d of this chunk: at chunk[d], as ptr(d) when it holds T, as sptr(d) when it holds TS (a
+  // state list). One byte-address array (not one per type) keeps the register count of before.
+  char* chunk[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) {
-    ptr[d] = has_bit(kState, d) ? nullptr : static_cast<T*>(meta.addresses[d][slot]) + begin;
-    sptr[d] = has_bit(kState, d) ? static_cast<TS*>(meta.addresses[d][slot]) + begin : nullptr;
+    const int64_t bytes = has_bit(kState, d) ? static_cast<int64_t>(sizeof(TS)) : static_cast<int64_t>(sizeof(T));
+    chunk[d] = static_cast<char*>(meta.addresses[d][slot]) + begin * bytes;
   }
+  auto ptr = [&](int d) { return reinterpret_cast<T*>(chunk[d]); };
+  auto sptr = [&](int d) { return reinterpret_cast<TS*>(chunk[d]); };
   M scalar = M(0);
   if constexpr (Meta::kWithScalars) scalar = static_cast<M>(meta.scalars[slot]);
 
@@ -196,7 +198,7 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
 #pragma unroll
   for (int d = 0; d < D; ++d)
     if (has_bit(kRead | kWrite, d))
-      aligned = aligned && (has_bit(kState, d) ? vec_aligned(sptr[d]) : vec_aligned(ptr[d]));
+      aligned = aligned && (has_bit(kState, d) ? vec_aligned(sptr(d)) : vec_aligned(ptr(d)));
 
   if (aligned) {
     // Vector path: thread i owns elements [kILP*i, kILP*i + kILP) of each pass.
@@ -206,11 +208,11 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
       for (int d = 0; d < D; ++d) {
         if (has_bit(kRead, d)) {
           if (has_bit(kState, d)) {
-            const Vec<TS> v = reinterpret_cast<const Vec<TS>*>(sptr[d])[i];
+            const Vec<TS> v = reinterpret_cast<const Vec<TS>*>(sptr(d))[i];
 #pragma unroll
             for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
           } else {
-            const Vec<T> v = reinterpret_cast<const Vec<T>*>(ptr[d])[i];
+            const Vec<T> v = reinterpret_cast<const Vec<T>*>(ptr(d))[i];
 #pragma unroll
             for (int j = 0; j < kILP; ++j) x[d][j] = static_cast<M>(v.val[j]);
           }
@@ -239,12 +241,12 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
 #pragma unroll
           for (int j = 0; j < kILP; ++j)
             v.val[j] = to_state<TS>(x[d][j], rounding.stochastic, key, sr_list_of(kState, d), first + j);
-          reinterpret_cast<Vec<TS>*>(sptr[d])[i] = v;
+          reinterpret_cast<Vec<TS>*>(sptr(d))[i] = v;
         } else {
           Vec<T> v;
 #pragma unroll
           for (int j = 0; j < kILP; ++j) v.val[j] = static_cast<T>(x[d][j]);
-          reinterpret_cast<Vec<T>*>(ptr[d])[i] = v;
+          reinterpret_cast<Vec<T>*>(ptr(d))[i] = v;
         }
       }
     }
@@ -258,8 +260,8 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
 #pragma unroll
         for (int d = 0; d < D; ++d) {
           if (!has_bit(kRead, d) || idx >= n) x[d][j] = M(0);
-          else if (has_bit(kState, d)) x[d][j] = static_cast<M>(sptr[d][idx]);
-          else x[d][j] = static_cast<M>(ptr[d][idx]);
+          else if (has_bit(kState, d)) x[d][j] = static_cast<M>(sptr(d)[idx]);
+          else x[d][j] = static_cast<M>(ptr(d)[idx]);
         }
       }
 #pragma unroll
@@ -275,9 +277,9 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
           for (int d = 0; d < D; ++d) {
             if (!has_bit(kWrite, d)) continue;
             if (has_bit(kState, d))
-              sptr[d][idx] = to_state<TS>(e[d], rounding.stochastic, key, sr_list_of(kState, d), begin + idx);
+              sptr(d)[idx] = to_state<TS>(e[d], rounding.stochastic, key, sr_list_of(kState, d), begin + idx);
             else
-              ptr[d][idx] = static_cast<T>(e[d]);
+              ptr(d)[idx] = static_cast<T>(e[d]);
           }
         }
       }
