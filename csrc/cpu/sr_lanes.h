@@ -67,29 +67,39 @@ inline U32Lanes sr_bits_lanes(uint32_t start) {
   return fmix32_lanes(h).shr<16>();
 }
 
-// x with float bits (bits(x) + r) & 0xFFFF0000 in every non-NaN lane, NaN lanes unchanged: a
-// value bf16 holds exactly, so the ordinary (round-to-nearest) bf16 conversion after it stores
-// sr_round_bf16_bits(x, r), and a NaN as the round-to-nearest store does.
-inline at::vec::Vectorized<float> sr_truncate(const at::vec::Vectorized<float>& x, U32Lanes r) {
+// The bf16 vector of the two float vectors lo, hi (lo's elements first) stochastically rounded
+// with the random bits r_lo, r_hi: bits (float_bits(x) + r) >> 16 packed to 16 bits in one pass
+// (no second rounding). NaN lanes get what at::vec's round-to-nearest conversion gives them
+// (0xFFFF on AVX2/AVX-512), so a NaN is stored alike with and without a seed.
+inline at::vec::Vectorized<c10::BFloat16> sr_pack_bf16(const at::vec::Vectorized<float>& lo,
+                                                        const at::vec::Vectorized<float>& hi, U32Lanes r_lo,
+                                                        U32Lanes r_hi) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 f = x;
-  const __m512i s = _mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(f), r.v),
-                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(f, f, _CMP_ORD_Q), f, _mm512_castsi512_ps(s));
+  const auto bits16 = [](__m512 f, __m512i r) {
+    const __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), r), 16);
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), t);
+  };
+  // packus interleaves 128-bit lanes of its operands; the permute puts lo's elements first.
+  const __m512i packed = _mm512_packus_epi32(bits16(lo, r_lo.v), bits16(hi, r_hi.v));
+  return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), packed);
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 f = x;
-  const __m256i s = _mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(f), r.v),
-                                     _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  return _mm256_blendv_ps(f, _mm256_castsi256_ps(s), _mm256_cmp_ps(f, f, _CMP_ORD_Q));
+  const auto bits16 = [](__m256 f, __m256i r) {
+    const __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), r), 16);
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_ORD_Q)));
+  };
+  const __m256i packed = _mm256_packus_epi32(bits16(lo, r_lo.v), bits16(hi, r_hi.v));
+  return _mm256_permute4x64_epi64(packed, 0xd8);
 #else
-  __at_align__ float buf[U32Lanes::kLanes];
-  x.store(buf);
-  for (int j = 0; j < U32Lanes::kLanes; ++j) {
-    if (buf[j] != buf[j]) continue;
-    const uint32_t u = (svi_float_bits(buf[j]) + r.v[j]) & 0xFFFF0000u;
-    std::memcpy(&buf[j], &u, sizeof u);
+  constexpr int kW = U32Lanes::kLanes;
+  __at_align__ float f[2 * kW];
+  __at_align__ c10::BFloat16 out[2 * kW];
+  lo.store(f);
+  hi.store(f + kW);
+  for (int j = 0; j < 2 * kW; ++j) {
+    const uint32_t r = j < kW ? r_lo.v[j] : r_hi.v[j - kW];
+    out[j] = c10::BFloat16(sr_round_bf16_bits(f[j], r), c10::BFloat16::from_bits());
   }
-  return at::vec::Vectorized<float>::loadu(buf);
+  return at::vec::Vectorized<c10::BFloat16>::loadu(out);
 #endif
 }
 

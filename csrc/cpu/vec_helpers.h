@@ -286,16 +286,17 @@ inline double for_each_element(const Operands<Ts...>& ops, int64_t n, const Body
     static_for<N>([&](auto k) {
       using IO = VecIO<typename Ops::template T<k>, S, kVecs>;
       if constexpr ((kStore & bit(k)) != 0) {
-        Vec v[kVecs];
-        for (int j = 0; j < kVecs; ++j) v[j] = x[j][k];
         if constexpr ((kSr & bit(k)) != 0) {
-          static_assert(std::is_same_v<typename Ops::template T<k>, at::BFloat16>, "SR stores into bf16");
+          static_assert(std::is_same_v<typename Ops::template T<k>, at::BFloat16> && (kStream & bit(k)) == 0,
+                        "SR stores into bf16 state (read and written: no streaming store)");
           const uint32_t start = ops.sr_base[k] + static_cast<uint32_t>(i) * kSrIndexMul;
-          for (int j = 0; j < kVecs; ++j) {
-            v[j] = sr_truncate(v[j], sr_bits_lanes(start + static_cast<uint32_t>(j * Vec::size()) * kSrIndexMul));
-          }
+          constexpr uint32_t kNext = static_cast<uint32_t>(Vec::size()) * kSrIndexMul;
+          sr_pack_bf16(x[0][k], x[1][k], sr_bits_lanes(start), sr_bits_lanes(start + kNext)).store(ptr_of(k) + i);
+        } else {
+          Vec v[kVecs];
+          for (int j = 0; j < kVecs; ++j) v[j] = x[j][k];
+          IO::template store<(kStream & bit(k)) != 0>(ptr_of(k) + i, v);
         }
-        IO::template store<(kStream & bit(k)) != 0>(ptr_of(k) + i, v);
       }
     });
   }
