@@ -89,7 +89,8 @@ void set_python_error(const std::exception& e) {
   PyErr_SetString(PyExc_RuntimeError, c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
 }
 
-// The state_seed argument (None or an int); false when it is neither (torch.ops then takes the call).
+// The state_seed argument (None or an int; optional, None when left out); false when it is neither
+// (torch.ops then takes the call).
 bool read_seed(PyObject* obj, std::optional<int64_t>& seed) {
   if (obj == Py_None) return true;
   if (!PyLong_CheckExact(obj)) return false;
@@ -142,10 +143,10 @@ PyObject* guarded(const F& f) {
 }  // namespace
 
 PyObject* direct_adam_step(PyObject*, PyObject* args) {
-  PyObject *p, *g, *m, *v, *maxv, *seed_obj;
+  PyObject *p, *g, *m, *v, *maxv, *seed_obj = Py_None;
   double lr, beta1, beta2, eps, wd, bc1, bc2_sqrt;
   int decoupled, maximize;
-  if (!PyArg_ParseTuple(args, "OOOOdddddpddpOO", &p, &g, &m, &v, &lr, &beta1, &beta2, &eps, &wd, &decoupled, &bc1,
+  if (!PyArg_ParseTuple(args, "OOOOdddddpddpO|O", &p, &g, &m, &v, &lr, &beta1, &beta2, &eps, &wd, &decoupled, &bc1,
                         &bc2_sqrt, &maximize, &maxv, &seed_obj)) {
     return nullptr;
   }
@@ -162,10 +163,10 @@ PyObject* direct_adam_step(PyObject*, PyObject* args) {
 }
 
 PyObject* direct_sgd_momentum_step(PyObject*, PyObject* args) {
-  PyObject *p, *g, *b, *seed_obj;
+  PyObject *p, *g, *b, *seed_obj = Py_None;
   double lr, momentum, wd, dampening;
   int nesterov, maximize;
-  if (!PyArg_ParseTuple(args, "OOOddpdpdO", &p, &g, &b, &lr, &momentum, &nesterov, &wd, &maximize, &dampening,
+  if (!PyArg_ParseTuple(args, "OOOddpdpd|O", &p, &g, &b, &lr, &momentum, &nesterov, &wd, &maximize, &dampening,
                         &seed_obj)) {
     return nullptr;
   }
@@ -190,9 +191,9 @@ PyObject* direct_ls_save_sgd(PyObject*, PyObject* args) {
 }
 
 PyObject* direct_ls_save_adam(PyObject*, PyObject* args) {
-  PyObject *p, *g, *m, *v, *w0, *d, *seed_obj;
+  PyObject *p, *g, *m, *v, *w0, *d, *seed_obj = Py_None;
   double beta1, beta2, eps, bc2_sqrt;
-  if (!PyArg_ParseTuple(args, "OOOOOOddddO", &p, &g, &m, &v, &w0, &d, &beta1, &beta2, &eps, &bc2_sqrt, &seed_obj)) {
+  if (!PyArg_ParseTuple(args, "OOOOOOdddd|O", &p, &g, &m, &v, &w0, &d, &beta1, &beta2, &eps, &bc2_sqrt, &seed_obj)) {
     return nullptr;
   }
   std::optional<int64_t> seed;
