@@ -22,7 +22,7 @@ import torch
 
 from backend_params import device_for
 from svi_kernels.backends import get, reference
-from svi_kernels.backends.state_storage import stochastic_round_bf16
+from svi_kernels.backends.state_storage import fmix32, sr_bits, sr_key, stochastic_round_bf16
 from tensor_factory import random_list
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -193,6 +193,31 @@ def test_reference_against_float64(op, seed, pair):
         for i, (a, b) in enumerate(zip(lists[name], exact[name])):
             torch.testing.assert_close(a.double(), b.to(a.dtype).double() if key not in "mv+" else b,
                                        rtol=rtol, atol=atol, msg=lambda m: f"{name}[{i}]: {m}")
+
+
+def _r_bits_by_the_spec(seed, t, l, i):
+    """The spec's bits in plain Python uint32 arithmetic (docs: issue 24), independent of the package's helpers."""
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    key = fmix((seed + t * 0x9E3779B9) & 0xFFFFFFFF)
+    return fmix((key + l * 0x7F4A7C15 + i * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+
+
+def test_sr_bits_are_the_spec_bits():
+    assert fmix32(1) == 0x514E28B7  # MurmurHash3's published fmix32(1)
+    for seed, t, l, i in [(0, 0, 0, 0), (SEED, 3, 1, 70000), (2 ** 31 - 1, 11, 2, 123457), (5, 0, 0, 2 ** 20)]:
+        assert sr_bits(sr_key(seed, t), l, torch.tensor([i])).item() == _r_bits_by_the_spec(seed, t, l, i)
+    x = torch.tensor([1.0 + 2 ** -9, -3.0e-5, float("nan"), float("inf")])
+    r = torch.tensor([_r_bits_by_the_spec(SEED, 2, 1, i) for i in range(4)])
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    want = (((u + r) & 0xFFFFFFFF) >> 16)[:2]
+    got = stochastic_round_bf16(x, SEED, 2, 1)
+    assert got.view(torch.int16)[:2].to(torch.int64).bitwise_and(0xFFFF).tolist() == want.tolist()
+    assert torch.isnan(got[2]) and got[3] == float("inf")
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(backend):
