@@ -72,7 +72,7 @@ def _train(model, opt, name, steps, start=0, dtype=F32, one_batch=False):
         def closure():
             return torch.nn.functional.cross_entropy(model(x).float(), y)
         if name in LINE_SEARCHES:
-            losses.append(float(opt.step(closure)))
+            losses.append(float(opt.step(closure).detach()))
         else:
             loss = closure()
             loss.backward()
