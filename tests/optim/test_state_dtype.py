@@ -476,3 +476,23 @@ def test_step_plan_gives_the_bits_of_the_general_path(name, backend, monkeypatch
         runs.append((model, opt))
     _same_state(runs[0][1], runs[1][1], runs[0][0], runs[1][0])
     assert any(isinstance(v, step_plan.GroupPlan) for v in runs[0][1].__dict__["_step_plans"].values())
+
+
+def test_salsa_momentum_sums_with_bf16_state_are_computed_in_float32():
+    """SaLSA(momentum_direction=True)'s S = sum(g * m_hat / (sqrt(v_hat) + eps)) (PyTorch ops, not a kernel)
+    from bf16 moments beside fp32 gradients: within float32 rounding of float64 on the same stored values
+    (a bf16 denominator would be off by ~1e-3)."""
+    from svi_kernels.optim._line_search import DeviceSums, StepTensors
+    from svi_kernels.optim.adamw import adam_scalars
+    model, opt = _setup("SaLSA", "reference", state_dtype=BF16, momentum_direction=True)
+    _train(model, opt, "SaLSA", 3)
+    step = opt.ls_state["step"] + 2
+    t = StepTensors(opt, with_moments=True)
+    got = opt._momentum_sums(t, step, DeviceSums(t, [])).parts
+    bc1, bc2_sqrt = adam_scalars(step, 0.9, 0.999, True)
+    for pos, sums in got:
+        for i, s in zip(pos, sums.tolist()):
+            g, m, v = (x.double() for x in (t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i]))
+            want = float((g * m / (v.sqrt() / bc2_sqrt + 1e-8)).sum() / bc1)
+            assert s == pytest.approx(want, rel=2e-5, abs=1e-12)
+    assert {m.dtype for m in t.exp_avgs} == {BF16}
