@@ -496,3 +496,22 @@ def test_salsa_momentum_sums_with_bf16_state_are_computed_in_float32():
             want = float((g * m / (v.sqrt() / bc2_sqrt + 1e-8)).sum() / bc1)
             assert s == pytest.approx(want, rel=2e-5, abs=1e-12)
     assert {m.dtype for m in t.exp_avgs} == {BF16}
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdamSLS"])
+def test_parameters_turned_float64_are_refused_by_load_and_step(name):
+    """Parameters whose dtype changed after construction (model.double()) to one the setting cannot hold:
+    load_state_dict and step() raise before anything changes."""
+    model, opt = _setup(name, "reference", state_dtype=BF16)
+    _train(model, opt, name, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    model.double()
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="float64 parameters keep float64 state"):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="float64 parameters keep float64 state"):
+        _train(model, opt, name, 1, dtype=F64)
+    for p, was in zip(model.parameters(), params):
+        assert torch.equal(p, was) and opt.state[p].keys() == before[p].keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in before[p].items())
