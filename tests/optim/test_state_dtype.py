@@ -515,3 +515,25 @@ def test_parameters_turned_float64_are_refused_by_load_and_step(name):
     for p, was in zip(model.parameters(), params):
         assert torch.equal(p, was) and opt.state[p].keys() == before[p].keys()
         assert all(torch.equal(opt.state[p][k], v) for k, v in before[p].items())
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SVI-sgd", "AdamSLS", "LayerwiseAdamSLS"])
+def test_per_group_state_dtype(name, monkeypatch):
+    """A param group may set its own state_dtype: its state takes it and its launches alone get seeds (the
+    line searches bucket the groups apart)."""
+    calls = _spy_ops(monkeypatch)
+    model = tiny_mlp()
+    ps = list(model.parameters())
+    groups = _groups(ps)
+    groups[1]["state_dtype"] = BF16
+    if name == "LayerwiseAdamSLS":
+        opt = FACTORIES[name](ps, "reference")
+        opt.param_groups[1]["state_dtype"] = BF16  # (its factory makes the groups; changed before any state)
+    else:
+        opt = FACTORIES[name](groups, "reference")
+    _train(model, opt, name, 3)
+    for gi, group in enumerate(opt.param_groups):
+        want = BF16 if gi == 1 else F32
+        assert {opt.state[p][k].dtype for p in group["params"] for k in _state_keys(name)} == {want}
+    seeded = [s for _, s in calls if s != "absent"]
+    assert seeded and len(seeded) < len(calls), "only the bf16 group's launches take a seed"
