@@ -9,7 +9,8 @@
 - every bad input refused before anything changes;
 - ``state_dtype=None`` (and float32 beside fp32 parameters) calls the ops exactly as before: no state_seed.
 
-Run on the reference backend and on the compiled CPU kernels once they take ``state_seed``.
+Run on the reference backend, on the compiled CPU kernels once they take ``state_seed``, and on Triton
+through its interpreter.
 """
 import copy
 import importlib
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import svi_kernels as sk
-from helpers import batch, one_thread, tiny_mlp  # noqa: F401
+from helpers import CPU_BACKENDS, batch, one_thread, tiny_mlp  # noqa: F401
 from svi_kernels.backends import backends, compiled
 from svi_kernels.optim import state_storage
 from test_in_place_trials import _held_bytes
@@ -37,7 +38,8 @@ def _cpu_param():
     return pytest.param("cpu", id="cpu")
 
 
-BACKENDS = [pytest.param("reference", id="reference"), _cpu_param()]
+# (Triton through its interpreter, as helpers.CPU_BACKENDS runs it)
+BACKENDS = [pytest.param("reference", id="reference"), _cpu_param()] + [b for b in CPU_BACKENDS if b.id == "triton"]
 LINE_SEARCHES = ("AdamSLS", "SaLSA", "LayerwiseAdamSLS")
 
 
@@ -462,7 +464,7 @@ def test_sparse_gradients_with_a_state_dtype_are_refused_before_anything_changes
     assert torch.equal(emb.weight, before) and not opt.state
 
 
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("backend", [_cpu_param()])  # (AdamW/SVI plan the compiled backend only)
 @pytest.mark.parametrize("name", ["AdamW", "SVI-sgd", "SVI-adam", "AdamSLS"])
 def test_step_plan_gives_the_bits_of_the_general_path(name, backend, monkeypatch):
     """The step plan (compiled backend, from the second step) holds bf16 state lists beside fp32 parameters
