@@ -282,6 +282,38 @@ def test_sr_bits_follow_the_flat_index_not_the_split(backend):
     assert torch.equal(m_a.view(torch.int16), with_small[0].view(torch.int16))
 
 
+def test_sr_bits_follow_the_memory_order_of_a_channels_last_tensor(backend):
+    """A dense tensor in another layout (channels_last) is walked in memory order by the kernels: the
+    reference draws each element's bits by its memory offset too, so both store the same bits (and a
+    contiguous tensor's memory offset is its flat index)."""
+    impl = ops_of(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(5)
+
+    def lists():
+        shape = (3, 5, 7, 9)
+        p, g = (torch.randn(shape, generator=gen).to(dev).to(memory_format=torch.channels_last) for _ in range(2))
+        m = torch.zeros(shape, dtype=BF16, device=dev).to(memory_format=torch.channels_last)
+        v = torch.zeros(shape, dtype=BF16, device=dev).to(memory_format=torch.channels_last)
+        return [p], [g], [m], [v]
+
+    want = lists()
+    gen.manual_seed(5)
+    got = lists()
+    try:
+        impl.adam_step(*got, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                       state_seed=SEED, **BC)
+    except (RuntimeError, ValueError) as exc:  # a backend that takes only contiguous tensors says so
+        assert "contiguous" in str(exc)
+        pytest.skip(f"{backend} takes contiguous tensors only")
+    reference.adam_step(*want, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                        state_seed=SEED, **BC)
+    for k in (2, 3):
+        assert torch.equal(got[k][0].cpu().view(torch.int16), want[k][0].cpu().view(torch.int16))
+    logical = stochastic_round_bf16((0.1 * want[1][0]).cpu(), SEED, 0, 0)  # bits by the logical index
+    assert not torch.equal(logical.view(torch.int16), want[2][0].cpu().view(torch.int16))
+
+
 def test_bf16_v_to_nearest_sticks_sr_tracks_fp32(backend):
     """The measured reason for SR: v <- 0.999 v + 0.001 g^2 from v = 1 with g^2 = 0.5 moves v by 0.05 %
     a step, under half a bf16 step (0.2 %): to nearest v stays 1.0; with SR its mean follows fp32's v."""
