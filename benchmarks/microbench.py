@@ -300,8 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"streaming bandwidth (a.add_(b, alpha=s), {bw['numel']:,} fp32, 12 B/elem), measured before each "
           f"workload's rows: {per_workload} GB/s; each row's fraction of stream uses the probe run between its "
           f"own windows (column stream GB/s)")
-    if args.peers:
-        print(peers.describe())
+    if any(r["kind"] == "peer" for r in results) or any(f"[{p}]" in line for p in peers.PINNED for line in skipped):
+        print(peers.describe())  # the peers' versions, where a peer row was run or skipped
     busy = _busy_warning()
     if busy:
         print(busy)

@@ -45,8 +45,8 @@ def _import(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise RowUnavailable(f"{package} is not installed ({exc}); `pip install 'svi-kernels[bench]'` "
-                             f"installs {package}=={PINNED[package]}") from exc
+        raise RowUnavailable(f"{package} is not installed ({exc}); `pip install {package}=={PINNED[package]}` "
+                             f"(or the bench extra: `pip install '.[bench]'`) installs the version measured") from exc
 
 
 def bnb_adamw8bit(params, lr: float, weight_decay: float):

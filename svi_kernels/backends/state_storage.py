@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch._prims_common as _prims
 from torch import Tensor
 
 _M32 = 0xFFFFFFFF
@@ -87,10 +88,24 @@ def sr_bits(key: int, list_id: int, index: Tensor) -> Tensor:
     return fmix32((key + salt + _mul32(index & _M32, 0x9E3779B1)) & _M32) >> 16
 
 
-def stochastic_round_bf16(x: Tensor, state_seed: int, tensor_index: int, list_id: int) -> Tensor:
-    """float32 ``x`` (element i at flat index i) rounded stochastically to bfloat16."""
-    x = x.to(torch.float32).contiguous()
-    r = sr_bits(sr_key(state_seed, tensor_index), list_id, torch.arange(x.numel(), device=x.device)).view(x.shape)
+def memory_index(t: Tensor) -> Tensor:
+    """Each element's offset in ``t``'s memory (int64, ``t``'s shape): the flat index the kernels use,
+    which walk a dense tensor in memory order (a channels_last state tensor is not walked in its
+    logical order). Equal to the logical flat index for a contiguous tensor."""
+    index = torch.arange(t.numel(), device=t.device)
+    if t.is_contiguous() or not _prims.is_non_overlapping_and_dense_or_false(t):
+        return index.view(t.shape)
+    return index.as_strided(t.shape, t.stride())
+
+
+def stochastic_round_bf16(x: Tensor, state_seed: int, tensor_index: int, list_id: int,
+                          index: Optional[Tensor] = None) -> Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16; element bits by ``index`` (``memory_index`` of the
+    destination; default: the logical flat index)."""
+    x = x.to(torch.float32)
+    if index is None:
+        index = torch.arange(x.numel(), device=x.device).view(x.shape)
+    r = sr_bits(sr_key(state_seed, tensor_index), list_id, index)
     u = x.view(torch.int32).to(torch.int64) & _M32
     bits = ((u + r) & _M32) >> 16
     bits = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)  # uint16 as int16
@@ -102,7 +117,7 @@ def store_state(dst: Tensor, value: Tensor, state_seed: Optional[int], tensor_in
     """dst <- value: bf16 state with a seed stochastically rounded, anything else to nearest.
     ``keep`` (0-d bool): a select, the step may be skipped without the host reading it."""
     if state_seed is not None and dst.dtype == BF16:
-        value = stochastic_round_bf16(value, state_seed, tensor_index, STATE_LIST[list_name])
+        value = stochastic_round_bf16(value, state_seed, tensor_index, STATE_LIST[list_name], memory_index(dst))
     if keep is not None:
         value = torch.where(keep, value.to(dst.dtype), dst)
     if value is not dst:

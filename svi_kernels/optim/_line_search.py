@@ -303,7 +303,7 @@ class LineSearchOptimizer(Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:
-                        self._moments(p, group)
+                        self._moments(p, group, convert=False)
         return sharding.counters_into_groups(super().state_dict(), LS_KEY)
 
     def load_state_dict(self, state_dict):
@@ -324,15 +324,15 @@ class LineSearchOptimizer(Optimizer):
             raise ValueError(f"{self._name}.load_state_dict: {len(ls['step_sizes'])} step sizes for "
                              f"{len(self.param_groups)} param groups")
 
-    def _moments(self, p: Tensor, group: dict) -> dict:
+    def _moments(self, p: Tensor, group: dict, convert: bool = True) -> dict:
         """p's state with its Adam moments in the group's state dtype (zeros, with p's placement, when new;
-        converted when the group's ``state_dtype`` changed)."""
+        with ``convert``, converted when the group's ``state_dtype`` changed)."""
         st = self.state[p]
         state_dtype = group.get(state_storage.KEY)
         if "exp_avg" not in st:
             st["exp_avg"] = state_storage.zeros(p, state_dtype)
             st["exp_avg_sq"] = state_storage.zeros(p, state_dtype)
-        elif st["exp_avg"].dtype != state_storage.dtype_for(p.dtype, state_dtype):
+        elif convert and st["exp_avg"].dtype != state_storage.dtype_for(p.dtype, state_dtype):
             state_storage.conform(st, p.dtype, state_dtype)
         return st
 

@@ -230,13 +230,14 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
     for k, ((device, _dtype, step), (lists, _idx)) in enumerate(buckets.items()):
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
         impl = bucketing.backend_for(backend, device, lists[:4])
-        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr, beta1=beta1, beta2=beta2, eps=float(eps),
-                       weight_decay=float(weight_decay), decoupled=decoupled, bias_correction1=bc1,
-                       bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
+        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                       lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
+                       decoupled=decoupled, bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
 
 
 def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs, state_seed) -> None:
+                  correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs,
+                  state_seed) -> None:
     """The tensor path: no value is read back to the host (see the module docstring)."""
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
     scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
@@ -250,9 +251,10 @@ def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
         step_counters.increment_steps(steps, skip)
         impl = bucketing.backend_for(backend, device, lists[:4])
         impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]),
-                              **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device), beta1=beta1, beta2=beta2, eps=float(eps),
-                              weight_decay=float(weight_decay), decoupled=decoupled, correct_bias=correct_bias,
-                              maximize=maximize, grad_scale=scale, found_inf=skip)
+                              **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device),
+                              beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
+                              decoupled=decoupled, correct_bias=correct_bias, maximize=maximize, grad_scale=scale,
+                              found_inf=skip)
 
 
 def _amsgrad_kwarg(lists) -> dict:

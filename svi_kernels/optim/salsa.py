@@ -161,7 +161,8 @@ class SaLSA(LineSearchOptimizer):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
             sums = []
             for grad, m, v in zip(grads, ms, vs):
-                denom = torch.sqrt(v)
+                # (bf16 state beside fp32 gradients: the denominator in float32, as the kernels compute it)
+                denom = torch.sqrt(v.to(torch.promote_types(grad.dtype, v.dtype)))
                 denom.div_(bc2_sqrt).add_(g["eps"])
                 term = torch.mul(grad, m).div_(denom)
                 sums.append(term.sum(dtype=torch.float64) / bc1)

@@ -39,7 +39,8 @@ def check_value(value) -> Optional[torch.dtype]:
     if value is None or (isinstance(value, torch.dtype) and value in (F32, BF16)):
         return value
     if isinstance(value, str) and value.lower() == "int8":
-        raise ValueError(f"state_dtype='int8' (blockwise 8-bit state) is not supported yet; supported: {SUPPORTED_TEXT}")
+        raise ValueError(f"state_dtype='int8' (blockwise 8-bit state) is not supported yet; "
+                         f"supported: {SUPPORTED_TEXT}")
     raise ValueError(f"Invalid state_dtype {value!r}: supported: {SUPPORTED_TEXT}")
 
 

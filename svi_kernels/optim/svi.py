@@ -207,18 +207,22 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
         return
     if capturable or grad_scale is not None or found_inf is not None:
         scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
-        for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by([params, grads, momentum_buffers]).items()):
+        buckets = bucketing.group_by([params, grads, momentum_buffers])
+        for k, ((device, _dtype), (lists, _idx)) in enumerate(buckets.items()):
             impl = bucketing.backend_for(backend, device, lists)
-            impl.sgd_momentum_step_tensor(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
+            impl.sgd_momentum_step_tensor(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                                          lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
                                           nesterov=bool(nesterov), weight_decay=hyperparams.as_float(weight_decay, "weight_decay"),
                                           maximize=maximize, grad_scale=scalars.grad_scale(device),
                                           **_dampening_kwarg(dampening),
                                           found_inf=scalars.found_inf(device))
         return
     lr = hyperparams.as_float(lr, "lr")
-    for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by([params, grads, momentum_buffers]).items()):
+    buckets = bucketing.group_by([params, grads, momentum_buffers])
+    for k, ((device, _dtype), (lists, _idx)) in enumerate(buckets.items()):
         impl = bucketing.backend_for(backend, device, lists)
-        impl.sgd_momentum_step(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr, momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
+        impl.sgd_momentum_step(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr,
+                               momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
                                weight_decay=hyperparams.as_float(weight_decay, "weight_decay"), maximize=maximize,
                                **_dampening_kwarg(dampening))
 

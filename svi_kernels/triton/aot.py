@@ -7,7 +7,9 @@ Each captured launch is then also compiled through ``triton.jit``'s own argument
 (``kernel.run(..., warmup=True)``) with a stand-in driver that reports the target and launches
 nothing: the same path ``kernel[grid](...)`` takes on a GPU, argument specialisation included.
 Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD and of their
-AMP / capturable tensor variants in fp32; AMSGrad in every dtype), every activation of the SVI backward.
+AMP / capturable tensor variants in fp32; AMSGrad in every dtype), every activation of the SVI backward,
+and every kernel that touches optimizer state with the state in its other allowed dtypes (bf16 state
+stochastically rounded from a seed).
 
     python -m svi_kernels.triton.aot [--arch 90] [--dtypes fp32,fp16,bf16] [--keep DIR]
 
@@ -84,9 +86,46 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
                                                 bias_correction2_sqrt=0.05)
     yield "", lambda: line_search.ls_final_adam_from_trial(L(), L(), L(), L(), [0.1, 0.2], trial_eta=0.3, eps=1e-8,
                                                            bias_correction1=0.1, bias_correction2_sqrt=0.05)
+    yield from _state_scenarios(dtype, L, one, steps)
     for act in ACTIVATIONS:
         yield f"activation={act}", lambda a=act: act_backward_triton(_tensors(dtype, (3000,))[0],
                                                                       _tensors(dtype, (3000,))[0], a)
+
+
+# The other state dtype each param dtype may have (issue 24), and whether its stores round stochastically.
+STATE_VARIANTS = {torch.float32: [(torch.bfloat16, True)], torch.float16: [(torch.float32, False)],
+                  torch.bfloat16: [(torch.float32, False), (torch.bfloat16, True)]}
+
+
+def _state_scenarios(dtype, L, one, steps) -> Iterable[Tuple[str, callable]]:
+    """Every kernel that reads or writes optimizer state, with the state in each other allowed dtype
+    (bf16 stored with stochastic rounding from a seed)."""
+    from . import adam, line_search, sgd
+    for state_dtype, sr in STATE_VARIANTS.get(dtype, ()):
+        S = lambda sd=state_dtype: _tensors(sd)  # noqa: E731
+        seed = 12345 if sr else None
+        label = f"state={str(state_dtype)[6:]}{',sr' if sr else ''}"
+        adam_kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, state_seed=seed)
+        yield label, lambda: adam.adam_step(L(), L(), S(), S(), lr=1e-3, bias_correction1=0.1,
+                                            bias_correction2_sqrt=0.05, max_exp_avg_sqs=S(), **adam_kw)
+        yield label, lambda: adam.adam_step_tensor(L(), L(), S(), S(), steps(), lr=one() * 1e-3, correct_bias=True,
+                                                   grad_scale=one(), found_inf=one() * 0, **adam_kw)
+        sgd_kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.0, state_seed=seed)
+        yield label, lambda: sgd.sgd_momentum_step(L(), L(), S(), **sgd_kw)
+        yield label, lambda: sgd.sgd_momentum_step_tensor(L(), L(), S(), grad_scale=one(), found_inf=one() * 0,
+                                                          **sgd_kw)
+        yield label, lambda: line_search.ls_save_adam(L(), L(), S(), S(), L(), L(), beta1=0.9, beta2=0.999, eps=1e-8,
+                                                      bias_correction2_sqrt=0.05, state_seed=seed)
+        if state_dtype == dtype:  # the readers' kernels are the plain dtype's (no seed)
+            continue
+        label = f"state={str(state_dtype)[6:]}"
+        yield label, lambda: line_search.ls_trial_adam(L(), L(), L(), S(), [0.1, 0.2], eps=1e-8,
+                                                       bias_correction2_sqrt=0.05)
+        yield label, lambda: line_search.ls_final_adam(L(), L(), S(), S(), [0.1, 0.2], eps=1e-8, bias_correction1=0.1,
+                                                       bias_correction2_sqrt=0.05)
+        yield label, lambda: line_search.ls_final_adam_from_trial(L(), L(), S(), S(), [0.1, 0.2], trial_eta=0.3,
+                                                                  eps=1e-8, bias_correction1=0.1,
+                                                                  bias_correction2_sqrt=0.05)
 
 
 def _signature(kernel, args: tuple, constexprs: dict) -> Tuple[Dict[str, str], dict]:

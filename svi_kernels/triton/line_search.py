@@ -12,8 +12,11 @@
 
 Per element these are ``ls_sq``, ``ls_adam_prepare_elem``, ``ls_trial_*_elem``, ``ls_final_adam_elem``
 and ``ls_final_adam_from_trial_elem`` of csrc/include/svi_kernels/update_math.h.
+
+The moments may have another dtype (STATE_DTYPE) than the params; ``ls_save_adam`` stores them to
+nearest or, given ``state_seed``, bf16 moments stochastically rounded (state_storage.py).
 """
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -23,8 +26,10 @@ from torch import Tensor
 from . import runtime
 from .runtime import device_function
 from .ieee import chunk_of_program, div_rn, sqrt_rn, tensor_ptr, to_storage
+from .state_storage import sr_key, store_state
 from .table import Group
 from ..backends.reference import check_optional_list
+from ..backends.state_storage import check_state_seed
 
 Etas = Union[Sequence[float], Tensor]
 
@@ -60,8 +65,9 @@ def ls_save_sgd_kernel(ptrs, chunks, sums,
 
 @device_function
 def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, mask,
-                     one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt,
-                     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, N_LISTS: tl.constexpr):
+                     one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, key,
+                     DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, COMPUTE: tl.constexpr,
+                     N_LISTS: tl.constexpr):
     if N_LISTS >= 5:  # with w0 (the in-place trials' save, 4 lists, does not read p)
         tl.store(w_ptr + offs, tl.load(p_ptr + offs, mask=mask), mask=mask)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
@@ -75,23 +81,24 @@ def _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, mask,
         tl.store(d_ptr + offs, to_storage(div_rn(g, denom), DTYPE), mask=mask)
     term = div_rn(g * g, denom)
     # ---
-    tl.store(m_ptr + offs, to_storage(m, DTYPE), mask=mask)
-    tl.store(v_ptr + offs, to_storage(v, DTYPE), mask=mask)
+    store_state(m_ptr, offs, mask, m, key, 0, STATE_DTYPE, SR)
+    store_state(v_ptr, offs, mask, v, key, 1, STATE_DTYPE, SR)
     return term
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["state_seed"])
 def ls_save_adam_kernel(ptrs, chunks, sums,
                         one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-                        eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                        N_LISTS: tl.constexpr):
+                        eps: tl.float64, bias_correction2_sqrt: tl.float64, state_seed,
+                        DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, COMPUTE: tl.constexpr,
+                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr, N_LISTS: tl.constexpr):
     # N_LISTS: 4 (no w0: p is not read), 5 (w0), or 6 with the dirs list (the search direction is written)
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     p_ptr = tensor_ptr(ptrs, t, 0, N_LISTS, DTYPE, ALIGNED)
     g_ptr = tensor_ptr(ptrs, t, 1, N_LISTS, DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, N_LISTS, STATE_DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, N_LISTS, STATE_DTYPE, ALIGNED)
+    key = sr_key(state_seed, t)
     w_ptr = p_ptr  # unused without w0
     if N_LISTS >= 5:
         w_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, DTYPE, ALIGNED)
@@ -106,13 +113,13 @@ def ls_save_adam_kernel(ptrs, chunks, sums,
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
     for first in range(start, full_end, BLOCK):
         acc += _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, first + tl.arange(0, BLOCK), None,
-                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE,
-                                N_LISTS)
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, key, DTYPE,
+                                STATE_DTYPE, SR, COMPUTE, N_LISTS)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         term = _save_adam_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, d_ptr, offs, offs < end,
-                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, DTYPE, COMPUTE,
-                                N_LISTS)
+                                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_bc2_sqrt, key, DTYPE,
+                                STATE_DTYPE, SR, COMPUTE, N_LISTS)
         acc += tl.where(offs < end, term, 0.0)
     tl.atomic_add(sums + t, tl.sum(acc, axis=0).to(tl.float64))
 
@@ -154,14 +161,14 @@ def _step_from_w0_block(p_ptr, w_ptr, d_ptr, v_ptr, offs, mask, eta, eps, bc2_sq
 
 
 @device_function
-def _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt,
-                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    # table lists: p, w0, d (g or m), v
+def _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt, DTYPE: tl.constexpr, D_DTYPE: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # table lists: p, w0, d (g: D_DTYPE = DTYPE, or m: D_DTYPE = STATE_DTYPE), v
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
     w_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
-    d_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    d_ptr = tensor_ptr(ptrs, t, 2, 4, D_DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, STATE_DTYPE, ALIGNED)
     eta = tl.load(etas + t).to(COMPUTE)
     c_eps = tl.full([], eps, COMPUTE)
     c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
@@ -175,14 +182,17 @@ def _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt,
 
 @triton.jit
 def ls_trial_adam_kernel(ptrs, chunks, etas, eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt, DTYPE, COMPUTE, BLOCK, ALIGNED)
+                         DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+                         ALIGNED: tl.constexpr):
+    _step_from_w0(ptrs, chunks, etas, eps, bias_correction2_sqrt, DTYPE, DTYPE, STATE_DTYPE, COMPUTE, BLOCK, ALIGNED)
 
 
 @triton.jit
 def ls_final_adam_kernel(ptrs, chunks, etas_over_bc1, eps: tl.float64, bias_correction2_sqrt: tl.float64,
-                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    _step_from_w0(ptrs, chunks, etas_over_bc1, eps, bias_correction2_sqrt, DTYPE, COMPUTE, BLOCK, ALIGNED)
+                         DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+                         ALIGNED: tl.constexpr):
+    _step_from_w0(ptrs, chunks, etas_over_bc1, eps, bias_correction2_sqrt, DTYPE, STATE_DTYPE, STATE_DTYPE, COMPUTE,
+                  BLOCK, ALIGNED)
 
 
 @device_function
@@ -202,14 +212,14 @@ def _final_from_trial_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, eta, trial_e
 
 @triton.jit
 def ls_final_adam_from_trial_kernel(ptrs, chunks, etas_over_bc1, trial_eta: tl.float64, eps: tl.float64,
-                                    bias_correction2_sqrt: tl.float64, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                                    BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                                    bias_correction2_sqrt: tl.float64, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     # table lists: p, g, m, v
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     p_ptr = tensor_ptr(ptrs, t, 0, 4, DTYPE, ALIGNED)
     g_ptr = tensor_ptr(ptrs, t, 1, 4, DTYPE, ALIGNED)
-    m_ptr = tensor_ptr(ptrs, t, 2, 4, DTYPE, ALIGNED)
-    v_ptr = tensor_ptr(ptrs, t, 3, 4, DTYPE, ALIGNED)
+    m_ptr = tensor_ptr(ptrs, t, 2, 4, STATE_DTYPE, ALIGNED)
+    v_ptr = tensor_ptr(ptrs, t, 3, 4, STATE_DTYPE, ALIGNED)
     eta = tl.load(etas_over_bc1 + t).to(COMPUTE)
     c_trial_eta = tl.full([], trial_eta, COMPUTE)
     c_eps = tl.full([], eps, COMPUTE)
@@ -224,8 +234,11 @@ def ls_final_adam_from_trial_kernel(ptrs, chunks, etas_over_bc1, trial_eta: tl.f
 
 
 # ------------------------------------------------------------------------------------ launchers
-def _group(lists, written):
-    group = Group(lists, written=written)
+_ADAM_STATE = {2: "exp_avgs", 3: "exp_avg_sqs"}  # list index -> name, in the Adam save and final step
+
+
+def _group(lists, written, op="", state=None):
+    group = Group(lists, written=written, op=op, state=state)
     if group.n_elements:
         runtime.check_device(group.device)
     return group, group.block_shape()
@@ -263,14 +276,14 @@ def _run_reduction(kernel, group: Group, shape: Tuple[int, int], args: tuple, **
     return sums.to(torch.float32)
 
 
-def _run_update(kernel, group: Group, shape: Tuple[int, int], per_tensor: Tensor, args: tuple) -> None:
+def _run_update(kernel, group: Group, shape: Tuple[int, int], per_tensor: Tensor, args: tuple, **constexprs) -> None:
     if not group.n_elements:
         return
     dtype, compute = runtime.element_types(group.dtype)
     block, chunk = shape
     ptrs, chunks, aligned = group.tables(chunk)
     runtime.launch(kernel, chunks.shape[0], (ptrs, chunks, per_tensor) + args,
-                   dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned), group.device)
+                   dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, **constexprs), group.device)
     group.finish()
 
 
@@ -285,18 +298,21 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
-                 bias_correction2_sqrt: float) -> Tensor:
+                 bias_correction2_sqrt: float, state_seed: Optional[int] = None) -> Tensor:
     """Moments updated before the search, w0 <- p (unless ``w0`` is empty: then p is not read), and
     (when ``dirs`` is not empty, only with w0) the search direction dirs <- g / (sqrt(v_hat)+eps);
-    returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor."""
+    returns sum(g^2 / (sqrt(v_hat)+eps)) per tensor. w0 and dirs have the params' dtype."""
+    check_state_seed("ls_save_adam", state_seed)
     check_optional_list("ls_save_adam", "w0", w0, params)
     check_optional_list("ls_save_adam", "dirs", dirs, params)
     if len(dirs) and not len(w0):
         raise ValueError("ls_save_adam: dirs needs w0 (give both, or an empty dirs)")
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([w0] if len(w0) else []) + ([dirs] if len(dirs) else [])
-    group, shape = _group(lists, written=(2, 3, 4, 5)[:len(lists) - 2])
-    args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt))
-    return _run_reduction(ls_save_adam_kernel, group, shape, args, N_LISTS=len(lists))
+    group, shape = _group(lists, written=(2, 3, 4, 5)[:len(lists) - 2], op="ls_save_adam", state=_ADAM_STATE)
+    args = (1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bias_correction2_sqrt),
+            state_seed or 0)
+    return _run_reduction(ls_save_adam_kernel, group, shape, args, N_LISTS=len(lists),
+                          **runtime.state_types(group, state_seed))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Etas) -> None:
@@ -308,17 +324,18 @@ def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], et
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Etas, *, eps: float, bias_correction2_sqrt: float) -> None:
     """p <- w0 - eta_t * g / (sqrt(v_hat) + eps): the search direction has no momentum."""
-    group, shape = _group([params, w0, grads, exp_avg_sqs], written=(0,))
+    group, shape = _group([params, w0, grads, exp_avg_sqs], written=(0,), op="ls_trial_adam", state={3: "exp_avg_sqs"})
     _run_update(ls_trial_adam_kernel, group, shape, _per_tensor(etas, group.n_tensors, group),
-                (float(eps), float(bias_correction2_sqrt)))
+                (float(eps), float(bias_correction2_sqrt)), STATE_DTYPE=runtime.TORCH_TO_TL[group.state_dtype])
 
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   etas: Etas, *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
     """p <- w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps): the final step uses the momentum."""
-    group, shape = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,))
+    group, shape = _group([params, w0, exp_avgs, exp_avg_sqs], written=(0,), op="ls_final_adam", state=_ADAM_STATE)
     scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
-    _run_update(ls_final_adam_kernel, group, shape, scaled, (float(eps), float(bias_correction2_sqrt)))
+    _run_update(ls_final_adam_kernel, group, shape, scaled, (float(eps), float(bias_correction2_sqrt)),
+                STATE_DTYPE=runtime.TORCH_TO_TL[group.state_dtype])
 
 
 def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -326,7 +343,9 @@ def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs
                              bias_correction1: float, bias_correction2_sqrt: float) -> None:
     """From the trial point p = w0 - trial_eta * g / denom (in-place trials): p <- (p + trial_eta * g /
     denom) - (eta_t / bc1) * m / denom."""
-    group, shape = _group([params, grads, exp_avgs, exp_avg_sqs], written=(0,))
+    group, shape = _group([params, grads, exp_avgs, exp_avg_sqs], written=(0,), op="ls_final_adam_from_trial",
+                          state=_ADAM_STATE)
     scaled = _per_tensor(etas, group.n_tensors, group, scale=float(bias_correction1))
     _run_update(ls_final_adam_from_trial_kernel, group, shape, scaled,
-                (float(trial_eta), float(eps), float(bias_correction2_sqrt)))
+                (float(trial_eta), float(eps), float(bias_correction2_sqrt)),
+                STATE_DTYPE=runtime.TORCH_TO_TL[group.state_dtype])

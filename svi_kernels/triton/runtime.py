@@ -58,6 +58,13 @@ def element_types(dtype: torch.dtype):
     return TORCH_TO_TL[dtype], (tl.float64 if dtype == torch.float64 else tl.float32)
 
 
+def state_types(group, state_seed) -> dict:
+    """The STATE_DTYPE and SR constexprs of a kernel that reads or writes optimizer state: SR (stochastic
+    rounding) when a seed is given and the state is bf16."""
+    return dict(STATE_DTYPE=TORCH_TO_TL[group.state_dtype],
+                SR=state_seed is not None and group.state_dtype == torch.bfloat16)
+
+
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of per-tensor scalar tables (etas): the compute dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -2,7 +2,8 @@
 
 Per element this is ``sgd_momentum_elem`` of csrc/include/svi_kernels/update_math.h.
 ``sgd_momentum_step_tensor`` is the AMP / capturable variant: lr (a tensor or a number), the loss
-scale and the skip flag are read by the kernel (see adam.py).
+scale and the skip flag are read by the kernel (see adam.py). The momentum buffers may be stored in
+STATE_DTYPE, stochastically rounded (SR) to bf16 from ``state_seed`` (state_storage.py).
 """
 from typing import List, Optional, Union
 
@@ -10,15 +11,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..backends.state_storage import check_state_seed
 from . import runtime
 from .runtime import device_function
 from .ieee import chunk_of_program, div_rn, tensor_ptr, to_storage
+from .state_storage import sr_key, store_state
 from .table import Group
+
+_STATE = {2: "momentum_buffers"}
 
 
 @device_function
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, one_minus_dampening, grad_scale,
-               DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, one_minus_dampening, grad_scale, key,
+               DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, COMPUTE: tl.constexpr,
                NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                UNSCALE: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
@@ -40,62 +45,69 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, weight_decay, one_
     p = p - lr * d
     # ---
     tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
-    tl.store(b_ptr + offs, to_storage(buf, DTYPE), mask=mask)
+    store_state(b_ptr, offs, mask, buf, key, 0, STATE_DTYPE, SR)
 
 
 @device_function
 def _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, lr, momentum, weight_decay, one_minus_dampening,
-              grad_scale,
-              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, NESTEROV: tl.constexpr,
+              grad_scale, key, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
+              COMPUTE: tl.constexpr, BLOCK: tl.constexpr, NESTEROV: tl.constexpr,
               HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr):
     """_sgd_block over a program's chunk: the whole blocks unmasked (they vectorise), then the tail."""
     for first in range(start, full_end, BLOCK):
         _sgd_block(p_ptr, g_ptr, b_ptr, first + tl.arange(0, BLOCK), None, lr, momentum, weight_decay,
-                   one_minus_dampening, grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                   one_minus_dampening, grad_scale, key, DTYPE, STATE_DTYPE, SR, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY,
+                   MAXIMIZE, UNSCALE)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < end, lr, momentum, weight_decay,
-                   one_minus_dampening, grad_scale, DTYPE, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+                   one_minus_dampening, grad_scale, key, DTYPE, STATE_DTYPE, SR, COMPUTE, NESTEROV, HAS_WEIGHT_DECAY,
+                   MAXIMIZE, UNSCALE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["state_seed"])
 def sgd_momentum_step_kernel(ptrs, chunks, lr: tl.float64, momentum: tl.float64, weight_decay: tl.float64,
-                             one_minus_dampening: tl.float64,
-                             DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                             one_minus_dampening: tl.float64, state_seed,
+                             DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
+                             COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                              NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
     t, start, full_end, end = chunk_of_program(chunks, BLOCK)
     p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
     g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
-    b_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
+    b_ptr = tensor_ptr(ptrs, t, 2, 3, STATE_DTYPE, ALIGNED)
+    key = sr_key(state_seed, t)
     c_lr = tl.full([], lr, COMPUTE)
     c_momentum = tl.full([], momentum, COMPUTE)
     c_weight_decay = tl.full([], weight_decay, COMPUTE)
     c_keep = tl.full([], one_minus_dampening, COMPUTE)
-    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_keep, c_lr,
-              DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
+    _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_keep, c_lr, key,
+              DTYPE, STATE_DTYPE, SR, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, False)
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
-                      dampening: float = 0.0) -> None:
-    group = Group([params, grads, momentum_buffers], written=(0, 2))
+                      dampening: float = 0.0, state_seed: Optional[int] = None) -> None:
+    check_state_seed("sgd_momentum_step", state_seed)
+    group = Group([params, grads, momentum_buffers], written=(0, 2), op="sgd_momentum_step", state=_STATE)
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
     dtype, compute = runtime.element_types(group.dtype)
     block, chunk = group.block_shape()
     ptrs, chunks, aligned = group.tables(chunk)
-    args = (ptrs, chunks, float(lr), float(momentum), float(weight_decay), 1.0 - float(dampening))
-    constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
-                      HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize))
+    args = (ptrs, chunks, float(lr), float(momentum), float(weight_decay), 1.0 - float(dampening), state_seed or 0)
+    constexprs = dict(DTYPE=dtype, **runtime.state_types(group, state_seed), COMPUTE=compute, BLOCK=block,
+                      ALIGNED=aligned, NESTEROV=bool(nesterov), HAS_WEIGHT_DECAY=float(weight_decay) != 0.0,
+                      MAXIMIZE=bool(maximize))
     runtime.launch(sgd_momentum_step_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["state_seed"])
 def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr, lr_value: tl.float64,
                                     momentum: tl.float64, weight_decay: tl.float64, one_minus_dampening: tl.float64,
-                                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+                                    state_seed, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
+                                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
                                     ALIGNED: tl.constexpr, NESTEROV: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                                     MAXIMIZE: tl.constexpr, LR_FROM_PTR: tl.constexpr, UNSCALE: tl.constexpr,
                                     HAS_FOUND_INF: tl.constexpr):
@@ -106,7 +118,8 @@ def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_
         end = tl.where(run, end, start)
     p_ptr = tensor_ptr(ptrs, t, 0, 3, DTYPE, ALIGNED)
     g_ptr = tensor_ptr(ptrs, t, 1, 3, DTYPE, ALIGNED)
-    b_ptr = tensor_ptr(ptrs, t, 2, 3, DTYPE, ALIGNED)
+    b_ptr = tensor_ptr(ptrs, t, 2, 3, STATE_DTYPE, ALIGNED)
+    key = sr_key(state_seed, t)
     c_lr = tl.full([], lr_value, COMPUTE)
     if LR_FROM_PTR:
         c_lr = tl.load(lr_ptr).to(tl.float64).to(COMPUTE)
@@ -117,14 +130,17 @@ def sgd_momentum_step_tensor_kernel(ptrs, chunks, lr_ptr, grad_scale_ptr, found_
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
     _sgd_span(p_ptr, g_ptr, b_ptr, start, full_end, end, c_lr, c_momentum, c_weight_decay, c_keep, c_grad_scale,
-              DTYPE, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
+              key, DTYPE, STATE_DTYPE, SR, COMPUTE, BLOCK, NESTEROV, HAS_WEIGHT_DECAY, MAXIMIZE, UNSCALE)
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
-                             found_inf: Optional[Tensor] = None, dampening: float = 0.0) -> None:
-    group = Group([params, grads, momentum_buffers], written=(0, 2) if grad_scale is None else (0, 1, 2))
+                             found_inf: Optional[Tensor] = None, dampening: float = 0.0,
+                             state_seed: Optional[int] = None) -> None:
+    check_state_seed("sgd_momentum_step_tensor", state_seed)
+    group = Group([params, grads, momentum_buffers], written=(0, 2) if grad_scale is None else (0, 1, 2),
+                  op="sgd_momentum_step_tensor", state=_STATE)
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
@@ -134,10 +150,10 @@ def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum
     lr_ptr, lr_value = runtime.scalar_arg(lr, group.device, "lr", chunks)
     args = (ptrs, chunks, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
             runtime.tensor_arg(found_inf, group.device, "found_inf", chunks),
-            lr_value, float(momentum), float(weight_decay), 1.0 - float(dampening))
-    constexprs = dict(DTYPE=dtype, COMPUTE=compute, BLOCK=block, ALIGNED=aligned, NESTEROV=bool(nesterov),
-                      HAS_WEIGHT_DECAY=float(weight_decay) != 0.0, MAXIMIZE=bool(maximize),
-                      LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,
+            lr_value, float(momentum), float(weight_decay), 1.0 - float(dampening), state_seed or 0)
+    constexprs = dict(DTYPE=dtype, **runtime.state_types(group, state_seed), COMPUTE=compute, BLOCK=block,
+                      ALIGNED=aligned, NESTEROV=bool(nesterov), HAS_WEIGHT_DECAY=float(weight_decay) != 0.0,
+                      MAXIMIZE=bool(maximize), LR_FROM_PTR=isinstance(lr, Tensor), UNSCALE=grad_scale is not None,
                       HAS_FOUND_INF=found_inf is not None)
     runtime.launch(sgd_momentum_step_tensor_kernel, chunks.shape[0], args, constexprs, group.device)
     group.finish()

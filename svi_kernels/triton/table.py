@@ -22,12 +22,13 @@ optimizer state (same tensors) and of gradients, which torch keeps at their para
 and device (and, from autograd, its strides).
 """
 from collections import Counter, OrderedDict
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import runtime
+from ..backends.state_storage import check_state_dtypes
 
 CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
 
@@ -101,19 +102,24 @@ def _dense(t: Tensor) -> bool:
 
 class _Checked:
     """What a Group learned about lists at given addresses: sizes, dtype, device, tables."""
-    __slots__ = ("n_tensors", "dtype", "device", "numels", "n_elements", "largest", "pointers", "chunks")
+    __slots__ = ("n_tensors", "dtype", "state_dtype", "device", "numels", "n_elements", "largest", "pointers",
+                 "chunks")
 
     def __init__(self, group: "Group"):
         self.n_tensors, self.dtype, self.device = group.n_tensors, group.dtype, group.device
+        self.state_dtype = group.state_dtype
         self.numels, self.n_elements, self.largest = group.numels, group.n_elements, group.largest
         self.pointers = None  # (table, aligned), built on first use
         self.chunks = {}  # chunk size -> chunk table
 
 
-def _group_key(lists: Sequence[Sequence[Tensor]]) -> tuple:
-    """Every tensor's address and the first list's sizes, without a Python loop per tensor."""
+def _group_key(lists: Sequence[Sequence[Tensor]], state: Dict[int, str]) -> tuple:
+    """Every tensor's address, the first list's sizes and the dtypes of the first param and first
+    state tensor, without a Python loop per tensor."""
     first = lists[0][0] if len(lists[0]) else None
     head = (first.dtype, first.device) if first is not None else None
+    if state and first is not None:
+        head += (lists[next(iter(state))][0].dtype,)
     return (head, tuple(map(_NUMEL, lists[0])), tuple(tuple(map(_DATA_PTR, lst)) for lst in lists))
 
 
@@ -123,10 +129,15 @@ class Group:
     Tensors whose memory is not one dense block with the same layout in every list go through
     contiguous staging copies (written back by ``finish``); ordinary parameters never do.
     Lists at the addresses of an earlier call reuse its checks and tables (see the module doc).
+
+    ``state`` ({list index: name}, with ``op`` for the errors): the optimizer-state lists, which may
+    have another dtype (``state_dtype``) than the others, as backends/state_storage.py allows.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int]):
-        key = _group_key(lists)
+    def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], op: str = "",
+                 state: Optional[Dict[int, str]] = None):
+        state = {i: name for i, name in (state or {}).items() if i < len(lists)}  # AMSGrad's list is optional
+        key = _group_key(lists, state)
         checked = _group_cache.get(key)
         if checked is not None:
             _group_cache.move_to_end(key)
@@ -134,7 +145,7 @@ class Group:
             self._adopt(checked, lists)
             return
         stats["group_builds"] += 1
-        self._check(lists, written)
+        self._check(lists, written, op, state)
         if not self._staged:  # staged copies live for one call: nothing to reuse
             self._checked = _Checked(self)
             _group_cache[key] = self._checked
@@ -144,11 +155,13 @@ class Group:
     def _adopt(self, checked: _Checked, lists: Sequence[Sequence[Tensor]]) -> None:
         self._checked = checked
         self.n_tensors, self.dtype, self.device = checked.n_tensors, checked.dtype, checked.device
+        self.state_dtype = checked.state_dtype
         self.numels, self.n_elements, self.largest = checked.numels, checked.n_elements, checked.largest
         self.lists = lists
         self._writeback = []
 
-    def _check(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int]) -> None:
+    def _check(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], op: str,
+               state: Dict[int, str]) -> None:
         self._checked = None
         self._staged = False
         self.n_tensors = len(lists[0])
@@ -158,12 +171,15 @@ class Group:
         first = lists[0][0] if self.n_tensors else None
         self.dtype = first.dtype if first is not None else torch.float32
         self.device = first.device if first is not None else torch.device("cpu")
+        self.state_dtype = check_state_dtypes(op, lists[0], {name: lists[i] for i, name in state.items()})
+        self.state_dtype = self.state_dtype or self.dtype
         self._writeback: List[Tuple[Tensor, Tensor]] = []
         lists = [list(lst) for lst in lists]
         # Whole-list comprehensions rather than a loop per tensor: this runs on every call, and
         # per-tensor Python was most of the host time of a step over a few hundred tensors.
         numels = [t.numel() for t in lists[0]]
-        kinds = {(t.dtype, t.device) for lst in lists for t in lst}
+        kinds = {(t.dtype, t.device) for i, lst in enumerate(lists) if i not in state for t in lst}
+        kinds |= {(self.dtype, t.device) for i, lst in enumerate(lists) if i in state for t in lst}
         if len(kinds) > 1:
             dt, dev = next(iter(kinds - {(self.dtype, self.device)}))
             raise TypeError("a fused Triton call takes tensors of one dtype and one device, got "

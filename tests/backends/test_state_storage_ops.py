@@ -22,7 +22,7 @@ import torch
 
 from backend_params import device_for
 from svi_kernels.backends import get, reference
-from svi_kernels.backends.state_storage import stochastic_round_bf16
+from svi_kernels.backends.state_storage import fmix32, sr_bits, sr_key, stochastic_round_bf16
 from tensor_factory import random_list
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -197,6 +197,31 @@ def test_reference_against_float64(op, seed, pair):
                                        rtol=rtol, atol=atol, msg=lambda m: f"{name}[{i}]: {m}")
 
 
+def _r_bits_by_the_spec(seed, t, l, i):
+    """The spec's bits in plain Python uint32 arithmetic (docs: issue 24), independent of the package's helpers."""
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    key = fmix((seed + t * 0x9E3779B9) & 0xFFFFFFFF)
+    return fmix((key + l * 0x7F4A7C15 + i * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+
+
+def test_sr_bits_are_the_spec_bits():
+    assert fmix32(1) == 0x514E28B7  # MurmurHash3's published fmix32(1)
+    for seed, t, l, i in [(0, 0, 0, 0), (SEED, 3, 1, 70000), (2 ** 31 - 1, 11, 2, 123457), (5, 0, 0, 2 ** 20)]:
+        assert sr_bits(sr_key(seed, t), l, torch.tensor([i])).item() == _r_bits_by_the_spec(seed, t, l, i)
+    x = torch.tensor([1.0 + 2 ** -9, -3.0e-5, float("nan"), float("inf")])
+    r = torch.tensor([_r_bits_by_the_spec(SEED, 2, 1, i) for i in range(4)])
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    want = (((u + r) & 0xFFFFFFFF) >> 16)[:2]
+    got = stochastic_round_bf16(x, SEED, 2, 1)
+    assert got.view(torch.int16)[:2].to(torch.int64).bitwise_and(0xFFFF).tolist() == want.tolist()
+    assert torch.isnan(got[2]) and got[3] == float("inf")
+
+
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(backend):
     """momentum 0, lr 0: the stored buffer is the SR of the float32 gradient. Each tensor holds one
     value 4096 times; the flat index gives each copy its own bits (many draws in one call)."""
@@ -255,6 +280,38 @@ def test_sr_bits_follow_the_flat_index_not_the_split(backend):
     # and the reference's function is the one that gave these bits
     m_a = stochastic_round_bf16((0.1 * a).cpu(), SEED, 0, 0)
     assert torch.equal(m_a.view(torch.int16), with_small[0].view(torch.int16))
+
+
+def test_sr_bits_follow_the_memory_order_of_a_channels_last_tensor(backend):
+    """A dense tensor in another layout (channels_last) is walked in memory order by the kernels: the
+    reference draws each element's bits by its memory offset too, so both store the same bits (and a
+    contiguous tensor's memory offset is its flat index)."""
+    impl = ops_of(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(5)
+
+    def lists():
+        shape = (3, 5, 7, 9)
+        p, g = (torch.randn(shape, generator=gen).to(dev).to(memory_format=torch.channels_last) for _ in range(2))
+        m = torch.zeros(shape, dtype=BF16, device=dev).to(memory_format=torch.channels_last)
+        v = torch.zeros(shape, dtype=BF16, device=dev).to(memory_format=torch.channels_last)
+        return [p], [g], [m], [v]
+
+    want = lists()
+    gen.manual_seed(5)
+    got = lists()
+    try:
+        impl.adam_step(*got, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                       state_seed=SEED, **BC)
+    except (RuntimeError, ValueError) as exc:  # a backend that takes only contiguous tensors says so
+        assert "contiguous" in str(exc)
+        pytest.skip(f"{backend} takes contiguous tensors only")
+    reference.adam_step(*want, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                        state_seed=SEED, **BC)
+    for k in (2, 3):
+        assert torch.equal(got[k][0].cpu().view(torch.int16), want[k][0].cpu().view(torch.int16))
+    logical = stochastic_round_bf16((0.1 * want[1][0]).cpu(), SEED, 0, 0)  # bits by the logical index
+    assert not torch.equal(logical.view(torch.int16), want[2][0].cpu().view(torch.int16))
 
 
 def test_bf16_v_to_nearest_sticks_sr_tracks_fp32(backend):

@@ -97,7 +97,8 @@ def test_every_row_is_accounted():
                 "layerwise_adam_sls_bookkeeping": 4 + 20 + 36 / 10 + 16 * 9 / 10, "salsa_search_bookkeeping": 40,
                 "salsa_skipped_step": 28,
                 # issue 24: 2-byte state (bf16), 8-bit codes with a 4-byte scale per 256 (the peers)
-                "adamw_bf16_state": 20, "adam_sls_bookkeeping_bf16_state": 46, "salsa_search_bookkeeping_bf16_state": 30,
+                "adamw_bf16_state": 20, "adam_sls_bookkeeping_bf16_state": 46,
+                "salsa_search_bookkeeping_bf16_state": 30,
                 "layerwise_adam_sls_bookkeeping_bf16_state": 4 + 12 + 30 / 10 + 12 * 9 / 10,
                 "bnb_adamw8bit": 12 + 4 * (1 + 4 / 256), "torchao_adamw8bit": 12 + 4 * (1 + 4 / 256)}
     seen = set()

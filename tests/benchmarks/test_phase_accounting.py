@@ -73,17 +73,24 @@ def _recorded_shares(monkeypatch, row_name, dtype):
     return {op: c / n_steps for op, c in covered.items()}, {op: c for op, c in want.items() if c}
 
 
-@pytest.mark.parametrize("row_name", ROWS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_phases_are_the_ops_a_step_runs_weighed_by_the_parameters_they_cover(monkeypatch, row_name, dtype):
-    got, want = _recorded_shares(monkeypatch, row_name, dtype)
+def _assert_same_shares(got, want):
     assert set(got) == set(want)
     for op in want:
         assert got[op] == pytest.approx(want[op]), op
 
 
-@pytest.mark.parametrize("row_name", [name + "_bf16_state" for name in
-                                     ("adam_sls_bookkeeping", "salsa_search_bookkeeping", "layerwise_adam_sls_bookkeeping")])
+@pytest.mark.parametrize("row_name", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_phases_are_the_ops_a_step_runs_weighed_by_the_parameters_they_cover(monkeypatch, row_name, dtype):
+    got, want = _recorded_shares(monkeypatch, row_name, dtype)
+    _assert_same_shares(got, want)
+
+
+BF16_STATE_ROWS = ("adam_sls_bookkeeping_bf16_state", "salsa_search_bookkeeping_bf16_state",
+                   "layerwise_adam_sls_bookkeeping_bf16_state")
+
+
+@pytest.mark.parametrize("row_name", BF16_STATE_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bf16_state_rows_run_the_ops_of_their_fp32_state_rows(monkeypatch, row_name, dtype):
     """issue 24: the same ops (their bytes counted with 2-byte state, Row.state_itemsize)."""
@@ -91,9 +98,7 @@ def test_bf16_state_rows_run_the_ops_of_their_fp32_state_rows(monkeypatch, row_n
         got, want = _recorded_shares(monkeypatch, row_name, dtype)
     except rows_mod.RowUnavailable as exc:  # an svi_kernels without state_dtype
         pytest.skip(str(exc))
-    assert set(got) == set(want)
-    for op in want:
-        assert got[op] == pytest.approx(want[op]), op
+    _assert_same_shares(got, want)
 
 
 @pytest.mark.parametrize("row_name", ["armijo_sgd_bookkeeping", "adam_sls_bookkeeping", "layerwise_adam_sls_bookkeeping"])
@@ -103,9 +108,7 @@ def test_the_model_follows_the_code_s_choice_of_keeping_w0(monkeypatch, row_name
     monkeypatch.setattr(trial_points, "KEEP_DTYPES", trial_points.KEEP_DTYPES + (torch.float32,))
     got, want = _recorded_shares(monkeypatch, row_name, torch.float32)
     assert {"ls_save_sgd", "ls_trial_sgd"} <= set(want) or {"ls_save_adam", "ls_final_adam"} <= set(want)
-    assert set(got) == set(want)
-    for op in want:
-        assert got[op] == pytest.approx(want[op]), op
+    _assert_same_shares(got, want)
 
 
 def test_in_place_steps_move_the_bytes_docs_kernels_md_states():
