@@ -11,6 +11,11 @@ Optimizer state may have another dtype than the params (state_storage.STATE_DTYP
 for fp32 params, fp32 state for fp16/bf16 params); the ops that write state take ``state_seed``:
 None rounds every store to nearest, an int stochastically rounds the stores into bf16 state
 (state_storage.stochastic_round_bf16, the bits every backend uses).
+
+Int8 state: the state lists hold int8 / uint8 codes and the ops take their float32 block scales
+(``exp_avg_scales``, ``exp_avg_sq_scales``, ``max_exp_avg_sq_scales``, ``momentum_buffer_scales``) and
+``block_size``; each state tensor is decoded to float32, updated by the same formulas, and encoded
+(state_storage.encode_int8 / decode_int8, the codec every backend follows bit for bit).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .state_storage import check_state_dtypes, check_state_seed, store_state
+from .state_storage import DEFAULT_BLOCK_SIZE, check_state_dtypes, check_state_seed, decode_int8, store_state
 
 NAME = "reference"
 
@@ -27,6 +32,16 @@ NAME = "reference"
 def _opmath(t: Tensor) -> Tensor:
     """The tensor in its compute dtype: float32 for fp16/bf16, itself otherwise."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _state(x: Tensor, scale: Optional[Tensor], block_size: int) -> Tensor:
+    """A state tensor in its compute dtype: int8 codes (``scale`` given) decoded, others as ``_opmath``."""
+    return _opmath(x) if scale is None else decode_int8(x, scale, block_size)
+
+
+def _each(tensors: Optional[Sequence[Tensor]], n: int) -> Sequence[Optional[Tensor]]:
+    """The list, or n Nones for a list not given (the scales of non-int8 state)."""
+    return [None] * n if tensors is None else tensors
 
 
 def _store(dst: Tensor, value: Tensor) -> None:
@@ -46,7 +61,7 @@ def _adam_math(pf, gf, mf, vf, vmax, *, beta1, beta2, eps, weight_decay, decoupl
             gf = gf + weight_decay * pf
     mf = mf + (1.0 - beta1) * (gf - mf)
     vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-    second = vf if vmax is None else torch.maximum(_opmath(vmax), vf)  # AMSGrad
+    second = vf if vmax is None else torch.maximum(vmax, vf)  # AMSGrad (vmax: in the compute dtype)
     denom = second.sqrt() / bias_correction2_sqrt + eps
     return pf - step_size * (mf / denom), mf, vf, second
 
@@ -67,51 +82,77 @@ def adam_step(
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
     bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+    exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+    max_exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """max_exp_avg_sqs given: AMSGrad, max_v <- max(max_v, v) and the denominator uses max_v."""
-    _check_adam_state("adam_step", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed)
+    moments = _Moments("adam_step", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed, exp_avg_scales,
+                       exp_avg_sq_scales, max_exp_avg_sq_scales, block_size)
     step_size = lr / bias_correction1
     decay = 1.0 - lr * weight_decay
-    maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
-    for t, (p, g, m, v, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes)):
+    for t, (p, g) in enumerate(zip(params, grads)):
+        mf, vf, vmax = moments.load(t)
         pf, mf, vf, second = _adam_math(
-            _opmath(p), _opmath(g), _opmath(m), _opmath(v), vmax, beta1=beta1, beta2=beta2, eps=eps,
+            _opmath(p), _opmath(g), mf, vf, vmax, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled=decoupled, decay=decay, step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, maximize=maximize)
         _store(p, pf)
-        _store_moments(t, m, mf, v, vf, vmax, second, state_seed)
+        moments.store(t, mf, vf, second)
 
 
-def _check_adam_state(op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed) -> None:
-    check_state_seed(op, state_seed)
-    check_state_dtypes(op, params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                                    "max_exp_avg_sqs": max_exp_avg_sqs})
+class _Moments:
+    """The Adam state lists of one call (checked on construction): each tensor's moments in the compute
+    dtype, and their stores (rounded, stochastically rounded or encoded: state_storage.store_state)."""
 
+    def __init__(self, op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed, exp_avg_scales=None,
+                 exp_avg_sq_scales=None, max_exp_avg_sq_scales=None, block_size=DEFAULT_BLOCK_SIZE):
+        check_state_seed(op, state_seed)
+        check_state_dtypes(op, params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                                        "max_exp_avg_sqs": max_exp_avg_sqs},
+                           {"exp_avgs": exp_avg_scales, "exp_avg_sqs": exp_avg_sq_scales,
+                            "max_exp_avg_sqs": max_exp_avg_sq_scales}, block_size)
+        n = len(params)
+        self.m, self.v, self.vmax = exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+        self.m_scales, self.v_scales = _each(exp_avg_scales, n), _each(exp_avg_sq_scales, n)
+        self.vmax_scales = _each(max_exp_avg_sq_scales, n)
+        self.seed, self.block_size = state_seed, block_size
 
-def _store_moments(t, m, mf, v, vf, vmax, second, state_seed, keep=None) -> None:
-    store_state(m, mf, state_seed, t, "exp_avgs", keep)
-    store_state(v, vf, state_seed, t, "exp_avg_sqs", keep)
-    if vmax is not None:
-        store_state(vmax, second, state_seed, t, "max_exp_avg_sqs", keep)
+    def load(self, t):
+        """(m, v, max v or None) of tensor t in the compute dtype."""
+        vmax = None if self.vmax is None else _state(self.vmax[t], self.vmax_scales[t], self.block_size)
+        return (_state(self.m[t], self.m_scales[t], self.block_size),
+                _state(self.v[t], self.v_scales[t], self.block_size), vmax)
+
+    def store(self, t, mf, vf, second=None, keep=None):
+        store_state(self.m[t], mf, self.seed, t, "exp_avgs", keep, self.m_scales[t], self.block_size)
+        store_state(self.v[t], vf, self.seed, t, "exp_avg_sqs", keep, self.v_scales[t], self.block_size)
+        if self.vmax is not None:
+            store_state(self.vmax[t], second, self.seed, t, "max_exp_avg_sqs", keep, self.vmax_scales[t],
+                        self.block_size)
 
 
 def sgd_momentum_step(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
     dampening: float = 0.0, state_seed: Optional[int] = None,
+    momentum_buffer_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """buf = momentum * buf + (1 - dampening) * g on every call (torch's first undamped step is the caller's)."""
-    _check_sgd_state("sgd_momentum_step", params, momentum_buffers, state_seed)
+    scales = _check_sgd_state("sgd_momentum_step", params, momentum_buffers, state_seed, momentum_buffer_scales,
+                              block_size)
     for t, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
-        pf, bf = _sgd_math(_opmath(p), _opmath(g), _opmath(b), lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay, maximize=maximize, dampening=dampening)
+        pf, bf = _sgd_math(_opmath(p), _opmath(g), _state(b, scales[t], block_size), lr=lr, momentum=momentum,
+                           nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         _store(p, pf)
-        store_state(b, bf, state_seed, t, "momentum_buffers")
+        store_state(b, bf, state_seed, t, "momentum_buffers", None, scales[t], block_size)
 
 
-def _check_sgd_state(op, params, momentum_buffers, state_seed) -> None:
+def _check_sgd_state(op, params, momentum_buffers, state_seed, momentum_buffer_scales, block_size):
+    """Checks the state; returns each buffer's scales (Nones unless int8)."""
     check_state_seed(op, state_seed)
-    check_state_dtypes(op, params, {"momentum_buffers": momentum_buffers})
+    check_state_dtypes(op, params, {"momentum_buffers": momentum_buffers},
+                       {"momentum_buffers": momentum_buffer_scales}, block_size)
+    return _each(momentum_buffer_scales, len(params))
 
 
 # ------------------------------------------------------------ AMP / capturable (tensor scalars)
@@ -159,19 +200,21 @@ def adam_step_tensor(
     weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+    exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+    max_exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """adam_step with lr, the step counts (already incremented), the loss scale and the skip flag as
     tensors, never read by the host. found_inf != 0: nothing changes. grad_scale: g <- g / grad_scale,
     written back to the gradient, before the update. Bias corrections in float64 from each step.
     max_exp_avg_sqs: AMSGrad, as in adam_step."""
-    _check_adam_state("adam_step_tensor", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed)
+    moments = _Moments("adam_step_tensor", params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_seed,
+                       exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales, block_size)
     if not params:
         return
     compute = _compute_dtype(params[0])
     lr64 = _as_f64(lr, params[0])
     keep = _keep(found_inf, params[0])
-    maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
-    for t, (p, g, m, v, step, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, maxes)):
+    for t, (p, g, step) in enumerate(zip(params, grads, state_steps)):
         step_size, bc2_sqrt = lr64, 1.0
         if correct_bias:  # adam_bias_corrections (update_math.h), in float64
             n = step.detach().reshape(()).to(device=p.device, dtype=torch.float64)
@@ -180,24 +223,27 @@ def adam_step_tensor(
         step_size, bc2_sqrt = _as_compute(step_size, compute), _as_compute(bc2_sqrt, compute)
         decay = _as_compute(1.0 - lr64 * weight_decay, compute)
         gu = _unscaled(g, grad_scale, compute)
+        mf, vf, vmax = moments.load(t)
         pf, mf, vf, second = _adam_math(
-            _opmath(p), gu, _opmath(m), _opmath(v), vmax, beta1=beta1, beta2=beta2, eps=eps,
+            _opmath(p), gu, mf, vf, vmax, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decoupled=decoupled, decay=decay, step_size=step_size,
             bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
-        _store_moments(t, m, mf, v, vf, vmax, second, state_seed, keep)
+        moments.store(t, mf, vf, second, keep)
 
 
 def sgd_momentum_step_tensor(
     params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
     lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, dampening: float = 0.0,
-    state_seed: Optional[int] = None,
+    state_seed: Optional[int] = None, momentum_buffer_scales: Optional[List[Tensor]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """sgd_momentum_step with lr, the loss scale and the skip flag as tensors (see adam_step_tensor)."""
-    _check_sgd_state("sgd_momentum_step_tensor", params, momentum_buffers, state_seed)
+    scales = _check_sgd_state("sgd_momentum_step_tensor", params, momentum_buffers, state_seed,
+                              momentum_buffer_scales, block_size)
     if not params:
         return
     compute = _compute_dtype(params[0])
@@ -205,12 +251,12 @@ def sgd_momentum_step_tensor(
     keep = _keep(found_inf, params[0])
     for t, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         gu = _unscaled(g, grad_scale, compute)
-        pf, bf = _sgd_math(_opmath(p), gu, _opmath(b), lr=lr_c, momentum=momentum, nesterov=nesterov,
+        pf, bf = _sgd_math(_opmath(p), gu, _state(b, scales[t], block_size), lr=lr_c, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay, maximize=maximize, dampening=dampening)
         if grad_scale is not None:
             _store_unless_skipped(g, gu, keep)
         _store_unless_skipped(p, pf, keep)
-        store_state(b, bf, state_seed, t, "momentum_buffers", keep)
+        store_state(b, bf, state_seed, t, "momentum_buffers", keep, scales[t], block_size)
 
 
 def _sums(values: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
@@ -238,7 +284,8 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 def ls_save_adam(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float,
-    state_seed: Optional[int] = None,
+    state_seed: Optional[int] = None, exp_avg_scales: Optional[List[Tensor]] = None,
+    exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Tensor:
     """Moments updated before the search, w0 <- p (unless ``w0`` is empty: the in-place trials'
     save, which does not read p), and (when ``dirs`` is not empty, only with w0) the search
@@ -250,19 +297,21 @@ def ls_save_adam(
     check_optional_list("ls_save_adam", "dirs", dirs, params)
     if dirs and not w0:
         raise ValueError("ls_save_adam: dirs needs w0 (give both, or an empty dirs)")
-    _check_adam_state("ls_save_adam", params, exp_avgs, exp_avg_sqs, None, state_seed)
+    moments = _Moments("ls_save_adam", params, exp_avgs, exp_avg_sqs, None, state_seed, exp_avg_scales,
+                       exp_avg_sq_scales, None, block_size)
     terms = []
-    for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs)):
+    for i, g in enumerate(grads):
         if w0:
             w0[i].copy_(params[i])
-        gf, mf, vf = _opmath(g), _opmath(m), _opmath(v)
+        gf = _opmath(g)
+        mf, vf, _ = moments.load(i)
         mf = mf + (1.0 - beta1) * (gf - mf)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
         denom = vf.sqrt() / bias_correction2_sqrt + eps
         terms.append((gf * gf) / denom)
         if dirs:
             _store(dirs[i], gf / denom)
-        _store_moments(i, m, mf, v, vf, None, None, state_seed)
+        moments.store(i, mf, vf)
     return _sums(terms, params)
 
 
@@ -284,28 +333,37 @@ def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], et
 def ls_trial_adam(
     params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
     etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float,
+    exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """p <- w0 - eta_t * g / (sqrt(v_hat) + eps): the search direction has no momentum."""
-    check_state_dtypes("ls_trial_adam", params, {"exp_avg_sqs": exp_avg_sqs})
-    for p, w, g, v, eta in zip(params, w0, grads, exp_avg_sqs, etas):
-        denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
+    check_state_dtypes("ls_trial_adam", params, {"exp_avg_sqs": exp_avg_sqs}, {"exp_avg_sqs": exp_avg_sq_scales},
+                       block_size)
+    v_scales = _each(exp_avg_sq_scales, len(params))
+    for p, w, g, v, vs, eta in zip(params, w0, grads, exp_avg_sqs, v_scales, etas):
+        denom = _state(v, vs, block_size).sqrt() / bias_correction2_sqrt + eps
         _store(p, _opmath(w) - float(eta) * (_opmath(g) / denom))
 
 
 def ls_final_adam(
     params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
+    exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """p <- w0 - (eta_t / bc1) * m / (sqrt(v_hat) + eps): the final step uses the momentum."""
-    check_state_dtypes("ls_final_adam", params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
-    for p, w, m, v, eta in zip(params, w0, exp_avgs, exp_avg_sqs, etas):
-        denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
-        _store(p, _opmath(w) - (float(eta) / bias_correction1) * (_opmath(m) / denom))
+    moments = _Moments("ls_final_adam", params, exp_avgs, exp_avg_sqs, None, None, exp_avg_scales,
+                       exp_avg_sq_scales, None, block_size)
+    for t, (p, w, eta) in enumerate(zip(params, w0, etas)):
+        mf, vf, _ = moments.load(t)
+        denom = vf.sqrt() / bias_correction2_sqrt + eps
+        _store(p, _opmath(w) - (float(eta) / bias_correction1) * (mf / denom))
 
 
 def ls_final_adam_from_trial(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     etas: Sequence[float], *, trial_eta: float, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
+    exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """From the trial point p = w0 - trial_eta * g / (sqrt(v_hat) + eps) (in-place trials, no w0 stored):
     p <- (p + trial_eta * g / denom) - (eta_t / bc1) * m / denom, the start point recovered in the
@@ -313,11 +371,13 @@ def ls_final_adam_from_trial(
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("etas", etas)):
         if len(lst) != len(params):
             raise ValueError(f"ls_final_adam_from_trial: {name} has {len(lst)} entries but params has {len(params)}")
-    check_state_dtypes("ls_final_adam_from_trial", params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
-    for p, g, m, v, eta in zip(params, grads, exp_avgs, exp_avg_sqs, etas):
-        denom = _opmath(v).sqrt() / bias_correction2_sqrt + eps
+    moments = _Moments("ls_final_adam_from_trial", params, exp_avgs, exp_avg_sqs, None, None, exp_avg_scales,
+                       exp_avg_sq_scales, None, block_size)
+    for t, (p, g, eta) in enumerate(zip(params, grads, etas)):
+        mf, vf, _ = moments.load(t)
+        denom = vf.sqrt() / bias_correction2_sqrt + eps
         w0 = _opmath(p) + float(trial_eta) * (_opmath(g) / denom)
-        _store(p, w0 - (float(eta) / bias_correction1) * (_opmath(m) / denom))
+        _store(p, w0 - (float(eta) / bias_correction1) * (mf / denom))
 
 
 def available() -> tuple[bool, str]:
