@@ -19,11 +19,11 @@ momentum buffers, uint8 for v and max v) with one float32 scale per block of ``b
 tensor's flat (contiguous) memory, the block's absmax; ``encode_int8`` / ``decode_int8`` below are the binding
 codec, float32 operation for operation:
 
-    signed  (m): decode x = ((scale * s) * s) * sign(q), s = |q| / 127
+    signed  (m): decode x = ((scale * s) * s) * sign(q), s = |q| / 127  (* sign: a negation for q < 0)
                  encode q = clamp(sign(y) * rint(127 * sqrt(|y| * inv)), -127, 127)
     unsigned(v): decode x = (scale * (s * s)) * (s * s), s = q / 255
                  encode q = clamp(rint(255 * sqrt(sqrt(y * inv))), 0, 255)
-    scale = max |y| over the block (NaN if any y is NaN), inv = 1 / scale (0 if scale == 0),
+    scale = max |y| over the block (the NaN of bits 0x7FC00000 if any y is NaN), inv = 1 / scale (0 if scale == 0),
     rint rounds half to even; a code whose value is NaN (a NaN or inf in the block: NaN * x, inf * 0;
     0 * inf under a subnormal scale) is stored as 0.
 So a block holding a NaN or an inf decodes to NaN everywhere (scale NaN, or inf * 0).
@@ -60,7 +60,8 @@ INT8_PARAM_DTYPES = (F32, F16, BF16)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, DEFAULT_BLOCK_SIZE = 32, 4096, 256
 # |q| / 127 and q / 255 in float32 (a double quotient rounded once to float32 is the float32 quotient)
 _S127 = torch.tensor([k / 127 for k in range(129)], dtype=F32)
-_S255 = torch.tensor([k / 255 for k in range(256)], dtype=F32)  # a uint32 value held in a Python int or an int64 tensor
+_S255 = torch.tensor([k / 255 for k in range(256)], dtype=F32)
+_NAN = float("nan")  # float32 bits 0x7FC00000, the scale of a block holding a NaN  # a uint32 value held in a Python int or an int64 tensor
 
 
 def check_state_dtypes(op: str, params: Sequence[Tensor], state_lists: Dict[str, Optional[Sequence[Tensor]]],
@@ -156,7 +157,8 @@ def decode_int8(codes: Tensor, scales: Tensor, block_size: int) -> Tensor:
     q = codes.reshape(-1).to(torch.int64)
     if codes.dtype == torch.int8:
         s = _S127.to(codes.device)[q.abs()]
-        x = scale * s * s * torch.sign(q).to(F32)
+        mag = scale * s * s
+        x = torch.where(q < 0, -mag, mag)  # * sign(q): a negation, and q == 0 keeps scale * 0 * 0
     else:
         s = _S255.to(codes.device)[q]
         s2 = s * s
@@ -171,6 +173,7 @@ def encode_int8(y: Tensor, signed: bool, block_size: int) -> tuple[Tensor, Tenso
     nb = n_blocks(n, block_size)
     a = flat.abs()
     scale = torch.nn.functional.pad(a, (0, nb * block_size - n)).view(nb, block_size).amax(dim=1)
+    scale = torch.where(torch.isnan(scale), torch.full_like(scale, _NAN), scale)  # one NaN: bits 0x7FC00000
     inv = torch.where(scale == 0, torch.zeros_like(scale), torch.ones_like(scale) / scale)
     inv = inv.repeat_interleave(block_size)[:n]
     if signed:
