@@ -83,6 +83,8 @@ class StepTensors:
         self.grads: List[Tensor] = []
         self.exp_avgs: List[Tensor] = []
         self.exp_avg_sqs: List[Tensor] = []
+        self.exp_avg_scales: List[Optional[Tensor]] = []  # int8 state: the moments' block scales (else None)
+        self.exp_avg_sq_scales: List[Optional[Tensor]] = []
         # A copy of the start point per parameter where it is kept (keep_start_point=True, or an fp16
         # parameter: trial_points.KEEP_DTYPES), None where the trials move it in place.
         self.w0: List[Optional[Tensor]] = []
@@ -103,6 +105,8 @@ class StepTensors:
                     st = opt._moments(p, group)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
+                    self.exp_avg_scales.append(state_storage.scales(st, "exp_avg"))
+                    self.exp_avg_sq_scales.append(state_storage.scales(st, "exp_avg_sq"))
         # Only this step's copies stay (keep_start_point switched off, parameters gone: the rest are freed).
         kept_copies = {p: w for p, w in zip(owners, self.w0) if w is not None}
         self.any_kept = bool(kept_copies)  # (the plan keeps it with the lists: TrialPoints skips a pass without)
@@ -115,8 +119,8 @@ class StepTensors:
         self.n_groups = len(opt.param_groups)
         self.groups = opt.param_groups
         # (the state dtype follows from the parameter's and the group's state_dtype; the backend comes last)
-        launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g.get(state_storage.KEY), g["backend"])
-                      for g in opt.param_groups]
+        launch_key = [(tuple(g.get("betas", ())), g.get("eps"), g.get(state_storage.KEY),
+                       state_storage.block_size(g), g["backend"]) for g in opt.param_groups]
         # Computed once per step; every phase (and every trial) reuses them.
         self.key = [(p.device, p.dtype) + launch_key[gi] for p, gi in zip(self.params, self.gid)]
         self.contiguous = [p.is_contiguous() and g.is_contiguous() for p, g in zip(self.params, self.grads)]
@@ -168,6 +172,16 @@ class StepTensors:
         for pos in self._partition(gids):
             n_check = 0 if self._all_contiguous or all(self.contiguous[i] for i in pos) else len(names)
             out.append((self.key[pos[0]][0], self.groups[self.gid[pos[0]]], self.lists(names, pos), pos, n_check))
+        return out
+
+    def state_buckets(self, names: Sequence[str], gids: Optional[Sequence[int]] = None):
+        """``buckets(names)`` for an op that reads or writes the moments, each with its int8 keywords
+        (state_storage.split_scales: the scale lists and block size; {} for other state):
+        (device, group, lists, positions, n_check, keywords)."""
+        out = []
+        for device, g, lists, pos, n_check in self.buckets(state_storage.with_scales(names), gids):
+            lists, kwargs = state_storage.split_scales(names, lists, state_storage.block_size(g))
+            out.append((device, g, lists, pos, min(n_check, len(names)), kwargs))
         return out
 
     def impl(self, backend: Optional[str], device, lists, n_check: int):
@@ -241,7 +255,9 @@ class LineSearchOptimizer(Optimizer):
         self.keep_start_point = trial_points.check_keep_start_point(keep_start_point)
         search = search_schedule.check_search(search)
         if self._uses_moments:  # (ArmijoSGD keeps no state)
-            defaults = {**defaults, state_storage.KEY: state_storage.check_value(defaults.get(state_storage.KEY))}
+            defaults = {**defaults, state_storage.KEY: state_storage.check_value(defaults.get(state_storage.KEY)),
+                        state_storage.BLOCK_KEY: state_storage.check_block_size(
+                            defaults.get(state_storage.BLOCK_KEY, state_storage.DEFAULT_BLOCK_SIZE))}
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
         self.state[LS_KEY] = {
@@ -314,10 +330,12 @@ class LineSearchOptimizer(Optimizer):
         state_dict = sharding.counters_from_groups(state_dict, LS_KEY)
         if LS_KEY in state_dict["state"]:
             state_dict["state"][LS_KEY] = copy.deepcopy(state_dict["state"][LS_KEY])
+        if self._uses_moments:
+            state_storage.check_checkpoint(self._name, self, state_dict)
         kept = state_storage.settings(self)
         super().load_state_dict(state_dict)
         if self._uses_moments:  # (ArmijoSGD keeps no state)
-            state_storage.keep_after_load(self, kept)
+            state_storage.keep_after_load(self, kept, state_dict)
         searched_step.wrap_groups(self)
         ls = self.state.get(LS_KEY)
         if ls is not None and len(ls["step_sizes"]) != len(self.param_groups):
@@ -330,10 +348,10 @@ class LineSearchOptimizer(Optimizer):
         st = self.state[p]
         state_dtype = group.get(state_storage.KEY)
         if "exp_avg" not in st:
-            st["exp_avg"] = state_storage.zeros(p, state_dtype)
-            st["exp_avg_sq"] = state_storage.zeros(p, state_dtype)
-        elif convert and st["exp_avg"].dtype != state_storage.dtype_for(p.dtype, state_dtype):
-            state_storage.conform(st, p.dtype, state_dtype)
+            state_storage.create(st, "exp_avg", p, group)
+            state_storage.create(st, "exp_avg_sq", p, group)
+        elif convert and not state_storage.matches(st, "exp_avg", p.dtype, group):
+            state_storage.conform(st, p.dtype, state_dtype, state_storage.block_size(group))
         return st
 
     def _scratch(self, p: Tensor) -> Tensor:
@@ -418,13 +436,14 @@ class LineSearchOptimizer(Optimizer):
         tensor. Without w0 the op reads g, m, v and writes m, v (20 B/param in fp32). Each launch takes
         its state seed from ``seeds``."""
         parts = []
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs", "w0"]):
+        for device, g, lists, pos, n_check, int8 in t.state_buckets(["params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                                      "w0"]):
             beta1, beta2 = g["betas"]
             _, bc2_sqrt = adam_scalars(step, beta1, beta2, True)
             w0 = [] if lists[4][0] is None else lists[4]
             impl = bucketing.backend_for(g["backend"], device, lists[:4], n_check and 4)
             parts.append((pos, impl.ls_save_adam(*lists[:4], w0, [], beta1=beta1, beta2=beta2, eps=g["eps"],
-                                                 bias_correction2_sqrt=bc2_sqrt,
+                                                 bias_correction2_sqrt=bc2_sqrt, **int8,
                                                  **state_storage.seed_kwarg(seeds.next(g), 0, lists[2]))))
         return DeviceSums(t, parts)
 
@@ -521,10 +540,10 @@ class LineSearchOptimizer(Optimizer):
                 eta = float(etas[gi])
                 # adam_step's decoupled decay is 1 - lr * weight_decay: express the wanted factor through it.
                 wd = 0.0 if decays is None or decays[gi] == 1.0 or eta == 0.0 else (1.0 - decays[gi]) / eta
-                for device, g, lists, _pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
-                                                                  gids=[gi]):
+                for device, g, lists, _pos, n_check, int8 in t.state_buckets(
+                        ["params", "grads", "exp_avgs", "exp_avg_sqs"], gids=[gi]):
                     impl = t.impl(g["backend"], device, lists, n_check)
-                    impl.adam_step(*lists, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    impl.adam_step(*lists, **int8, lr=eta, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                                    weight_decay=wd, decoupled=True, bias_correction1=bc1,
                                    bias_correction2_sqrt=bc2_sqrt,
                                    **state_storage.seed_kwarg(seeds.next(group), 0, lists[2]))

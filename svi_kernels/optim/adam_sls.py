@@ -15,7 +15,9 @@ fused Adam update ``p - eta * m_hat / (sqrt(v_hat) + eps)`` with the stored step
 a search (the stored one unchanged), no trial and nothing read back.
 
 Memory: m and v (8 B/param in fp32, as AdamW; 4 B/param with ``state_dtype=torch.bfloat16``, stored with
-stochastic rounding; ``torch.float32`` keeps fp32 moments beside fp16/bf16 parameters; state_storage.py).
+stochastic rounding; ~2.03 B/param with ``state_dtype="int8"``, blockwise 8-bit codes with one float32
+scale per ``state_block_size`` elements; ``torch.float32`` keeps fp32 moments beside fp16/bf16 parameters;
+state_storage.py).
 The trials move the parameters in place along
 g / (sqrt(v_hat) + eps) recomputed from g and v, and the final step starts from the last trial point
 (trial_points.py); ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
@@ -46,7 +48,7 @@ class AdamSLS(LineSearchOptimizer):
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
                  backend: Optional[str] = None, process_group=None, search="every", keep_start_point: bool = False,
-                 *, state_dtype: Optional[torch.dtype] = None):
+                 *, state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -55,7 +57,8 @@ class AdamSLS(LineSearchOptimizer):
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
                         reset_option=reset_option, backend=bucketing._backends.validate(backend),
-                        state_dtype=state_storage.check_value(state_dtype))
+                        state_dtype=state_storage.check_value(state_dtype),
+                        state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
 

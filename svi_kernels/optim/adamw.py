@@ -59,9 +59,13 @@ class AdamW(Optimizer):
             after each step; small updates then accumulate instead of rounding away. Other dtypes
             ignore it. ``load_state_dict`` keeps this optimizer's setting.
         state_dtype: the dtype of the moments: None (the working tensor's: the parameter's, or float32
-            beside a master), ``torch.float32``, or ``torch.bfloat16`` (fp32 arithmetic, stored with
-            stochastic rounding; not with ``capturable=True``, float16 or float64 parameters).
+            beside a master), ``torch.float32``, ``torch.bfloat16`` (fp32 arithmetic, stored with
+            stochastic rounding; not with ``capturable=True``, float16 or float64 parameters), or ``"int8"``
+            (blockwise 8-bit codes with one float32 scale per ``state_block_size`` elements; fp32/fp16/bf16
+            parameters, not FSDP2 yet).
             ``load_state_dict`` keeps this optimizer's setting and converts the loaded moments to it.
+        state_block_size: the block of int8 state (a power of two in [32, 4096]; 256 by measurement,
+            docs/kernels.md).
         backend: "reference", "cpu", "cuda", "triton" or None (fastest available per device).
 
     Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands the loss scale and the inf flag
@@ -74,7 +78,7 @@ class AdamW(Optimizer):
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         hyperparams.check_lr(lr, foreach=foreach, capturable=capturable)
         hyperparams.check_nonneg(eps, "eps")
         hyperparams.check_betas(betas, foreach=foreach, capturable=capturable)
@@ -84,7 +88,8 @@ class AdamW(Optimizer):
                         maximize=maximize, amsgrad=bool(amsgrad), backend=bucketing._backends.validate(backend),
                         foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
                         master_weights=hyperparams.check_bool(master_weights, "master_weights"),
-                        state_dtype=state_storage.check_value(state_dtype))
+                        state_dtype=state_storage.check_value(state_dtype),
+                        state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
@@ -103,6 +108,7 @@ class AdamW(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("master_weights", False)
             group.setdefault(state_storage.KEY, None)
+            group.setdefault(state_storage.BLOCK_KEY, state_storage.DEFAULT_BLOCK_SIZE)
         F.set_defaults(self.param_groups)
         F.steps_as_tensors(self.state)
 
@@ -110,10 +116,11 @@ class AdamW(Optimizer):
         input_checks.check_state_dict("AdamW", state_dict, ("lr", "betas", "eps", "weight_decay"),
                            ("step", "exp_avg", "exp_avg_sq"))
         state_storage.check_groups("AdamW", self)  # (parameters whose dtype changed since construction)
+        state_storage.check_checkpoint("AdamW", self, state_dict)
         flags, kept = [g["master_weights"] for g in self.param_groups], state_storage.settings(self)
         super().load_state_dict(state_dict)
         master_weights.keep_master_state(self, state_dict, flags)
-        state_storage.keep_after_load(self, kept)
+        state_storage.keep_after_load(self, kept, state_dict)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
@@ -143,6 +150,8 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         group["differentiable"]
     state_dtype = group.get(state_storage.KEY)
     owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
+    int8 = state_dtype == state_storage.INT8
+    scales = ([], [], []) if int8 else ()  # int8 state: the block scales of m, v (and max v)
     for p in group["params"]:
         g = p.grad
         if g is None:
@@ -153,16 +162,16 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
             if fused:
                 F.check_fused_param(p)
             state["step"] = step_counters.new_step(p, on_device=tensor_path)
-            state["exp_avg"] = state_storage.zeros(w, state_dtype)
-            state["exp_avg_sq"] = state_storage.zeros(w, state_dtype)
+            state_storage.create(state, "exp_avg", w, group)
+            state_storage.create(state, "exp_avg_sq", w, group)
         else:
             if tensor_path:
                 step_counters.step_to_param_device(state, p)
-            if state["exp_avg"].dtype != state_storage.dtype_for(w.dtype, state_dtype):  # (the setting changed)
-                state_storage.conform(state, w.dtype, state_dtype)
+            if not state_storage.matches(state, "exp_avg", w.dtype, group):  # (the setting changed)
+                state_storage.conform(state, w.dtype, state_dtype, state_storage.block_size(group))
         if amsgrad:
             if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                state["max_exp_avg_sq"] = state_storage.zeros(w, state_dtype)
+                state_storage.create(state, "max_exp_avg_sq", w, group)
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         owners.append(p)
         params.append(w)
@@ -170,6 +179,10 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         steps.append(state["step"])
+        if int8:
+            for key, sl in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), scales):
+                if key != "max_exp_avg_sq" or amsgrad:
+                    sl.append(state[key + state_storage.SCALE])
     if has_complex:  # optimised as real views, as torch does (no copy)
         owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = F.real_views_with_owners(
             owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
@@ -184,10 +197,20 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
     hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                  correct_bias=correct_bias, maximize=group["maximize"], decoupled=decoupled,
                  backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
-    lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
+    if int8:
+        hyper["block_size"] = state_storage.block_size(group)
+    n = 6 if amsgrad else 5
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else []) + \
+        list(scales[:3 if amsgrad else 2])
     master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None,
-                                                       state_seed=seeds.next(group), **hyper),
+                                                       state_seed=seeds.next(group), **_scales_kwargs(ls[n:]),
+                                                       **hyper),
                                      lists, owners, grad_scale)
+
+
+def _scales_kwargs(scale_lists) -> dict:
+    """The functional keywords of the scale lists (m, v, max v) of int8 state; {} without them."""
+    return dict(zip(("exp_avg_scales", "exp_avg_sq_scales", "max_exp_avg_sq_scales"), scale_lists))
 
 
 def adam_scalars(step: float, beta1: float, beta2: float, correct_bias: bool) -> tuple[float, float]:
@@ -202,12 +225,16 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
           correct_bias: bool = True, maximize: bool = False, decoupled: bool = True,
           backend: Optional[str] = None, capturable: bool = False, grad_scale: Optional[Tensor] = None,
           found_inf: Optional[Tensor] = None, max_exp_avg_sqs: Optional[List[Tensor]] = None,
-          state_seed: Optional[int] = None) -> None:
+          state_seed: Optional[int] = None, exp_avg_scales: Optional[List[Tensor]] = None,
+          exp_avg_sq_scales: Optional[List[Tensor]] = None, max_exp_avg_sq_scales: Optional[List[Tensor]] = None,
+          block_size: int = 256) -> None:
     """Functional AdamW: increments ``state_steps`` and runs one fused launch per (device, dtype, step).
 
     ``max_exp_avg_sqs`` given: AMSGrad (torch's ``amsgrad=True``), updated in the same launch.
     The moments may be bf16 beside fp32 params, or fp32 beside fp16/bf16 params; ``state_seed``
-    (0 <= seed < 2**31) stores bf16 moments with stochastic rounding (None: to nearest).
+    (0 <= seed < 2**31) stores bf16 moments with stochastic rounding (None: to nearest). Int8 moments
+    (int8 codes of m, uint8 of v) come with their float32 block scales (``exp_avg_scales``, ...) and
+    ``block_size`` (svi_kernels/backends/state_storage.py's format).
 
     With ``capturable`` or AMP tensors (``grad_scale``: grads are scaled by it; ``found_inf``: skip
     the step when non-zero) it runs the tensor ops instead: one launch per (device, dtype), lr and
@@ -219,39 +246,50 @@ def adamw(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp
         _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize,
                       decoupled=decoupled, backend=backend, grad_scale=grad_scale, found_inf=found_inf,
-                      max_exp_avg_sqs=max_exp_avg_sqs, state_seed=state_seed)
+                      max_exp_avg_sqs=max_exp_avg_sqs, state_seed=state_seed, block_size=block_size,
+                      scales=state_storage.scale_lists(exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales))
         return
     lr = hyperparams.as_float(lr, "lr")
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
     step_values = step_counters.next_step_values(state_steps)
     amsgrad = max_exp_avg_sqs is not None
-    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    names = _STATE_NAMES[:3 if amsgrad else 2]
+    scales = state_storage.scale_lists(exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales)
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + scales
     buckets = bucketing.group_by(tensor_lists, extra_keys=step_values)
+    n = 2 + len(names)
     for k, ((device, _dtype, step), (lists, _idx)) in enumerate(buckets.items()):
         bc1, bc2_sqrt = adam_scalars(step, beta1, beta2, correct_bias)
         impl = bucketing.backend_for(backend, device, lists[:4])
-        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists), **state_storage.seed_kwarg(state_seed, k, lists[2]),
+        impl.adam_step(*lists[:4], **_amsgrad_kwarg(lists[:n]), **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                       **state_storage.op_kwargs(names, lists[n:], block_size),
                        lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
                        decoupled=decoupled, bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=maximize)
 
 
+_STATE_NAMES = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")  # the op's state lists (scales in this order)
+
+
 def _adamw_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                   correct_bias, maximize, decoupled, backend, grad_scale, found_inf, max_exp_avg_sqs,
-                  state_seed) -> None:
+                  state_seed, block_size, scales) -> None:
     """The tensor path: no value is read back to the host (see the module docstring)."""
     beta1, beta2 = hyperparams.as_float(beta1, "beta1"), hyperparams.as_float(beta2, "beta2")
     scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if max_exp_avg_sqs is not None:
         tensor_lists.append(max_exp_avg_sqs)
-    for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by(tensor_lists).items()):
+    n = len(tensor_lists)
+    names = _STATE_NAMES[:n - 3]
+    for k, ((device, _dtype), (lists, _idx)) in enumerate(bucketing.group_by(tensor_lists + scales).items()):
         steps = lists[4]
         step_counters.check_steps_on(device, steps)
         scale, skip = scalars.grad_scale(device), scalars.found_inf(device)
         step_counters.increment_steps(steps, skip)
         impl = bucketing.backend_for(backend, device, lists[:4])
-        impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:]),
-                              **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=scalars.lr(device),
+        impl.adam_step_tensor(*lists[:5], **_amsgrad_kwarg(lists[:4] + lists[5:n]),
+                              **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                              **state_storage.op_kwargs(names, lists[n:], block_size), lr=scalars.lr(device),
                               beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
                               decoupled=decoupled, correct_bias=correct_bias, maximize=maximize, grad_scale=scale,
                               found_inf=skip)

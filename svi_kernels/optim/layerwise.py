@@ -18,7 +18,8 @@ Each param group (e.g. from ``svi_kernels.layer_groups(model)``) keeps its own s
   at its start-of-step point w0 during group k's trials. With ``"cycle"`` the step then moves every group
   (the searched one with its accepted eta, the others with their stored ones); with ``"all"`` each
   searched group goes back to w0 before the next one is searched, and all groups move at the end.
-- Memory: m and v only (8 B/param in fp32; 4 B/param with AdamSLS's ``state_dtype=torch.bfloat16``),
+- Memory: m and v only (8 B/param in fp32; 4 B/param with AdamSLS's ``state_dtype=torch.bfloat16``,
+  ~2.03 B/param with ``state_dtype="int8"``),
   warm-up included: the trials move the parameters in
   place (trial_points.py); with ``"paper"`` and ``"all"`` a searched group goes back to w0 by one
   more in-place move. ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).

@@ -28,13 +28,13 @@ def working_tensor(group, state: dict, p: Tensor) -> Tensor:
     if group["master_weights"] and p.dtype in LOW_PRECISION:
         master = state.get("master_param")
         if master is None:
-            state_storage.conform(state, torch.float32, state_dtype)
+            state_storage.conform(state, torch.float32, state_dtype, state_storage.block_size(group))
             master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                              copy=True)
         return master
     if "master_param" in state:
         del state["master_param"]
-        state_storage.conform(state, p.dtype, state_dtype)
+        state_storage.conform(state, p.dtype, state_dtype, state_storage.block_size(group))
     return p
 
 

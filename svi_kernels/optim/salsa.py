@@ -22,7 +22,7 @@ deterministic models, including the package's own choices:
   after the gradient is computed, on every step; the search starts from the decayed point (the
   start point a failed step goes back to).
 - Memory: m and v (8 B/param in fp32; 4 B/param with ``state_dtype=torch.bfloat16``, stored with
-  stochastic rounding; state_storage.py): the trials move the parameters in place (trial_points.py);
+  stochastic rounding; ~2.03 B/param with ``state_dtype="int8"``; state_storage.py): the trials move the parameters in place (trial_points.py);
   ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 
 Where the package is unsafe we differ (docs/api.md lists it): the RNG is replayed for every
@@ -82,7 +82,8 @@ class SaLSA(LineSearchOptimizer):
     def __init__(self, params, init_step_size=1.0, c=0.5, betas=(0.9, 0.999), smoothing=0.9, eps=1e-8,
                  weight_decay=0.0, beta_b=0.8, growth=1.1, search="salsa", momentum_direction=False,
                  max_backtracks=100, backend: Optional[str] = None, process_group=None,
-                 keep_start_point: bool = False, *, state_dtype: Optional[torch.dtype] = None):
+                 keep_start_point: bool = False, *, state_dtype: Optional[torch.dtype] = None,
+                 state_block_size: int = 256):
         check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -91,7 +92,8 @@ class SaLSA(LineSearchOptimizer):
                         weight_decay=weight_decay, beta_b=beta_b, growth=growth,
                         momentum_direction=hyperparams.check_bool(momentum_direction, "momentum_direction"),
                         max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend),
-                        state_dtype=state_storage.check_value(state_dtype))
+                        state_dtype=state_storage.check_value(state_dtype),
+                        state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
         ls = self.ls_state
@@ -157,8 +159,13 @@ class SaLSA(LineSearchOptimizer):
         two tensors of the largest parameter, never of the whole bucket."""
         chosen = [gi for gi, g in enumerate(self.param_groups) if g["momentum_direction"]]
         parts = []
-        for _device, g, (grads, ms, vs), pos, _n in t.buckets(["grads", "exp_avgs", "exp_avg_sqs"], gids=chosen):
+        for _device, g, (grads, ms, vs), pos, _n, int8 in t.state_buckets(["grads", "exp_avgs", "exp_avg_sqs"],
+                                                                           gids=chosen):
             bc1, bc2_sqrt = adam_scalars(step, *g["betas"], True)
+            if int8:  # (one tensor's decoded moments at a time, float32)
+                block = int8["block_size"]
+                ms = map(state_storage.values, ms, int8["exp_avg_scales"], [block] * len(ms))
+                vs = map(state_storage.values, vs, int8["exp_avg_sq_scales"], [block] * len(vs))
             sums = []
             for grad, m, v in zip(grads, ms, vs):
                 # (bf16 state beside fp32 gradients: the denominator in float32, as the kernels compute it)

@@ -7,6 +7,10 @@ and LayerwiseAdamSLS (param group key ``"state_dtype"``).
 - ``torch.bfloat16``: bf16 state beside fp32 (or bf16) working tensors, 2 B per value. The kernels compute
   in float32 and store with stochastic rounding (SR): with beta2 = 0.999 a step changes v by 0.1 %, below
   half a bf16 ulp (0.2 %), so rounded to nearest v would never decay; SR keeps the stored value unbiased.
+- ``"int8"``: blockwise 8-bit state (issue 24 phase 2): each moment ``<key>`` is a tensor of codes of the
+  working tensor's shape (int8 for m and momentum buffers, uint8 for v) and ``<key>_scale``, float32, one
+  scale per block of ``state_block_size`` (group key, default 256) elements of its flat memory; the
+  format is svi_kernels/backends/state_storage.py's codec. ~2.03 B/param for Adam's two moments.
 
 What this module holds: the checks (a value, a group, a pair of dtypes), the dtype of a new state tensor
 and the conversion of existing state (a checkpoint loaded, a setting changed), and the SR seeds: one per
@@ -23,25 +27,42 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-_bits = importlib.import_module("svi_kernels.backends.state_storage")  # fmix32: the SR hash of every backend
+_bits = importlib.import_module("svi_kernels.backends.state_storage")  # fmix32, the int8 codec: every backend's
+from . import sharding as _sharding  # noqa: E402
 
 KEY = "state_dtype"  # the per-group setting
 CALLS_KEY = "state_seed_calls"  # param_groups[0]: step() calls that drew seeds
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-SUPPORTED_TEXT = "None (the working tensor's dtype), torch.float32 or torch.bfloat16"
+SUPPORTED_TEXT = "None (the working tensor's dtype), torch.float32, torch.bfloat16 or 'int8'"
+INT8 = _bits.INT8  # the int8 setting ("int8"), held as this string in the param groups
+BLOCK_KEY = "state_block_size"  # the per-group block size of int8 state
+DEFAULT_BLOCK_SIZE = _bits.DEFAULT_BLOCK_SIZE
+SCALE = "_scale"  # state[key + SCALE]: the float32 block scales of int8 state[key]
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # the state keys this module stores
+_LIST_OF = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs",
+            "momentum_buffer": "momentum_buffers"}  # state key -> the op's list name
 BASE_SEED = 0x5EED0024
 _M32 = 0xFFFFFFFF
 
 
 # -------------------------------------------------------------------------------------------- checks
-def check_value(value) -> Optional[torch.dtype]:
-    """A ``state_dtype`` as given (constructor or param group): the value, or a ValueError."""
+def check_value(value):
+    """A ``state_dtype`` as given (constructor or param group): the value ("int8" for any spelling of
+    it), or a ValueError."""
     if value is None or (isinstance(value, torch.dtype) and value in (F32, BF16)):
         return value
-    if isinstance(value, str) and value.lower() == "int8":
-        raise ValueError(f"state_dtype='int8' (blockwise 8-bit state) is not supported yet; "
-                         f"supported: {SUPPORTED_TEXT}")
+    if isinstance(value, str) and value.lower() == INT8:
+        return INT8
     raise ValueError(f"Invalid state_dtype {value!r}: supported: {SUPPORTED_TEXT}")
+
+
+def check_block_size(value) -> int:
+    """A ``state_block_size``: a power of two in [32, 4096] (the ops' range), or a ValueError."""
+    lo, hi = _bits.MIN_BLOCK_SIZE, _bits.MAX_BLOCK_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or value & (value - 1):
+        raise ValueError(f"Invalid state_block_size {value!r}: a power of two in [{lo}, {hi}] (the elements "
+                         f"that share one float32 scale of int8 state)")
+    return value
 
 
 def working_dtype(group: dict, p: Tensor) -> torch.dtype:
@@ -50,7 +71,12 @@ def working_dtype(group: dict, p: Tensor) -> torch.dtype:
     return F32 if group.get("master_weights") and p.dtype in (F16, BF16) else p.dtype
 
 
-def _pair_problem(working: torch.dtype, state_dtype: torch.dtype) -> Optional[str]:
+def _pair_problem(working: torch.dtype, state_dtype) -> Optional[str]:
+    if state_dtype == INT8:
+        if working not in _bits.INT8_PARAM_DTYPES:
+            return (f"int8 state is kept for float32, float16 and bfloat16 parameters (float32 arithmetic), "
+                    f"not for {working} ones: use state_dtype=None for them (a param group of their own can set it)")
+        return None
     if not working.is_floating_point:
         return f"state_dtype applies to real floating-point parameters, not to {working} ones"
     if working == F64:
@@ -63,14 +89,15 @@ def _pair_problem(working: torch.dtype, state_dtype: torch.dtype) -> Optional[st
     return None
 
 
-def dtype_for(working: torch.dtype, state_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype of the state of a working tensor of dtype ``working``; ValueError for a pair no kernel has."""
+def dtype_for(working: torch.dtype, state_dtype, key: str = "exp_avg") -> torch.dtype:
+    """The dtype of the state ``key`` of a working tensor of dtype ``working`` (int8 state: its codes');
+    ValueError for a pair no kernel has."""
     if state_dtype is None:
         return working
     problem = _pair_problem(working, state_dtype)
     if problem is not None:
         raise ValueError(f"state_dtype={state_dtype}: {problem}")
-    return state_dtype
+    return _bits.CODE_DTYPES[_LIST_OF[key]] if state_dtype == INT8 else state_dtype
 
 
 def check_group(opt_name: str, group: dict) -> None:
@@ -82,6 +109,8 @@ def check_group(opt_name: str, group: dict) -> None:
         raise ValueError(f"{opt_name}: {e}") from None
     if sd is None:
         return
+    if sd == INT8:
+        _check_int8_group(opt_name, group)
     if sd == BF16 and group.get("capturable"):
         raise ValueError(f"{opt_name}: capturable=True with state_dtype=torch.bfloat16 is not supported: the bf16 "
                          "state is stored with stochastic rounding whose random bits change every step, and a "
@@ -95,6 +124,20 @@ def check_group(opt_name: str, group: dict) -> None:
         if problem is not None:
             raise ValueError(f"{opt_name}: state_dtype={sd} for a {p.dtype} parameter of shape {tuple(p.shape)}: "
                              f"{problem}")
+
+
+def _check_int8_group(opt_name: str, group: dict) -> None:
+    try:
+        group[BLOCK_KEY] = check_block_size(group.setdefault(BLOCK_KEY, DEFAULT_BLOCK_SIZE))
+    except ValueError as e:
+        raise ValueError(f"{opt_name}: {e}") from None
+    for p in group["params"]:
+        if p.is_complex():
+            raise ValueError(f"{opt_name}: state_dtype='int8' for a complex parameter of shape {tuple(p.shape)}: "
+                             "int8 state is kept for real parameters only; use state_dtype=None for it")
+        if _sharding.any_sharded([p]):
+            raise ValueError(f"{opt_name}: state_dtype='int8' with an FSDP2 (DTensor) parameter of shape "
+                             f"{tuple(p.shape)} is not supported yet; use state_dtype=torch.bfloat16 or None")
 
 
 def check_new_group(opt, opt_name: str) -> None:
@@ -116,22 +159,78 @@ def zeros(working: Tensor, state_dtype: Optional[torch.dtype]) -> Tensor:
     return torch.zeros_like(working, dtype=dtype_for(working.dtype, state_dtype), memory_format=torch.preserve_format)
 
 
-def conform(state: dict, working: torch.dtype, state_dtype: Optional[torch.dtype]) -> None:
-    """Convert a parameter's floating state tensors (not ``step``, not ``master_param``) to the state dtype
-    of a working tensor of dtype ``working``, rounding to nearest (float32 -> bf16) or exactly (bf16 -> float32)."""
-    want = dtype_for(working, state_dtype)
-    for k, v in state.items():
-        if k != "step" and k != "master_param" and isinstance(v, Tensor) and v.is_floating_point() and v.dtype != want:
-            state[k] = v.to(want)
+def block_size(group: dict) -> int:
+    return group.get(BLOCK_KEY, DEFAULT_BLOCK_SIZE)
 
 
-def has_dtype(states: Sequence[Tensor], working: Sequence[Tensor], state_dtype: Optional[torch.dtype]) -> bool:
-    """Every state tensor has the state dtype of its working tensor (a plan is built only then)."""
-    return all(s.dtype == dtype_for(w.dtype, state_dtype) for s, w in zip(states, working))
+def create(state: dict, key: str, working: Tensor, group: dict) -> Tensor:
+    """``state[key]``: a new state tensor of ``working`` (the parameter or its master) in the group's
+    storage: zeros in the state dtype with its layout and placement, or, for int8 state, zero codes
+    (contiguous: the kernels walk flat memory) and zero scales in ``state[key + "_scale"]``."""
+    sd = group.get(KEY)
+    if sd != INT8:
+        state[key] = zeros(working, sd)
+        return state[key]
+    state[key] = torch.zeros(working.shape, dtype=dtype_for(working.dtype, sd, key), device=working.device)
+    state[key + SCALE] = torch.zeros(_bits.n_blocks(working.numel(), block_size(group)), dtype=F32, device=working.device)
+    return state[key]
 
 
-def settings(opt) -> List[Optional[torch.dtype]]:
-    return [g.get(KEY) for g in opt.param_groups]
+def matches(state: dict, key: str, working: torch.dtype, group: dict) -> bool:
+    """``state[key]`` is stored as the group asks (its dtype; int8: codes and scales of its block size)."""
+    sd, v = group.get(KEY), state[key]
+    if v.dtype != dtype_for(working, sd, key):
+        return False
+    if sd != INT8:
+        return True
+    scale = state.get(key + SCALE)
+    return scale is not None and scale.numel() == _bits.n_blocks(v.numel(), block_size(group))
+
+
+def decoded(state: dict, key: str, block: int) -> Tensor:
+    """``state[key]`` as values: int8 codes decoded (float32) with their scales and block size ``block``,
+    any other state tensor as it is."""
+    v = state[key]
+    if v.is_floating_point():
+        return v
+    return _bits.decode_int8(v, state[key + SCALE], block)
+
+
+def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT_BLOCK_SIZE,
+            old_block: Optional[int] = None) -> None:
+    """Convert a parameter's state moments (``MOMENTS``; float ones also under other keys, not ``step`` nor
+    ``master_param``) to the storage of a working tensor of dtype ``working``: floats rounded to nearest
+    (float32 -> bf16) or exactly (bf16 -> float32); int8 codes decoded (with ``old_block``, default
+    ``block``) and/or encoded with block size ``block`` (nearest in the code domain)."""
+    for k in list(state):
+        v = state.get(k)
+        if k == "step" or k == "master_param" or k.endswith(SCALE) or not isinstance(v, Tensor):
+            continue
+        if k not in MOMENTS:
+            if v.is_floating_point() and state_dtype != INT8 and v.dtype != dtype_for(working, state_dtype):
+                state[k] = v.to(dtype_for(working, state_dtype))
+            continue
+        want = dtype_for(working, state_dtype, k)
+        same_blocks = state_dtype != INT8 or (old_block or block) == block
+        if v.dtype == want and same_blocks and (state_dtype != INT8 or k + SCALE in state):
+            continue
+        values = decoded(state, k, old_block or block)
+        state.pop(k + SCALE, None)
+        if state_dtype == INT8:
+            state[k], state[k + SCALE] = _bits.encode_int8(values.to(F32), want == torch.int8, block)
+        else:
+            state[k] = values.to(want)
+
+
+def has_dtype(states: Sequence[Tensor], working: Sequence[Tensor], state_dtype) -> bool:
+    """Every state tensor has the state dtype of its working tensor (a plan is built only then; int8
+    state has none yet: its groups take the general path)."""
+    return state_dtype != INT8 and all(s.dtype == dtype_for(w.dtype, state_dtype) for s, w in zip(states, working))
+
+
+def settings(opt) -> List[tuple]:
+    """Each group's storage setting (state dtype, block size), kept across load_state_dict."""
+    return [(g.get(KEY), g.get(BLOCK_KEY)) for g in opt.param_groups]
 
 
 def check_groups(opt_name: str, opt) -> None:
@@ -139,22 +238,118 @@ def check_groups(opt_name: str, opt) -> None:
         check_group(opt_name, group)
 
 
-def keep_after_load(opt, kept: Sequence[Optional[torch.dtype]]) -> None:
+def _saved_pairs(opt, state_dict):
+    """(parameter, its group, the checkpoint's group, its saved state or None) in load_state_dict's order."""
+    for group, saved_group in zip(opt.param_groups, state_dict["param_groups"]):
+        for p, pid in zip(group["params"], saved_group["params"]):
+            yield p, group, saved_group, state_dict["state"].get(pid)
+
+
+def check_checkpoint(opt_name: str, opt, state_dict) -> None:
+    """Before ``Optimizer.load_state_dict`` changes anything: the checkpoint's int8 state fits its parameters
+    (codes of the parameter's shape and code dtype, float32 scales, one per block of the checkpoint's
+    ``state_block_size``); a ValueError naming the parameter otherwise."""
+    if len(state_dict["param_groups"]) != len(opt.param_groups):
+        return  # (torch's own check names it)
+    for i, (p, _group, saved_group, saved) in enumerate(_saved_pairs(opt, state_dict)):
+        if not saved:
+            continue
+        block = saved_group.get(BLOCK_KEY, DEFAULT_BLOCK_SIZE)
+        for k in MOMENTS:
+            v = saved.get(k)
+            if not isinstance(v, Tensor) or v.is_floating_point():
+                continue
+            where = f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): int8 state '{k}'"
+            scale = saved.get(k + SCALE)
+            if v.dtype != _bits.CODE_DTYPES[_LIST_OF[k]] or v.shape != p.shape:
+                raise ValueError(f"{where} has dtype {v.dtype} and shape {tuple(v.shape)}; expected "
+                                 f"{_bits.CODE_DTYPES[_LIST_OF[k]]} codes of the parameter's shape")
+            try:
+                block = check_block_size(block)
+            except ValueError as e:
+                raise ValueError(f"{where}: the checkpoint's {e}") from None
+            if not isinstance(scale, Tensor) or scale.dtype != F32 or scale.numel() != _bits.n_blocks(v.numel(), block):
+                raise ValueError(f"{where} needs '{k}{SCALE}': float32, {_bits.n_blocks(v.numel(), block)} scales (one per "
+                                 f"block of {block}); the checkpoint has "
+                                 f"{'none' if not isinstance(scale, Tensor) else f'{scale.numel()} of {scale.dtype}'}")
+
+
+def _is_int8_entry(key, value: Tensor) -> bool:
+    """A saved entry of int8 state: codes (a moment that is not floating) or their scales."""
+    return key in MOMENTS and not value.is_floating_point() or isinstance(key, str) and key.endswith(SCALE)
+
+
+def keep_after_load(opt, kept: Sequence[tuple], state_dict=None) -> None:
     """After ``Optimizer.load_state_dict`` (and master_weights.keep_master_state): each group keeps this
-    optimizer's ``state_dtype`` (a storage choice, like ``master_weights``, not the checkpoint's), and
-    its state is converted to it (torch cast every floating state tensor to its parameter's dtype, which
-    is exact for bf16 state beside fp32 parameters: a checkpoint of this optimizer loads bit for bit; an
-    fp32-state checkpoint loads into a bf16-state optimizer rounded to nearest). The seed counter comes
-    from the checkpoint (0 for one without it)."""
-    for group, sd in zip(opt.param_groups, kept):
+    optimizer's ``state_dtype`` and block size (a storage choice, like ``master_weights``, not the
+    checkpoint's), and its state is converted to it (torch cast every floating state tensor to its
+    parameter's dtype, which is exact for bf16 state beside fp32 parameters: a checkpoint of this
+    optimizer loads bit for bit; an fp32-state checkpoint loads into a bf16-state optimizer rounded to
+    nearest; int8 codes and scales are taken back from ``state_dict`` as they were saved; int8 codes are decoded
+    with the checkpoint's block size, values encoded with this optimizer's). The seed counter comes from
+    the checkpoint (0 for one without it)."""
+    saved_blocks = {}
+    if state_dict is not None and len(state_dict["param_groups"]) == len(opt.param_groups):
+        for p, _group, saved_group, saved in _saved_pairs(opt, state_dict):
+            saved_blocks[p] = saved_group.get(BLOCK_KEY, DEFAULT_BLOCK_SIZE)
+            st = opt.state.get(p)
+            for k, v in (saved or {}).items():  # (torch cast int8 codes and scales to p's dtype)
+                if st is not None and isinstance(v, Tensor) and _is_int8_entry(k, v):
+                    st[k] = v.to(device=p.device, copy=True)
+    for group, (sd, block) in zip(opt.param_groups, kept):
         group[KEY] = sd
+        if block is None:
+            group.pop(BLOCK_KEY, None)
+        else:
+            group[BLOCK_KEY] = block
         for p in group["params"]:
             st = opt.state.get(p)
             if st:
                 master = st.get("master_param")
-                conform(st, master.dtype if isinstance(master, Tensor) else p.dtype, sd)
+                conform(st, master.dtype if isinstance(master, Tensor) else p.dtype, sd, block_size(group),
+                        saved_blocks.get(p))
     if opt.param_groups:
         opt.param_groups[0].setdefault(CALLS_KEY, 0)
+
+
+def op_kwargs(names: Sequence[str], scale_lists: Sequence[Sequence[Tensor]], block: int) -> dict:
+    """The int8 keywords of one launch: the scale lists of the op's state lists ``names`` ("exp_avgs", ...)
+    and the block size; {} without scale lists (state that is not int8: the op is called as before)."""
+    if not scale_lists:
+        return {}
+    out = {_bits.SCALES_ARG[n]: list(l) for n, l in zip(names, scale_lists)}
+    out["block_size"] = block
+    return out
+
+
+def scale_lists(*lists: Optional[Sequence[Tensor]]) -> List[Sequence[Tensor]]:
+    """The scale lists given (None: a state list that is not int8, or absent); [] when none is."""
+    return [l for l in lists if l is not None]
+
+
+def with_scales(names: Sequence[str]) -> List[str]:
+    """``names`` (op lists: "exp_avgs", ...) followed by the names of the scale lists of their state lists."""
+    return list(names) + [_bits.SCALES_ARG[n] for n in names if n in _bits.SCALES_ARG]
+
+
+def split_scales(names: Sequence[str], lists: Sequence[Sequence], block: int) -> tuple:
+    """(the lists ``names``, the int8 keywords of the launch) from lists of ``with_scales(names)``; scale
+    lists of None entries (state that is not int8) give {}."""
+    n = len(names)
+    scale_lists = lists[n:]
+    if not scale_lists or not len(scale_lists[0]) or scale_lists[0][0] is None:
+        return lists[:n], {}
+    return lists[:n], op_kwargs([x for x in names if x in _bits.SCALES_ARG], scale_lists, block)
+
+
+def values(codes: Tensor, scale: Optional[Tensor], block: int) -> Tensor:
+    """A state tensor's values: int8 codes decoded with their ``scale`` (float32), a float tensor itself."""
+    return codes if scale is None else _bits.decode_int8(codes, scale, block)
+
+
+def scales(state: dict, key: str) -> Optional[Tensor]:
+    """The scales of ``state[key]`` (None unless it is int8)."""
+    return state.get(key + SCALE)
 
 
 # ------------------------------------------------------------------------------------------- seeds

@@ -19,8 +19,9 @@ sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on th
 
 ``state_dtype=``: the dtype of the momentum buffer or the moments, as in ``AdamW``: None (the working
 tensor's), ``torch.float32``, or ``torch.bfloat16`` (stored with stochastic rounding; not with capturable,
-differentiable, sparse gradients, float16 or float64 parameters). ``load_state_dict`` keeps this
-optimizer's setting and converts the loaded state to it (state_storage.py).
+differentiable, sparse gradients, float16 or float64 parameters), or ``"int8"`` (blockwise 8-bit codes,
+one float32 scale per ``state_block_size`` elements; not float64, complex or FSDP2 parameters).
+``load_state_dict`` keeps this optimizer's setting and converts the loaded state to it (state_storage.py).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class SVI(Optimizer):
                  betas=(0.9, 0.999), eps=1e-8, *, dampening=0.0, maximize: bool = False, amsgrad: bool = False,
                  capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
         hyperparams.check_lr(lr, foreach=foreach_of_adam, capturable=capturable)
         hyperparams.check_nonneg(momentum, "momentum")
@@ -73,7 +74,8 @@ class SVI(Optimizer):
                         amsgrad=bool(amsgrad), capturable=bool(capturable),
                         master_weights=hyperparams.check_bool(master_weights, "master_weights"),
                         backend=bucketing._backends.validate(backend), foreach=foreach, fused=fused,
-                        differentiable=differentiable, state_dtype=state_storage.check_value(state_dtype))
+                        differentiable=differentiable, state_dtype=state_storage.check_value(state_dtype),
+                        state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults)
         bucketing._backends.check_param_groups(self.param_groups)  # a backend that cannot serve the devices: refused now
 
@@ -94,6 +96,7 @@ class SVI(Optimizer):
             group.setdefault("master_weights", False)
             group.setdefault("dampening", 0.0)
             group.setdefault(state_storage.KEY, None)
+            group.setdefault(state_storage.BLOCK_KEY, state_storage.DEFAULT_BLOCK_SIZE)
         F.set_defaults(self.param_groups)
         F.steps_as_tensors(self.state)
 
@@ -104,10 +107,11 @@ class SVI(Optimizer):
                 raise ValueError(f"SVI.load_state_dict: state of parameter {k} has neither a momentum buffer nor "
                                  f"Adam moments (keys {sorted(st)}); is this a state_dict of another optimizer?")
         state_storage.check_groups("SVI", self)  # (parameters whose dtype changed since construction)
+        state_storage.check_checkpoint("SVI", self, state_dict)
         flags, kept = [g["master_weights"] for g in self.param_groups], state_storage.settings(self)
         super().load_state_dict(state_dict)
         master_weights.keep_master_state(self, state_dict, flags)
-        state_storage.keep_after_load(self, kept)
+        state_storage.keep_after_load(self, kept, state_dict)
 
     @F.grad_mode_of_differentiable
     def step(self, closure=None):
@@ -148,31 +152,35 @@ class SVI(Optimizer):
             if "momentum_buffer" not in st or st["momentum_buffer"] is None:
                 if group["fused"]:
                     F.check_fused_param(p)
-                st["momentum_buffer"] = state_storage.zeros(w, state_dtype)
+                state_storage.create(st, "momentum_buffer", w, group)
                 fresh.append(len(bufs))
-            elif st["momentum_buffer"].dtype != state_storage.dtype_for(w.dtype, state_dtype):  # (setting changed)
-                state_storage.conform(st, w.dtype, state_dtype)
+            elif not state_storage.matches(st, "momentum_buffer", w.dtype, group):  # (setting changed)
+                state_storage.conform(st, w.dtype, state_dtype, state_storage.block_size(group))
             bufs.append(st["momentum_buffer"])
         if has_complex:  # optimised as real views, as torch does (no copy)
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
         lists = [params, grads, bufs]
+        if state_dtype == state_storage.INT8:  # the buffers' block scales ride along (sliced with them)
+            lists.append([self.state[p]["momentum_buffer" + state_storage.SCALE] for p in owners])
         # without momentum torch keeps no buffer, so dampening has nothing to damp
         dampening = group["dampening"] if hyperparams.as_float(group["momentum"], "momentum") != 0.0 else 0.0
         hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=dampening,
                      nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                     backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf)
+                     backend=group["backend"], capturable=tensor_path, grad_scale=grad_scale, found_inf=found_inf,
+                     block_size=state_storage.block_size(group))
         if fresh and hyper["dampening"] != 0:
             # torch starts a buffer as the gradient itself: dampening applies from its second step, so the
             # new (zero) buffers take one undamped step (mu * 0 + g == g) in a launch of their own.
             is_fresh = set(fresh)
             new = [[tl[i] for i in fresh] for tl in lists]
-            master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **{**hyper, "dampening": 0.0},
+            master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **{**hyper, "dampening": 0.0},
+                                                                 momentum_buffer_scales=_scales(ls),
                                                                  state_seed=seeds.next(group)), new,
                                 [owners[i] for i in fresh], grad_scale)
             keep = [i for i in range(len(owners)) if i not in is_fresh]
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
-        master_weights.step_with_masters(lambda *ls: svi_sgd(*ls, **hyper, state_seed=seeds.next(group)), lists, owners,
-                                         grad_scale)
+        master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **hyper, momentum_buffer_scales=_scales(ls),
+                                                             state_seed=seeds.next(group)), lists, owners, grad_scale)
 
     def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
@@ -194,23 +202,27 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
             nesterov: bool, weight_decay: float, dampening: float = 0.0, maximize: bool = False,
             backend: Optional[str] = None,
             capturable: bool = False, grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None, state_seed: Optional[int] = None) -> None:
+            found_inf: Optional[Tensor] = None, state_seed: Optional[int] = None,
+            momentum_buffer_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     """Functional momentum SGD (torch.optim.SGD semantics given zero-initialised buffers: dampening
     applies to every step, so a caller starts new buffers with dampening 0), one launch per (device, dtype).
     The buffers may be bf16 beside fp32 params or fp32 beside fp16/bf16 params; ``state_seed``
-    (0 <= seed < 2**31) stores bf16 buffers with stochastic rounding (None: to nearest).
+    (0 <= seed < 2**31) stores bf16 buffers with stochastic rounding (None: to nearest). Int8 buffers come
+    with their float32 block scales (``momentum_buffer_scales``) and ``block_size``.
 
     With ``capturable`` or AMP tensors it runs the tensor op: lr (number or device tensor), loss scale
     and skip flag are read by the kernel, never by the host.
     """
     if not params:
         return
+    scales = state_storage.scale_lists(momentum_buffer_scales)
     if capturable or grad_scale is not None or found_inf is not None:
         scalars = tensor_ops.DeviceScalars(lr, grad_scale, found_inf)
-        buckets = bucketing.group_by([params, grads, momentum_buffers])
+        buckets = bucketing.group_by([params, grads, momentum_buffers] + scales)
         for k, ((device, _dtype), (lists, _idx)) in enumerate(buckets.items()):
-            impl = bucketing.backend_for(backend, device, lists)
-            impl.sgd_momentum_step_tensor(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]),
+            impl = bucketing.backend_for(backend, device, lists[:3])
+            impl.sgd_momentum_step_tensor(*lists[:3], **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                                          **state_storage.op_kwargs(_BUFFERS, lists[3:], block_size),
                                           lr=scalars.lr(device), momentum=hyperparams.as_float(momentum, "momentum"),
                                           nesterov=bool(nesterov), weight_decay=hyperparams.as_float(weight_decay, "weight_decay"),
                                           maximize=maximize, grad_scale=scalars.grad_scale(device),
@@ -218,13 +230,22 @@ def svi_sgd(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Te
                                           found_inf=scalars.found_inf(device))
         return
     lr = hyperparams.as_float(lr, "lr")
-    buckets = bucketing.group_by([params, grads, momentum_buffers])
+    buckets = bucketing.group_by([params, grads, momentum_buffers] + scales)
     for k, ((device, _dtype), (lists, _idx)) in enumerate(buckets.items()):
-        impl = bucketing.backend_for(backend, device, lists)
-        impl.sgd_momentum_step(*lists, **state_storage.seed_kwarg(state_seed, k, lists[2]), lr=lr,
+        impl = bucketing.backend_for(backend, device, lists[:3])
+        impl.sgd_momentum_step(*lists[:3], **state_storage.seed_kwarg(state_seed, k, lists[2]),
+                               **state_storage.op_kwargs(_BUFFERS, lists[3:], block_size), lr=lr,
                                momentum=hyperparams.as_float(momentum, "momentum"), nesterov=bool(nesterov),
                                weight_decay=hyperparams.as_float(weight_decay, "weight_decay"), maximize=maximize,
                                **_dampening_kwarg(dampening))
+
+
+_BUFFERS = ("momentum_buffers",)  # the op's state list (its scales: momentum_buffer_scales)
+
+
+def _scales(lists) -> Optional[List[Tensor]]:
+    """The buffers' scales riding after (params, grads, buffers) in a step's lists (int8 state), else None."""
+    return lists[3] if len(lists) > 3 else None
 
 
 def _dampening_kwarg(dampening) -> dict:

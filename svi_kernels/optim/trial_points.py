@@ -136,7 +136,9 @@ class TrialPoints:
         in-place move by eta). One fused launch per bucket."""
         t = self.t
         names = ["params", "w0" if kept else "params"] + list(_READS[direction])
-        for device, g, lists, pos, n_check in t.buckets(names, gids=list(etas)):
+        buckets = t.state_buckets(names, gids=list(etas)) if direction != SGD else \
+            [b + ({},) for b in t.buckets(names, gids=list(etas))]
+        for device, g, lists, pos, n_check, int8 in buckets:
             if t.any_kept and (t.lists(["w0"], pos)[0][0] is not None) != kept:
                 continue
             impl = bucketing.backend_for(g["backend"], device, lists, n_check)
@@ -146,19 +148,20 @@ class TrialPoints:
                 continue
             bc1, bc2_sqrt = adam_scalars(self.step, *g["betas"], True)
             if direction == ADAM:
-                impl.ls_trial_adam(*lists, per_tensor, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
+                impl.ls_trial_adam(*lists, per_tensor, **int8, eps=g["eps"], bias_correction2_sqrt=bc2_sqrt)
             else:
-                impl.ls_final_adam(*lists, per_tensor, eps=g["eps"], bias_correction1=bc1,
+                impl.ls_final_adam(*lists, per_tensor, **int8, eps=g["eps"], bias_correction1=bc1,
                                    bias_correction2_sqrt=bc2_sqrt)
 
     def _final_from_trial(self, etas: Dict[int, float], trial_eta: float) -> None:
         """The final Adam step (eta per group) of in-place groups at the trial point
         ``w0 - trial_eta * g / denom`` (the kept buckets took it from w0 in ``move``)."""
         t = self.t
-        for device, g, lists, pos, n_check in t.buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"], gids=list(etas)):
+        for device, g, lists, pos, n_check, int8 in t.state_buckets(["params", "grads", "exp_avgs", "exp_avg_sqs"],
+                                                                  gids=list(etas)):
             if t.any_kept and t.lists(["w0"], pos)[0][0] is not None:
                 continue
             bc1, bc2_sqrt = adam_scalars(self.step, *g["betas"], True)
             impl = bucketing.backend_for(g["backend"], device, lists, n_check)
-            impl.ls_final_adam_from_trial(*lists, t.per_tensor(etas, pos), trial_eta=trial_eta, eps=g["eps"],
+            impl.ls_final_adam_from_trial(*lists, t.per_tensor(etas, pos), **int8, trial_eta=trial_eta, eps=g["eps"],
                                           bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt)
