@@ -39,7 +39,7 @@ BLOCK_KEY = "state_block_size"  # the per-group block size of int8 state
 DEFAULT_BLOCK_SIZE = _bits.DEFAULT_BLOCK_SIZE
 SCALE = "_scale"  # state[key + SCALE]: the float32 block scales of int8 state[key]
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # the state keys this module stores
-_LIST_OF = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs",
+LIST_OF = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs",
             "momentum_buffer": "momentum_buffers"}  # state key -> the op's list name
 BASE_SEED = 0x5EED0024
 _M32 = 0xFFFFFFFF
@@ -97,7 +97,7 @@ def dtype_for(working: torch.dtype, state_dtype, key: str = "exp_avg") -> torch.
     problem = _pair_problem(working, state_dtype)
     if problem is not None:
         raise ValueError(f"state_dtype={state_dtype}: {problem}")
-    return _bits.CODE_DTYPES[_LIST_OF[key]] if state_dtype == INT8 else state_dtype
+    return _bits.CODE_DTYPES[LIST_OF[key]] if state_dtype == INT8 else state_dtype
 
 
 def check_group(opt_name: str, group: dict) -> None:
@@ -261,9 +261,9 @@ def check_checkpoint(opt_name: str, opt, state_dict) -> None:
                 continue
             where = f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): int8 state '{k}'"
             scale = saved.get(k + SCALE)
-            if v.dtype != _bits.CODE_DTYPES[_LIST_OF[k]] or v.shape != p.shape:
+            if v.dtype != _bits.CODE_DTYPES[LIST_OF[k]] or v.shape != p.shape:
                 raise ValueError(f"{where} has dtype {v.dtype} and shape {tuple(v.shape)}; expected "
-                                 f"{_bits.CODE_DTYPES[_LIST_OF[k]]} codes of the parameter's shape")
+                                 f"{_bits.CODE_DTYPES[LIST_OF[k]]} codes of the parameter's shape")
             try:
                 block = check_block_size(block)
             except ValueError as e:

@@ -62,6 +62,7 @@ class GroupPlan:
         self.impl = None
         self.bump_steps = step_counters.next_step_values  # step counters += 1
         self.template = None  # a line search's StepTensors fields (all but the gradients)
+        self.int8: dict = {}  # int8 state: the launch's scale lists and block size (state_storage.op_kwargs)
         self.sharded_params: Optional[bool] = None  # a line search's: any parameter a DTensor (once known)
 
     def fits(self, opt, groups: List[dict]) -> bool:
@@ -105,7 +106,8 @@ _DTYPE, _LAYOUT, _LOCAL = attrgetter("dtype"), attrgetter("layout"), attrgetter(
 def _flags(group: dict) -> tuple:
     """The group settings that choose the path, the state a plan holds or how launches are bucketed."""
     return (group.get("master_weights"), group.get("differentiable"), group.get("capturable"), group.get("amsgrad"),
-            group.get("backend"), group.get("base"), group.get("betas"), group.get("eps"), group.get(state_storage.KEY))
+            group.get("backend"), group.get("base"), group.get("betas"), group.get("eps"), group.get(state_storage.KEY),
+            group.get(state_storage.BLOCK_KEY))
 
 
 def _plans(opt) -> dict:
@@ -148,14 +150,18 @@ def _uniform(tensors: List[Tensor], device, dtype) -> bool:
     return all(t.device == device and t.dtype is dtype and t.is_contiguous() for t in tensors)
 
 
-def _single_compiled_bucket(params: List[Tensor], states: List[Tensor], backend) -> Optional[object]:
+def _single_compiled_bucket(params: List[Tensor], states: List[Tensor], backend,
+                            codes: List[List[Tensor]] = ()) -> Optional[object]:
     """The compiled backend module when the parameters share one device and dtype and the state tensors
     one dtype (the state dtype, maybe another: state_storage.py) on that device, all real, floating and
-    contiguous; else None."""
+    contiguous (int8 state: ``states`` are its float32 scales and ``codes`` its code lists, each list of one
+    dtype, contiguous, on that device); else None."""
     if not params:
         return None
     device = params[0].device
     if not _uniform(params, device, params[0].dtype) or (states and not _uniform(states, device, states[0].dtype)):
+        return None
+    if not all(all(t.device == device and t.dtype is cl[0].dtype and t.is_contiguous() for t in cl) for cl in codes):
         return None
     if bucketing._backends.resolve(backend, device) not in ("cpu", "cuda"):
         return None
@@ -189,10 +195,25 @@ def build_adam(opt, group: dict) -> Optional[GroupPlan]:
         return None
     if step_counters._host_counters(plan.lists["step"]):  # checked once: one extension call per step
         plan.bump_steps = step_counters._compiled.increment_steps
+    if group.get(state_storage.KEY) == state_storage.INT8:
+        return _int8_plan(plan, group, states, keys[1:])
     states = [t for k in keys[1:] for t in plan.lists[k]]
     if not state_storage.has_dtype(states, plan.params * (len(keys) - 1), group.get(state_storage.KEY)):
         return None  # (the general path converts them first)
     plan.impl = _single_compiled_bucket(plan.params, states, group["backend"])
+    return plan if plan.impl is not None else None
+
+
+def _int8_plan(plan: GroupPlan, group: dict, states: List[dict], keys) -> Optional[GroupPlan]:
+    """An AdamW/SVI plan over int8 state: every state tensor stored as the group asks (codes and scales of
+    its block size; else the general path converts them first), the scale lists and block size kept for
+    the launch."""
+    if not all(state_storage.matches(st, k, p.dtype, group) for st, p in zip(states, plan.params) for k in keys):
+        return None
+    scales = [[st[k + state_storage.SCALE] for st in states] for k in keys]
+    plan.int8 = state_storage.op_kwargs([state_storage.LIST_OF[k] for k in keys], scales, state_storage.block_size(group))
+    plan.impl = _single_compiled_bucket(plan.params, [t for sl in scales for t in sl], group["backend"],
+                                        [plan.lists[k] for k in keys])
     return plan if plan.impl is not None else None
 
 
@@ -211,7 +232,7 @@ def _adam_launch(plan: GroupPlan, group: dict, grads: List[Tensor], decoupled: b
     extra = {"max_exp_avg_sqs": plan.lists["max_exp_avg_sq"]} if "max_exp_avg_sq" in plan.lists else {}
     extra.update(state_storage.seed_kwarg(seeds.next(group), 0, plan.lists["exp_avg"]))
     try:
-        plan.impl.adam_step(plan.params, grads, plan.lists["exp_avg"], plan.lists["exp_avg_sq"], **extra,
+        plan.impl.adam_step(plan.params, grads, plan.lists["exp_avg"], plan.lists["exp_avg_sq"], **extra, **plan.int8,
                             lr=hyperparams.as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                             weight_decay=float(group["weight_decay"]), decoupled=decoupled,
                             bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, maximize=group["maximize"])
@@ -230,6 +251,8 @@ def build_sgd(opt, group: dict) -> Optional[GroupPlan]:
         return None
     plan = GroupPlan(opt, [group], owners)
     plan.lists["momentum_buffer"] = [sharding.local(st["momentum_buffer"]) for st in states]
+    if group.get(state_storage.KEY) == state_storage.INT8:
+        return _int8_plan(plan, group, states, ("momentum_buffer",))
     if not state_storage.has_dtype(plan.lists["momentum_buffer"], plan.params, group.get(state_storage.KEY)):
         return None  # (the general path converts them first)
     plan.impl = _single_compiled_bucket(plan.params, plan.lists["momentum_buffer"], group["backend"])
@@ -244,6 +267,7 @@ def _sgd_launch(plan: GroupPlan, group: dict, grads: List[Tensor], seeds: state_
                                     momentum=momentum, nesterov=bool(group["nesterov"]),
                                     weight_decay=hyperparams.as_float(group["weight_decay"], "weight_decay"),
                                     maximize=group["maximize"], **({"dampening": dampening} if dampening else {}),
+                                    **plan.int8,
                                     **state_storage.seed_kwarg(seeds.next(group), 0, plan.lists["momentum_buffer"]))
     except RuntimeError:
         return False

@@ -347,3 +347,31 @@ def test_grad_scaler_with_int8_state():
     (codes and scales), and training follows the float path closely."""
     model, opt = check_grad_scaler(state_dtype=INT8)
     _check_int8_state(opt, list(model.parameters()), ("exp_avg", "exp_avg_sq"), 256)
+
+
+# -------------------------------------------------------------------------------------- the step plan
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference-served"), _backend_param("cpu")])
+@pytest.mark.parametrize("name", ["AdamW", "AdamW-amsgrad", "SVI-sgd", "SVI-adam", "AdamSLS", "SaLSA"])
+def test_step_plan_with_int8_state_gives_the_bits_of_the_general_path(name, backend, monkeypatch):
+    """The step plan (from the second step) holds the code lists, the scale lists and the block size, and
+    steps bit for bit as the general path. AdamW/SVI plan the compiled backend only: "reference-served"
+    hands the plan the reference module to check the plan's bookkeeping without a rebuilt extension."""
+    from svi_kernels.backends import reference
+    from svi_kernels.optim import step_plan
+    if backend == "reference":
+        original = step_plan._single_compiled_bucket
+        monkeypatch.setattr(step_plan, "_single_compiled_bucket",
+                            lambda *a, **k: original(*a, **k) and reference)
+        monkeypatch.setattr(step_plan.bucketing._backends, "resolve", lambda name, device: "cpu")
+        monkeypatch.setattr(step_plan.bucketing._backends, "get", lambda name: reference)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(step_plan, "ENABLED", enabled)
+        model, opt = _setup(name, backend, state_dtype=INT8, state_block_size=64)
+        _train(model, opt, name, 4)
+        runs.append((model, opt))
+    _same_state(runs[0][1], runs[1][1], runs[0][0], runs[1][0])
+    plans = [v for v in runs[0][1].__dict__["_step_plans"].values() if isinstance(v, step_plan.GroupPlan)]
+    assert plans
+    if name not in LINE_SEARCHES:
+        assert all(plan.int8["block_size"] == 64 for plan in plans)
