@@ -27,12 +27,16 @@
 
 #include "direct_calls.h"
 #include "ops.h"
+#include "svi_kernels/int8_state.h"
 
 namespace svi_kernels::cpu {
 
 namespace {
 
 constexpr int64_t kMaxDirectElems = int64_t{1} << 22;
+
+// The direct calls take float state only: int8 state (its scales lists) goes through torch.ops.
+const std::optional<at::TensorList> kNoScales;
 
 // The dispatch keys of a plain dense CPU tensor (requires_grad or not).
 c10::DispatchKeySet plain_cpu_keys() {
@@ -158,7 +162,8 @@ PyObject* direct_adam_step(PyObject*, PyObject* args) {
   if (amsgrad && !lmax.borrow(maxv)) return not_implemented();
   return guarded([&] {
     adam_step(lp.list(), lg.list(), lm.list(), lv.list(), lr, beta1, beta2, eps, wd, decoupled != 0, bc1, bc2_sqrt,
-              maximize != 0, amsgrad ? std::optional<at::TensorList>(lmax.list()) : std::nullopt, seed);
+              maximize != 0, amsgrad ? std::optional<at::TensorList>(lmax.list()) : std::nullopt, seed, kNoScales,
+              kNoScales, kNoScales, kInt8BlockDefault);
   });
 }
 
@@ -176,7 +181,7 @@ PyObject* direct_sgd_momentum_step(PyObject*, PyObject* args) {
   if (!lp.borrow(p) || !lg.borrow(g) || !lb.borrow(b)) return not_implemented();
   return guarded([&] {
     sgd_momentum_step(lp.list(), lg.list(), lb.list(), lr, momentum, nesterov != 0, wd, maximize != 0, dampening,
-                      seed);
+                      seed, kNoScales, kInt8BlockDefault);
   });
 }
 
@@ -204,7 +209,7 @@ PyObject* direct_ls_save_adam(PyObject*, PyObject* args) {
   }
   return guarded_tensor([&] {
     return ls_save_adam(lp.list(), lg.list(), lm.list(), lv.list(), lw.list(), ld.list(), beta1, beta2, eps,
-                        bc2_sqrt, seed);
+                        bc2_sqrt, seed, kNoScales, kNoScales, kInt8BlockDefault);
   });
 }
 
@@ -228,7 +233,9 @@ PyObject* direct_ls_trial_adam(PyObject*, PyObject* args) {
   if (!lp.borrow(p) || !lw.borrow(w0) || !lg.borrow(g) || !lv.borrow(v) || !read_etas(e, etas)) {
     return not_implemented();
   }
-  return guarded([&] { ls_trial_adam(lp.list(), lw.list(), lg.list(), lv.list(), etas, eps, bc2_sqrt); });
+  return guarded([&] {
+    ls_trial_adam(lp.list(), lw.list(), lg.list(), lv.list(), etas, eps, bc2_sqrt, kNoScales, kInt8BlockDefault);
+  });
 }
 
 PyObject* direct_ls_final_adam(PyObject*, PyObject* args) {
@@ -241,7 +248,10 @@ PyObject* direct_ls_final_adam(PyObject*, PyObject* args) {
   if (!lp.borrow(p) || !lw.borrow(w0) || !lm.borrow(m) || !lv.borrow(v) || !read_etas(e, etas)) {
     return not_implemented();
   }
-  return guarded([&] { ls_final_adam(lp.list(), lw.list(), lm.list(), lv.list(), etas, eps, bc1, bc2_sqrt); });
+  return guarded([&] {
+    ls_final_adam(lp.list(), lw.list(), lm.list(), lv.list(), etas, eps, bc1, bc2_sqrt, kNoScales, kNoScales,
+                  kInt8BlockDefault);
+  });
 }
 
 PyObject* direct_ls_final_adam_from_trial(PyObject*, PyObject* args) {
@@ -255,7 +265,8 @@ PyObject* direct_ls_final_adam_from_trial(PyObject*, PyObject* args) {
     return not_implemented();
   }
   return guarded([&] {
-    ls_final_adam_from_trial(lp.list(), lg.list(), lm.list(), lv.list(), etas, trial_eta, eps, bc1, bc2_sqrt);
+    ls_final_adam_from_trial(lp.list(), lg.list(), lm.list(), lv.list(), etas, trial_eta, eps, bc1, bc2_sqrt,
+                             kNoScales, kNoScales, kInt8BlockDefault);
   });
 }
 

@@ -1,5 +1,6 @@
 // Fused Armijo line-search ops over a list of CPU tensors: (a) save w0 and the
 // sufficient-decrease sums, (b) trial points, (c) the final Adam step.
+#include "int8_state.h"
 #include "kernel_table.h"
 #include "multi_tensor.h"
 #include "ops.h"
@@ -23,6 +24,14 @@ bool in_place(at::TensorList params, at::TensorList w0) {
   return !params.empty() && !w0.empty() && params[0].data_ptr() == w0[0].data_ptr();
 }
 
+// The moments' lists of an Adam line-search op (m: exp_avgs, when the op reads them).
+Int8StateList m_list(at::TensorList exp_avgs, const std::optional<at::TensorList>& scales) {
+  return {"exp_avgs", exp_avgs, "exp_avg_scales", scales, true};
+}
+Int8StateList v_list(at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& scales) {
+  return {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", scales, false};
+}
+
 }  // namespace
 
 at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorList w0) {
@@ -42,11 +51,23 @@ at::Tensor ls_save_sgd(at::TensorList params, at::TensorList grads, at::TensorLi
 
 at::Tensor ls_save_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1, double beta2,
-                        double eps, double bias_correction2_sqrt, std::optional<int64_t> state_seed) {
+                        double eps, double bias_correction2_sqrt, std::optional<int64_t> state_seed,
+                        const std::optional<at::TensorList>& exp_avg_scales,
+                        const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
   // w0: one per parameter (p is saved there), or empty (p is not read: the in-place trials' save).
   // dirs: one per parameter (the search direction is written), or empty (it is not); only with w0.
   const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
   SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
+  const Int8StateList m = m_list(exp_avgs, exp_avg_scales), v = v_list(exp_avg_sqs, exp_avg_sq_scales);
+  if (int8_state_requested({m, v})) {
+    constexpr const char* op = "ls_save_adam";
+    const Int8Call call =
+        with_dirs ? Int8Call(op, {{"params", params}, {"grads", grads}, {"w0", w0}, {"dirs", dirs}}, {m, v}, block_size)
+        : with_w0 ? Int8Call(op, {{"params", params}, {"grads", grads}, {"w0", w0}}, {m, v}, block_size)
+                  : Int8Call(op, {{"params", params}, {"grads", grads}}, {m, v}, block_size);
+    return int8_ls_save_adam(call, LsAdamSaveScalars{1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction2_sqrt,
+                                                     false, with_dirs, with_w0});
+  }
   // exp_avgs and exp_avg_sqs (lists 2, 3) hold state; w0 and dirs have the params' dtype.
   constexpr unsigned kState = 0b1100;
   const MultiTensor lists = with_dirs
@@ -81,7 +102,14 @@ void ls_trial_sgd(at::TensorList params, at::TensorList w0, at::TensorList grads
 }
 
 void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
-                   c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
+                   c10::ArrayRef<double> etas, double eps, double bias_correction2_sqrt,
+                   const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
+  const Int8StateList v = v_list(exp_avg_sqs, exp_avg_sq_scales);
+  if (int8_state_requested({v})) {
+    const Int8Call call("ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}}, {v}, block_size);
+    check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
+    return int8_ls_trial_adam(call, etas, eps, bias_correction2_sqrt);
+  }
   const MultiTensor lists(
       "ls_trial_adam", {{"params", params}, {"w0", w0}, {"grads", grads}, {"exp_avg_sqs", exp_avg_sqs}}, 0b1000);
   check_per_tensor_scalars("ls_trial_adam", "etas", etas.size(), params.size());
@@ -95,7 +123,15 @@ void ls_trial_adam(at::TensorList params, at::TensorList w0, at::TensorList grad
 }
 
 void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
+                   c10::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt,
+                   const std::optional<at::TensorList>& exp_avg_scales,
+                   const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
+  const Int8StateList m = m_list(exp_avgs, exp_avg_scales), v = v_list(exp_avg_sqs, exp_avg_sq_scales);
+  if (int8_state_requested({m, v})) {
+    const Int8Call call("ls_final_adam", {{"params", params}, {"w0", w0}}, {m, v}, block_size);
+    check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
+    return int8_ls_final_adam(call, etas, eps, bias_correction1, bias_correction2_sqrt);
+  }
   const MultiTensor lists(
       "ls_final_adam", {{"params", params}, {"w0", w0}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, 0b1100);
   check_per_tensor_scalars("ls_final_adam", "etas", etas.size(), params.size());
@@ -111,7 +147,15 @@ void ls_final_adam(at::TensorList params, at::TensorList w0, at::TensorList exp_
 
 void ls_final_adam_from_trial(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, c10::ArrayRef<double> etas, double trial_eta, double eps,
-                              double bias_correction1, double bias_correction2_sqrt) {
+                              double bias_correction1, double bias_correction2_sqrt,
+                              const std::optional<at::TensorList>& exp_avg_scales,
+                              const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
+  const Int8StateList m = m_list(exp_avgs, exp_avg_scales), v = v_list(exp_avg_sqs, exp_avg_sq_scales);
+  if (int8_state_requested({m, v})) {
+    const Int8Call call("ls_final_adam_from_trial", {{"params", params}, {"grads", grads}}, {m, v}, block_size);
+    check_per_tensor_scalars("ls_final_adam_from_trial", "etas", etas.size(), params.size());
+    return int8_ls_final_adam_from_trial(call, etas, trial_eta, eps, bias_correction1, bias_correction2_sqrt);
+  }
   const MultiTensor lists("ls_final_adam_from_trial", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                                                        {"exp_avg_sqs", exp_avg_sqs}}, 0b1100);
   check_per_tensor_scalars("ls_final_adam_from_trial", "etas", etas.size(), params.size());

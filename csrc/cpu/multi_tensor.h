@@ -61,6 +61,27 @@ inline ChunkPlan plan_chunks(c10::ArrayRef<int64_t> numels, int64_t chunk_elems 
   return plan;
 }
 
+// Calls f(segment_index, segment) for every segment of the plan, tasks in parallel.
+template <typename F>
+void parallel_plan(const ChunkPlan& plan, const F& f) {
+  at::parallel_for(0, plan.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      for (int64_t s = plan.task_start[task]; s < plan.task_start[task + 1]; ++s) f(s, plan.segments[s]);
+    }
+  });
+}
+
+// Per-tensor totals of per-segment partial sums, added in segment order (thread-count
+// independent), as the float32 [num_tensors] tensor the ls_save_* ops return.
+inline at::Tensor plan_tensor_sums(const ChunkPlan& plan, int64_t num_tensors, const std::vector<double>& partial) {
+  std::vector<double> total(num_tensors, 0.0);
+  for (size_t s = 0; s < plan.segments.size(); ++s) total[plan.segments[s].tensor] += partial[s];
+  at::Tensor out = at::empty({num_tensors}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  for (int64_t t = 0; t < num_tensors; ++t) dst[t] = static_cast<float>(total[t]);
+  return out;
+}
+
 // The tensor lists of one fused call (at most kMaxLists), validated and turned into data
 // pointers in ONE pass over the tensors: with 10,000 small tensors per list the op's own cost is
 // reading each TensorImpl (a cache miss apiece), so each is read once, by plain field
@@ -104,28 +125,17 @@ class MultiTensor {
   // points at the segment's first element in list k.
   template <typename F>
   void parallel_segments(const F& f) const {
-    at::parallel_for(0, plan_.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
-      for (int64_t task = task_begin; task < task_end; ++task) {
-        for (int64_t s = plan_.task_start[task]; s < plan_.task_start[task + 1]; ++s) {
-          const Segment& seg = plan_.segments[s];
-          std::array<void*, kMaxLists> ptrs;
-          char* const* base = &base_[seg.tensor * num_lists_];
-          for (size_t k = 0; k < num_lists_; ++k) ptrs[k] = base[k] + seg.offset * elem_size_[k];
-          f(s, seg, ptrs.data());
-        }
-      }
+    parallel_plan(plan_, [&](int64_t s, const Segment& seg) {
+      std::array<void*, kMaxLists> ptrs;
+      char* const* base = &base_[seg.tensor * num_lists_];
+      for (size_t k = 0; k < num_lists_; ++k) ptrs[k] = base[k] + seg.offset * elem_size_[k];
+      f(s, seg, ptrs.data());
     });
   }
 
-  // Per-tensor totals of per-segment partial sums, added in segment order (thread-count
-  // independent), as the float32 [n_tensors] tensor the ls_save_* ops return.
+  // The per-tensor sums of per-segment partial sums (plan_tensor_sums).
   at::Tensor per_tensor_sums(const std::vector<double>& partial) const {
-    std::vector<double> total(num_tensors_, 0.0);
-    for (int64_t s = 0; s < num_segments(); ++s) total[plan_.segments[s].tensor] += partial[s];
-    at::Tensor out = at::empty({num_tensors_}, at::TensorOptions().dtype(at::kFloat));
-    float* dst = out.data_ptr<float>();
-    for (int64_t t = 0; t < num_tensors_; ++t) dst[t] = static_cast<float>(total[t]);
-    return out;
+    return plan_tensor_sums(plan_, num_tensors_, partial);
   }
 
  private:

@@ -107,21 +107,34 @@ def _empty_sums() -> Tensor:
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
-              max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
+              max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+              exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+              max_exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     if not params:
         return
-    _call("adam_step", params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
-          float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
-          bool(maximize), max_exp_avg_sqs, _seed(state_seed))
+    _call_state("adam_step", (exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales), block_size,
+                params, grads, exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2), float(eps),
+                float(weight_decay), bool(decoupled), float(bias_correction1), float(bias_correction2_sqrt),
+                bool(maximize), max_exp_avg_sqs, _seed(state_seed))
 
 
 def sgd_momentum_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                       lr: float, momentum: float, nesterov: bool, weight_decay: float, maximize: bool = False,
-                      dampening: float = 0.0, state_seed: Optional[int] = None) -> None:
+                      dampening: float = 0.0, state_seed: Optional[int] = None,
+                      momentum_buffer_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     if not params:
         return
-    _call("sgd_momentum_step", params, grads, momentum_buffers, float(lr), float(momentum), bool(nesterov),
-          float(weight_decay), bool(maximize), float(dampening), _seed(state_seed))
+    _call_state("sgd_momentum_step", (momentum_buffer_scales,), block_size, params, grads, momentum_buffers,
+                float(lr), float(momentum), bool(nesterov), float(weight_decay), bool(maximize), float(dampening),
+                _seed(state_seed))
+
+
+def _call_state(name: str, scales: tuple, block_size: int, *args):
+    """An op with state lists: int8 state (scales given) passes its scales lists and block_size
+    through torch.ops (the direct calls take float state only); float state goes through _call."""
+    if all(s is None for s in scales):
+        return _call(name, *args)
+    return getattr(_ops(), name)(*args, *scales, int(block_size))
 
 
 def _seed(state_seed: Optional[int]) -> Optional[int]:
@@ -138,24 +151,28 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
                      grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-                     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+                     exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+                     max_exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     if not params:
         return
     _ops().adam_step_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, *_lr_args(lr), float(beta1),
                             float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(correct_bias),
-                            bool(maximize), grad_scale, found_inf, max_exp_avg_sqs, _seed(state_seed))
+                            bool(maximize), grad_scale, found_inf, max_exp_avg_sqs, _seed(state_seed),
+                            exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales, int(block_size))
 
 
 def sgd_momentum_step_tensor(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *,
                              lr: Union[float, Tensor], momentum: float, nesterov: bool, weight_decay: float,
                              maximize: bool = False, grad_scale: Optional[Tensor] = None,
                              found_inf: Optional[Tensor] = None, dampening: float = 0.0,
-                             state_seed: Optional[int] = None) -> None:
+                             state_seed: Optional[int] = None, momentum_buffer_scales: Optional[List[Tensor]] = None,
+                             block_size: int = 256) -> None:
     if not params:
         return
     _ops().sgd_momentum_step_tensor(params, grads, momentum_buffers, *_lr_args(lr), float(momentum), bool(nesterov),
                                     float(weight_decay), bool(maximize), grad_scale, found_inf, float(dampening),
-                                    _seed(state_seed))
+                                    _seed(state_seed), momentum_buffer_scales, int(block_size))
 
 
 def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> Tensor:
@@ -166,11 +183,14 @@ def ls_save_sgd(params: List[Tensor], grads: List[Tensor], w0: List[Tensor]) -> 
 
 def ls_save_adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                  w0: List[Tensor], dirs: List[Tensor], *, beta1: float, beta2: float, eps: float,
-                 bias_correction2_sqrt: float, state_seed: Optional[int] = None) -> Tensor:
+                 bias_correction2_sqrt: float, state_seed: Optional[int] = None,
+                 exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+                 block_size: int = 256) -> Tensor:
     if not params:
         return _empty_sums()
-    return _call("ls_save_adam", params, grads, exp_avgs, exp_avg_sqs, w0, dirs, float(beta1), float(beta2),
-                 float(eps), float(bias_correction2_sqrt), _seed(state_seed))
+    return _call_state("ls_save_adam", (exp_avg_scales, exp_avg_sq_scales), block_size, params, grads, exp_avgs,
+                       exp_avg_sqs, w0, dirs, float(beta1), float(beta2), float(eps), float(bias_correction2_sqrt),
+                       _seed(state_seed))
 
 
 def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], etas: Sequence[float]) -> None:
@@ -180,28 +200,34 @@ def ls_trial_sgd(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], et
 
 
 def ls_trial_adam(params: List[Tensor], w0: List[Tensor], grads: List[Tensor], exp_avg_sqs: List[Tensor],
-                  etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float) -> None:
+                  etas: Sequence[float], *, eps: float, bias_correction2_sqrt: float,
+                  exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     if not params:
         return
-    _call("ls_trial_adam", params, w0, grads, exp_avg_sqs, list(map(float, etas)), float(eps),
-          float(bias_correction2_sqrt))
+    _call_state("ls_trial_adam", (exp_avg_sq_scales,), block_size, params, w0, grads, exp_avg_sqs,
+                list(map(float, etas)), float(eps), float(bias_correction2_sqrt))
 
 
 def ls_final_adam(params: List[Tensor], w0: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                  etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> None:
+                  etas: Sequence[float], *, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
+                  exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+                  block_size: int = 256) -> None:
     if not params:
         return
-    _call("ls_final_adam", params, w0, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(eps),
-          float(bias_correction1), float(bias_correction2_sqrt))
+    _call_state("ls_final_adam", (exp_avg_scales, exp_avg_sq_scales), block_size, params, w0, exp_avgs, exp_avg_sqs,
+                list(map(float, etas)), float(eps), float(bias_correction1), float(bias_correction2_sqrt))
 
 
 def ls_final_adam_from_trial(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                              exp_avg_sqs: List[Tensor], etas: Sequence[float], *, trial_eta: float, eps: float,
-                             bias_correction1: float, bias_correction2_sqrt: float) -> None:
+                             bias_correction1: float, bias_correction2_sqrt: float,
+                             exp_avg_scales: Optional[List[Tensor]] = None,
+                             exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = 256) -> None:
     if not params:
         return
-    _call("ls_final_adam_from_trial", params, grads, exp_avgs, exp_avg_sqs, list(map(float, etas)), float(trial_eta),
-          float(eps), float(bias_correction1), float(bias_correction2_sqrt))
+    _call_state("ls_final_adam_from_trial", (exp_avg_scales, exp_avg_sq_scales), block_size, params, grads, exp_avgs,
+                exp_avg_sqs, list(map(float, etas)), float(trial_eta), float(eps), float(bias_correction1),
+                float(bias_correction2_sqrt))
 
 
 def increment_steps(steps: List[Tensor]) -> List[float]:
