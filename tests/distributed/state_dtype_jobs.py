@@ -1,6 +1,6 @@
 """What tests/distributed/test_state_dtype_distributed.py runs on 2 gloo ranks: the optimizers with bf16
 state (``state_dtype=torch.bfloat16``) under FSDP2 (uneven and empty shards), a DCP checkpoint resumed, and
-DDP replicas. Built on fsdp_jobs' model, data, sharding and checkpoint helpers."""
+DDP replicas; int8 state (``state_dtype="int8"``) with DDP replicas, and refused with FSDP2. Built on fsdp_jobs' model, data, sharding and checkpoint helpers."""
 from __future__ import annotations
 
 import copy
@@ -91,18 +91,38 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
             "dtypes_loaded": dtypes_loaded, "calls": opt2.param_groups[0].get("state_seed_calls")}
 
 
-def ddp_run(rank: int, name: str, backend: str) -> dict:
+def ddp_run(rank: int, name: str, backend: str, state_dtype=BF16) -> dict:
     """Each rank its own data, DDP averaging the gradients: the replicas stay bitwise identical."""
     model = J.make_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(name, model, backend)
+    opt = make_optimizer(name, model, backend, state_dtype)
     losses = []
     for step in range(J.N_STEPS):
         x, y = J.make_batch(10 * rank + step)
         rank_jobs.train_step(opt, lambda: torch.nn.functional.mse_loss(ddp(x), y), losses, name in J.LINE_SEARCH)
     rec = _record(model, opt, name)
     rec["losses"] = losses
+    if state_dtype == "int8":  # the codes' block scales too
+        rec["scales"] = [v for st in opt.state.values() if isinstance(st, dict) for k, v in st.items()
+                         if k.endswith("_scale")]
     return rec
+
+
+def int8_fsdp2_refused(name: str, backend: str) -> dict:
+    """int8 state with FSDP2 parameters: refused at construction, with the reason (not in this phase)."""
+    model = J.make_model()
+    J._shard(model, skip=(4,))
+    try:
+        make_optimizer(name, model, backend, "int8")
+    except ValueError as e:
+        return {"refused": str(e)}
+    return {"refused": None}
+
+
+def int8_backends(backends):
+    """Those of ``backends`` whose ops take int8 state (the compiled ones once built with the keywords)."""
+    return [b for b in backends if b == "reference" or "exp_avg_scales" in str(
+        torch.ops.svi_kernels.adam_step.default._schema)]
 
 
 def _jobs(rank, world, ckpt_dir, backends):
@@ -112,6 +132,9 @@ def _jobs(rank, world, ckpt_dir, backends):
             jobs.append((("run", name, backend), lambda n=name, b=backend: sharded_run(rank, world, n, b)))
             jobs.append((("dcp", name, backend), lambda n=name, b=backend: dcp_resume(rank, world, n, b, ckpt_dir)))
             jobs.append((("ddp", name, backend), lambda n=name, b=backend: ddp_run(rank, n, b)))
+            if backend in int8_backends(backends):
+                jobs.append((("int8-ddp", name, backend), lambda n=name, b=backend: ddp_run(rank, n, b, "int8")))
+                jobs.append((("int8-fsdp2", name, backend), lambda n=name, b=backend: int8_fsdp2_refused(n, b)))
     return jobs
 
 

@@ -5,7 +5,9 @@
   whole batch (not bit for bit: the stochastic-rounding bits of an element follow its index in the local
   shard, so the sharded run rounds other elements up than the one-process run);
 - a DCP checkpoint resumes bit-identically (the seed counter travels in param_groups[0]);
-- DDP replicas stay bitwise identical (every rank draws the same seeds).
+- DDP replicas stay bitwise identical (every rank draws the same seeds);
+- int8 state (issue 24 phase 2): DDP replicas bitwise identical (codes and scales), FSDP2 refused with a
+  clear error at construction (not supported in this phase).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from svi_kernels.backends import backends, compiled
 
 BACKENDS = ["reference"] + (["cpu"] if backends()["cpu"]["available"]
                             and "state_seed" in inspect.signature(compiled.adam_step).parameters else [])
+BACKENDS_INT8 = S.int8_backends(BACKENDS)  # (the compiled kernels once their ops take int8 state)
 # One process vs FSDP2 with bf16 state: each moment is stochastically rounded by other bits (a relative
 # 2^-8 at most per store), so AdamW/SVI's steps (lr 3e-2, 4 steps: moves up to 0.12) may differ by a few
 # percent of a step (seen: 3e-4); the line searches (step sizes up to 5, seen: 6e-3) by more.
@@ -71,3 +74,21 @@ def test_ddp_replicas_identical_with_bf16_state(runs, name, backend):
     for i, (a, b) in enumerate(zip(r0["params"], r1["params"])):
         assert torch.equal(a, b), f"param {i} differs across ranks (max diff {(a - b).abs().max()})"
     assert r0["ls"] == r1["ls"]
+
+
+@pytest.mark.parametrize("name", S.OPTIMIZERS)
+@pytest.mark.parametrize("backend", BACKENDS_INT8)
+def test_ddp_replicas_identical_with_int8_state(runs, name, backend):
+    r0, r1 = _ranks(runs, ("int8-ddp", name, backend))
+    assert r0["losses"][0] != r1["losses"][0], "both ranks saw the same data: the test would prove nothing"
+    assert r0["state_dtypes"] == r1["state_dtypes"] and set(r0["state_dtypes"]) <= {"torch.int8", "torch.uint8"}
+    assert r0["scales"] and all(torch.equal(a, b) for a, b in zip(r0["scales"], r1["scales"]))
+    for i, (a, b) in enumerate(zip(r0["params"], r1["params"])):
+        assert torch.equal(a, b), f"param {i} differs across ranks (max diff {(a - b).abs().max()})"
+    assert r0["ls"] == r1["ls"]
+
+
+@pytest.mark.parametrize("name", S.OPTIMIZERS)
+def test_fsdp2_with_int8_state_is_refused(runs, name):
+    for rec in _ranks(runs, ("int8-fsdp2", name, "reference")):
+        assert rec["refused"] is not None and "FSDP2" in rec["refused"] and "int8" in rec["refused"], rec["refused"]
