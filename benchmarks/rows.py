@@ -51,7 +51,7 @@ class Row:
     targets: list = field(default_factory=list)
     op_only: bool = False  # the backend op alone, no optimizer: no state or peak memory to report
     # bytes per element of the state the row's traffic is counted with, where it is not what the optimizer's
-    # state tensors say (state_itemsize): bf16 state 2, the peers' 8-bit moments 1 + their scales
+    # state tensors say (state_itemsize): bf16 state 2, 8-bit moments (ours, the peers') 1 + their scales
     state_itemsize: Optional[float] = None
     package: Optional[str] = None  # a peer's distribution (its version goes into the JSON)
 
@@ -186,20 +186,52 @@ def _trial(kind: str, backend: str):
     return build
 
 
-def _bf16_state(make):
-    """``make`` with ``state_dtype=torch.bfloat16`` (issue 24); while our optimizers do not take that keyword
-    the row is skipped with that reason (RowUnavailable), not failed."""
+def _with_state(make, **storage):
+    """``make`` with the optimizer keywords ``storage`` (issue 24: ``state_dtype=``...); while our optimizers
+    do not take them the row is skipped with that reason (RowUnavailable), not failed."""
     def made(sk, ctx):
         try:
-            return make(sk, ctx, state_dtype=torch.bfloat16)
+            return make(sk, ctx, **storage)
         except TypeError as exc:
-            if "state_dtype" not in str(exc):
+            if "state_dtype" not in str(exc) and "state_block_size" not in str(exc):
                 raise
             raise RowUnavailable(f"this svi_kernels does not take state_dtype= yet ({exc})") from exc
     return made
 
 
+def _bf16_state(make):
+    return _with_state(make, state_dtype=torch.bfloat16)
+
+
+def _int8_state(make, backend: str):
+    """``make`` with ``state_dtype="int8"`` (blockwise 8-bit moments, INT8_BLOCK elements per fp32 scale); a
+    backend whose ops do not take int8 state yet gives a skipped row with that reason."""
+    with_int8 = _with_state(make, state_dtype="int8", state_block_size=INT8_BLOCK)
+
+    def made(sk, ctx):
+        if not _takes_int8_state(backend, ctx.device):
+            raise RowUnavailable(f"the {backend} ops do not take int8 state yet (exp_avg_scales=, block_size=)")
+        return with_int8(sk, ctx)
+    return made
+
+
+def _takes_int8_state(backend: str, device: torch.device) -> bool:
+    import inspect
+    backends = importlib.import_module("svi_kernels.backends")
+    try:
+        name = backends.resolve(backend, device)
+        module = backends.get(name)
+    except (RuntimeError, ValueError):
+        return False
+    if "exp_avg_scales" not in inspect.signature(module.adam_step).parameters:
+        return False
+    return name not in ("cpu", "cuda") or "exp_avg_scales" in str(torch.ops.svi_kernels.adam_step.default._schema)
+
+
 BF16_STATE_ITEMSIZE = 2
+# our int8 rows keep the default state_block_size, the peers' block: one moment's code and its share of a
+# float32 scale take as many bytes as theirs
+INT8_BLOCK, INT8_STATE_ITEMSIZE = peers_mod.BLOCK, peers_mod.INT8_STATE_ITEMSIZE
 
 
 def _peer(make):
@@ -236,8 +268,9 @@ def build_rows(backends: List[str], peers: bool = True) -> List[Row]:
         rows += [Row(name, package, "peer", adam, _peer(make), state_itemsize=peers_mod.INT8_STATE_ITEMSIZE,
                      package=package) for package, (name, make) in peers_mod.BUILDERS.items()]
     bf16 = dict(state_itemsize=BF16_STATE_ITEMSIZE)
+    int8 = dict(state_itemsize=INT8_STATE_ITEMSIZE)
     for b in backends:
-        # each maker takes the optimizer's extra keywords (state_dtype for the _bf16_state rows)
+        # each maker takes the optimizer's extra keywords (state_dtype for the _bf16_state / _int8_state rows)
         adamw = lambda sk, ctx, b=b, **kw: sk.AdamW(ctx.params, lr=LR, weight_decay=WEIGHT_DECAY,  # noqa: E731
                                                     backend=b, **kw)
         adam_sls = lambda sk, ctx, b=b, **kw: sk.AdamSLS(ctx.params, backend=b, **kw)  # noqa: E731
@@ -247,6 +280,7 @@ def build_rows(backends: List[str], peers: bool = True) -> List[Row]:
         rows += [
             Row("adamw", b, "ours", adam, _ours(adamw)),
             Row("adamw_bf16_state", b, "ours", adam, _ours(_bf16_state(adamw)), **bf16),
+            Row("adamw_int8_state", b, "ours", adam, _ours(_int8_state(adamw, b)), **int8),
             Row("svi_sgd", b, "ours", sgd, _ours(
                 lambda sk, ctx, b=b: sk.SVI(ctx.params, lr=LR, base="sgd", backend=b))),
             Row("svi_adam", b, "ours", adam, _ours(
@@ -260,18 +294,24 @@ def build_rows(backends: List[str], peers: bool = True) -> List[Row]:
                 bookkeeping=True, compare_to="reference_style_adam_sls_bookkeeping"),
             Row("adam_sls_bookkeeping_bf16_state", b, "ours", _adam_sls_phases,
                 _ours_line_search(_bf16_state(adam_sls)), bookkeeping=True, **bf16),
+            Row("adam_sls_bookkeeping_int8_state", b, "ours", _adam_sls_phases,
+                _ours_line_search(_int8_state(adam_sls, b)), bookkeeping=True, **int8),
             # SaLSA: a search step (gradient check + save + one accepted trial, which is the step) and a step the
             # schedule skips (one fused Adam update; target: <= 1.05x our AdamW, targets.OURS_RATIO_LIMITS).
             Row("salsa_search_bookkeeping", b, "ours", _salsa_search_phases, _ours_line_search(salsa_search),
                 bookkeeping=True),
             Row("salsa_search_bookkeeping_bf16_state", b, "ours", _salsa_search_phases,
                 _ours_line_search(_bf16_state(salsa_search)), bookkeeping=True, **bf16),
+            Row("salsa_search_bookkeeping_int8_state", b, "ours", _salsa_search_phases,
+                _ours_line_search(_int8_state(salsa_search, b)), bookkeeping=True, **int8),
             Row("salsa_skipped_step", b, "ours", adam, _ours_line_search(
                 lambda sk, ctx, b=b: sk.SaLSA(ctx.params, search=SKIP_ALL_BUT_FIRST, backend=b)), bookkeeping=True),
             Row("layerwise_adam_sls_bookkeeping", b, "ours", _layerwise_phases, _ours_line_search(layerwise),
                 bookkeeping=True, compare_to="reference_style_layerwise_adam_sls_bookkeeping"),
             Row("layerwise_adam_sls_bookkeeping_bf16_state", b, "ours", _layerwise_phases,
                 _ours_line_search(_bf16_state(layerwise)), bookkeeping=True, **bf16),
+            Row("layerwise_adam_sls_bookkeeping_int8_state", b, "ours", _layerwise_phases,
+                _ours_line_search(_int8_state(layerwise, b)), bookkeeping=True, **int8),
         ]
     rows += [
         Row("reference_style_armijo_sgd_bookkeeping", "reference-style", "reference-style", _armijo_sgd_phases,

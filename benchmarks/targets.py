@@ -27,10 +27,10 @@ BANDWIDTH_WORKLOADS = ("huge", "bert-base")  # elsewhere the fraction is printed
 MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same row and backend
 # issue 24, low-precision state: faster than torch fused AdamW where bandwidth bounds the step (fewer bytes
 # move), on BANDWIDTH_WORKLOADS; and the memory it keeps, with fp32 parameters (live tensors, B/param)
-STATE_DTYPE_RATIO_LIMITS = {"adamw_bf16_state": 0.8}
-STATE_BYTES_LIMITS = {name: 4.05 for name in ("adamw_bf16_state", "adam_sls_bookkeeping_bf16_state",
-                                              "salsa_search_bookkeeping_bf16_state",
-                                              "layerwise_adam_sls_bookkeeping_bf16_state")}
+STATE_DTYPE_RATIO_LIMITS = {"adamw_bf16_state": 0.8, "adamw_int8_state": 0.7}
+_LOW_PRECISION_ROWS = ("adamw", "adam_sls_bookkeeping", "salsa_search_bookkeeping", "layerwise_adam_sls_bookkeeping")
+STATE_BYTES_LIMITS = {**{f"{name}_bf16_state": 4.05 for name in _LOW_PRECISION_ROWS},
+                      **{f"{name}_int8_state": 2.1 for name in _LOW_PRECISION_ROWS}}
 
 
 Interval = Optional[Tuple[float, float]]

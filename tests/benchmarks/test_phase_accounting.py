@@ -88,12 +88,14 @@ def test_phases_are_the_ops_a_step_runs_weighed_by_the_parameters_they_cover(mon
 
 BF16_STATE_ROWS = ("adam_sls_bookkeeping_bf16_state", "salsa_search_bookkeeping_bf16_state",
                    "layerwise_adam_sls_bookkeeping_bf16_state")
+INT8_STATE_ROWS = tuple(name.replace("_bf16_", "_int8_") for name in BF16_STATE_ROWS)
 
 
-@pytest.mark.parametrize("row_name", BF16_STATE_ROWS)
+@pytest.mark.parametrize("row_name", BF16_STATE_ROWS + INT8_STATE_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bf16_state_rows_run_the_ops_of_their_fp32_state_rows(monkeypatch, row_name, dtype):
-    """issue 24: the same ops (their bytes counted with 2-byte state, Row.state_itemsize)."""
+    """issue 24: the same ops (their bytes counted with 2-byte state, or 1 + 4/256 for int8 codes and their
+    scales, Row.state_itemsize)."""
     try:
         got, want = _recorded_shares(monkeypatch, row_name, dtype)
     except rows_mod.RowUnavailable as exc:  # an svi_kernels without state_dtype

@@ -1,5 +1,5 @@
 """svi-bench's issue-24 rows: the peers' 8-bit AdamW (bitsandbytes, torchao: benchmarks/peers.py) and our
-bf16-state rows. Their memory is counted from the live tensors, quantised codes and scales included; a
+bf16- and int8-state rows. Their memory is counted from the live tensors, quantised codes and scales included; a
 peer that is not installed, or our optimizers without ``state_dtype``, give a skipped row with the reason,
 never a failed run. The real peers are tested where they are installed (the ``bench`` extra)."""
 import importlib
@@ -26,6 +26,7 @@ RowUnavailable = importlib.import_module(_pkg + ".unavailable").RowUnavailable
 
 BF16_ROWS = ("adamw_bf16_state", "adam_sls_bookkeeping_bf16_state", "salsa_search_bookkeeping_bf16_state",
              "layerwise_adam_sls_bookkeeping_bf16_state")
+INT8_ROWS = tuple(name.replace("_bf16_", "_int8_") for name in BF16_ROWS)
 PEER_ROWS = ("bnb_adamw8bit", "torchao_adamw8bit")
 
 
@@ -170,6 +171,38 @@ def test_bf16_state_rows_move_2_byte_state(name, fp32_state, bf16_state):
         pytest.approx(bf16_state)  # ...with 2-byte state
 
 
+# ---- ours, int8 state -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", INT8_ROWS)
+def test_int8_state_rows_keep_at_most_2_1_bytes_per_fp32_parameter(name):
+    ctx = _ctx([(300, 40), (17, 3), (640,), (5, 5)])
+    step, opt = _built(name, ctx)
+    for _ in range(3):
+        step()
+    codes = [t for s in opt.state.values() if isinstance(s, dict) for k, t in s.items()
+             if isinstance(t, torch.Tensor) and k in ("exp_avg", "exp_avg_sq")]
+    assert codes and {t.dtype for t in codes} == {torch.int8, torch.uint8}
+    per_param = state_bytes.state_bytes_per_param(opt, ctx.params)
+    assert 2.0 < per_param <= targets.STATE_BYTES_LIMITS[name]
+
+
+@pytest.mark.parametrize("name", INT8_ROWS)
+def test_int8_state_rows_move_1_byte_codes_and_their_scales(name):
+    """The int8 row's traffic is its bf16 row's with each 2-byte state access at 1 + 4/256 bytes."""
+    ctx = _ctx([(3,)] * 20)
+    row, bf16_row = _row(name), _row(name.replace("_int8_", "_bf16_"))
+    fp32 = traffic.bytes_per_param(row.phases(ctx), 4)
+    bf16 = traffic.bytes_per_param(bf16_row.phases(ctx), 4, bf16_row.traffic_state_itemsize(None, 4))
+    accesses = (fp32 - bf16) / 2
+    assert traffic.bytes_per_param(row.phases(ctx), 4, row.traffic_state_itemsize(None, 4)) == \
+        pytest.approx(fp32 - accesses * (4 - (1 + 4 / 256)))
+
+
+def test_int8_rows_are_skipped_where_the_ops_do_not_take_int8_state(monkeypatch):
+    monkeypatch.setattr(rows_mod, "_takes_int8_state", lambda backend, device: False)
+    with pytest.raises(RowUnavailable, match="do not take int8 state yet"):
+        _row("adamw_int8_state").build(_ctx([(5,)]))
+
+
 def test_state_dtype_targets():
     def row(name, workload, ratio, state, dtype="fp32"):
         return {"name": name, "backend": "cpu", "kind": "ours", "workload": workload, "ms": 1.0, "dtype": dtype,
@@ -177,9 +210,12 @@ def test_state_dtype_targets():
                 "state_bytes_per_param": state}
     rows = [row("adamw_bf16_state", "huge", 0.75, 4.01), row("adamw_bf16_state", "bert-base", 0.85, 4.01),
             row("adamw_bf16_state", "minilm", 0.85, 4.2), row("adam_sls_bookkeeping_bf16_state", "minilm", 3.0, 4.0),
-            row("adamw_bf16_state", "minilm", 0.85, 2.0, dtype="bf16")]
+            row("adamw_bf16_state", "minilm", 0.85, 2.0, dtype="bf16"), row("adamw_int8_state", "huge", 0.65, 2.03),
+            row("adamw_int8_state", "huge", 0.75, 2.03), row("layerwise_adam_sls_bookkeeping_int8_state", "minilm", 3.0, 2.2)]
     targets.evaluate(rows)
     assert rows[0]["status"] == "ok"
     assert "0.8x" in rows[1]["status"] and rows[1]["status"].startswith("MISSING")
     assert "0.8x" not in rows[2]["status"] and "state <= 4.05 B/param" in rows[2]["status"]  # speed: huge, bert-base
     assert rows[3]["status"] == "ok" and rows[4]["status"] == "-"  # the memory limit is for fp32 parameters
+    assert rows[5]["status"] == "ok" and "0.7x" in rows[6]["status"] and rows[6]["status"].startswith("MISSING")
+    assert "state <= 2.1 B/param" in rows[7]["status"] and rows[7]["status"].startswith("MISSING")
