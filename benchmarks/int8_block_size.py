@@ -46,11 +46,13 @@ def _optimizer(name: str, params, backend: str, **storage):
     return sk.AdamSLS(params, n_batches_per_epoch=N_TRAIN // BATCH, init_step_size=1e-2, backend=backend, **storage)
 
 
-def train(name: str, seed: int, steps: int, backend: str, **storage) -> tuple[float, float]:
-    """(final full-batch training loss, optimizer bytes per parameter)."""
+def train(name: str, seed: int, steps: int, backend: str, **storage) -> tuple[float, float, torch.Tensor,
+                                                                             torch.Tensor]:
+    """(final full-batch training loss, optimizer bytes per parameter, start and final parameters flat)."""
     x, y = _data(seed)
     model = _model(seed)
     params = list(model.parameters())
+    start = torch.cat([p.detach().reshape(-1) for p in params])
     opt = _optimizer(name, params, backend, **storage)
     g = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.functional.cross_entropy
@@ -69,7 +71,7 @@ def train(name: str, seed: int, steps: int, backend: str, **storage) -> tuple[fl
             opt.step(closure)
     with torch.no_grad():
         final = float(loss_fn(model(x), y))
-    return final, state_bytes_per_param(opt, params)
+    return final, state_bytes_per_param(opt, params), start, torch.cat([p.detach().reshape(-1) for p in params])
 
 
 def main(argv=None) -> None:
@@ -85,15 +87,18 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     for label, storage in settings:
         runs = [train(args.optimizer, s, args.steps, args.backend, **storage) for s in range(args.seeds)]
-        results[label] = ([r[0] for r in runs], runs[0][1])
-    base = results["fp32"][0]
+        results[label] = ([r[0] for r in runs], runs[0][1], runs)
+    base, base_runs = results["fp32"][0], results["fp32"][2]
     print(f"{args.optimizer}, {args.steps} steps, {args.seeds} seeds, backend {args.backend} "
           f"({time.perf_counter() - t0:.0f} s); final full-batch loss (initial ~{_initial_loss():.3f})")
-    print(f"{'state':>14} {'B/param':>8} {'loss mean':>10} {'std':>8} {'gap to fp32 (mean of per-seed gaps)':>36}")
-    for label, (losses, bpp) in results.items():
+    print("drift: |w - w_fp32| / |w_fp32 - w_0| at the end, the same seed (mean over seeds)")
+    print(f"{'state':>14} {'B/param':>8} {'loss mean':>10} {'std':>8} {'gap to fp32 (mean of per-seed gaps)':>36} "
+          f"{'drift':>8}")
+    for label, (losses, bpp, runs) in results.items():
         gaps = [a - b for a, b in zip(losses, base)]
+        drift = statistics.mean(float((r[3] - b[3]).norm() / (b[3] - b[2]).norm()) for r, b in zip(runs, base_runs))
         print(f"{label:>14} {bpp:8.3f} {statistics.mean(losses):10.5f} {statistics.pstdev(losses):8.5f} "
-              f"{statistics.mean(gaps):+36.5f}")
+              f"{statistics.mean(gaps):+36.5f} {drift:8.4f}")
 
 
 def _initial_loss() -> float:
