@@ -3,7 +3,8 @@
 // adam_step_tensor (AMP loss scale, capturable; also writes g when unscaling). With
 // max_exp_avg_sqs (AMSGrad) one more list is read and written (36 B/param in fp32). The moments
 // may hold another dtype than the params (state_storage.h's pairs; bf16 moments are
-// stochastically rounded when the call gives a state_seed).
+// stochastically rounded when the call gives a state_seed), or int8 codes with their block scales
+// (int8_apply.cuh; state_dtype="int8").
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -11,6 +12,8 @@
 #include <string>
 #include <type_traits>
 
+#include "int8_apply.cuh"
+#include "int8_lists.h"
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
 #include "state_dispatch.h"
@@ -47,6 +50,25 @@ ListDtypes check_adam_lists(const char* op, at::TensorList params, at::TensorLis
   return dtypes;
 }
 
+// The int8 state of an Adam call (checked, when asked for), else its float state's checked dtypes.
+struct AdamState {
+  Int8Call int8;
+  ListDtypes dtypes;
+};
+
+AdamState check_adam_state(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& max_exp_avg_sqs,
+                           const std::optional<at::TensorList>& exp_avg_scales,
+                           const std::optional<at::TensorList>& exp_avg_sq_scales,
+                           const std::optional<at::TensorList>& max_exp_avg_sq_scales, int64_t block_size) {
+  AdamState state;
+  const std::vector<Int8StateList> int8_lists = adam_int8_state(op, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                                exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales);
+  state.int8 = int8_call(op, {{"params", params}, {"grads", grads}}, int8_lists, block_size);
+  if (!state.int8.on) state.dtypes = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  return state;
+}
+
 // Lists: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, [4 max_exp_avg_sqs when AMSGRAD]; the
 // state lists in SR list order (0 exp_avgs, 1 exp_avg_sqs, 2 max_exp_avg_sqs).
 template <typename M, bool DECOUPLED, bool AMSGRAD>
@@ -55,6 +77,7 @@ struct AdamElem {
   static constexpr int kReadMask = AMSGRAD ? 0b11111 : 0b1111;
   static constexpr int kWriteMask = AMSGRAD ? 0b11101 : 0b1101;
   static constexpr int kStateMask = AMSGRAD ? 0b11100 : 0b1100;
+  static constexpr int kSignedStateMask = 0b100;  // int8 state: exp_avgs signed
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
 
@@ -72,13 +95,17 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled, double bias_correction1,
                     double bias_correction2_sqrt, bool maximize,
-                    const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
+                    const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed,
+                    const std::optional<at::TensorList>& exp_avg_scales,
+                    const std::optional<at::TensorList>& exp_avg_sq_scales,
+                    const std::optional<at::TensorList>& max_exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "adam_step";
-  const ListDtypes dtypes = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const AdamState state = check_adam_state(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales,
+                                           exp_avg_sq_scales, max_exp_avg_sq_scales, block_size);
   const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, rounding, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     // Host scalars in double, rounded once to the compute type (as the reference does).
     math::AdamCoeffs<M> c;
@@ -91,9 +118,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     c.step_size = static_cast<M>(lr / bias_correction1);
     c.bias_correction2_sqrt = static_cast<M>(bias_correction2_sqrt);
     const bool has_wd = weight_decay != 0.0;
-    auto run = [&](const auto& lists, auto elem) {
-      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
-    };
+    auto run = [&](const auto& lists, auto elem) { apply(lists, nullptr, elem, nullptr); };
     if (max_exp_avg_sqs.has_value()) {
       const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs};
       if (decoupled) run(lists, AdamElem<M, true, true>{c, has_wd, maximize});
@@ -118,6 +143,7 @@ struct AdamTensorElem {
   static constexpr int kReadMask = 0b01111 | kMax;
   static constexpr int kWriteMask = (UNSCALE ? 0b01111 : 0b01101) | kMax;  // unscaled grads are written back
   static constexpr int kStateMask = 0b01100 | kMax;
+  static constexpr int kSignedStateMask = 0b00100;  // int8 state: exp_avgs signed
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
   static constexpr bool kDeviceScalars = true;
@@ -173,9 +199,13 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                            double weight_decay, bool decoupled, bool correct_bias, bool maximize,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed) {
+                           const std::optional<at::TensorList>& max_exp_avg_sqs, std::optional<int64_t> state_seed,
+                           const std::optional<at::TensorList>& exp_avg_scales,
+                           const std::optional<at::TensorList>& exp_avg_sq_scales,
+                           const std::optional<at::TensorList>& max_exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "adam_step_tensor";
-  const ListDtypes dtypes = check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
+  const AdamState state = check_adam_state(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales,
+                                           exp_avg_sq_scales, max_exp_avg_sq_scales, block_size);
   const StateRounding rounding = state_rounding(op, state_seed);
   SVI_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
@@ -188,7 +218,7 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
     steps_double = is_double;
   }
   const c10::cuda::CUDAGuard guard(device);
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, rounding, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     auto run = [&](auto elem) {
       elem.lr = device_scalar(op, "lr_tensor", lr_tensor, device, lr);
@@ -205,10 +235,10 @@ void adam_step_tensor_cuda(at::TensorList params, at::TensorList grads, at::Tens
       if constexpr (decltype(elem)::kDepth == 6) {
         const std::array<at::TensorList, 6> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps,
                                                   *max_exp_avg_sqs};
-        multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
+        apply(lists, nullptr, elem, nullptr);
       } else {
         const std::array<at::TensorList, 5> lists{params, grads, exp_avgs, exp_avg_sqs, state_steps};
-        multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
+        apply(lists, nullptr, elem, nullptr);
       }
     };
     const bool unscale = grad_scale.has_value();

@@ -9,6 +9,7 @@
 // slot per tensor and rounded to float32 once, so the caller decides when to sync.
 // The Adam ops' moments may hold another dtype than the params (state_storage.h's pairs; w0 and
 // dirs have the params' dtype); ls_save_adam stochastically rounds bf16 moments given a state_seed.
+// They may also be int8 codes with their block scales (int8_apply.cuh; state_dtype="int8").
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -17,6 +18,8 @@
 
 #include <vector>
 
+#include "int8_apply.cuh"
+#include "int8_lists.h"
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
 #include "state_dispatch.h"
@@ -53,6 +56,7 @@ struct SaveAdamElem {
   static constexpr int kReadMask = kLists == 4 ? 0b001110 : 0b001111;
   static constexpr int kWriteMask = kLists == 6 ? 0b111100 : kLists == 5 ? 0b011100 : 0b001100;
   static constexpr int kStateMask = 0b001100;
+  static constexpr int kSignedStateMask = 0b000100;  // int8 state: exp_avgs signed
   static constexpr bool kReduce = true;
   static constexpr bool kWithScalars = false;
 
@@ -92,6 +96,7 @@ struct TrialAdamElem {
   static constexpr int kReadMask = 0b1110;
   static constexpr int kWriteMask = 0b0001;
   static constexpr int kStateMask = 0b1000;
+  static constexpr int kSignedStateMask = 0;  // int8 state: exp_avg_sqs unsigned
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -111,6 +116,7 @@ struct FinalAdamElem {
   static constexpr int kReadMask = 0b1110;
   static constexpr int kWriteMask = 0b0001;
   static constexpr int kStateMask = 0b1100;
+  static constexpr int kSignedStateMask = 0b0100;  // int8 state: exp_avgs signed
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -130,6 +136,7 @@ struct FinalFromTrialElem {
   static constexpr int kReadMask = 0b1111;
   static constexpr int kWriteMask = 0b0001;
   static constexpr int kStateMask = 0b1100;
+  static constexpr int kSignedStateMask = 0b0100;  // int8 state: exp_avgs signed
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = true;
 
@@ -141,6 +148,33 @@ struct FinalFromTrialElem {
     return M(0);
   }
 };
+
+// The int8 state of an Adam line-search call over `lists` (checked, when asked for), else its float
+// state's checked dtypes. `state`: the op's state lists (with their scale lists) in list order.
+struct LsState {
+  Int8Call int8;
+  ListDtypes dtypes;
+};
+
+LsState check_ls_state(const char* op, at::ArrayRef<NamedList> lists, at::ArrayRef<Int8StateList> state,
+                       int64_t block_size) {
+  LsState s;
+  s.int8 = int8_call(op, lists, state, block_size);
+  if (!s.int8.on) {
+    std::vector<NamedList> state_lists;
+    for (const Int8StateList& l : state) state_lists.push_back({l.name, l.codes});
+    s.dtypes = check_lists(op, lists, state_lists);
+  }
+  return s;
+}
+
+Int8StateList exp_avgs_state(at::TensorList exp_avgs, const std::optional<at::TensorList>& exp_avg_scales) {
+  return {"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, true};
+}
+
+Int8StateList exp_avg_sqs_state(at::TensorList exp_avg_sqs, const std::optional<at::TensorList>& exp_avg_sq_scales) {
+  return {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false};
+}
 
 at::Tensor empty_sums() {
   return at::empty({0}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
@@ -178,26 +212,26 @@ at::Tensor ls_save_sgd_cuda(at::TensorList params, at::TensorList grads, at::Ten
 at::Tensor ls_save_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList w0, at::TensorList dirs, double beta1,
                              double beta2, double eps, double bias_correction2_sqrt,
-                             std::optional<int64_t> state_seed) {
+                             std::optional<int64_t> state_seed,
+                             const std::optional<at::TensorList>& exp_avg_scales,
+                             const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "ls_save_adam";
   const bool with_w0 = !w0.empty(), with_dirs = !dirs.empty();
   SVI_CHECK(with_w0 || !with_dirs, "ls_save_adam: dirs needs w0 (give both, or an empty dirs)");
-  const std::initializer_list<NamedList> state = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  const ListDtypes dtypes =
-      with_dirs ? check_lists(op, {{"params", params}, {"grads", grads}, {"w0", w0}, {"dirs", dirs}}, state)
-      : with_w0 ? check_lists(op, {{"params", params}, {"grads", grads}, {"w0", w0}}, state)
-                : check_lists(op, {{"params", params}, {"grads", grads}}, state);
+  const Int8StateList state_lists[] = {exp_avgs_state(exp_avgs, exp_avg_scales),
+                                       exp_avg_sqs_state(exp_avg_sqs, exp_avg_sq_scales)};
+  const NamedList lists[] = {{"params", params}, {"grads", grads}, {"w0", w0}, {"dirs", dirs}};
+  const LsState state =
+      check_ls_state(op, at::ArrayRef<NamedList>(lists, with_dirs ? 4 : with_w0 ? 3 : 2), state_lists, block_size);
   const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return empty_sums();
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor sums = sum_slots(params[0], params.size());
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, rounding, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     const M c[5] = {static_cast<M>(1.0 - beta1), static_cast<M>(beta2), static_cast<M>(1.0 - beta2),
                     static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
-    auto run = [&](const auto& lists, auto elem) {
-      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, sums.data_ptr<double>(), rounding);
-    };
+    auto run = [&](const auto& lists, auto elem) { apply(lists, nullptr, elem, sums.data_ptr<double>()); };
     if (with_dirs) {
       run(std::array<at::TensorList, 6>{params, grads, exp_avgs, exp_avg_sqs, w0, dirs},
           SaveAdamElem<M, 6>{c[0], c[1], c[2], c[3], c[4]});
@@ -225,57 +259,64 @@ void ls_trial_sgd_cuda(at::TensorList params, at::TensorList w0, at::TensorList 
 }
 
 void ls_trial_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList grads, at::TensorList exp_avg_sqs,
-                        at::ArrayRef<double> etas, double eps, double bias_correction2_sqrt) {
+                        at::ArrayRef<double> etas, double eps, double bias_correction2_sqrt,
+                        const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "ls_trial_adam";
-  const ListDtypes dtypes =
-      check_lists(op, {{"params", params}, {"w0", w0}, {"grads", grads}}, {{"exp_avg_sqs", exp_avg_sqs}});
+  const NamedList lists[] = {{"params", params}, {"w0", w0}, {"grads", grads}};
+  const Int8StateList state_lists[] = {exp_avg_sqs_state(exp_avg_sqs, exp_avg_sq_scales)};
+  const LsState state = check_ls_state(op, lists, state_lists, block_size);
   check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, {}, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     const TrialAdamElem<M> elem{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
-    const std::array<at::TensorList, 4> lists{params, w0, grads, exp_avg_sqs};
-    multi_tensor_apply<scalar_t, state_t>(lists, etas.data(), elem, nullptr);
+    apply(std::array<at::TensorList, 4>{params, w0, grads, exp_avg_sqs}, etas.data(), elem, nullptr);
   });
 }
 
 void ls_final_adam_cuda(at::TensorList params, at::TensorList w0, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                        at::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt) {
+                        at::ArrayRef<double> etas, double eps, double bias_correction1, double bias_correction2_sqrt,
+                        const std::optional<at::TensorList>& exp_avg_scales,
+                        const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "ls_final_adam";
-  const ListDtypes dtypes =
-      check_lists(op, {{"params", params}, {"w0", w0}}, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  const NamedList lists[] = {{"params", params}, {"w0", w0}};
+  const Int8StateList state_lists[] = {exp_avgs_state(exp_avgs, exp_avg_scales),
+                                       exp_avg_sqs_state(exp_avg_sqs, exp_avg_sq_scales)};
+  const LsState state = check_ls_state(op, lists, state_lists, block_size);
   check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // eta / bc1 per tensor, in double on the host (the reference divides the Python floats).
   std::vector<double> eta_over_bc1(etas.begin(), etas.end());
   for (double& e : eta_over_bc1) e /= bias_correction1;
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, {}, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     const FinalAdamElem<M> elem{static_cast<M>(eps), static_cast<M>(bias_correction2_sqrt)};
-    const std::array<at::TensorList, 4> lists{params, w0, exp_avgs, exp_avg_sqs};
-    multi_tensor_apply<scalar_t, state_t>(lists, eta_over_bc1.data(), elem, nullptr);
+    apply(std::array<at::TensorList, 4>{params, w0, exp_avgs, exp_avg_sqs}, eta_over_bc1.data(), elem, nullptr);
   });
 }
 
 void ls_final_adam_from_trial_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                    at::TensorList exp_avg_sqs, at::ArrayRef<double> etas, double trial_eta, double eps,
-                                   double bias_correction1, double bias_correction2_sqrt) {
+                                   double bias_correction1, double bias_correction2_sqrt,
+                                   const std::optional<at::TensorList>& exp_avg_scales,
+                                   const std::optional<at::TensorList>& exp_avg_sq_scales, int64_t block_size) {
   constexpr const char* op = "ls_final_adam_from_trial";
-  const ListDtypes dtypes = check_lists(op, {{"params", params}, {"grads", grads}},
-                                        {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  const NamedList lists[] = {{"params", params}, {"grads", grads}};
+  const Int8StateList state_lists[] = {exp_avgs_state(exp_avgs, exp_avg_scales),
+                                       exp_avg_sqs_state(exp_avg_sqs, exp_avg_sq_scales)};
+  const LsState state = check_ls_state(op, lists, state_lists, block_size);
   check_scalars(op, "etas", etas, params.size());
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<double> eta_over_bc1(etas.begin(), etas.end());
   for (double& e : eta_over_bc1) e /= bias_correction1;
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, {}, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     const FinalFromTrialElem<M> elem{static_cast<M>(trial_eta), static_cast<M>(eps),
                                      static_cast<M>(bias_correction2_sqrt)};
-    const std::array<at::TensorList, 4> lists{params, grads, exp_avgs, exp_avg_sqs};
-    multi_tensor_apply<scalar_t, state_t>(lists, eta_over_bc1.data(), elem, nullptr);
+    apply(std::array<at::TensorList, 4>{params, grads, exp_avgs, exp_avg_sqs}, eta_over_bc1.data(), elem, nullptr);
   });
 }
 

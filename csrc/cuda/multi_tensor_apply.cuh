@@ -153,6 +153,19 @@ __device__ __forceinline__ TS to_state(M x, bool stochastic, uint32_t key, uint3
   return static_cast<TS>(x);
 }
 
+// Runs the element op on element j of x (x[d][j]: the value of list d), in place, and adds its
+// per-element term to acc when the op reduces (kReduce: the element op's; a bound op does not say).
+template <bool kReduce, typename Op, typename M, int D, int K>
+__device__ __forceinline__ void run_elem(const Op& op, M (&x)[D][K], int j, M scalar, double& acc) {
+  M e[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) e[d] = x[d][j];
+  const M term = op(e, scalar);
+  if constexpr (kReduce) acc += static_cast<double>(term);
+#pragma unroll
+  for (int d = 0; d < D; ++d) x[d][j] = e[d];
+}
+
 // One block = one chunk of one tensor. Offsets into the tensor are 64-bit
 // (chunk * kChunkSize); offsets inside a chunk fit in int. Lists in ElemOp's kStateMask hold TS,
 // the others T; values are loaded into M registers, the op runs, and writes are stored back in
@@ -222,15 +235,7 @@ multi_tensor_kernel(const Meta meta, const ElemOp op, double* sums, const StateR
         }
       }
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        M e[D];
-#pragma unroll
-        for (int d = 0; d < D; ++d) e[d] = x[d][j];
-        const M term = tensor_op(e, scalar);
-        if constexpr (ElemOp::kReduce) acc += static_cast<double>(term);
-#pragma unroll
-        for (int d = 0; d < D; ++d) x[d][j] = e[d];
-      }
+      for (int j = 0; j < kILP; ++j) run_elem<ElemOp::kReduce>(tensor_op, x, j, scalar, acc);
 #pragma unroll
       for (int d = 0; d < D; ++d) {
         if (!has_bit(kWrite, d)) continue;

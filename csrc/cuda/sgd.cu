@@ -1,12 +1,15 @@
 // CUDA kernel of svi_kernels::sgd_momentum_step (momentum / Nesterov SGD, the SVI-SGD base),
 // one multi-tensor pass: reads p, g, buf and writes p, buf (20 B/param in fp32). The momentum
 // buffers may hold another dtype than the params (state_storage.h's pairs; bf16 buffers are
-// stochastically rounded when the call gives a state_seed).
+// stochastically rounded when the call gives a state_seed), or int8 codes with their block scales
+// (int8_apply.cuh; state_dtype="int8").
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 
+#include "int8_apply.cuh"
+#include "int8_lists.h"
 #include "list_checks.h"
 #include "multi_tensor_apply.cuh"
 #include "state_dispatch.h"
@@ -16,6 +19,23 @@ namespace svi_kernels {
 namespace cuda {
 namespace {
 
+// The int8 state of an SGD call (checked, when asked for), else its float state's checked dtypes.
+struct SgdState {
+  Int8Call int8;
+  ListDtypes dtypes;
+};
+
+SgdState check_sgd_state(const char* op, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                         const std::optional<at::TensorList>& momentum_buffer_scales, int64_t block_size) {
+  SgdState state;
+  const NamedList lists[] = {{"params", params}, {"grads", grads}};
+  const Int8StateList int8_lists[] = {
+      {"momentum_buffers", momentum_buffers, "momentum_buffer_scales", momentum_buffer_scales, true}};
+  state.int8 = int8_call(op, lists, int8_lists, block_size);
+  if (!state.int8.on) state.dtypes = check_lists(op, lists, {{"momentum_buffers", momentum_buffers}});
+  return state;
+}
+
 // Lists: 0 params, 1 grads, 2 momentum_buffers (state, SR list 0).
 template <typename M, bool NESTEROV>
 struct SgdMomentumElem {
@@ -23,6 +43,7 @@ struct SgdMomentumElem {
   static constexpr int kReadMask = 0b111;
   static constexpr int kWriteMask = 0b101;
   static constexpr int kStateMask = 0b100;
+  static constexpr int kSignedStateMask = 0b100;  // int8 state: signed codes
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
 
@@ -38,14 +59,14 @@ struct SgdMomentumElem {
 
 void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             double lr, double momentum, bool nesterov, double weight_decay, bool maximize,
-                            double dampening, std::optional<int64_t> state_seed) {
+                            double dampening, std::optional<int64_t> state_seed,
+                            const std::optional<at::TensorList>& momentum_buffer_scales, int64_t block_size) {
   constexpr const char* op = "sgd_momentum_step";
-  const ListDtypes dtypes =
-      check_lists(op, {{"params", params}, {"grads", grads}}, {{"momentum_buffers", momentum_buffers}});
+  const SgdState state = check_sgd_state(op, params, grads, momentum_buffers, momentum_buffer_scales, block_size);
   const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, rounding, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     math::SgdCoeffs<M> c;
     c.lr = static_cast<M>(lr);
@@ -54,13 +75,8 @@ void sgd_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     c.one_minus_dampening = static_cast<M>(1.0 - dampening);
     const bool has_wd = weight_decay != 0.0;
     const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
-    if (nesterov) {
-      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, SgdMomentumElem<M, true>{c, has_wd, maximize}, nullptr,
-                                            rounding);
-    } else {
-      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, SgdMomentumElem<M, false>{c, has_wd, maximize}, nullptr,
-                                            rounding);
-    }
+    if (nesterov) apply(lists, nullptr, SgdMomentumElem<M, true>{c, has_wd, maximize}, nullptr);
+    else apply(lists, nullptr, SgdMomentumElem<M, false>{c, has_wd, maximize}, nullptr);
   });
 }
 
@@ -72,6 +88,7 @@ struct SgdMomentumTensorElem {
   static constexpr int kReadMask = 0b111;
   static constexpr int kWriteMask = UNSCALE ? 0b111 : 0b101;  // unscaled grads are written back
   static constexpr int kStateMask = 0b100;
+  static constexpr int kSignedStateMask = 0b100;  // int8 state: signed codes
   static constexpr bool kReduce = false;
   static constexpr bool kWithScalars = false;
   static constexpr bool kDeviceScalars = true;
@@ -113,15 +130,15 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
                                    bool nesterov, double weight_decay, bool maximize,
                                    const std::optional<at::Tensor>& grad_scale,
                                    const std::optional<at::Tensor>& found_inf, double dampening,
-                                   std::optional<int64_t> state_seed) {
+                                   std::optional<int64_t> state_seed,
+                                   const std::optional<at::TensorList>& momentum_buffer_scales, int64_t block_size) {
   constexpr const char* op = "sgd_momentum_step_tensor";
-  const ListDtypes dtypes =
-      check_lists(op, {{"params", params}, {"grads", grads}}, {{"momentum_buffers", momentum_buffers}});
+  const SgdState state = check_sgd_state(op, params, grads, momentum_buffers, momentum_buffer_scales, block_size);
   const StateRounding rounding = state_rounding(op, state_seed);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  dispatch_state_pair(op, dtypes, [&]<typename scalar_t, typename state_t>() {
+  dispatch_state(op, state.int8, state.dtypes, rounding, [&]<typename scalar_t>(auto apply) {
     using M = opmath_t<scalar_t>;
     const std::array<at::TensorList, 3> lists{params, grads, momentum_buffers};
     auto run = [&](auto elem) {
@@ -133,7 +150,7 @@ void sgd_momentum_step_tensor_cuda(at::TensorList params, at::TensorList grads, 
       elem.dampening = dampening;
       elem.has_weight_decay = weight_decay != 0.0;
       elem.maximize = maximize;
-      multi_tensor_apply<scalar_t, state_t>(lists, nullptr, elem, nullptr, rounding);
+      apply(lists, nullptr, elem, nullptr);
     };
     const bool unscale = grad_scale.has_value();
     if (nesterov && unscale) run(SgdMomentumTensorElem<M, true, true>{});
