@@ -13,7 +13,8 @@ in place (``unscale_grad``) before the update.
 constexpr): max_v = max(max_v, v), and the denominator uses max_v (``adam_amsgrad_elem``).
 
 The moments may be stored in STATE_DTYPE (another dtype than the params, issue 24); SR: bf16
-moments stochastically rounded from ``state_seed`` (state_storage.py).
+moments stochastically rounded from ``state_seed`` (state_storage.py), or int8 codes (STATE_DTYPE uint8) with
+float32 block scales (``exp_avg_scales``..., a second pointer table ``sptrs``; QBLOCK the block size).
 """
 from typing import List, Optional, Union
 
@@ -21,26 +22,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.state_storage import check_state_seed
+from ..backends.state_storage import DEFAULT_BLOCK_SIZE, check_state_seed
 from . import runtime
 from .runtime import device_function
 from .ieee import chunk_of_program, div_rn, pow_f64, sqrt_rn, tensor_ptr, to_storage
-from .state_storage import sr_key, store_state
+from .state_storage import load_state, scales_ptr, sr_key, store_state
 from .table import Group, pointer_table
 
 _STATE = {2: "exp_avgs", 3: "exp_avg_sqs", 4: "max_exp_avg_sqs"}  # list index -> name
 
 
 @device_function
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, offs, mask,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
                 grad_scale, key, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
-                COMPUTE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+                QBLOCK: tl.constexpr, COMPUTE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                 MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr, AMSGRAD: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    m = load_state(m_ptr, ms_ptr, offs, mask, True, STATE_DTYPE, COMPUTE, QBLOCK)
+    v = load_state(v_ptr, vs_ptr, offs, mask, False, STATE_DTYPE, COMPUTE, QBLOCK)
     if UNSCALE:  # unscale_grad (update_math.h); the unscaled gradient is written back
         g = div_rn(g, grad_scale)
         tl.store(g_ptr + offs, to_storage(g, DTYPE), mask=mask)
@@ -56,44 +57,45 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
     v = beta2 * v + one_minus_beta2 * (g * g)
     second = v
     if AMSGRAD:  # adam_amsgrad_elem: max_v = max(max_v, v) feeds the denominator
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(COMPUTE)
+        vmax = load_state(vmax_ptr, vmaxs_ptr, offs, mask, False, STATE_DTYPE, COMPUTE, QBLOCK)
         second = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
     denom = div_rn(sqrt_rn(second), bc2_sqrt) + eps
     p = p - step_size * div_rn(m, denom)
     # ---
     tl.store(p_ptr + offs, to_storage(p, DTYPE), mask=mask)
-    store_state(m_ptr, offs, mask, m, key, 0, STATE_DTYPE, SR)
-    store_state(v_ptr, offs, mask, v, key, 1, STATE_DTYPE, SR)
+    store_state(m_ptr, offs, mask, m, key, 0, STATE_DTYPE, SR, ms_ptr, QBLOCK)
+    store_state(v_ptr, offs, mask, v, key, 1, STATE_DTYPE, SR, vs_ptr, QBLOCK)
     if AMSGRAD:
-        store_state(vmax_ptr, offs, mask, second, key, 2, STATE_DTYPE, SR)
+        store_state(vmax_ptr, offs, mask, second, key, 2, STATE_DTYPE, SR, vmaxs_ptr, QBLOCK)
 
 
 @device_function
-def _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+def _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, start, full_end, end,
                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt, grad_scale,
-               key, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, COMPUTE: tl.constexpr,
+               key, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, QBLOCK: tl.constexpr,
+               COMPUTE: tl.constexpr,
                BLOCK: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr, AMSGRAD: tl.constexpr):
     """_adam_block over a program's chunk: the whole blocks unmasked (they vectorise), then the tail."""
     for first in range(start, full_end, BLOCK):
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, first + tl.arange(0, BLOCK), None,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, first + tl.arange(0, BLOCK), None,
                     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
-                    grad_scale, key, DTYPE, STATE_DTYPE, SR, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE,
+                    grad_scale, key, DTYPE, STATE_DTYPE, SR, QBLOCK, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE,
                     UNSCALE, AMSGRAD)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, offs, offs < end,
                     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt,
-                    grad_scale, key, DTYPE, STATE_DTYPE, SR, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE,
+                    grad_scale, key, DTYPE, STATE_DTYPE, SR, QBLOCK, COMPUTE, DECOUPLED, HAS_WEIGHT_DECAY, MAXIMIZE,
                     UNSCALE, AMSGRAD)
 
 
 @triton.jit(do_not_specialize=["state_seed"])
-def adam_step_kernel(ptrs, chunks,
+def adam_step_kernel(ptrs, chunks, sptrs,
                      one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
                      eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
                      step_size: tl.float64, bias_correction2_sqrt: tl.float64, state_seed,
-                     DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
+                     DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr, QBLOCK: tl.constexpr,
                      COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                      DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                      AMSGRAD: tl.constexpr, N_LISTS: tl.constexpr):
@@ -105,6 +107,11 @@ def adam_step_kernel(ptrs, chunks,
     vmax_ptr = v_ptr
     if AMSGRAD:
         vmax_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, STATE_DTYPE, ALIGNED)
+    ms_ptr = scales_ptr(sptrs, t, 2, N_LISTS, STATE_DTYPE)
+    vs_ptr = scales_ptr(sptrs, t, 3, N_LISTS, STATE_DTYPE)
+    vmaxs_ptr = vs_ptr
+    if AMSGRAD:
+        vmaxs_ptr = scales_ptr(sptrs, t, 4, N_LISTS, STATE_DTYPE)
     key = sr_key(state_seed, t)
     c_one_minus_beta1 = tl.full([], one_minus_beta1, COMPUTE)
     c_beta2 = tl.full([], beta2, COMPUTE)
@@ -114,20 +121,23 @@ def adam_step_kernel(ptrs, chunks,
     c_decay = tl.full([], decay, COMPUTE)
     c_step_size = tl.full([], step_size, COMPUTE)
     c_bc2_sqrt = tl.full([], bias_correction2_sqrt, COMPUTE)
-    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, start, full_end, end,
                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-               c_bc2_sqrt, c_bc2_sqrt, key, DTYPE, STATE_DTYPE, SR, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY,
+               c_bc2_sqrt, c_bc2_sqrt, key, DTYPE, STATE_DTYPE, SR, QBLOCK, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY,
                MAXIMIZE, False, AMSGRAD)
 
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
               bias_correction1: float, bias_correction2_sqrt: float, maximize: bool = False,
-              max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
+              max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+              exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+              max_exp_avg_sq_scales: Optional[List[Tensor]] = None, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     check_state_seed("adam_step", state_seed)
     amsgrad = max_exp_avg_sqs is not None
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    group = Group(lists, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3), op="adam_step", state=_STATE)
+    group = Group(lists, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3), op="adam_step", state=_STATE,
+                  scales={2: exp_avg_scales, 3: exp_avg_sq_scales, 4: max_exp_avg_sq_scales}, block_size=block_size)
     if group.n_elements == 0:
         return
     runtime.check_device(group.device)
@@ -136,7 +146,7 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     ptrs, chunks, aligned = group.tables(chunk)
     lr, weight_decay = float(lr), float(weight_decay)
     # Coefficients in double, as the C++ callers of update_math.h compute them.
-    args = (ptrs, chunks, 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), weight_decay,
+    args = (ptrs, chunks, group.scale_table(chunks), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), weight_decay,
             1.0 - lr * weight_decay, lr / float(bias_correction1), float(bias_correction2_sqrt), state_seed or 0)
     constexprs = dict(DTYPE=dtype, **runtime.state_types(group, state_seed), COMPUTE=compute, BLOCK=block,
                       ALIGNED=aligned, DECOUPLED=bool(decoupled), HAS_WEIGHT_DECAY=weight_decay != 0.0,
@@ -146,11 +156,11 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 @triton.jit(do_not_specialize=["state_seed"])
-def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, found_inf_ptr,
+def adam_step_tensor_kernel(ptrs, chunks, sptrs, step_ptrs, lr_ptr, grad_scale_ptr, found_inf_ptr,
                             lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
                             weight_decay: tl.float64, state_seed,
                             DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, SR: tl.constexpr,
-                            COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                            QBLOCK: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                             DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
                             CORRECT_BIAS: tl.constexpr, STEP_DTYPE: tl.constexpr, LR_FROM_PTR: tl.constexpr,
                             UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -167,6 +177,11 @@ def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, fou
     vmax_ptr = v_ptr
     if AMSGRAD:
         vmax_ptr = tensor_ptr(ptrs, t, 4, N_LISTS, STATE_DTYPE, ALIGNED)
+    ms_ptr = scales_ptr(sptrs, t, 2, N_LISTS, STATE_DTYPE)
+    vs_ptr = scales_ptr(sptrs, t, 3, N_LISTS, STATE_DTYPE)
+    vmaxs_ptr = vs_ptr
+    if AMSGRAD:
+        vmaxs_ptr = scales_ptr(sptrs, t, 4, N_LISTS, STATE_DTYPE)
     key = sr_key(state_seed, t)
     # Coefficients in float64 as the host computes them, then rounded once to the compute dtype.
     one = tl.full([], 1.0, tl.float64)
@@ -193,9 +208,9 @@ def adam_step_tensor_kernel(ptrs, chunks, step_ptrs, lr_ptr, grad_scale_ptr, fou
     c_grad_scale = c_bc2_sqrt
     if UNSCALE:
         c_grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
-    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, full_end, end,
+    _adam_span(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, start, full_end, end,
                c_one_minus_beta1, c_beta2, c_one_minus_beta2, c_eps, c_weight_decay, c_decay, c_step_size,
-               c_bc2_sqrt, c_grad_scale, key, DTYPE, STATE_DTYPE, SR, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY,
+               c_bc2_sqrt, c_grad_scale, key, DTYPE, STATE_DTYPE, SR, QBLOCK, COMPUTE, BLOCK, DECOUPLED, HAS_WEIGHT_DECAY,
                MAXIMIZE, UNSCALE, AMSGRAD)
 
 
@@ -203,12 +218,16 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      state_steps: List[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool, correct_bias: bool, maximize: bool = False,
                      grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-                     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None) -> None:
+                     max_exp_avg_sqs: Optional[List[Tensor]] = None, state_seed: Optional[int] = None,
+                     exp_avg_scales: Optional[List[Tensor]] = None, exp_avg_sq_scales: Optional[List[Tensor]] = None,
+                     max_exp_avg_sq_scales: Optional[List[Tensor]] = None,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     check_state_seed("adam_step_tensor", state_seed)
     amsgrad = max_exp_avg_sqs is not None
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     written = (0, 2, 3) if grad_scale is None else (0, 1, 2, 3)
-    group = Group(lists, written=written + ((4,) if amsgrad else ()), op="adam_step_tensor", state=_STATE)
+    group = Group(lists, written=written + ((4,) if amsgrad else ()), op="adam_step_tensor", state=_STATE,
+                  scales={2: exp_avg_scales, 3: exp_avg_sq_scales, 4: max_exp_avg_sq_scales}, block_size=block_size)
     if len(state_steps) != group.n_tensors:
         raise ValueError(f"state_steps has {len(state_steps)} tensors, expected {group.n_tensors}")
     if group.n_elements == 0:
@@ -223,7 +242,7 @@ def adam_step_tensor(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
         step_dtype = runtime.step_dtype(state_steps, group.device)
         step_ptrs = pointer_table([state_steps], group.device)[0]
     weight_decay = float(weight_decay)
-    args = (ptrs, chunks, step_ptrs, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
+    args = (ptrs, chunks, group.scale_table(chunks), step_ptrs, lr_ptr, runtime.tensor_arg(grad_scale, group.device, "grad_scale", chunks),
             runtime.tensor_arg(found_inf, group.device, "found_inf", chunks),
             lr_value, float(beta1), float(beta2), float(eps), weight_decay, state_seed or 0)
     constexprs = dict(DTYPE=dtype, **runtime.state_types(group, state_seed), COMPUTE=compute, BLOCK=block,

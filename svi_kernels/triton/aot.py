@@ -9,7 +9,8 @@ nothing: the same path ``kernel[grid](...)`` takes on a GPU, argument specialisa
 Variants: fp32, fp16 and bf16 for every kernel (and every constexpr mode of Adam/SGD and of their
 AMP / capturable tensor variants in fp32; AMSGrad in every dtype), every activation of the SVI backward,
 and every kernel that touches optimizer state with the state in its other allowed dtypes (bf16 state
-stochastically rounded from a seed).
+stochastically rounded from a seed) and as int8 codes with block scales (block size 256 in every dtype; 32 and
+4096, the smallest and largest, in fp32).
 
     python -m svi_kernels.triton.aot [--arch 90] [--dtypes fp32,fp16,bf16] [--keep DIR]
 
@@ -87,6 +88,7 @@ def _scenarios(dtype: torch.dtype, all_modes: bool) -> Iterable[Tuple[str, calla
     yield "", lambda: line_search.ls_final_adam_from_trial(L(), L(), L(), L(), [0.1, 0.2], trial_eta=0.3, eps=1e-8,
                                                            bias_correction1=0.1, bias_correction2_sqrt=0.05)
     yield from _state_scenarios(dtype, L, one, steps)
+    yield from _int8_scenarios(dtype, L, one, steps, (256, 32, 4096) if all_modes else (256,))
     for act in ACTIVATIONS:
         yield f"activation={act}", lambda a=act: act_backward_triton(_tensors(dtype, (3000,))[0],
                                                                       _tensors(dtype, (3000,))[0], a)
@@ -126,6 +128,39 @@ def _state_scenarios(dtype, L, one, steps) -> Iterable[Tuple[str, callable]]:
         yield label, lambda: line_search.ls_final_adam_from_trial(L(), L(), S(), S(), [0.1, 0.2], trial_eta=0.3,
                                                                   eps=1e-8, bias_correction1=0.1,
                                                                   bias_correction2_sqrt=0.05)
+
+
+def _int8_scenarios(dtype, L, one, steps, block_sizes) -> Iterable[Tuple[str, callable]]:
+    """Every kernel that reads or writes optimizer state, with int8 state (int8 m, uint8 v, float32 scales)."""
+    from . import adam, line_search, sgd
+    sizes = (5, 3000)
+    for B in block_sizes:
+        M = lambda: [torch.zeros(n, dtype=torch.int8) for n in sizes]  # noqa: E731
+        V = lambda: [torch.zeros(n, dtype=torch.uint8) for n in sizes]  # noqa: E731
+        S = lambda b=B: [torch.zeros(-(-n // b)) for n in sizes]  # noqa: E731
+        mv = lambda b=B: dict(exp_avg_scales=S(b), exp_avg_sq_scales=S(b), block_size=b)  # noqa: E731
+        label = f"state=int8,block={B}"
+        adam_kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)
+        yield label, lambda b=B: adam.adam_step(L(), L(), M(), V(), lr=1e-3, bias_correction1=0.1,
+                                                bias_correction2_sqrt=0.05, max_exp_avg_sqs=V(),
+                                                max_exp_avg_sq_scales=S(b), **mv(b), **adam_kw)
+        yield label, lambda b=B: adam.adam_step_tensor(L(), L(), M(), V(), steps(), lr=one() * 1e-3, correct_bias=True,
+                                                       grad_scale=one(), found_inf=one() * 0, **mv(b), **adam_kw)
+        sgd_kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.0)
+        yield label, lambda b=B: sgd.sgd_momentum_step(L(), L(), M(), momentum_buffer_scales=S(b), block_size=b,
+                                                       **sgd_kw)
+        yield label, lambda b=B: sgd.sgd_momentum_step_tensor(L(), L(), M(), grad_scale=one(), found_inf=one() * 0,
+                                                              momentum_buffer_scales=S(b), block_size=b, **sgd_kw)
+        yield label, lambda b=B: line_search.ls_save_adam(L(), L(), M(), V(), L(), L(), beta1=0.9, beta2=0.999,
+                                                          eps=1e-8, bias_correction2_sqrt=0.05, **mv(b))
+        yield label, lambda b=B: line_search.ls_trial_adam(L(), L(), L(), V(), [0.1, 0.2], eps=1e-8,
+                                                           bias_correction2_sqrt=0.05, exp_avg_sq_scales=S(b),
+                                                           block_size=b)
+        yield label, lambda b=B: line_search.ls_final_adam(L(), L(), M(), V(), [0.1, 0.2], eps=1e-8,
+                                                           bias_correction1=0.1, bias_correction2_sqrt=0.05, **mv(b))
+        yield label, lambda b=B: line_search.ls_final_adam_from_trial(L(), L(), M(), V(), [0.1, 0.2], trial_eta=0.3,
+                                                                      eps=1e-8, bias_correction1=0.1,
+                                                                      bias_correction2_sqrt=0.05, **mv(b))
 
 
 def _signature(kernel, args: tuple, constexprs: dict) -> Tuple[Dict[str, str], dict]:

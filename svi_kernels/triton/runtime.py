@@ -58,11 +58,14 @@ def element_types(dtype: torch.dtype):
     return TORCH_TO_TL[dtype], (tl.float64 if dtype == torch.float64 else tl.float32)
 
 
-def state_types(group, state_seed) -> dict:
-    """The STATE_DTYPE and SR constexprs of a kernel that reads or writes optimizer state: SR (stochastic
-    rounding) when a seed is given and the state is bf16."""
+def state_types(group, state_seed=None) -> dict:
+    """The STATE_DTYPE, SR and QBLOCK constexprs of a kernel that reads or writes optimizer state: SR (stochastic
+    rounding) when a seed is given and the state is bf16; int8 state: STATE_DTYPE uint8 (the codes of every
+    list, state_storage.py) and QBLOCK its block size."""
+    if group.state_dtype == "int8":
+        return dict(STATE_DTYPE=tl.uint8, SR=False, QBLOCK=group.block_size)
     return dict(STATE_DTYPE=TORCH_TO_TL[group.state_dtype],
-                SR=state_seed is not None and group.state_dtype == torch.bfloat16)
+                SR=state_seed is not None and group.state_dtype == torch.bfloat16, QBLOCK=1)
 
 
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:

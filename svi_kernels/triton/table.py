@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from ..backends.state_storage import check_state_dtypes
+from ..backends.state_storage import DEFAULT_BLOCK_SIZE, INT8, SCALES_ARG, check_state_dtypes
 
 CACHE_SIZE = 64  # entries per table kind; one optimizer uses a handful (ops x param groups)
 
@@ -63,7 +63,11 @@ def _cached(cache: OrderedDict, key: tuple, build, kind: str):
 
 def pointer_table(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Tuple[Tensor, bool]:
     """(int64 [n, k] table of data_ptr()s, whether all are 16-byte aligned)."""
-    columns = tuple(tuple([t.data_ptr() for t in lst]) for lst in lists)
+    return address_table(tuple(tuple([t.data_ptr() for t in lst]) for lst in lists), device)
+
+
+def address_table(columns: Tuple[Tuple[int, ...], ...], device: torch.device) -> Tuple[Tensor, bool]:
+    """pointer_table of addresses (one tuple per list)."""
     key = (device, columns)
 
     def build() -> Tuple[Tensor, bool]:
@@ -103,24 +107,28 @@ def _dense(t: Tensor) -> bool:
 class _Checked:
     """What a Group learned about lists at given addresses: sizes, dtype, device, tables."""
     __slots__ = ("n_tensors", "dtype", "state_dtype", "device", "numels", "n_elements", "largest", "pointers",
-                 "chunks")
+                 "chunks", "block_size")
 
     def __init__(self, group: "Group"):
         self.n_tensors, self.dtype, self.device = group.n_tensors, group.dtype, group.device
-        self.state_dtype = group.state_dtype
+        self.state_dtype, self.block_size = group.state_dtype, group.block_size
         self.numels, self.n_elements, self.largest = group.numels, group.n_elements, group.largest
         self.pointers = None  # (table, aligned), built on first use
         self.chunks = {}  # chunk size -> chunk table
 
 
-def _group_key(lists: Sequence[Sequence[Tensor]], state: Dict[int, str]) -> tuple:
-    """Every tensor's address, the first list's sizes and the dtypes of the first param and first
-    state tensor, without a Python loop per tensor."""
+def _group_key(lists: Sequence[Sequence[Tensor]], state: Dict[int, str], scales: Dict[int, Sequence[Tensor]],
+               block_size: int) -> tuple:
+    """Every tensor's address (int8 state: its scales' too, and the block size), the first list's sizes and the
+    dtypes of the first param and first state tensor, without a Python loop per tensor."""
     first = lists[0][0] if len(lists[0]) else None
     head = (first.dtype, first.device) if first is not None else None
     if state and first is not None:
         head += (lists[next(iter(state))][0].dtype,)
-    return (head, tuple(map(_NUMEL, lists[0])), tuple(tuple(map(_DATA_PTR, lst)) for lst in lists))
+    key = (head, tuple(map(_NUMEL, lists[0])), tuple(tuple(map(_DATA_PTR, lst)) for lst in lists))
+    if scales:
+        key += (block_size,) + tuple((i, tuple(map(_DATA_PTR, s)), tuple(map(_NUMEL, s))) for i, s in scales.items())
+    return key
 
 
 class Group:
@@ -131,13 +139,21 @@ class Group:
     Lists at the addresses of an earlier call reuse its checks and tables (see the module doc).
 
     ``state`` ({list index: name}, with ``op`` for the errors): the optimizer-state lists, which may
-    have another dtype (``state_dtype``) than the others, as backends/state_storage.py allows.
+    have another dtype (``state_dtype``) than the others, as backends/state_storage.py allows, or hold int8
+    codes (``state_dtype`` INT8) with their float32 ``scales`` ({list index: scale list}) over blocks of
+    ``block_size`` elements.
     """
 
     def __init__(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], op: str = "",
-                 state: Optional[Dict[int, str]] = None):
+                 state: Optional[Dict[int, str]] = None, scales: Optional[Dict[int, Sequence[Tensor]]] = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        scales = {i: s for i, s in (scales or {}).items() if s is not None}
+        for i, name in (state or {}).items():
+            if i >= len(lists) and i in scales:
+                raise ValueError(f"{op}: {SCALES_ARG[name]} given without {name}")
         state = {i: name for i, name in (state or {}).items() if i < len(lists)}  # AMSGrad's list is optional
-        key = _group_key(lists, state)
+        self.scales = scales
+        key = _group_key(lists, state, scales, block_size)
         checked = _group_cache.get(key)
         if checked is not None:
             _group_cache.move_to_end(key)
@@ -145,7 +161,7 @@ class Group:
             self._adopt(checked, lists)
             return
         stats["group_builds"] += 1
-        self._check(lists, written, op, state)
+        self._check(lists, written, op, state, scales, block_size)
         if not self._staged:  # staged copies live for one call: nothing to reuse
             self._checked = _Checked(self)
             _group_cache[key] = self._checked
@@ -155,13 +171,13 @@ class Group:
     def _adopt(self, checked: _Checked, lists: Sequence[Sequence[Tensor]]) -> None:
         self._checked = checked
         self.n_tensors, self.dtype, self.device = checked.n_tensors, checked.dtype, checked.device
-        self.state_dtype = checked.state_dtype
+        self.state_dtype, self.block_size = checked.state_dtype, checked.block_size
         self.numels, self.n_elements, self.largest = checked.numels, checked.n_elements, checked.largest
         self.lists = lists
         self._writeback = []
 
     def _check(self, lists: Sequence[Sequence[Tensor]], written: Sequence[int], op: str,
-               state: Dict[int, str]) -> None:
+               state: Dict[int, str], scales: Dict[int, Sequence[Tensor]], block_size: int) -> None:
         self._checked = None
         self._staged = False
         self.n_tensors = len(lists[0])
@@ -171,8 +187,10 @@ class Group:
         first = lists[0][0] if self.n_tensors else None
         self.dtype = first.dtype if first is not None else torch.float32
         self.device = first.device if first is not None else torch.device("cpu")
-        self.state_dtype = check_state_dtypes(op, lists[0], {name: lists[i] for i, name in state.items()})
+        self.state_dtype = check_state_dtypes(op, lists[0], {name: lists[i] for i, name in state.items()},
+                                              {name: scales.get(i) for i, name in state.items()}, block_size)
         self.state_dtype = self.state_dtype or self.dtype
+        self.block_size = block_size
         self._writeback: List[Tuple[Tensor, Tensor]] = []
         lists = [list(lst) for lst in lists]
         # Whole-list comprehensions rather than a loop per tensor: this runs on every call, and
@@ -225,7 +243,22 @@ class Group:
         return ptrs, checked.chunks[chunk], aligned
 
     def block_shape(self) -> Tuple[int, int]:
-        return runtime.block_shape(self.largest)
+        """(BLOCK, CHUNK); int8 state: a tile holds whole quantisation blocks (chunks start at tile multiples)."""
+        block, chunk = runtime.block_shape(self.largest)
+        if self.state_dtype == INT8:
+            block = max(block, self.block_size)
+            chunk = max(chunk, block)
+        return block, chunk
+
+    def scale_table(self, placeholder: Tensor) -> Tensor:
+        """int8 state: int64 [n, lists] addresses of each state list's scales (0 in the other columns), else
+        ``placeholder`` (never read)."""
+        if self.state_dtype != INT8:
+            return placeholder
+        zeros = (0,) * self.n_tensors
+        columns = tuple(tuple(map(_DATA_PTR, self.scales[i])) if i in self.scales else zeros
+                        for i in range(len(self.lists)))
+        return address_table(columns, self.device)[0]
 
     def finish(self) -> None:
         for original, staged in self._writeback:

@@ -44,3 +44,15 @@ def test_every_kernel_compiles_to_sm90_ptx(tmp_path):
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert "sqrt.approx" not in ptx and "div.full" not in ptx and "fma." not in ptx
     assert "ld.global.v4" in ptx and ".target sm_90" in ptx
+    # int8 state (issue 24 phase 2): every state kernel compiles with int8 codes at the smallest, default and
+    # largest block size, and its codec keeps IEEE sqrt/div and no FMA (bit-exact codes with the reference)
+    int8 = [line for line in lines if "state=int8" in line]
+    for kernel in ("adam_step_kernel", "adam_step_tensor_kernel", "sgd_momentum_step_kernel",
+                   "sgd_momentum_step_tensor_kernel", "ls_save_adam_kernel", "ls_trial_adam_kernel",
+                   "ls_final_adam_kernel", "ls_final_adam_from_trial_kernel"):
+        for block in (32, 256, 4096):
+            assert any(f"{kernel}[fp32,state=int8,block={block}]" in line for line in int8), (kernel, block, report)
+    for block in (32, 256, 4096):
+        ptx = (tmp_path / "ptx" / f"adam_step_kernel.fp32,state=int8,block={block}.ptx").read_text()
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, block
+        assert "sqrt.approx" not in ptx and "div.full" not in ptx and "fma." not in ptx, block
