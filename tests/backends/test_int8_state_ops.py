@@ -380,3 +380,22 @@ def test_sgd_codes_without_scales_are_refused(backend):
         impl.sgd_momentum_step(L["p"], L["g"], L["m"], **SGD)
     with pytest.raises((ValueError, TypeError, RuntimeError), match="block_size"):
         impl.sgd_momentum_step(L["p"], L["g"], L["m"], **SGD, momentum_buffer_scales=L["ms"], block_size=48)
+
+
+@pytest.mark.parametrize("op", ["adam_step_tensor", "sgd_momentum_step_tensor"])
+def test_skipped_step_writes_no_codes_or_scales(backend, op):
+    """found_inf != 0 (AMP found an inf): params, codes and scales stay as they were."""
+    impl = ops_of(backend)
+    dev = device_for(backend)
+    L = make(F32, dev, seed=4, sizes=[300, 5, 1000])
+    before = clone(L)
+    amp = dict(lr=torch.tensor(1e-2, device=dev), grad_scale=torch.tensor(4.0, device=dev),
+               found_inf=torch.tensor(1.0, device=dev))
+    if op == "adam_step_tensor":
+        impl.adam_step_tensor(L["p"], L["g"], L["m"], L["v"], _steps(3, dev), correct_bias=True, **_mv(L, 256),
+                              **dict(ADAM, **amp))
+    else:
+        impl.sgd_momentum_step_tensor(L["p"], L["g"], L["m"], **dict(SGD, **amp), momentum_buffer_scales=L["ms"])
+    for key, tensors in L.items():
+        for a, b in zip(tensors, before[key]):
+            assert torch.equal(a, b), f"{key} written by a skipped step"
