@@ -211,6 +211,11 @@ def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT
                 state[k] = v.to(dtype_for(working, state_dtype))
             continue
         want = dtype_for(working, state_dtype, k)
+        scale = state.get(k + SCALE)
+        if old_block is None and scale is not None and scale.numel() != _bits.n_blocks(v.numel(), block):
+            raise ValueError(f"the int8 state '{k}' has {scale.numel()} block scales, not one per {block} elements: "
+                             f"state_block_size changed after the state was made; set it before the first step, "
+                             f"or load a checkpoint into an optimizer with the new block size")
         same_blocks = state_dtype != INT8 or (old_block or block) == block
         if v.dtype == want and same_blocks and (state_dtype != INT8 or k + SCALE in state):
             continue

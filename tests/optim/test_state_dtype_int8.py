@@ -25,7 +25,7 @@ from svi_kernels.backends import state_storage as codec
 from svi_kernels.optim import state_storage
 from test_in_place_trials import _held_bytes
 from test_state_dtype import (FACTORIES, LINE_SEARCHES, _same_state, _setup, _state_keys, _train,
-                              check_grad_scaler, check_resume_is_bit_identical,
+                              check_grad_scaler, check_resume_is_bit_identical, check_torch_compile_matches_eager,
                               check_trains_like_fp32_state)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,6 +235,19 @@ def test_setting_changed_between_steps_converts_the_state():
     assert not any("exp_avg_scale" in opt.state[p] for p in model.parameters())
 
 
+def test_block_size_changed_between_steps_is_refused_before_anything_changes():
+    model, opt = _setup("AdamW", "reference", state_dtype=INT8)
+    _train(model, opt, "AdamW", 2)
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["state_block_size"] = 64
+    with pytest.raises(ValueError, match="state_block_size changed"):
+        _train(model, opt, "AdamW", 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    for k, st in before["state"].items():
+        assert all(torch.equal(opt.state_dict()["state"][k][key], v) for key, v in st.items())
+
+
 # ------------------------------------------------------------------------------------------- errors
 OPTIMIZER_CLASSES = {"AdamW": sk.AdamW, "SVI": sk.SVI, "AdamSLS": sk.AdamSLS, "SaLSA": sk.SaLSA,
                      "LayerwiseAdamSLS": sk.LayerwiseAdamSLS}
@@ -347,6 +360,13 @@ def test_grad_scaler_with_int8_state():
     (codes and scales), and training follows the float path closely."""
     model, opt = check_grad_scaler(state_dtype=INT8)
     _check_int8_state(opt, list(model.parameters()), ("exp_avg", "exp_avg_sq"), 256)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), _backend_param("cpu")])
+@pytest.mark.parametrize("name", ["AdamW", "SVI-adam", "SVI-sgd"])
+def test_torch_compile_with_int8_state_matches_eager_without_recompiling(name, backend):
+    """int8 state draws no seeds: the step compiles (the tensor path) with the codes, scales and block size."""
+    check_torch_compile_matches_eager(name, backend, state_dtype=INT8)
 
 
 # -------------------------------------------------------------------------------------- the step plan
