@@ -369,6 +369,28 @@ def test_torch_compile_with_int8_state_matches_eager_without_recompiling(name, b
     check_torch_compile_matches_eager(name, backend, state_dtype=INT8)
 
 
+def test_salsa_momentum_sums_with_int8_state_read_the_decoded_moments():
+    """SaLSA(momentum_direction=True)'s S = sum(g * m_hat / (sqrt(v_hat) + eps)) (PyTorch ops, not a kernel)
+    from int8 moments: the decoded values (float32), within float32 rounding of float64 on them (read as
+    codes, S would be off by orders of magnitude)."""
+    from svi_kernels.optim._line_search import DeviceSums, StepTensors
+    from svi_kernels.optim.adamw import adam_scalars
+    model, opt = _setup("SaLSA", "reference", state_dtype=INT8, momentum_direction=True, state_block_size=32)
+    _train(model, opt, "SaLSA", 3)
+    step = opt.ls_state["step"] + 2
+    t = StepTensors(opt, with_moments=True)
+    got = opt._momentum_sums(t, step, DeviceSums(t, [])).parts
+    bc1, bc2_sqrt = adam_scalars(step, 0.9, 0.999, True)
+    assert got and {m.dtype for m in t.exp_avgs} == {torch.int8}
+    for pos, sums in got:
+        for i, s in zip(pos, sums.tolist()):
+            m = codec.decode_int8(t.exp_avgs[i], t.exp_avg_scales[i], 32).double()
+            v = codec.decode_int8(t.exp_avg_sqs[i], t.exp_avg_sq_scales[i], 32).double()
+            g = t.grads[i].double()
+            want = float((g * m / (v.sqrt() / bc2_sqrt + 1e-8)).sum() / bc1)
+            assert s == pytest.approx(want, rel=2e-5, abs=1e-12)
+
+
 # -------------------------------------------------------------------------------------- the step plan
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference-served"), _backend_param("cpu")])
 @pytest.mark.parametrize("name", ["AdamW", "AdamW-amsgrad", "SVI-sgd", "SVI-adam", "AdamSLS", "SaLSA"])
