@@ -228,8 +228,8 @@ def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT
 
 
 def has_dtype(states: Sequence[Tensor], working: Sequence[Tensor], state_dtype) -> bool:
-    """Every state tensor has the state dtype of its working tensor (a plan is built only then; int8
-    state has none yet: its groups take the general path)."""
+    """Every state tensor has the float state dtype of its working tensor (a plan is built only then; int8
+    state is checked key by key with ``matches``: step_plan._int8_plan)."""
     return state_dtype != INT8 and all(s.dtype == dtype_for(w.dtype, state_dtype) for s, w in zip(states, working))
 
 
