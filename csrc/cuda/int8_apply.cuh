@@ -6,8 +6,9 @@
 // the op's kSignedStateMask: exp_avgs / momentum_buffers; uint8 for the others: exp_avg_sqs,
 // max_exp_avg_sqs) plus one float32 scale per quantisation block of B elements.
 //
-// Work split. One CUDA block = one chunk of kChunkSize elements of one tensor (launch_plan.h, as
-// for float state), walked in tiles of kInt8Tile = kBlockSize * kInt8PerThread = 4096 elements:
+// Work split (int8_tiles.h, the index arithmetic, host-checkable). One CUDA block = one chunk of
+// kChunkSize elements of one tensor (launch_plan.h, as for float state), walked in tiles of
+// kInt8Tile = kBlockSize * kInt8PerThread = 4096 elements:
 // thread t owns the kInt8PerThread consecutive elements [8t, 8t + 8) of the tile. A chunk starts
 // at a multiple of kChunkSize and a tile at a multiple of kInt8Tile inside it, both multiples of
 // every allowed B (B | 4096 | 65536), so each quantisation block of the tensor lies inside one
@@ -34,19 +35,14 @@
 #include "multi_tensor_apply.cuh"
 #include "state_dispatch.h"
 #include "int8_lists.h"
+#include "int8_tiles.h"
 #include "svi_kernels/int8_state.h"
 
 namespace svi_kernels {
 namespace cuda {
 
-constexpr int kInt8PerThread = 8;                           // elements per thread per tile
-constexpr int kInt8Tile = kBlockSize * kInt8PerThread;      // elements per tile
-static_assert(kInt8BlockMin % kInt8PerThread == 0, "a thread's elements must lie in one quantisation block");
-static_assert(kInt8Tile % kInt8BlockMax == 0, "a tile must hold whole quantisation blocks");
-static_assert(kChunkSize % kInt8Tile == 0, "a chunk must hold whole tiles");
+static_assert(kInt8Threads == kBlockSize, "int8_tiles.h splits the tiles over the kernel's threads");
 static_assert(kInt8PerThread % kILP == 0, "a thread's elements are whole vectors");
-static_assert(kInt8BlockMin / kInt8PerThread <= 32 && 32 % (kInt8BlockMin / kInt8PerThread) == 0,
-              "the threads of a small block share a warp");
 
 // f(std::integral_constant<int, i>{}) for i = 0 .. N-1: per-list code whose types depend on the list.
 template <typename F, int... Is>
@@ -92,7 +88,7 @@ __device__ __forceinline__ C int8_encode(float y, float inv) {
 // int8_absmax_step), in every thread of the group. Called by all threads of the CUDA block.
 template <int NW>
 __device__ __forceinline__ void group_absmax(float (&a)[NW], int group) {
-  const int width = group < 32 ? group : 32;  // a group of <= 32 threads is aligned inside one warp
+  const int width = int8_shuffle_width(group);  // a group of <= 32 threads is aligned inside one warp
   for (int offset = width / 2; offset > 0; offset /= 2) {
 #pragma unroll
     for (int w = 0; w < NW; ++w) a[w] = int8_absmax_step(a[w], __shfl_xor_sync(0xffffffffu, a[w], offset));
@@ -106,7 +102,7 @@ __device__ __forceinline__ void group_absmax(float (&a)[NW], int group) {
   }
   __syncthreads();
   const int warps = group / 32;
-  const int first = warp - warp % warps;
+  const int first = int8_first_warp(warp, group);
 #pragma unroll
   for (int w = 0; w < NW; ++w) {
     float m = warp_max[w][first];
@@ -176,8 +172,7 @@ multi_tensor_int8_kernel(const Meta meta, const ElemOp op, double* sums, const i
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numel[slot] - begin;
   const int n = left < kChunkSize ? static_cast<int>(left) : kChunkSize;
-  const int block_mask = (1 << log2_block) - 1;
-  const int group = (1 << log2_block) / kInt8PerThread;  // threads per quantisation block
+  const int group = int8_group_threads(log2_block);
 
   char* chunk[D];
   bool vec = true;
@@ -194,9 +189,9 @@ multi_tensor_int8_kernel(const Meta meta, const ElemOp op, double* sums, const i
   double acc = 0.0;
 
   for (int tile = 0; tile < n; tile += kInt8Tile) {  // the same trip count in every thread
-    const int off = tile + static_cast<int>(threadIdx.x) * kInt8PerThread;  // this thread's first element
-    const int cnt = n - off < 0 ? 0 : (n - off < kInt8PerThread ? n - off : kInt8PerThread);
-    const int64_t qblock = (begin + off) >> log2_block;  // its quantisation block in the tensor
+    const Int8Slice slice = int8_slice(begin, n, tile, static_cast<int>(threadIdx.x), log2_block);
+    const int off = slice.off, cnt = slice.cnt;  // this thread's first element (in the chunk), count
+    const int64_t qblock = slice.qblock;          // their quantisation block (in the tensor)
 
     float x[D][kInt8PerThread];
     static_for<D>([&](auto dc) {
@@ -242,7 +237,7 @@ multi_tensor_int8_kernel(const Meta meta, const ElemOp op, double* sums, const i
           int8_store(reinterpret_cast<C*>(chunk[d]) + off, vec, cnt, x[d],
                      [inv](float y) { return int8_encode<C>(y, inv); });
           // The block's first thread (it holds elements iff the block has any in this tensor).
-          if (cnt > 0 && (off & block_mask) == 0)
+          if (int8_scale_writer(slice, log2_block))
             static_cast<float*>(meta.addresses[D + rank_in_mask(kState, d)][slot])[qblock] = scale;
         }
       });
