@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "svi_kernels/check.h"
@@ -133,29 +134,52 @@ Int8Call::Seg Int8Call::segment(const Segment& seg) const {
 namespace {
 
 // ------------------------------------------------------------------ blocks
-void decode_block(const Int8Call::Seg& sg, size_t k, int64_t b0, int64_t len, float scale, float* out) {
-  if (sg.is_signed[k]) {
-    const int8_t* q = static_cast<const int8_t*>(sg.codes[k]) + b0;
-    for (int64_t j = 0; j < len; ++j) out[j] = int8_decode_signed(q[j], scale);
-  } else {
-    const uint8_t* q = static_cast<const uint8_t*>(sg.codes[k]) + b0;
-    for (int64_t j = 0; j < len; ++j) out[j] = int8_decode_unsigned(q[j], scale);
+// The loops below call the codec of svi_kernels/int8_state.h element by element; written over
+// restrict pointers (codes are char-typed, so they could alias the floats otherwise) they
+// vectorise on baseline x86-64.
+template <typename Q>
+void decode_codes(const Q* __restrict q, int64_t len, float scale, float* __restrict out) {
+  for (int64_t j = 0; j < len; ++j) {
+    if constexpr (std::is_signed_v<Q>) out[j] = int8_decode_signed(q[j], scale);
+    else out[j] = int8_decode_unsigned(q[j], scale);
   }
+}
+
+template <typename Q>
+void encode_codes(const float* __restrict y, int64_t len, float inv, Q* __restrict q) {
+  for (int64_t j = 0; j < len; ++j) {
+    if constexpr (std::is_signed_v<Q>) q[j] = int8_encode_signed(y[j], inv);
+    else q[j] = int8_encode_unsigned(y[j], inv);
+  }
+}
+
+// int8_absmax_step over the block: max |y| compared as the bits of |y| (non-negative floats order
+// as their bits, and any NaN's bits exceed +inf's), an integer max that vectorises; then
+// int8_scale_of (NaN -> the canonical NaN). The same scale as the float fold.
+float block_scale(const float* __restrict y, int64_t len) {
+  int32_t most = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    int32_t bits;
+    std::memcpy(&bits, &y[j], sizeof bits);
+    bits &= 0x7FFFFFFF;
+    most = bits > most ? bits : most;
+  }
+  float absmax;
+  std::memcpy(&absmax, &most, sizeof absmax);
+  return int8_scale_of(absmax);
+}
+
+void decode_block(const Int8Call::Seg& sg, size_t k, int64_t b0, int64_t len, float scale, float* out) {
+  if (sg.is_signed[k]) decode_codes(static_cast<const int8_t*>(sg.codes[k]) + b0, len, scale, out);
+  else decode_codes(static_cast<const uint8_t*>(sg.codes[k]) + b0, len, scale, out);
 }
 
 // Encodes the block's new values y into the codes; returns its scale.
 float encode_block(const Int8Call::Seg& sg, size_t k, int64_t b0, int64_t len, const float* y) {
-  float absmax = 0.0f;
-  for (int64_t j = 0; j < len; ++j) absmax = int8_absmax_step(absmax, y[j]);
-  const float scale = int8_scale_of(absmax);
+  const float scale = block_scale(y, len);
   const float inv = int8_inv_scale(scale);
-  if (sg.is_signed[k]) {
-    int8_t* q = static_cast<int8_t*>(sg.codes[k]) + b0;
-    for (int64_t j = 0; j < len; ++j) q[j] = int8_encode_signed(y[j], inv);
-  } else {
-    uint8_t* q = static_cast<uint8_t*>(sg.codes[k]) + b0;
-    for (int64_t j = 0; j < len; ++j) q[j] = int8_encode_unsigned(y[j], inv);
-  }
+  if (sg.is_signed[k]) encode_codes(y, len, inv, static_cast<int8_t*>(sg.codes[k]) + b0);
+  else encode_codes(y, len, inv, static_cast<uint8_t*>(sg.codes[k]) + b0);
   return scale;
 }
 
@@ -201,8 +225,16 @@ T* list(const Int8Call::Seg& sg, size_t k) {
 
 float f32(double x) { return static_cast<float>(x); }
 
+// f(std::true_type) or f(std::false_type): a runtime flag made a template argument, so the
+// element loop holds no branch on it.
+template <typename F>
+void with_flag(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // ------------------------------------------------------------------ writers
-template <typename T, bool kAmsgrad>
+template <typename T, bool kAmsgrad, bool kDecoupled, bool kWeightDecay, bool kUnscale>
 void adam_segment(const Int8Call::Seg& sg, const AdamScalars& s) {
   T* p = list<T>(sg, 0);
   T* g = list<T>(sg, 1);
@@ -213,14 +245,14 @@ void adam_segment(const Int8Call::Seg& sg, const AdamScalars& s) {
   for_each_block<kAmsgrad ? 3 : 2, true>(sg, [&](int64_t i, float* x) {
     float pv = static_cast<float>(p[i]);
     float gv = static_cast<float>(g[i]);
-    if (s.unscale) {
+    if constexpr (kUnscale) {
       gv = math::unscale_grad(gv, grad_scale);
       g[i] = static_cast<T>(gv);
     }
     if constexpr (kAmsgrad) {
-      math::adam_amsgrad_elem(pv, gv, x[0], x[1], x[2], c, s.decoupled, s.has_weight_decay, s.maximize);
+      math::adam_amsgrad_elem(pv, gv, x[0], x[1], x[2], c, kDecoupled, kWeightDecay, s.maximize);
     } else {
-      math::adam_elem(pv, gv, x[0], x[1], c, s.decoupled, s.has_weight_decay, s.maximize);
+      math::adam_elem(pv, gv, x[0], x[1], c, kDecoupled, kWeightDecay, s.maximize);
     }
     p[i] = static_cast<T>(pv);
   });
@@ -303,8 +335,16 @@ void int8_adam(const Int8Call& call, const std::vector<AdamScalars>& per_tensor)
     using T = decltype(tag);
     call.parallel_segments([&](int64_t, const Segment& seg, const Int8Call::Seg& sg) {
       const AdamScalars& s = per_tensor.size() == 1 ? per_tensor[0] : per_tensor[seg.tensor];
-      if (s.amsgrad) adam_segment<T, true>(sg, s);
-      else adam_segment<T, false>(sg, s);
+      with_flag(s.amsgrad, [&](auto amsgrad) {
+        with_flag(s.decoupled, [&](auto decoupled) {
+          with_flag(s.has_weight_decay, [&](auto wd) {
+            with_flag(s.unscale, [&](auto unscale) {
+              // maximize stays a runtime flag (a negation): half the instantiations.
+              adam_segment<T, amsgrad(), decoupled(), wd(), unscale()>(sg, s);
+            });
+          });
+        });
+      });
     });
   });
 }

@@ -83,17 +83,32 @@ SVI_HD float int8_scale_of(float absmax) {
 SVI_HD float int8_inv_scale(float scale) { return scale == 0.0f ? 0.0f : 1.0f / scale; }
 
 // ------------------------------------------------------------------ encode
+// rintf (round half to even) of a code value a >= 0 or NaN, up to the clamp that follows it: on
+// the host, adding and removing 2^23 rounds a < 2^23 to an integer, half to even, in the default
+// rounding mode (the same bits as rintf, checked for every float), and leaves a >= 2^23 at
+// >= 2^23 and NaN at NaN, which the clamp then maps as it maps rintf's results. No libm call and
+// no branch, so the CPU loops vectorise on baseline x86-64 (no roundps before SSE4.1).
+SVI_HD float int8_round_code(float a) {
+#if defined(__CUDA_ARCH__)
+  return ::rintf(a);
+#else
+  return (a + 8388608.0f) - 8388608.0f;
+#endif
+}
+
 SVI_HD int8_t int8_encode_signed(float y, float inv) {
-  float a = ::rintf(127.0f * ::sqrtf(::fabsf(y) * inv));
+  float a = int8_round_code(127.0f * ::sqrtf(::fabsf(y) * inv));
   a = a > 127.0f ? 127.0f : a;
-  const int q = a >= 0.0f ? static_cast<int>(a) : 0;  // NaN -> 0
+  a = a >= 0.0f ? a : 0.0f;  // NaN -> 0 (selects, not branches: the CPU loops vectorise)
+  const int q = static_cast<int>(a);
   return static_cast<int8_t>(y < 0.0f ? -q : q);
 }
 
 SVI_HD uint8_t int8_encode_unsigned(float y, float inv) {
-  float a = ::rintf(255.0f * ::sqrtf(::sqrtf(y * inv)));
+  float a = int8_round_code(255.0f * ::sqrtf(::sqrtf(y * inv)));  // y * inv < 0 gives NaN
   a = a > 255.0f ? 255.0f : a;
-  return static_cast<uint8_t>(a >= 0.0f ? static_cast<int>(a) : 0);  // NaN (or y < 0) -> 0
+  a = a >= 0.0f ? a : 0.0f;  // NaN (or y < 0) -> 0
+  return static_cast<uint8_t>(static_cast<int>(a));
 }
 
 }  // namespace svi_kernels
