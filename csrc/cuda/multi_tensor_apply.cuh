@@ -8,7 +8,8 @@
 // and what it does to one element in opmath registers (float for fp16/bf16/fp32,
 // double for fp64). The formulas themselves come from svi_kernels/update_math.h.
 // One generic kernel runs any element op over one chunk per block; launch_plan.h
-// packs tensors and chunks into as few launches as fit.
+// packs tensors and chunks into as few launches as fit. int8 state (codes + block scales) runs the
+// same element ops through int8_apply.cuh.
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
