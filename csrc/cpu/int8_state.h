@@ -82,7 +82,20 @@ class Int8Call {
   at::ScalarType dtype_ = at::ScalarType::Undefined;
 };
 
-// The op loops (int8_state.cpp). per_tensor: one scalar set per tensor, or one for all.
+// The element loops of one build (int8_loops.h), with the signatures of the functions below.
+struct Int8Loops {
+  void (*adam)(const Int8Call&, const std::vector<AdamScalars>&);
+  void (*sgd_momentum)(const Int8Call&, const SgdScalars&);
+  at::Tensor (*ls_save_adam)(const Int8Call&, const LsAdamSaveScalars&);
+  void (*ls_trial_adam)(const Int8Call&, c10::ArrayRef<double>, double, double);
+  void (*ls_final_adam)(const Int8Call&, c10::ArrayRef<double>, double, double, double);
+  void (*ls_final_adam_from_trial)(const Int8Call&, c10::ArrayRef<double>, double, double, double, double);
+};
+
+// The AVX2 build (int8_state_avx2.cpp), or nullptr where the compiler could not build it.
+const Int8Loops* avx2_int8_loops();
+
+// The op loops (the build int8_state.cpp picks). per_tensor: one scalar set per tensor, or one for all.
 // Plain lists: params, grads; state: exp_avgs, exp_avg_sqs[, max_exp_avg_sqs when s.amsgrad].
 void int8_adam(const Int8Call& call, const std::vector<AdamScalars>& per_tensor);
 // Plain: params, grads; state: momentum_buffers.
