@@ -105,8 +105,9 @@ class StepTensors:
                     st = opt._moments(p, group)
                     self.exp_avgs.append(local(st["exp_avg"]))
                     self.exp_avg_sqs.append(local(st["exp_avg_sq"]))
-                    self.exp_avg_scales.append(state_storage.scales(st, "exp_avg"))
-                    self.exp_avg_sq_scales.append(state_storage.scales(st, "exp_avg_sq"))
+                    block = state_storage.block_size(group)
+                    self.exp_avg_scales.append(state_storage.scales(st, "exp_avg", block))
+                    self.exp_avg_sq_scales.append(state_storage.scales(st, "exp_avg_sq", block))
         # Only this step's copies stay (keep_start_point switched off, parameters gone: the rest are freed).
         kept_copies = {p: w for p, w in zip(owners, self.w0) if w is not None}
         self.any_kept = bool(kept_copies)  # (the plan keeps it with the lists: TrialPoints skips a pass without)

@@ -152,6 +152,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
     owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], [], []
     int8 = state_dtype == state_storage.INT8
     scales = ([], [], []) if int8 else ()  # int8 state: the block scales of m, v (and max v)
+    block = state_storage.block_size(group)
     for p in group["params"]:
         g = p.grad
         if g is None:
@@ -182,7 +183,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         if int8:
             for key, sl in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), scales):
                 if key != "max_exp_avg_sq" or amsgrad:
-                    sl.append(state[key + state_storage.SCALE])
+                    sl.append(state_storage.scales(state, key, block))
     if has_complex:  # optimised as real views, as torch does (no copy)
         owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = F.real_views_with_owners(
             owners, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)

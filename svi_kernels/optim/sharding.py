@@ -202,3 +202,87 @@ def counters_from_groups(sd: dict, key: str) -> dict:
             sd["state"][key] = packed[0] if isinstance(packed, (tuple, list)) else packed
     sd["param_groups"] = groups
     return sd
+
+
+# ------------------------------------------------------------------------------ int8 state (issue 24)
+# int8 state keeps one float32 scale per block of ``block`` elements of the tensor the kernel updates,
+# i.e. of the local shard: blocks start at each shard's element 0 and never straddle two shards. The
+# codes are ``zeros_like(p)`` (p's placement). The scales are a 1-D DTensor on p's mesh: Shard(0) on the
+# mesh dimensions where p is Shard(0), Replicate elsewhere, of global length (number of shards) * Kmax,
+# where Kmax = ceil(rows * row_numel / block) for the largest local shard (rows = ceil(dim0 / W) per
+# Shard(0) dimension, torch.chunk's split, which FSDP2 follows). Every rank thus holds Kmax scales (an even
+# split, so DCP and full_tensor() see one consistent tensor); the kernels get the first
+# ceil(local numel / block) of them (``local_scales``), the rest stay 0. The global length depends on the
+# mesh: a checkpoint loads (DCP, in place) on a mesh of the same shape; on another, DCP refuses the scales'
+# size before it reads anything (the codes' blocks would no longer match their shards).
+def _shards_and_rows(p) -> tuple:
+    """(shards: the product of the mesh sizes where p is Shard(0), the row count of the largest shard)."""
+    shards, rows = 1, (p.shape[0] if p.dim() else 1)
+    for d, pl in enumerate(p.placements):
+        if isinstance(pl, Shard):
+            w = p.device_mesh.size(d)
+            shards, rows = shards * w, -(-rows // w)
+    return shards, rows
+
+
+def int8_scale_shape(p, block: int) -> tuple:
+    """The global shape of the scales of int8 state of the DTensor ``p`` (codes of p's shape)."""
+    shards, rows = _shards_and_rows(p)
+    row_numel = 1
+    for s in p.shape[1:]:
+        row_numel *= s
+    return (shards * -(-(rows * row_numel) // block),)
+
+
+def _scale_placements(p) -> tuple:
+    return tuple(Shard(0) if isinstance(pl, Shard) else Replicate() for pl in p.placements)
+
+
+def int8_scales_from_local(p, local_scales: Tensor, block: int):
+    """A scale DTensor for p (int8_scale_shape) whose local part begins with ``local_scales`` (zeros after)."""
+    (n,) = int8_scale_shape(p, block)
+    kmax = n // _shards_and_rows(p)[0]
+    out = torch.zeros(kmax, dtype=torch.float32, device=local(p).device)
+    out[:local_scales.numel()].copy_(local_scales)
+    return DTensor.from_local(out, p.device_mesh, _scale_placements(p), run_check=False, shape=(n,), stride=(1,))
+
+
+def new_int8_state(p, code_dtype: torch.dtype, block: int) -> tuple:
+    """(zero codes with p's placement, zero scales) of the DTensor ``p``."""
+    codes = torch.zeros_like(p, dtype=code_dtype, memory_format=torch.contiguous_format)
+    return codes, int8_scales_from_local(p, torch.zeros(0), block)
+
+
+def int8_scales_fit(p, codes, scales, block: int) -> Optional[str]:
+    """None when ``codes`` and ``scales`` are int8 state of the DTensor ``p`` in this layout for ``block``;
+    else what differs."""
+    if not is_sharded(p):
+        return "the parameter is a plain tensor but its int8 state is a DTensor"
+    want = int8_scale_shape(p, block)
+    if not is_sharded(codes) or not is_sharded(scales):
+        return (f"the parameter is an FSDP2 DTensor {p.placements} but its int8 state is "
+                f"{'a plain tensor' if not is_sharded(codes) else 'DTensor codes with plain-tensor scales'}")
+    if codes.device_mesh != p.device_mesh or codes.placements != p.placements or codes.shape != p.shape:
+        return (f"codes {tuple(codes.shape)} {codes.placements} on {codes.device_mesh}, the parameter "
+                f"{tuple(p.shape)} {p.placements} on {p.device_mesh}")
+    if (scales.device_mesh != p.device_mesh or tuple(scales.placements) != _scale_placements(p)
+            or tuple(scales.shape) != want or scales.dtype != torch.float32):
+        return (f"scales {tuple(scales.shape)} {scales.dtype} {scales.placements}, expected {want} torch.float32 "
+                f"{_scale_placements(p)} (one per block of {block} elements of each local shard, "
+                f"{want[0] // _shards_and_rows(p)[0]} per shard)")
+    return None
+
+
+def local_scales(scales: Tensor, codes: Tensor, block: int) -> Tensor:
+    """What the kernels get for the scales of ``codes``: a plain tensor as it is; of a DTensor, the first
+    ceil(local numel / block) entries of the local part (a view)."""
+    if not is_sharded(scales):
+        return scales
+    return scales._local_tensor[:-(-local(codes).numel() // block)]
+
+
+def int8_to_dtensor(p, codes_local: Tensor, scales_local: Optional[Tensor], block: int) -> tuple:
+    """Local codes (or float state, ``scales_local`` None) of p's shard as DTensor state of p."""
+    t = DTensor.from_local(codes_local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                           stride=p.stride())
+    return t, (None if scales_local is None else int8_scales_from_local(p, scales_local, block))

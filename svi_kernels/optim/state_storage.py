@@ -135,9 +135,6 @@ def _check_int8_group(opt_name: str, group: dict) -> None:
         if p.is_complex():
             raise ValueError(f"{opt_name}: state_dtype='int8' for a complex parameter of shape {tuple(p.shape)}: "
                              "int8 state is kept for real parameters only; use state_dtype=None for it")
-        if _sharding.any_sharded([p]):
-            raise ValueError(f"{opt_name}: state_dtype='int8' with an FSDP2 (DTensor) parameter of shape "
-                             f"{tuple(p.shape)} is not supported yet; use state_dtype=torch.bfloat16 or None")
 
 
 def check_new_group(opt, opt_name: str) -> None:
@@ -171,6 +168,10 @@ def create(state: dict, key: str, working: Tensor, group: dict) -> Tensor:
     if sd != INT8:
         state[key] = zeros(working, sd)
         return state[key]
+    if _sharding.is_sharded(working):  # FSDP2: blocks per local shard (see sharding.py, "int8 state")
+        state[key], state[key + SCALE] = _sharding.new_int8_state(working, dtype_for(working.dtype, sd, key),
+                                                                  block_size(group))
+        return state[key]
     state[key] = torch.zeros(working.shape, dtype=dtype_for(working.dtype, sd, key), device=working.device)
     state[key + SCALE] = torch.zeros(_bits.n_blocks(working.numel(), block_size(group)), dtype=F32, device=working.device)
     return state[key]
@@ -184,6 +185,8 @@ def matches(state: dict, key: str, working: torch.dtype, group: dict) -> bool:
     if sd != INT8:
         return True
     scale = state.get(key + SCALE)
+    if scale is not None and _sharding.is_sharded(v):
+        return _sharding.int8_scales_fit(v, v, scale, block_size(group)) is None
     return scale is not None and scale.numel() == _bits.n_blocks(v.numel(), block_size(group))
 
 
@@ -193,6 +196,8 @@ def decoded(state: dict, key: str, block: int) -> Tensor:
     v = state[key]
     if v.is_floating_point():
         return v
+    if _sharding.is_sharded(v):
+        raise TypeError("decoded: int8 state of an FSDP2 DTensor decodes shard by shard (conform)")
     return _bits.decode_int8(v, state[key + SCALE], block)
 
 
@@ -211,6 +216,9 @@ def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT
                 state[k] = v.to(dtype_for(working, state_dtype))
             continue
         want = dtype_for(working, state_dtype, k)
+        if _sharding.is_sharded(v):
+            _conform_sharded(state, k, want, state_dtype, block, old_block)
+            continue
         scale = state.get(k + SCALE)
         if old_block is None and scale is not None and scale.numel() != _bits.n_blocks(v.numel(), block):
             raise ValueError(f"the int8 state '{k}' has {scale.numel()} block scales, not one per {block} elements: "
@@ -225,6 +233,30 @@ def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT
             state[k], state[k + SCALE] = _bits.encode_int8(values.to(F32), want == torch.int8, block)
         else:
             state[k] = values.to(want)
+
+
+def _conform_sharded(state: dict, k: str, want: torch.dtype, state_dtype, block: int,
+                     old_block: Optional[int]) -> None:
+    """conform for the FSDP2 (DTensor) moment ``state[k]``: the same conversions on its local shard, whose
+    int8 blocks start at the shard's element 0 (sharding.py, "int8 state"); the result keeps its placement."""
+    v, scale = state[k], state.get(k + SCALE)
+    src = old_block or block
+    if scale is not None:
+        problem = _sharding.int8_scales_fit(v, v, scale, src)
+        if problem is not None:
+            raise ValueError(f"the int8 state '{k}' of an FSDP2 parameter does not fit its layout for "
+                             f"state_block_size {src}: {problem}; the block size (and the mesh) must stay the "
+                             f"ones the state was made with, or load a checkpoint into an optimizer with the new one")
+    if v.dtype == want and (state_dtype != INT8 or (scale is not None and src == block)):
+        return
+    lv = _sharding.local(v)
+    values = lv if scale is None else _bits.decode_int8(lv, _sharding.local_scales(scale, v, src), src)
+    state.pop(k + SCALE, None)
+    if state_dtype == INT8:
+        codes, scales = _bits.encode_int8(values.to(F32), want == torch.int8, block)
+        state[k], state[k + SCALE] = _sharding.int8_to_dtensor(v, codes, scales, block)
+    else:
+        state[k] = _sharding.int8_to_dtensor(v, values.to(want), None, block)[0]
 
 
 def has_dtype(states: Sequence[Tensor], working: Sequence[Tensor], state_dtype) -> bool:
@@ -262,6 +294,11 @@ def check_checkpoint(opt_name: str, opt, state_dict) -> None:
         block = saved_group.get(BLOCK_KEY, DEFAULT_BLOCK_SIZE)
         for k in MOMENTS:
             v = saved.get(k)
+            if isinstance(v, Tensor) and _sharding.is_sharded(p) != _sharding.is_sharded(v):
+                raise ValueError(f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}) is "
+                                 f"{'an FSDP2 DTensor' if _sharding.is_sharded(p) else 'a plain tensor'} but its "
+                                 f"state '{k}' is {'a DTensor' if _sharding.is_sharded(v) else 'a plain tensor'}: "
+                                 f"load FSDP2 state with torch.distributed.checkpoint (set_optimizer_state_dict)")
             if not isinstance(v, Tensor) or v.is_floating_point():
                 continue
             where = f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): int8 state '{k}'"
@@ -273,6 +310,14 @@ def check_checkpoint(opt_name: str, opt, state_dict) -> None:
                 block = check_block_size(block)
             except ValueError as e:
                 raise ValueError(f"{where}: the checkpoint's {e}") from None
+            if _sharding.is_sharded(p) or _sharding.is_sharded(v):  # FSDP2: per-shard blocks (sharding.py)
+                problem = (_sharding.int8_scales_fit(p, v, scale, block) if isinstance(scale, Tensor)
+                           else f"no '{k}{SCALE}'")
+                if problem is not None:
+                    raise ValueError(f"{where} does not fit this parameter's FSDP2 layout with the checkpoint's "
+                                     f"state_block_size {block}: {problem}. An int8 checkpoint loads on a mesh of "
+                                     f"the shape it was saved on (DCP, in place)")
+                continue
             if not isinstance(scale, Tensor) or scale.dtype != F32 or scale.numel() != _bits.n_blocks(v.numel(), block):
                 raise ValueError(f"{where} needs '{k}{SCALE}': float32, {_bits.n_blocks(v.numel(), block)} scales (one per "
                                  f"block of {block}); the checkpoint has "
@@ -352,9 +397,11 @@ def values(codes: Tensor, scale: Optional[Tensor], block: int) -> Tensor:
     return codes if scale is None else _bits.decode_int8(codes, scale, block)
 
 
-def scales(state: dict, key: str) -> Optional[Tensor]:
-    """The scales of ``state[key]`` (None unless it is int8)."""
-    return state.get(key + SCALE)
+def scales(state: dict, key: str, block: int) -> Optional[Tensor]:
+    """The scales of ``state[key]`` as the kernels take them (None unless it is int8; of an FSDP2 DTensor,
+    the local shard's: sharding.local_scales)."""
+    scale = state.get(key + SCALE)
+    return scale if scale is None else _sharding.local_scales(scale, state[key], block)
 
 
 # ------------------------------------------------------------------------------------------- seeds

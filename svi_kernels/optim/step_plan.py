@@ -210,7 +210,8 @@ def _int8_plan(plan: GroupPlan, group: dict, states: List[dict], keys) -> Option
     the launch."""
     if not all(state_storage.matches(st, k, p.dtype, group) for st, p in zip(states, plan.params) for k in keys):
         return None
-    scales = [[st[k + state_storage.SCALE] for st in states] for k in keys]
+    block = state_storage.block_size(group)
+    scales = [[state_storage.scales(st, k, block) for st in states] for k in keys]
     plan.int8 = state_storage.op_kwargs([state_storage.LIST_OF[k] for k in keys], scales, state_storage.block_size(group))
     plan.impl = _single_compiled_bucket(plan.params, [t for sl in scales for t in sl], group["backend"],
                                         [plan.lists[k] for k in keys])

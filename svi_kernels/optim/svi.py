@@ -161,7 +161,8 @@ class SVI(Optimizer):
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
         lists = [params, grads, bufs]
         if state_dtype == state_storage.INT8:  # the buffers' block scales ride along (sliced with them)
-            lists.append([self.state[p]["momentum_buffer" + state_storage.SCALE] for p in owners])
+            block = state_storage.block_size(group)
+            lists.append([state_storage.scales(self.state[p], "momentum_buffer", block) for p in owners])
         # without momentum torch keeps no buffer, so dampening has nothing to damp
         dampening = group["dampening"] if hyperparams.as_float(group["momentum"], "momentum") != 0.0 else 0.0
         hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=dampening,
