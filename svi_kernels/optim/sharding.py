@@ -207,44 +207,44 @@ def counters_from_groups(sd: dict, key: str) -> dict:
 # ------------------------------------------------------------------------------ int8 state (issue 24)
 # int8 state keeps one float32 scale per block of ``block`` elements of the tensor the kernel updates,
 # i.e. of the local shard: blocks start at each shard's element 0 and never straddle two shards. The
-# codes are ``zeros_like(p)`` (p's placement). The scales are a 1-D DTensor on p's mesh: Shard(0) on the
-# mesh dimensions where p is Shard(0), Replicate elsewhere, of global length (number of shards) * Kmax,
-# where Kmax = ceil(rows * row_numel / block) for the largest local shard (rows = ceil(dim0 / W) per
-# Shard(0) dimension, torch.chunk's split, which FSDP2 follows). Every rank thus holds Kmax scales (an even
-# split, so DCP and full_tensor() see one consistent tensor); the kernels get the first
-# ceil(local numel / block) of them (``local_scales``), the rest stay 0. The global length depends on the
+# codes are ``zeros_like(p)`` (p's placement). The scales are a DTensor on p's mesh of global shape
+# (W_1, ..., W_k, Kmax): W_j the size of the j-th mesh dimension on which p is Shard(0) (the scales are
+# Shard(j - 1) there, Replicate on the others), Kmax = ceil(rows * row_numel / block) for the largest local
+# shard (rows = ceil(dim0 / W) per Shard(0) dimension: torch.chunk's split, which FSDP2 follows). Every
+# rank thus holds Kmax scales (an even split: DCP and full_tensor() see one consistent tensor); the kernels
+# get the first ceil(local numel / block) of them (``local_scales``), the rest stay 0. The shape names the
 # mesh: a checkpoint loads (DCP, in place) on a mesh of the same shape; on another, DCP refuses the scales'
-# size before it reads anything (the codes' blocks would no longer match their shards).
-def _shards_and_rows(p) -> tuple:
-    """(shards: the product of the mesh sizes where p is Shard(0), the row count of the largest shard)."""
-    shards, rows = 1, (p.shape[0] if p.dim() else 1)
+# size before it reads anything (the codes' blocks would no longer be those of their shards).
+def _layout(p, block: int) -> tuple:
+    """(the global shape of the scales of the DTensor ``p``'s int8 state, their placements, Kmax)."""
+    shape, placements, rows = [], [], (p.shape[0] if p.dim() else 1)
     for d, pl in enumerate(p.placements):
         if isinstance(pl, Shard):
-            w = p.device_mesh.size(d)
-            shards, rows = shards * w, -(-rows // w)
-    return shards, rows
+            placements.append(Shard(len(shape)))
+            shape.append(p.device_mesh.size(d))
+            rows = -(-rows // shape[-1])
+        else:
+            placements.append(Replicate())
+    row_numel = 1
+    for n in p.shape[1:]:
+        row_numel *= n
+    kmax = -(-(rows * row_numel) // block)
+    return tuple(shape) + (kmax,), tuple(placements), kmax
 
 
 def int8_scale_shape(p, block: int) -> tuple:
     """The global shape of the scales of int8 state of the DTensor ``p`` (codes of p's shape)."""
-    shards, rows = _shards_and_rows(p)
-    row_numel = 1
-    for s in p.shape[1:]:
-        row_numel *= s
-    return (shards * -(-(rows * row_numel) // block),)
-
-
-def _scale_placements(p) -> tuple:
-    return tuple(Shard(0) if isinstance(pl, Shard) else Replicate() for pl in p.placements)
+    return _layout(p, block)[0]
 
 
 def int8_scales_from_local(p, local_scales: Tensor, block: int):
-    """A scale DTensor for p (int8_scale_shape) whose local part begins with ``local_scales`` (zeros after)."""
-    (n,) = int8_scale_shape(p, block)
-    kmax = n // _shards_and_rows(p)[0]
+    """A scale DTensor for p (``_layout``) whose local part begins with ``local_scales`` (zeros after)."""
+    shape, placements, kmax = _layout(p, block)
     out = torch.zeros(kmax, dtype=torch.float32, device=local(p).device)
     out[:local_scales.numel()].copy_(local_scales)
-    return DTensor.from_local(out, p.device_mesh, _scale_placements(p), run_check=False, shape=(n,), stride=(1,))
+    local_shape = (1,) * (len(shape) - 1) + (kmax,)
+    return DTensor.from_local(out.view(local_shape), p.device_mesh, placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def new_int8_state(p, code_dtype: torch.dtype, block: int) -> tuple:
@@ -258,18 +258,17 @@ def int8_scales_fit(p, codes, scales, block: int) -> Optional[str]:
     else what differs."""
     if not is_sharded(p):
         return "the parameter is a plain tensor but its int8 state is a DTensor"
-    want = int8_scale_shape(p, block)
+    want, placements, kmax = _layout(p, block)
     if not is_sharded(codes) or not is_sharded(scales):
         return (f"the parameter is an FSDP2 DTensor {p.placements} but its int8 state is "
                 f"{'a plain tensor' if not is_sharded(codes) else 'DTensor codes with plain-tensor scales'}")
     if codes.device_mesh != p.device_mesh or codes.placements != p.placements or codes.shape != p.shape:
         return (f"codes {tuple(codes.shape)} {codes.placements} on {codes.device_mesh}, the parameter "
                 f"{tuple(p.shape)} {p.placements} on {p.device_mesh}")
-    if (scales.device_mesh != p.device_mesh or tuple(scales.placements) != _scale_placements(p)
+    if (scales.device_mesh != p.device_mesh or tuple(scales.placements) != placements
             or tuple(scales.shape) != want or scales.dtype != torch.float32):
         return (f"scales {tuple(scales.shape)} {scales.dtype} {scales.placements}, expected {want} torch.float32 "
-                f"{_scale_placements(p)} (one per block of {block} elements of each local shard, "
-                f"{want[0] // _shards_and_rows(p)[0]} per shard)")
+                f"{placements} (one per block of {block} elements of each local shard, {kmax} per shard)")
     return None
 
 
@@ -278,7 +277,7 @@ def local_scales(scales: Tensor, codes: Tensor, block: int) -> Tensor:
     ceil(local numel / block) entries of the local part (a view)."""
     if not is_sharded(scales):
         return scales
-    return scales._local_tensor[:-(-local(codes).numel() // block)]
+    return scales._local_tensor.view(-1)[:-(-local(codes).numel() // block)]
 
 
 def int8_to_dtensor(p, codes_local: Tensor, scales_local: Optional[Tensor], block: int) -> tuple:

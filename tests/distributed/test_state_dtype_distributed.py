@@ -6,8 +6,8 @@
   shard, so the sharded run rounds other elements up than the one-process run);
 - a DCP checkpoint resumes bit-identically (the seed counter travels in param_groups[0]);
 - DDP replicas stay bitwise identical (every rank draws the same seeds);
-- int8 state (issue 24 phase 2): DDP replicas bitwise identical (codes and scales), FSDP2 refused with a
-  clear error at construction (not supported in this phase).
+- int8 state (issue 24 phase 2): DDP replicas bitwise identical (codes and scales); int8 state under FSDP2
+  is tested in test_int8_fsdp.py.
 """
 from __future__ import annotations
 
@@ -86,9 +86,3 @@ def test_ddp_replicas_identical_with_int8_state(runs, name, backend):
     for i, (a, b) in enumerate(zip(r0["params"], r1["params"])):
         assert torch.equal(a, b), f"param {i} differs across ranks (max diff {(a - b).abs().max()})"
     assert r0["ls"] == r1["ls"]
-
-
-@pytest.mark.parametrize("name", S.OPTIMIZERS)
-def test_fsdp2_with_int8_state_is_refused(runs, name):
-    for rec in _ranks(runs, ("int8-fsdp2", name, "reference")):
-        assert rec["refused"] is not None and "FSDP2" in rec["refused"] and "int8" in rec["refused"], rec["refused"]
