@@ -299,6 +299,18 @@ def check_checkpoint(opt_name: str, opt, state_dict) -> None:
                                  f"{'an FSDP2 DTensor' if _sharding.is_sharded(p) else 'a plain tensor'} but its "
                                  f"state '{k}' is {'a DTensor' if _sharding.is_sharded(v) else 'a plain tensor'}: "
                                  f"load FSDP2 state with torch.distributed.checkpoint (set_optimizer_state_dict)")
+            if (isinstance(v, Tensor) and v.is_floating_point() and _sharding.is_sharded(v)
+                    and saved_group.get(KEY) == INT8 and k + SCALE not in saved):
+                # DCP loads in place into this optimizer's state_dict: its float template took the int8
+                # codes as numbers (the group's setting and the keys travel with the checkpoint, the scales
+                # only where the template has them).
+                raise ValueError(f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): the "
+                                 f"checkpoint was saved with state_dtype='int8' but its state '{k}' arrives as "
+                                 f"{v.dtype} without '{k}{SCALE}': torch.distributed.checkpoint loaded the int8 "
+                                 f"codes into this optimizer's {v.dtype} state as numbers. Load it into an optimizer "
+                                 f"with state_dtype='int8' (on a mesh of the same shape), then set the group's "
+                                 f"state_dtype to convert at the next step (an int8 group's state saved before "
+                                 f"its first step under the setting: take that step before saving)")
             if not isinstance(v, Tensor) or v.is_floating_point():
                 continue
             where = f"{opt_name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): int8 state '{k}'"
