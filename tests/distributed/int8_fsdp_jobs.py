@@ -172,6 +172,22 @@ def sharded_run(rank: int, world: int, name: str, backend: str, same_batch: bool
             "ls": copy.deepcopy(opt.ls_state) if name in J.LINE_SEARCH else None}
 
 
+def hsdp_run(rank: int, world: int, name: str, backend: str) -> dict:
+    """HSDP on a (world x 1) mesh: parameters (Replicate(), Shard(0)) with one shard, each rank on the full
+    batch: the blocks are whole tensors', so the run is one process's (whole_run) bit for bit, and the
+    scales are (Replicate(), Shard(0)) of shape (1, Kmax)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    J._shard(model, mesh)
+    opt = make_optimizer(name, layers(model), backend)
+    J.train(model, opt, name, range(J.N_STEPS))
+    scales = [(str(st[k + "_scale"].placements), tuple(st[k + "_scale"].shape))
+              for st in (opt.state[p] for p in model.parameters()) for k in MOMENT_KEYS if k in st]
+    return {"params": [J.full(p) for p in model.parameters()], "scales": scales,
+            "ls": copy.deepcopy(opt.ls_state) if name in J.LINE_SEARCH else None}
+
+
 def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) -> dict:
     """Save with DCP after 2 steps and go on; a fresh model and optimizer loaded in place go on: the same
     bits (parameters, codes, scales, line-search state). Each rank trains on its slice of the batch."""
@@ -342,6 +358,7 @@ def _jobs(rank, world, ckpt_dir, backends):
             for how in ("block", "mesh"):
                 jobs.append((("refused", how, name, backend),
                              lambda n=name, b=backend, h=how: dcp_refused(rank, world, n, b, ckpt_dir, h)))
+            jobs.append((("hsdp", name, backend), lambda n=name, b=backend: hsdp_run(rank, world, n, b)))
             jobs.append((("lsd", name, backend), lambda n=name, b=backend: load_state_dict_refused(rank, world, n, b)))
             jobs.append((("convert", name, backend), lambda n=name, b=backend: convert(rank, world, n, b)))
             jobs.append((("across", name, backend),

@@ -148,3 +148,18 @@ def test_dcp_across_state_dtypes_is_refused(runs, name, backend):
         assert kind == "refused" and "ValueError" in msg and "state_dtype='int8'" in msg and "as numbers" in msg, msg
         kind, msg = rec["f32_into_int8"]
         assert kind == "refused" and "Missing key in checkpoint state_dict" in msg and "exp_avg_scale" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdamSLS"])
+@pytest.mark.parametrize("backend", BACKENDS_INT8)
+def test_hsdp_replicated_dimension(runs, name, backend):
+    """(Replicate(), Shard(0)) parameters on a 2 x 1 mesh: the scales are Replicate on the replicate
+    dimension, and with one shard the blocks are whole tensors': one process's run bit for bit."""
+    recs = _ranks(runs, ("hsdp", name, backend))
+    _chunk, whole = _one_process(runs, (name, backend))
+    for rec in recs:
+        assert {pl for pl, _ in rec["scales"]} == {"(Replicate(), Shard(dim=0))"}
+        assert [shape for _, shape in rec["scales"][:2]] == [(1, 9), (1, 9)]  # 270 elements / 32
+        for i, (a, b) in enumerate(zip(rec["params"], whole["params"])):
+            assert torch.equal(a, b), f"param {i}: max diff {(a - b).abs().max()}"
+        assert rec["ls"] == whole["ls"]
