@@ -9,7 +9,8 @@ decides, and every rank decides the same way.
 
 This module is where sharding is handled; the optimizers call it where tensor lists reach the kernels
 (``bucketing.group_by``, ``_line_search.StepTensors``), where reductions are read (``DeviceSums``) and
-in their input checks (``check``).
+in their input checks (``check``); state_storage.py calls it for int8 state (blocks per local shard, the
+scales' DTensor layout: "int8 state" below).
 
 Supported placements: ``Shard(0)`` (what fully_shard makes) and ``Replicate()`` (the replicate
 dimension of HSDP's 2-D mesh). Anything else (tensor-parallel ``Shard(d>0)``, ``_StridedShard``,

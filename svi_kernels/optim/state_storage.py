@@ -10,7 +10,10 @@ and LayerwiseAdamSLS (param group key ``"state_dtype"``).
 - ``"int8"``: blockwise 8-bit state (issue 24 phase 2): each moment ``<key>`` is a tensor of codes of the
   working tensor's shape (int8 for m and momentum buffers, uint8 for v) and ``<key>_scale``, float32, one
   scale per block of ``state_block_size`` (group key, default 256) elements of its flat memory; the
-  format is svi_kernels/backends/state_storage.py's codec. ~2.03 B/param for Adam's two moments.
+  format is svi_kernels/backends/state_storage.py's codec. ~2.03 B/param for Adam's two moments. Under
+  FSDP2 the blocks are each local shard's and the scales a DTensor laid out by sharding.py ("int8 state");
+  the sharded cases here go through it (``create``, ``matches``, ``_conform_sharded``, ``check_checkpoint``,
+  ``scales``: the local scales the kernels take).
 
 What this module holds: the checks (a value, a group, a pair of dtypes), the dtype of a new state tensor
 and the conversion of existing state (a checkpoint loaded, a setting changed), and the SR seeds: one per
