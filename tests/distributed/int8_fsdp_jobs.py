@@ -30,8 +30,9 @@ def make_model(seed: int = 0) -> torch.nn.Sequential:
                                torch.nn.Linear(9, 1))
 
 
-def make_optimizer(name: str, params_by_layer, backend: str, block: int = BLOCK, state_dtype="int8"):
-    """``params_by_layer``: the parameters of each Linear (a list per layer)."""
+def make_optimizer(name: str, params_by_layer, backend: str, block: int = BLOCK, state_dtype="int8", mv=False):
+    """``params_by_layer``: the parameters of each Linear (a list per layer); ``mv``: SaLSA's
+    momentum_direction (its sums decode the moments in Python)."""
     params = [p for ps in params_by_layer for p in ps]
     kw = dict(backend=backend, state_dtype=state_dtype, state_block_size=block)
     if name == "AdamW":
@@ -41,7 +42,7 @@ def make_optimizer(name: str, params_by_layer, backend: str, block: int = BLOCK,
     if name == "AdamSLS":
         return sk.AdamSLS(params, init_step_size=5.0, n_batches_per_epoch=4, **kw)
     if name == "SaLSA":
-        return sk.SaLSA(params, init_step_size=5.0, **kw)
+        return sk.SaLSA(params, init_step_size=5.0, momentum_direction=mv, **kw)
     groups = [{"params": list(ps)} for ps in params_by_layer]
     return sk.LayerwiseAdamSLS(groups, warmup_steps=1, init_step_size=5.0, n_batches_per_epoch=4, **kw)
 
@@ -106,11 +107,11 @@ def _moments(opt, p) -> dict:
     return out
 
 
-def chunk_run(name: str, backend: str, world_batches: bool = False) -> dict:
+def chunk_run(name: str, backend: str, mv: bool = False) -> dict:
     """One process over the shards as tensors (ChunkModel), on the full batch (what each rank sees in
     ``sharded_run(..., same_batch=True)``)."""
     cm = ChunkModel(make_model())
-    opt = make_optimizer(name, cm.by_layer(), backend)
+    opt = make_optimizer(name, cm.by_layer(), backend, mv=mv)
     if name in J.LINE_SEARCH:
         opt.process_group = False
     J.train(cm, opt, name, range(J.N_STEPS))
@@ -144,13 +145,13 @@ def _scale_bytes(opt) -> tuple:
     return held, used
 
 
-def sharded_run(rank: int, world: int, name: str, backend: str, same_batch: bool) -> dict:
+def sharded_run(rank: int, world: int, name: str, backend: str, same_batch: bool, mv: bool = False) -> dict:
     """FSDP2 (the last layer kept by the root, as in fsdp_jobs); ``same_batch``: every rank on the full
     batch (gradients and losses then equal ChunkModel's bit for bit: (g + g) / 2 == g), else each rank its
     slice of it."""
     model = make_model()
     J._shard(model, skip=(4,))
-    opt = make_optimizer(name, layers(model), backend)
+    opt = make_optimizer(name, layers(model), backend, mv=mv)
     if same_batch:
         J.train(model, opt, name, range(J.N_STEPS))
     else:
@@ -354,6 +355,8 @@ def _jobs(rank, world, ckpt_dir, backends):
             jobs.append((("dcp", name, backend), lambda n=name, b=backend: dcp_resume(rank, world, n, b, ckpt_dir)))
             jobs.append((("chunk", name, backend), lambda n=name, b=backend: chunk_run(n, b)))
             jobs.append((("whole", name, backend), lambda n=name, b=backend: whole_run(n, b)))
+        jobs.append((("same-mv", "SaLSA", backend), lambda b=backend: sharded_run(rank, world, "SaLSA", b, True, True)))
+        jobs.append((("chunk-mv", "SaLSA", backend), lambda b=backend: chunk_run("SaLSA", b, True)))
         for name in ("AdamW", "AdamSLS"):
             for how in ("block", "mesh"):
                 jobs.append((("refused", how, name, backend),
