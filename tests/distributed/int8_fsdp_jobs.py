@@ -83,7 +83,8 @@ class ChunkModel(torch.nn.Module):
     def by_layer(self):
         out, i = [], 0
         for layer in layers(self.model):
-            out.append([t for k in range(i, i + len(layer)) for t in self.parts[k] if isinstance(t, torch.nn.Parameter)])
+            out.append([t for k in range(i, i + len(layer)) for t in self.parts[k]
+                        if isinstance(t, torch.nn.Parameter)])
             i += len(layer)
         return out
 
