@@ -33,6 +33,7 @@ from . import bucketing
 from . import hyperparams
 from . import input_checks
 from . import master_weights
+from . import master_weights as master_weights_mod
 from . import step_counters
 from . import tensor_ops
 from . import plain_step
@@ -87,7 +88,7 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=bool(amsgrad), backend=bucketing._backends.validate(backend),
                         foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
-                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        master_weights=master_weights_mod.check_mode(master_weights),
                         state_dtype=state_storage.check_value(state_dtype),
                         state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults)
@@ -157,21 +158,23 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         if g is None:
             continue
         state = state_of[p]
-        w = master_weights.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
+        w = master_weights.working_tensor(group, state, p) if masters or "master_param" in state \
+            or master_weights.CORRECTION in state else p  # p or its fp32 master
+        wd = state_storage.working_dtype(group, p)  # (float32 under every master mode)
         if "exp_avg" not in state:
             if fused:
                 F.check_fused_param(p)
             state["step"] = step_counters.new_step(p, on_device=tensor_path)
-            state_storage.create(state, "exp_avg", w, group)
-            state_storage.create(state, "exp_avg_sq", w, group)
+            state_storage.create(state, "exp_avg", w, group, wd)
+            state_storage.create(state, "exp_avg_sq", w, group, wd)
         else:
             if tensor_path:
                 step_counters.step_to_param_device(state, p)
-            if not state_storage.matches(state, "exp_avg", w.dtype, group):  # (the setting changed)
-                state_storage.conform(state, w.dtype, state_dtype, state_storage.block_size(group))
+            if not state_storage.matches(state, "exp_avg", wd, group):  # (the setting changed)
+                state_storage.conform(state, wd, state_dtype, state_storage.block_size(group))
         if amsgrad:
             if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                state_storage.create(state, "max_exp_avg_sq", w, group)
+                state_storage.create(state, "max_exp_avg_sq", w, group, wd)
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         owners.append(p)
         params.append(w)
@@ -205,7 +208,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
     master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None,
                                                        state_seed=seeds.next(group), **_scales_kwargs(ls[n:]),
                                                        **hyper),
-                                     lists, owners, grad_scale)
+                                     lists, owners, grad_scale, group, state_of)
 
 
 def _scales_kwargs(scale_lists) -> dict:

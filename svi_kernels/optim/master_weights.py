@@ -1,5 +1,26 @@
-"""fp32 master weights of fp16/bf16 parameters: the working tensor a fused op updates, chunked
-fp32 updates rounded back into the parameters, and the checkpoint rules."""
+"""Master weights of fp16/bf16 parameters (``master_weights=``, issue 24): a load/store policy around the
+unchanged fused update, and the checkpoint rules.
+
+Modes (other dtypes ignore all of them, as ``True`` always did):
+
+- ``False``: the update is rounded to nearest into p (small updates are lost below half an ulp).
+- ``True``: a float32 copy ``state["master_param"]`` (+4 B/param) takes the update; p = round(master).
+- ``"kahan"``: a compensation ``state["master_correction"]`` in p's dtype (+2 B/param): w = p + c,
+  stored as p = round(w), c = round(w - p).
+- ``"8bit"``: an int8 code ``state["master_correction"]`` (+1 B/param): w ~= p + code * ulp(p) / 254
+  with p = round(w) and code = rint((w - p) / (ulp(p) / 254)) in [-127, 127] (|w - p| <= ulp(p) / 2),
+  so |w - reconstruction| <= ulp(p) / 508 (fp16 and bf16 alike; ulp(p) = nextafter(|p|, inf) - |p|).
+- ``"stochastic"``: no buffer (+0 B/param); p = stochastic rounding of the new value: the hash bits of
+  svi_kernels/backends/state_storage.py (bf16: the kernels' SR of bf16 state, bit for bit; fp16: the same
+  16 bits against the gap between the two neighbours) keyed by a host counter in the param group
+  (``master_seed_calls``, in the state_dict), the parameter's position and its memory index: same bits on
+  every rank, no device RNG, bit-identical resume.
+
+Every mode other than ``True`` loads, per chunk of at most MASTER_CHUNK_NUMEL elements, the float32
+working values from (p, correction), runs the same fused op on the float32 chunk (moments created for
+a float32 working tensor: float32 by default, or the group's ``state_dtype``), and stores back. The
+transient is the chunk (fp32 working values and fp32 grads): a Python-level policy, not fused.
+"""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -16,6 +37,87 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # fp32 gradient copies made at once for the master update: bounds the step's extra memory (256 MiB).
 MASTER_CHUNK_NUMEL = 1 << 26
 
+MODES = (False, True, "kahan", "8bit", "stochastic")
+MODES_TEXT = "False, True, 'kahan', '8bit' or 'stochastic'"
+CORRECTION = "master_correction"  # state key of the kahan compensation / the 8bit code
+SEED_KEY = "master_seed_calls"  # group key: steps that drew stochastic-rounding bits
+_CODE_UNITS = 254.0  # 8bit: the code counts ulp(p) / 254, so |code| <= 127 for |w - p| <= ulp(p) / 2
+_SR_LIST = 7  # the SR list salt of the parameters (the state lists use 0..2)
+
+
+def check_mode(value):
+    """A ``master_weights`` value as given, or a ValueError naming it and the allowed values."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in MODES[2:]:
+        return value.lower()
+    raise ValueError(f"Invalid master_weights {value!r}: allowed values are {MODES_TEXT}")
+
+
+def mode_of(group: dict, p: Tensor):
+    """The group's mode where it applies to p (an fp16/bf16 p), else False."""
+    mode = group.get("master_weights", False)
+    return mode if mode and p.dtype in LOW_PRECISION else False
+
+
+def _ulp(p: Tensor) -> Tensor:
+    """ulp(p) in float32: nextafter(|p|, inf) - |p| in p's dtype (0 for non-finite p)."""
+    a = p.abs()
+    u = torch.nextafter(a, torch.full_like(a, float("inf"))).to(torch.float32) - a.to(torch.float32)
+    return torch.where(torch.isfinite(u), u, torch.zeros_like(u))
+
+
+def load(mode, p: Tensor, state: dict) -> Tensor:
+    """The float32 working values of p under ``mode`` (a new tensor, except True's master itself)."""
+    if mode is True:
+        return working_tensor({"master_weights": True}, state, p)
+    w = p.detach().to(torch.float32, copy=True)
+    c = state.get(CORRECTION)
+    if c is not None and mode == "kahan":
+        w += c.to(torch.float32)
+    elif c is not None and mode == "8bit":
+        w += c.to(torch.float32) * (_ulp(p) / _CODE_UNITS)
+    return w
+
+
+def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int) -> Tensor:
+    mem = state_storage._bits.memory_index(w)
+    if dtype == torch.bfloat16:
+        return state_storage._bits.stochastic_round_bf16(w, key, index, _SR_LIST, mem)
+    r = state_storage._bits.sr_bits(state_storage._bits.sr_key(key, index), _SR_LIST, mem)
+    near = w.to(dtype)
+    n32 = near.to(torch.float32)
+    down = torch.where(n32 > w, torch.nextafter(near, torch.full_like(near, float("-inf"))), near)
+    up = torch.where(n32 < w, torch.nextafter(near, torch.full_like(near, float("inf"))), near)
+    gap = up.to(torch.float32) - down.to(torch.float32)
+    frac = torch.where(gap > 0, (w - down.to(torch.float32)) / gap, torch.zeros_like(w))
+    return torch.where((r.to(torch.float32) + 0.5) / 65536.0 < frac, up, down)
+
+
+def store(mode, p: Tensor, state: dict, w: Tensor, key: int = 0, index: int = 0) -> None:
+    """p (and its correction) <- the float32 working values ``w`` under ``mode``."""
+    if mode == "stochastic":
+        p.copy_(_stochastic_round(w, p.dtype, key, index))
+        return
+    if mode is True:
+        master = working_tensor({"master_weights": True}, state, p)
+        if master is not w:
+            master.copy_(w)
+    p.copy_(w)
+    if mode == "kahan":
+        state[CORRECTION] = (w - p.to(torch.float32)).to(p.dtype)
+    elif mode == "8bit":
+        code = torch.round((w - p.to(torch.float32)) / (_ulp(p) / _CODE_UNITS))
+        code = torch.nan_to_num(code, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-127, 127)
+        state[CORRECTION] = code.to(torch.int8)
+
+
+def step_key(group: dict) -> int:
+    """A new stochastic-rounding key for this group's step (host counter, advanced once)."""
+    calls = int(group.get(SEED_KEY, 0))
+    group[SEED_KEY] = calls + 1
+    return state_storage._mix(state_storage.BASE_SEED + 0x1234567 + calls * 0x9E3779B9)
+
 
 def working_tensor(group, state: dict, p: Tensor) -> Tensor:
     """The tensor the fused op updates for p: p itself, or, for an fp16/bf16 p under
@@ -25,7 +127,15 @@ def working_tensor(group, state: dict, p: Tensor) -> Tensor:
     saved without master weights resumes with them). A group whose flag was switched off drops the
     master and keeps its moments in p's state dtype (p already holds the rounded master)."""
     state_dtype = group.get(state_storage.KEY)
-    if group["master_weights"] and p.dtype in LOW_PRECISION:
+    mode = group["master_weights"]
+    if mode and mode is not True and p.dtype in LOW_PRECISION:  # a load/store mode: p is the owner
+        if "master_param" in state:  # switched from True: the master becomes (p, correction)
+            master = state.pop("master_param")
+            store(mode, p, state, master, step_key(group) if mode == "stochastic" else 0)
+        return p
+    if mode is not True:
+        state.pop(CORRECTION, None)
+    if mode is True and p.dtype in LOW_PRECISION:
         master = state.get("master_param")
         if master is None:
             state_storage.conform(state, torch.float32, state_dtype, state_storage.block_size(group))
@@ -39,17 +149,22 @@ def working_tensor(group, state: dict, p: Tensor) -> Tensor:
 
 
 def step_with_masters(update, lists: List[List[Tensor]], params: List[Tensor],
-                      grad_scale: Optional[Tensor]) -> None:
+                      grad_scale: Optional[Tensor], group: Optional[dict] = None, states=None) -> None:
     """``update(*lists)`` where ``lists[0]`` holds working tensors (see ``working_tensor``) and
     ``lists[1]`` the grads of ``params``, the parameters they stand for.
 
-    Entries that are their own parameter go through in one call, as without master weights. The
-    master entries go in chunks of at most MASTER_CHUNK_NUMEL elements: their grads converted to
-    float32 (one read of the grad and one fp32 write), the fused op on the fp32 lists, then each
-    master rounded (to nearest) into its parameter in place. Under a GradScaler the op unscales the
-    fp32 grads; they are copied back so ``p.grad`` ends unscaled as without master weights.
+    Entries that are their own parameter (and not under a load/store mode of ``group``) go through in
+    one call, as without master weights. The others go in chunks of at most MASTER_CHUNK_NUMEL
+    elements: their grads converted to float32 (one read of the grad and one fp32 write), their float32
+    working values loaded (``load``: True's master itself, else built from p and its correction), the
+    fused op on the fp32 lists, then each stored back (``store``: True rounds the master to nearest into
+    p). Under a GradScaler the op unscales the fp32 grads; they are copied back so ``p.grad`` ends
+    unscaled as without master weights. ``states``: the optimizer's state (needed by the load/store modes).
     """
-    masters = [i for i, (w, p) in enumerate(zip(lists[0], params)) if w is not p]
+    mode = group.get("master_weights", False) if group is not None else False
+    loaded = mode and mode is not True
+    masters = [i for i, (w, p) in enumerate(zip(lists[0], params))
+               if w is not p or (loaded and p.dtype in LOW_PRECISION)]
     if not masters:
         update(*lists)
         return
@@ -57,12 +172,20 @@ def step_with_masters(update, lists: List[List[Tensor]], params: List[Tensor],
         is_master = set(masters)
         direct = [i for i in range(len(params)) if i not in is_master]
         update(*[[tl[i] for i in direct] for tl in lists])
+    key = step_key(group) if mode == "stochastic" else 0
+    position = {id(p): k for k, p in enumerate(group["params"])} if group is not None else {}
     for chunk in _chunks(masters, lists[0]):
         sub = [[tl[i] for i in chunk] for tl in lists]
         low_grads = sub[1]
         sub[1] = [g.to(torch.float32) for g in low_grads]
+        if loaded:
+            sub[0] = [load(mode, params[i], states[params[i]]) for i in chunk]
         update(*sub)
-        torch._foreach_copy_([params[i] for i in chunk], sub[0])
+        if loaded:
+            for i, w in zip(chunk, sub[0]):
+                store(mode, params[i], states[params[i]], w, key, position.get(id(params[i]), i))
+        else:
+            torch._foreach_copy_([params[i] for i in chunk], sub[0])
         if grad_scale is not None:
             torch._foreach_copy_(low_grads, sub[1])
 
@@ -91,9 +214,9 @@ def keep_master_state(opt, state_dict, flags: Sequence[bool]) -> None:
         group["master_weights"] = flag
     for pid, (p, flag) in zip(saved_ids, params):
         saved = state_dict["state"].get(pid)
-        if not flag or not saved or "master_param" not in saved:
+        if not flag or not saved or ("master_param" not in saved and (flag is True or p.dtype not in LOW_PRECISION)):
             continue
         state = opt.state[p]
         for k, v in saved.items():
             if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
-                state[k] = v.to(device=p.device)
+                state[k] = v.to(device=p.device, copy=True)

@@ -35,6 +35,7 @@ from . import bucketing
 from . import hyperparams
 from . import input_checks
 from . import master_weights
+from . import master_weights as master_weights_mod
 from . import tensor_ops
 from . import plain_step
 from . import state_storage
@@ -72,7 +73,7 @@ class SVI(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
                         weight_decay=weight_decay, base=base, betas=betas, eps=eps, maximize=maximize,
                         amsgrad=bool(amsgrad), capturable=bool(capturable),
-                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        master_weights=master_weights_mod.check_mode(master_weights),
                         backend=bucketing._backends.validate(backend), foreach=foreach, fused=fused,
                         differentiable=differentiable, state_dtype=state_storage.check_value(state_dtype),
                         state_block_size=state_storage.check_block_size(state_block_size))
@@ -152,10 +153,11 @@ class SVI(Optimizer):
             if "momentum_buffer" not in st or st["momentum_buffer"] is None:
                 if group["fused"]:
                     F.check_fused_param(p)
-                state_storage.create(st, "momentum_buffer", w, group)
+                state_storage.create(st, "momentum_buffer", w, group, state_storage.working_dtype(group, p))
                 fresh.append(len(bufs))
-            elif not state_storage.matches(st, "momentum_buffer", w.dtype, group):  # (setting changed)
-                state_storage.conform(st, w.dtype, state_dtype, state_storage.block_size(group))
+            elif not state_storage.matches(st, "momentum_buffer", state_storage.working_dtype(group, p), group):
+                state_storage.conform(st, state_storage.working_dtype(group, p), state_dtype,
+                                      state_storage.block_size(group))  # (setting changed)
             bufs.append(st["momentum_buffer"])
         if has_complex:  # optimised as real views, as torch does (no copy)
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
@@ -176,11 +178,12 @@ class SVI(Optimizer):
             master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **{**hyper, "dampening": 0.0},
                                                                  momentum_buffer_scales=_scales(ls),
                                                                  state_seed=seeds.next(group)), new,
-                                [owners[i] for i in fresh], grad_scale)
+                                [owners[i] for i in fresh], grad_scale, group, self.state)
             keep = [i for i in range(len(owners)) if i not in is_fresh]
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
         master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **hyper, momentum_buffer_scales=_scales(ls),
-                                                             state_seed=seeds.next(group)), lists, owners, grad_scale)
+                                                             state_seed=seeds.next(group)), lists, owners, grad_scale,
+                                         group, self.state)
 
     def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""
