@@ -23,6 +23,8 @@ transient is the chunk (fp32 working values and fp32 grads): a Python-level poli
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -67,10 +69,10 @@ def _ulp(p: Tensor) -> Tensor:
     return torch.where(torch.isfinite(u), u, torch.zeros_like(u))
 
 
-def load(mode, p: Tensor, state: dict) -> Tensor:
+def load(mode, p: Tensor, state: dict, group: Optional[dict] = None) -> Tensor:
     """The float32 working values of p under ``mode`` (a new tensor, except True's master itself)."""
     if mode is True:
-        return working_tensor({"master_weights": True}, state, p)
+        return working_tensor(group if group is not None else {"master_weights": True}, state, p)
     w = p.detach().to(torch.float32, copy=True)
     c = state.get(CORRECTION)
     if c is not None and mode == "kahan":
@@ -94,13 +96,14 @@ def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int) -> Te
     return torch.where((r.to(torch.float32) + 0.5) / 65536.0 < frac, up, down)
 
 
-def store(mode, p: Tensor, state: dict, w: Tensor, key: int = 0, index: int = 0) -> None:
+def store(mode, p: Tensor, state: dict, w: Tensor, key: int = 0, index: int = 0,
+          group: Optional[dict] = None) -> None:
     """p (and its correction) <- the float32 working values ``w`` under ``mode``."""
     if mode == "stochastic":
         p.copy_(_stochastic_round(w, p.dtype, key, index))
         return
     if mode is True:
-        master = working_tensor({"master_weights": True}, state, p)
+        master = working_tensor(group if group is not None else {"master_weights": True}, state, p)
         if master is not w:
             master.copy_(w)
     p.copy_(w)
@@ -220,3 +223,98 @@ def keep_master_state(opt, state_dict, flags: Sequence[bool]) -> None:
         for k, v in saved.items():
             if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
                 state[k] = v.to(device=p.device, copy=True)
+
+
+# ------------------------------------------------------------------------------- line searches
+def line_search_step(step):
+    """Decorates a line search's ``step(closure)``: under a master mode its fp16/bf16 parameters are
+    searched through float32 working copies (``_searched_in_fp32``); otherwise the step as it was."""
+    @functools.wraps(step)
+    def wrapper(self, closure=None):
+        if not any(g.get("master_weights") for g in self.param_groups):
+            return step(self, closure)
+        pairs = [(g, k, p, mode_of(g, p)) for g in self.param_groups for k, p in enumerate(g["params"])]
+        pairs = [x for x in pairs if x[3] and x[2].requires_grad]
+        if not pairs:
+            return step(self, closure)
+        with _searched_in_fp32(self, closure, pairs) as wrapped:
+            return step(self, wrapped)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _searched_in_fp32(opt, closure, pairs):
+    """The line search of ``opt`` runs on float32 working copies w of its fp16/bf16 parameters p (the
+    precise start point: ``load``), put in their place in the param groups and the state for the step.
+    Every closure call but the first writes the rounded trial point into p first (to nearest; under
+    "stochastic" the rounding of the final store, same key), so the forward sees what p will hold; the
+    first call's gradients are copied to the working copies in float32. After the step each w is stored
+    back (``store``); if the step raises, every p gets its start value back (bit for bit) and the master
+    state is left as it was. Transient for the step: 4 B/param of w, 4 of its fp32 gradient, 2 of p's
+    start value (not chunked: a search moves every parameter together)."""
+    from ._closure import grad_marks, grads_changed
+    from . import step_plan
+    state = opt.state
+    keys = {id(g): step_key(g) for g, _, _, mode in pairs if mode == "stochastic"}
+    items = []  # (group, position, p, mode, its state dict, stashed master entries, w, p's start value)
+    for g, k, p, mode in pairs:
+        st = state[p]
+        w = load(mode, p, st, g).detach().clone()
+        stash = {key: st.pop(key) for key in ("master_param", CORRECTION) if key in st}
+        w.requires_grad_(True)
+        if p.grad is not None:
+            w.grad = p.grad.detach().to(torch.float32)
+        items.append((g, k, p, mode, st, stash, w, p.detach().clone()))
+    step_plan.drop_line_search(opt)
+    for g, k, p, mode, st, stash, w, p0 in items:
+        g["params"][k] = w
+        state[w] = state.pop(p)
+    owners = [p for _, _, p, _, _, _, _, _ in items]
+    calls = [0]
+
+    def put_trial_points():
+        for g, k, p, mode, st, stash, w, p0 in items:
+            if mode == "stochastic":
+                p.copy_(_stochastic_round(w.detach(), p.dtype, keys[id(g)], k))
+            else:
+                p.copy_(w.detach())
+
+    def copy_grads():
+        for g, k, p, mode, st, stash, w, p0 in items:
+            w.grad = None if p.grad is None else p.grad.detach().to(torch.float32)
+
+    wrapped = None
+    if closure is not None:
+        @functools.wraps(closure)
+        def wrapped(*args, **kwargs):
+            first = calls[0] == 0
+            calls[0] += 1
+            if not first:
+                with torch.no_grad():
+                    put_trial_points()
+                return closure(*args, **kwargs)
+            marks = grad_marks(owners)
+            loss = closure(*args, **kwargs)
+            if not grads_changed(marks, owners) and isinstance(loss, Tensor) and loss.requires_grad \
+                    and torch.is_grad_enabled():
+                loss.backward()  # (the runner would have; p's gradients go to the working copies below)
+            copy_grads()
+            return loss
+
+    ok = False
+    try:
+        yield wrapped
+        ok = True
+    finally:
+        step_plan.drop_line_search(opt)
+        scratch = opt.__dict__.get("_w0", {})
+        for g, k, p, mode, st, stash, w, p0 in items:
+            g["params"][k] = p
+            state[p] = state.pop(w, st)
+            st.update(stash)
+            scratch.pop(w, None)
+            with torch.no_grad():
+                if ok:
+                    store(mode, p, st, w.detach(), keys.get(id(g), 0), k, g)
+                else:
+                    p.copy_(p0)
