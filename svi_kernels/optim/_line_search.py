@@ -273,6 +273,7 @@ class LineSearchOptimizer(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, self._name)
         if self._uses_moments:
             state_storage.check_new_group(self, self._name)
         searched_step.wrap_groups(self)  # no "lr": a scheduler gets a clear error (searched_step.py)

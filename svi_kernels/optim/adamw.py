@@ -96,6 +96,7 @@ class AdamW(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, "AdamW")
         state_storage.check_new_group(self, "AdamW")
 
     def __setstate__(self, state):

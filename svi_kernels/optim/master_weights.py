@@ -56,6 +56,17 @@ def check_mode(value):
     raise ValueError(f"Invalid master_weights {value!r}: allowed values are {MODES_TEXT}")
 
 
+def check_new_group(opt, opt_name: str) -> None:
+    """After ``Optimizer.add_param_group``: the new group's ``master_weights`` checked (the group taken
+    back when refused, so a refused group changes nothing)."""
+    group = opt.param_groups[-1]
+    try:
+        group["master_weights"] = check_mode(group.get("master_weights", False))
+    except ValueError as e:
+        opt.param_groups.pop()
+        raise ValueError(f"{opt_name}: {e}") from None
+
+
 def mode_of(group: dict, p: Tensor):
     """The group's mode where it applies to p (an fp16/bf16 p), else False."""
     mode = group.get("master_weights", False)

@@ -82,6 +82,7 @@ class SVI(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, "SVI")
         state_storage.check_new_group(self, "SVI")
 
     def __setstate__(self, state):
