@@ -267,7 +267,7 @@ def _searched_in_fp32(opt, closure, pairs):
     back (``store``); if the step raises, every p gets its start value back (bit for bit) and the master
     state is left as it was. Transient for the step: 4 B/param of w, 4 of its fp32 gradient, 2 of p's
     start value (not chunked: a search moves every parameter together)."""
-    from ._closure import grad_marks, grads_changed
+    from ._closure import grad_marks, grads_changed, grads_set_aside
     from . import step_plan
     state = opt.state
     keys = {id(g): step_key(g) for g, _, _, mode in pairs if mode == "stochastic"}
@@ -298,18 +298,30 @@ def _searched_in_fp32(opt, closure, pairs):
         for g, k, p, mode, st, stash, w, p0 in items:
             w.grad = None if p.grad is None else p.grad.detach().to(torch.float32)
 
+    @contextlib.contextmanager
+    def real_params():  # the closure sees the parameters in the groups (its opt.zero_grad() clears p.grad)
+        for g, k, p, mode, st, stash, w, p0 in items:
+            g["params"][k] = p
+        try:
+            yield
+        finally:
+            for g, k, p, mode, st, stash, w, p0 in items:
+                g["params"][k] = w
+
     wrapped = None
     if closure is not None:
         @functools.wraps(closure)
         def wrapped(*args, **kwargs):
             first = calls[0] == 0
             calls[0] += 1
-            if not first:
+            if not first:  # a trial: p's gradients set aside as the runner does for the working copies'
                 with torch.no_grad():
                     put_trial_points()
-                return closure(*args, **kwargs)
+                with grads_set_aside(owners), real_params():
+                    return closure(*args, **kwargs)
             marks = grad_marks(owners)
-            loss = closure(*args, **kwargs)
+            with real_params():
+                loss = closure(*args, **kwargs)
             if not grads_changed(marks, owners) and isinstance(loss, Tensor) and loss.requires_grad \
                     and torch.is_grad_enabled():
                 loss.backward()  # (the runner would have; p's gradients go to the working copies below)

@@ -345,6 +345,32 @@ def test_raising_search_restores_exactly(name, mode):
     assert opt.ls_state["step"] == steps + 1
 
 
+@pytest.mark.parametrize("name", list(SEARCHES))
+@pytest.mark.parametrize("mode", ["kahan", True])
+def test_closure_that_zeroes_and_calls_backward(name, mode):
+    """torch's closure convention (opt.zero_grad(); loss.backward() inside) gives the same steps as a
+    closure without them and zero_grad before step(): the closure's zero_grad clears p.grad (no gradient
+    accumulated across steps), a trial's backward leaves p.grad alone."""
+    g = torch.Generator().manual_seed(13)
+    target = torch.randn(200, generator=g, dtype=torch.float64)
+    start = torch.randn(200, generator=g).to(torch.bfloat16)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_a, opt_b = SEARCHES[name]([a], master_weights=mode), SEARCHES[name]([b], master_weights=mode)
+
+    def closure_b():
+        opt_b.zero_grad()
+        loss = 0.5 * ((b.double() - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt_a.zero_grad()
+        opt_a.step(quadratic(a, target))
+        opt_b.step(closure_b)
+        assert torch.equal(a.detach(), b.detach())
+        assert torch.equal(a.grad, b.grad)
+
+
 # ---------------------------------------------------------------------------------------- resume
 def _bits(t):
     return t.detach().clone()
