@@ -88,12 +88,18 @@ def load(mode, p: Tensor, state: dict, group: Optional[dict] = None) -> Tensor:
     """The float32 working values of p under ``mode`` (a new tensor, except True's master itself)."""
     if mode is True:
         return working_tensor(group if group is not None else {"master_weights": True}, state, p)
-    w = p.detach().to(torch.float32, copy=True)
+    return _with_correction(p, state)
+
+
+def _with_correction(p: Tensor, state: dict) -> Tensor:
+    """p in float32 plus its correction, read by its dtype (int8: an 8bit code; p's dtype: a kahan
+    compensation), so a group switched between the modes keeps its precise values."""
+    w = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
     c = state.get(CORRECTION)
-    if c is not None and mode == "kahan":
-        w += c.to(torch.float32)
-    elif c is not None and mode == "8bit":
+    if c is not None and c.dtype == torch.int8:
         w += c.to(torch.float32) * (_ulp(p) / _CODE_UNITS)
+    elif c is not None:
+        w += c.to(torch.float32)
     return w
 
 
@@ -116,6 +122,7 @@ def store(mode, p: Tensor, state: dict, w: Tensor, key: int = 0, index: int = 0,
     """p (and its correction) <- the float32 working values ``w`` under ``mode``."""
     if mode == "stochastic":
         p.copy_(_stochastic_round(w, p.dtype, key, index))
+        state.pop(CORRECTION, None)
         return
     if mode is True:
         master = working_tensor(group if group is not None else {"master_weights": True}, state, p)
@@ -151,14 +158,14 @@ def working_tensor(group, state: dict, p: Tensor) -> Tensor:
             master = state.pop("master_param")
             store(mode, p, state, master, step_key(group) if mode == "stochastic" else 0)
         return p
-    if mode is not True:
-        state.pop(CORRECTION, None)
+    if not mode or p.dtype not in LOW_PRECISION:
+        state.pop(CORRECTION, None)  # (p holds the rounded value)
     if mode is True and p.dtype in LOW_PRECISION:
         master = state.get("master_param")
         if master is None:
             state_storage.conform(state, torch.float32, state_dtype, state_storage.block_size(group))
-            master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
-                                                             copy=True)
+            master = state["master_param"] = _with_correction(p, state)  # (p itself without a correction)
+            state.pop(CORRECTION, None)
         return master
     if "master_param" in state:
         del state["master_param"]
@@ -236,8 +243,8 @@ def keep_master_state(opt, state_dict, flags: Sequence[bool]) -> None:
             continue
         state = opt.state[p]
         for k, v in saved.items():
-            if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
-                state[k] = v.to(device=p.device, copy=True)
+            if k != "step" and isinstance(v, Tensor) and (v.is_floating_point() or k == CORRECTION):
+                state[k] = v.to(device=p.device, copy=True)  # (torch cast it to p's dtype, an 8bit code too)
 
 
 # ------------------------------------------------------------------------------- line searches
@@ -246,11 +253,20 @@ def line_search_step(step):
     searched through float32 working copies (``_searched_in_fp32``); otherwise the step as it was."""
     @functools.wraps(step)
     def wrapper(self, closure=None):
-        if not any(g.get("master_weights") for g in self.param_groups):
+        if not any(g.get("master_weights") for g in self.param_groups) and not self.__dict__.get("_had_masters"):
             return step(self, closure)
+        self.__dict__["_had_masters"] = True
+        with torch.no_grad():  # a group switched off (or to another mode): its master state converted first
+            for g in self.param_groups:
+                for p in g["params"]:
+                    st = self.state.get(p)
+                    if st and ("master_param" in st or CORRECTION in st or mode_of(g, p) is True):
+                        working_tensor(g, st, p)
         pairs = [(g, k, p, mode_of(g, p)) for g in self.param_groups for k, p in enumerate(g["params"])]
         pairs = [x for x in pairs if x[3] and x[2].requires_grad]
         if not pairs:
+            if not any(g.get("master_weights") for g in self.param_groups):
+                self.__dict__["_had_masters"] = False
             return step(self, closure)
         with _searched_in_fp32(self, closure, pairs) as wrapped:
             return step(self, wrapped)

@@ -371,6 +371,38 @@ def test_closure_that_zeroes_and_calls_backward(name, mode):
         assert torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("make", [sk.AdamW, sk.AdamSLS], ids=["AdamW", "AdamSLS"])
+def test_switching_modes_keeps_the_precise_value(make):
+    """group["master_weights"] changed between steps: the precise value carries over (within the new mode's
+    precision); the state keeps only the new mode's entries."""
+    g = torch.Generator().manual_seed(14)
+    p = torch.nn.Parameter(torch.randn(500, generator=g).to(torch.bfloat16))
+    target = torch.randn(500, generator=g, dtype=torch.float64)
+    name = "AdamW" if make is sk.AdamW else "AdamSLS"
+    opt = ALL[name]([p], master_weights=True)
+    run(name, p, opt, 3, target)
+    group, st = opt.param_groups[0], opt.state[p]
+    prev = mw.load(True, p.detach(), st, group).clone()
+    # tolerances in ulps of p: kahan's c is rounded to 8 bits (|c| <= ulp/2: error <= ulp * 2^-9), the 8bit
+    # code to ulp/254 (error <= ulp/508); True takes the reconstruction as it is (float32 sums: exact here)
+    for mode, tol in (("kahan", 2.0 ** -9), ("8bit", 1 / 508), (True, 2.0 ** -20), ("8bit", 1 / 508),
+                      ("kahan", 2.0 ** -9), (True, 2.0 ** -20)):
+        group["master_weights"] = mode
+        with torch.no_grad():
+            mw.working_tensor(group, st, p)  # what the next step does first
+        now = mw.load(mode, p.detach(), st, group)
+        assert ((now.double() - prev.double()).abs() <= ulp(p.detach()) * tol + 1e-30).all(), mode
+        assert ("master_param" in st) == (mode is True)
+        assert (mw.CORRECTION in st) == (mode in ("kahan", "8bit"))
+        prev = now.clone()
+    group["master_weights"] = "stochastic"
+    run(name, p, opt, 1, target)
+    assert not {"master_param", mw.CORRECTION} & set(st)
+    group["master_weights"] = False
+    run(name, p, opt, 1, target)
+    assert not {"master_param", mw.CORRECTION} & set(st)
+
+
 # ---------------------------------------------------------------------------------------- resume
 def _bits(t):
     return t.detach().clone()
