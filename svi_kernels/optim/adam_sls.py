@@ -21,6 +21,11 @@ state_storage.py).
 The trials move the parameters in place along
 g / (sqrt(v_hat) + eps) recomputed from g and v, and the final step starts from the last trial point
 (trial_points.py); ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
+
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
 """
 from __future__ import annotations
 

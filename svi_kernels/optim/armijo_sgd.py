@@ -12,6 +12,11 @@ the reduced eta is kept; no update when ``||g|| < 1e-8``.
 Memory: nothing per parameter (as torch's SGD). The trials move the parameters in place by
 ``(eta_prev - eta) * g`` (trial_points.py), so the accepted trial is the new point, no final pass;
 ``keep_start_point=True`` keeps a copy of w0 (+4 B/param) for the release's bits and an exact restore.
+
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
 """
 from __future__ import annotations
 

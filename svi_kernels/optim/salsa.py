@@ -25,6 +25,11 @@ deterministic models, including the package's own choices:
   stochastic rounding; ~2.03 B/param with ``state_dtype="int8"``; state_storage.py): the trials move the parameters in place (trial_points.py);
   ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
+
 Where the package is unsafe we differ (docs/api.md lists it): the RNG is replayed for every
 closure call of a step (the package reseeds from the wall clock), ``state_dict`` holds the step
 size and the averages (``ls_state``), param groups work (one step size each, searched in turn), a

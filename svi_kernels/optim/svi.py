@@ -16,6 +16,7 @@ sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on th
 
 ``master_weights=True``: as in ``AdamW``, every fp16/bf16 parameter is updated through a float32 copy
 (state ``master_param``; its momentum buffer or moments in float32) and rounded into the parameter.
+``"kahan"``, ``"8bit"``, ``"stochastic"``: as in ``AdamW`` (master_weights.py).
 
 ``state_dtype=``: the dtype of the momentum buffer or the moments, as in ``AdamW``: None (the working
 tensor's), ``torch.float32``, or ``torch.bfloat16`` (stored with stochastic rounding; not with capturable,
@@ -49,7 +50,7 @@ class SVI(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=None, weight_decay=0.0, base="sgd",
                  betas=(0.9, 0.999), eps=1e-8, *, dampening=0.0, maximize: bool = False, amsgrad: bool = False,
-                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
+                 capturable: bool = False, master_weights=False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
                  state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
