@@ -62,6 +62,10 @@ def check_new_group(opt, opt_name: str) -> None:
     group = opt.param_groups[-1]
     try:
         group["master_weights"] = check_mode(group.get("master_weights", False))
+        if group["master_weights"] and group.get("differentiable"):
+            raise ValueError(f"master_weights={group['master_weights']!r} with differentiable=True is not supported: "
+                             "the differentiable step is the plain PyTorch update of the parameter itself; use "
+                             "master_weights=False with it")
         if group["master_weights"] == "stochastic" and group.get("capturable"):
             raise ValueError("master_weights='stochastic' with capturable=True is not supported: its rounding bits "
                              "change every step, and a replayed CUDA graph would replay the same bits (a biased "

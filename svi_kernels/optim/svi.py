@@ -127,6 +127,10 @@ class SVI(Optimizer):
         _, kinds = input_checks.closure_then_check("SVI", None, groups, complex_ok=True,
                                         sparse_ok=lambda group: group["base"] == "sgd")
         for group, (_, has_sparse) in zip(groups, kinds):
+            if has_sparse and group["master_weights"] not in (False, True):
+                raise RuntimeError(f"SVI: sparse gradients take the plain PyTorch update of the parameter itself; "
+                                   f"master_weights={group['master_weights']!r} is not supported with them (use "
+                                   f"master_weights=False or True)")
             if has_sparse and group.get(state_storage.KEY) is not None:
                 raise RuntimeError(f"SVI: sparse gradients take the plain PyTorch update, which keeps the momentum "
                                    f"buffer in the parameter's dtype; state_dtype={group[state_storage.KEY]} is "

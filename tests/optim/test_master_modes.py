@@ -81,6 +81,23 @@ def test_stochastic_refused_with_capturable(make):
     make([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], master_weights="kahan", capturable=True)
 
 
+@pytest.mark.parametrize("make", [sk.AdamW, sk.SVI], ids=["AdamW", "SVI"])
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_refused_with_differentiable(make, mode):
+    with pytest.raises(ValueError, match="with differentiable=True is not supported"):
+        make([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], master_weights=mode, differentiable=True)
+
+
+@pytest.mark.parametrize("mode", LOAD_STORE)
+def test_svi_sparse_gradients_refused_before_change(mode):
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = sk.SVI([p], lr=0.1, master_weights=mode, backend="reference")
+    p.grad = torch.ones_like(p).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients .* master_weights="):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.bfloat16)) and not opt.state[p]
+
+
 @pytest.mark.parametrize("name", list(PLAIN))
 @pytest.mark.parametrize("mode", ["kahan", "8bit"])  # ("stochastic" is refused with capturable: above)
 def test_capturable_and_skipped_amp_step(name, mode):
