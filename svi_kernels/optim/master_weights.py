@@ -66,6 +66,9 @@ def check_new_group(opt, opt_name: str) -> None:
             raise ValueError(f"master_weights={group['master_weights']!r} with differentiable=True is not supported: "
                              "the differentiable step is the plain PyTorch update of the parameter itself; use "
                              "master_weights=False with it")
+        if group["master_weights"] not in (False, True) and state_storage._sharding.any_sharded(group["params"]):
+            raise ValueError(f"master_weights={group['master_weights']!r} with FSDP2 (DTensor) parameters is not "
+                             "supported yet (not tested); use master_weights=True or False with them")
         if group["master_weights"] == "stochastic" and group.get("capturable"):
             raise ValueError("master_weights='stochastic' with capturable=True is not supported: its rounding bits "
                              "change every step, and a replayed CUDA graph would replay the same bits (a biased "

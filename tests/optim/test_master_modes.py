@@ -3,6 +3,7 @@ the load/store codec against float64 values, the precision a mode keeps where pl
 line-search trials (the closure sees the rounded point, the precise one is kept), failed searches,
 bit-identical resume, the refusals, and the memory each mode keeps, measured from live tensors.
 """
+import importlib
 import io
 
 import pytest
@@ -505,6 +506,24 @@ def test_master_bytes_per_param(name, mode):
     extra = _state_bytes(opt, p, ("master_param", mw.CORRECTION)) / n
     assert extra == EXTRA_BYTES[mode]
     assert all(not isinstance(k, torch.Tensor) or k is p for k in opt.state)  # no working copy kept as a key
+
+
+@pytest.mark.parametrize("name,state_dtype", [("AdamW", None), ("AdamW", "int8"), ("AdamSLS", None),
+                                              ("AdamSLS", "int8"), ("ArmijoSGD", None)])
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_everything_the_optimizer_holds(name, mode, state_dtype):
+    """svi-bench's walker (benchmarks/state_bytes.py: every tensor reachable from the optimizer, hidden
+    buffers included) after 3 steps: the moments (float32 under a mode: 8 B/param, int8: 2.03) plus the
+    mode's master state, and nothing else (no working copy or start point left behind by a search)."""
+    from svi_kernels._entry import load
+    walker = importlib.import_module(load("microbench").__package__ + ".state_bytes")
+    n = 1 << 16
+    p = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
+    kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+    opt = ALL[name]([p], master_weights=mode, **kw)
+    run(name, p, opt, 3, torch.zeros(n, dtype=torch.float64))
+    moments = 0.0 if name == "ArmijoSGD" else (8.0 if state_dtype is None else 2 * (1 + 4 / 256))
+    assert walker.state_bytes_per_param(opt) == pytest.approx(moments + EXTRA_BYTES[mode], abs=1e-3)
 
 
 @pytest.mark.parametrize("name", ["AdamW", "AdamSLS"])
