@@ -110,11 +110,24 @@ def _with_correction(p: Tensor, state: dict) -> Tensor:
     return w
 
 
-def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int) -> Tensor:
-    mem = state_storage._bits.memory_index(w)
+def sr_bits(w: Tensor, key: int, index: int) -> Tensor:
+    """The 16 random bits (int32, 0..65535) of each element of ``w`` for the stochastic rounding of the
+    parameter at position ``index`` under the step key ``key``: the state SR bits of
+    svi_kernels/backends/state_storage.py (by memory index) with the parameters' list salt."""
+    bits = state_storage._bits
+    return bits.sr_bits(bits.sr_key(key, index), _SR_LIST, bits.memory_index(w)).to(torch.int32)
+
+
+def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int, r: Optional[Tensor] = None) -> Tensor:
+    """float32 ``w`` rounded stochastically to ``dtype`` with the bits ``r`` (``sr_bits``, computed here when
+    not given). bf16: bf16 bits = (float bits + r) >> 16, NaN to nearest (the kernels' SR of bf16 state, bit
+    for bit, in int32 arithmetic: no carry out of 32 bits below the NaNs); fp16: the upper neighbour with
+    probability (w - lower) / gap, by the same 16 bits."""
+    if r is None:
+        r = sr_bits(w, key, index)
     if dtype == torch.bfloat16:
-        return state_storage._bits.stochastic_round_bf16(w, key, index, _SR_LIST, mem)
-    r = state_storage._bits.sr_bits(state_storage._bits.sr_key(key, index), _SR_LIST, mem)
+        hi = torch.bitwise_right_shift(w.view(torch.int32) + r, 16).to(torch.int16).view(torch.bfloat16)
+        return torch.where(torch.isnan(w), w.to(torch.bfloat16), hi)
     near = w.to(dtype)
     n32 = near.to(torch.float32)
     down = torch.where(n32 > w, torch.nextafter(near, torch.full_like(near, float("-inf"))), near)
@@ -310,10 +323,18 @@ def _searched_in_fp32(opt, closure, pairs):
     owners = [p for _, _, p, _, _, _, _, _ in items]
     calls = [0]
 
+    bits = {}  # the SR bits of each "stochastic" parameter for this step (every trial and the final store)
+
+    def rounded(g, k, p, w):
+        r = bits.get(id(p))
+        if r is None:
+            r = bits[id(p)] = sr_bits(w, keys[id(g)], k)
+        return _stochastic_round(w.detach(), p.dtype, keys[id(g)], k, r)
+
     def put_trial_points():
         for g, k, p, mode, st, stash, w, p0 in items:
             if mode == "stochastic":
-                p.copy_(_stochastic_round(w.detach(), p.dtype, keys[id(g)], k))
+                p.copy_(rounded(g, k, p, w))
             else:
                 p.copy_(w.detach())
 
@@ -364,7 +385,10 @@ def _searched_in_fp32(opt, closure, pairs):
             st.update(stash)
             scratch.pop(w, None)
             with torch.no_grad():
-                if ok:
+                if ok and mode == "stochastic":
+                    p.copy_(rounded(g, k, p, w))
+                    st.pop(CORRECTION, None)
+                elif ok:
                     store(mode, p, st, w.detach(), keys.get(id(g), 0), k, g)
                 else:
                     p.copy_(p0)

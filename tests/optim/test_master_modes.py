@@ -174,6 +174,24 @@ def test_kahan_store_load(dtype):
     assert err.max() < (p.double() - w.double()).abs().max() / 50
 
 
+def test_bf16_stochastic_rounding_is_the_state_sr_bit_for_bit():
+    """bf16 parameters take the SR of bf16 state (backends/state_storage.py: the kernels' bits), with
+    the parameters' list salt, on specials too (inf, NaN, -0, subnormals, the largest finite values)."""
+    from svi_kernels.backends import state_storage as bits
+    g = torch.Generator().manual_seed(16)
+    w = torch.cat([torch.randn(5000, generator=g) * 10.0 ** torch.randint(-30, 30, (5000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40,
+                                 3.3895e38, -3.3895e38])])
+    for key, index in ((0, 0), (123456789, 3), (2 ** 31 - 1, 77)):
+        want = bits.stochastic_round_bf16(w, key, index, mw._SR_LIST, bits.memory_index(w))
+        p = torch.empty_like(w, dtype=torch.bfloat16)
+        mw.store("stochastic", p, {}, w, key=key, index=index)
+        assert torch.equal(p.view(torch.int16), want.view(torch.int16))
+    t = torch.randn(6, 7, generator=g).t()  # a transposed (non-contiguous) working tensor: bits by memory index
+    want = bits.stochastic_round_bf16(t, 5, 1, mw._SR_LIST, bits.memory_index(t))
+    assert torch.equal(mw._stochastic_round(t, torch.bfloat16, 5, 1).view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_stochastic_rounding_unbiased_and_neighbours(dtype):
     """Every result is one of the two neighbours of w; over many elements (hash bits by index) and keys
