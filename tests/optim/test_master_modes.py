@@ -141,6 +141,18 @@ def test_fp32_params_ignore_every_mode(name, mode):
 
 # ------------------------------------------------------------------------------------------ the codec
 @pytest.mark.parametrize("dtype", LOW)
+def test_ulp_of_every_value(dtype):
+    """The 8bit code's unit: ulp(p) = nextafter(|p|, inf) - |p| for each of the 65536 values (0 for inf/NaN)."""
+    p = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    a = p.abs()
+    up = torch.nextafter(a, torch.full_like(a, float("inf"))).double() - a.double()
+    down = a.double() - torch.nextafter(a, torch.zeros_like(a)).double()
+    want = torch.where(torch.isinf(up), down, up).float()  # the largest finite values: the spacing below
+    want = torch.where(torch.isfinite(p), want, torch.zeros_like(want))
+    assert torch.equal(mw._ulp(p), want)
+
+
+@pytest.mark.parametrize("dtype", LOW)
 def test_8bit_reconstruction_bound(dtype):
     """p = round_nearest(w) and |w - (p + code * ulp(p) / 254)| <= ulp(p) / 508 (+ float32 slack), over
     magnitudes from subnormal to large, signs, exact grid values, binade edges and zero."""
