@@ -484,6 +484,34 @@ def test_compiled_backends_agree(backend, name, mode):
         assert (w0 - w1).abs().mean() < ulp(p0.detach()).mean() * 2.0 ** -5
 
 
+@pytest.mark.parametrize("make", [sk.AdamW, sk.SVI], ids=["AdamW", "SVI"])
+@pytest.mark.parametrize("mode", LOAD_STORE)
+def test_grad_scaler(make, mode):
+    """Under torch.amp.GradScaler (CPU): the step unscales the float32 gradients in the fused op and copies
+    them back (p.grad ends unscaled), giving the unscaled run's bits (power-of-two scale: exact); a step
+    with an inf gradient is skipped and changes nothing."""
+    g = torch.Generator().manual_seed(17)
+    start = torch.randn(300, generator=g).to(torch.bfloat16)
+    grads = [(torch.randn(300, generator=g) * 0.3).to(torch.bfloat16) for _ in range(3)]
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_a, opt_b = make([a], lr=1e-2, master_weights=mode), make([b], lr=1e-2, master_weights=mode)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    scaler.scale(torch.ones(()))  # (the scale is made by the first scale() call)
+    for gr in grads:
+        a.grad = gr.clone()
+        opt_a.step()
+        b.grad = gr * 1024
+        scaler.step(opt_b)
+        scaler.update()
+        assert torch.equal(b.grad, gr)
+        assert torch.equal(a.detach(), b.detach())
+    before = (b.detach().clone(), mw.load(mode, b.detach(), opt_b.state[b]))
+    b.grad = torch.full_like(b, float("inf"))
+    scaler.step(opt_b)
+    scaler.update()
+    assert torch.equal(mw.load(mode, b.detach(), opt_b.state[b]), before[1])
+
+
 # ---------------------------------------------------------------------------------------- resume
 def _bits(t):
     return t.detach().clone()
