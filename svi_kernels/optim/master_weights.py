@@ -73,6 +73,8 @@ def check_new_group(opt, opt_name: str) -> None:
             raise ValueError("master_weights='stochastic' with capturable=True is not supported: its rounding bits "
                              "change every step, and a replayed CUDA graph would replay the same bits (a biased "
                              "rounding); use capturable=False, or master_weights='kahan' / '8bit' / True")
+        if group["master_weights"] == "stochastic":  # each group its own keys: counters 2^16 steps apart
+            group.setdefault(SEED_KEY, (len(opt.param_groups) - 1) << 16)
     except ValueError as e:
         opt.param_groups.pop()
         raise ValueError(f"{opt_name}: {e}") from None

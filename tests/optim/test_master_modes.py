@@ -204,6 +204,19 @@ def test_bf16_stochastic_rounding_is_the_state_sr_bit_for_bit():
     assert torch.equal(mw._stochastic_round(t, torch.bfloat16, 5, 1).view(torch.int16), want.view(torch.int16))
 
 
+def test_stochastic_groups_draw_their_own_bits():
+    """Two groups of equal parameters at the same step: different rounding bits (keys differ by group)."""
+    ps = [torch.nn.Parameter(torch.ones(4000, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = sk.SVI([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=1e-3, momentum=0.0, master_weights="stochastic",
+                 backend="reference")
+    assert [g[mw.SEED_KEY] for g in opt.param_groups] == [0, 1 << 16]
+    for p in ps:
+        p.grad = torch.full_like(p, -2.0 ** -8 / 1e-3)  # w = 1 + about half an ulp: either neighbour
+    opt.step()
+    assert 0.4 < float((ps[0].detach() > 1).float().mean()) < 0.6
+    assert 0.3 < float((ps[0] != ps[1]).float().mean()) < 0.7  # independent bits: ~half the elements differ
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_stochastic_rounding_unbiased_and_neighbours(dtype):
     """Every result is one of the two neighbours of w; over many elements (hash bits by index) and keys
