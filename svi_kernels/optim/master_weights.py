@@ -20,6 +20,11 @@ Every mode other than ``True`` loads, per chunk of at most MASTER_CHUNK_NUMEL el
 working values from (p, correction), runs the same fused op on the float32 chunk (moments created for
 a float32 working tensor: float32 by default, or the group's ``state_dtype``), and stores back. The
 transient is the chunk (fp32 working values and fp32 grads): a Python-level policy, not fused.
+
+Line searches (``line_search_step``): the whole step runs on float32 working copies of the fp16/bf16
+parameters (the precise start point); each trial forward sees the rounded trial point written into p;
+the final point is stored back; a raising step puts p back bit for bit (transient: 4 B/param copy,
+4 its gradient, 2 p's start value, +4 SR bits under "stochastic"; not chunked).
 """
 from __future__ import annotations
 
