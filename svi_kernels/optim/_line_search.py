@@ -21,6 +21,7 @@ from . import bucketing
 from . import hyperparams
 from . import initial_step
 from . import input_checks
+from . import master_weights
 from . import sharding
 from . import state_storage
 from . import step_plan
@@ -255,6 +256,7 @@ class LineSearchOptimizer(Optimizer):
         # True: keep a copy of the start point during each step (+4 B/param; trial_points.py)
         self.keep_start_point = trial_points.check_keep_start_point(keep_start_point)
         search = search_schedule.check_search(search)
+        defaults = {**defaults, "master_weights": master_weights.check_mode(defaults.get("master_weights", False))}
         if self._uses_moments:  # (ArmijoSGD keeps no state)
             defaults = {**defaults, state_storage.KEY: state_storage.check_value(defaults.get(state_storage.KEY)),
                         state_storage.BLOCK_KEY: state_storage.check_block_size(
@@ -272,6 +274,7 @@ class LineSearchOptimizer(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, self._name)
         if self._uses_moments:
             state_storage.check_new_group(self, self._name)
         searched_step.wrap_groups(self)  # no "lr": a scheduler gets a clear error (searched_step.py)
@@ -334,7 +337,9 @@ class LineSearchOptimizer(Optimizer):
         if self._uses_moments:
             state_storage.check_checkpoint(self._name, self, state_dict)
         kept = state_storage.settings(self)
+        flags = [g.get("master_weights", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        master_weights.keep_master_state(self, state_dict, flags)
         if self._uses_moments:  # (ArmijoSGD keeps no state)
             state_storage.keep_after_load(self, kept, state_dict)
         searched_step.wrap_groups(self)
@@ -348,11 +353,12 @@ class LineSearchOptimizer(Optimizer):
         with ``convert``, converted when the group's ``state_dtype`` changed)."""
         st = self.state[p]
         state_dtype = group.get(state_storage.KEY)
+        wd = state_storage.working_dtype(group, p)  # (float32 for an fp16/bf16 p under master_weights)
         if "exp_avg" not in st:
-            state_storage.create(st, "exp_avg", p, group)
-            state_storage.create(st, "exp_avg_sq", p, group)
-        elif convert and not state_storage.matches(st, "exp_avg", p.dtype, group):
-            state_storage.conform(st, p.dtype, state_dtype, state_storage.block_size(group))
+            state_storage.create(st, "exp_avg", p, group, wd)
+            state_storage.create(st, "exp_avg_sq", p, group, wd)
+        elif convert and not state_storage.matches(st, "exp_avg", wd, group):
+            state_storage.conform(st, wd, state_dtype, state_storage.block_size(group))
         return st
 
     def _scratch(self, p: Tensor) -> Tensor:

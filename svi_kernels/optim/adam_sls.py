@@ -21,6 +21,11 @@ state_storage.py).
 The trials move the parameters in place along
 g / (sqrt(v_hat) + eps) recomputed from g and v, and the final step starts from the last trial point
 (trial_points.py); ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
+
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from . import bucketing
 from . import hyperparams
 from . import initial_step
 from . import state_storage
+from . import master_weights
 from ._line_search import (DeviceSums, LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            read_trial, reset_step_size)
 from .trial_points import ADAM, MOMENTUM, TrialPoints
@@ -48,7 +54,7 @@ class AdamSLS(LineSearchOptimizer):
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=0.1, c=0.1, beta_b=0.9, gamma=2.0,
                  betas=(0.9, 0.999), eps=1e-8, max_backtracks=100, reset_option=1,
                  backend: Optional[str] = None, process_group=None, search="every", keep_start_point: bool = False,
-                 *, state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
+                 *, master_weights=False, state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         hyperparams.check_betas(betas)
         hyperparams.check_nonneg(eps, "eps")
@@ -58,7 +64,8 @@ class AdamSLS(LineSearchOptimizer):
                         beta_b=beta_b, gamma=gamma, betas=betas, eps=eps, max_backtracks=max_backtracks,
                         reset_option=reset_option, backend=bucketing._backends.validate(backend),
                         state_dtype=state_storage.check_value(state_dtype),
-                        state_block_size=state_storage.check_block_size(state_block_size))
+                        state_block_size=state_storage.check_block_size(state_block_size),
+                        master_weights=master_weights)
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
 
@@ -104,6 +111,7 @@ class AdamSLS(LineSearchOptimizer):
         return self._armijo(runner, f0, eta, group, lambda e: points.move({g: e for g in gids}, ADAM), read,
                             lambda: points.check_finite(gids))
 
+    @master_weights.line_search_step  # (master_weights= modes: fp32 working copies)
     def step(self, closure=None):
         """One ADAMSLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():

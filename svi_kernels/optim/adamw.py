@@ -14,7 +14,9 @@ Two ways through ``step()``:
 
 With ``master_weights=True`` each fp16/bf16 parameter is updated through a float32 copy in its state
 (``master_param``, with float32 moments) by the same fused ops, then rounded into the parameter in
-place (``master_weights.step_with_masters``).
+place (``master_weights.step_with_masters``). ``"kahan"``, ``"8bit"`` and ``"stochastic"`` keep less
+(a compensation in p's dtype, an int8 code, nothing): the same fused ops on float32 working chunks
+loaded from and stored back to (p, correction) (master_weights.py).
 
 ``state_dtype=torch.bfloat16`` keeps the moments in bf16 (4 B/param beside fp32 parameters instead of 8),
 stored with stochastic rounding; ``torch.float32`` keeps fp32 moments beside fp16/bf16 parameters
@@ -33,6 +35,7 @@ from . import bucketing
 from . import hyperparams
 from . import input_checks
 from . import master_weights
+from . import master_weights as master_weights_mod
 from . import step_counters
 from . import tensor_ops
 from . import plain_step
@@ -54,10 +57,13 @@ class AdamW(Optimizer):
             maximum of the second moment (state ``max_exp_avg_sq``), in the same fused launch.
         capturable: keep the steps on the parameters' device and read lr (a number or a 0-d tensor
             on that device), steps and AMP scale in the kernels: no host read in ``step()``.
-        master_weights: keep a float32 copy of every fp16/bf16 parameter (state ``master_param``,
-            moments in float32 too) that takes the update, rounded to nearest into the parameter
-            after each step; small updates then accumulate instead of rounding away. Other dtypes
-            ignore it. ``load_state_dict`` keeps this optimizer's setting.
+        master_weights: False, or how fp16/bf16 parameters keep their precise value so that small
+            updates accumulate instead of rounding away: True (a float32 copy, state ``master_param``,
+            +4 B/param, rounded to nearest into p after each step), "kahan" (a compensation in p's dtype,
+            state ``master_correction``, +2), "8bit" (an int8 code of the residual in ulp(p)/254, +1) or
+            "stochastic" (p stored by stochastic rounding, +0; not with ``capturable=True``). Moments are
+            float32 under every mode (or ``state_dtype``). Other dtypes ignore it. ``load_state_dict``
+            keeps this optimizer's setting.
         state_dtype: the dtype of the moments: None (the working tensor's: the parameter's, or float32
             beside a master), ``torch.float32``, ``torch.bfloat16`` (fp32 arithmetic, stored with
             stochastic rounding; not with ``capturable=True``, float16 or float64 parameters), or ``"int8"``
@@ -76,7 +82,7 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  correct_bias: bool = True, *, maximize: bool = False, amsgrad: bool = False,
-                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
+                 capturable: bool = False, master_weights=False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
                  state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         hyperparams.check_lr(lr, foreach=foreach, capturable=capturable)
@@ -87,7 +93,7 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, amsgrad=bool(amsgrad), backend=bucketing._backends.validate(backend),
                         foreach=foreach, capturable=bool(capturable), differentiable=differentiable, fused=fused,
-                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        master_weights=master_weights_mod.check_mode(master_weights),
                         state_dtype=state_storage.check_value(state_dtype),
                         state_block_size=state_storage.check_block_size(state_block_size))
         super().__init__(params, defaults)
@@ -95,6 +101,7 @@ class AdamW(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, "AdamW")
         state_storage.check_new_group(self, "AdamW")
 
     def __setstate__(self, state):
@@ -158,21 +165,23 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
         if g is None:
             continue
         state = state_of[p]
-        w = master_weights.working_tensor(group, state, p) if masters or "master_param" in state else p  # p or its fp32 master
+        w = master_weights.working_tensor(group, state, p) if masters or "master_param" in state \
+            or master_weights.CORRECTION in state else p  # p or its fp32 master
+        wd = state_storage.working_dtype(group, p)  # (float32 under every master mode)
         if "exp_avg" not in state:
             if fused:
                 F.check_fused_param(p)
             state["step"] = step_counters.new_step(p, on_device=tensor_path)
-            state_storage.create(state, "exp_avg", w, group)
-            state_storage.create(state, "exp_avg_sq", w, group)
+            state_storage.create(state, "exp_avg", w, group, wd)
+            state_storage.create(state, "exp_avg_sq", w, group, wd)
         else:
             if tensor_path:
                 step_counters.step_to_param_device(state, p)
-            if not state_storage.matches(state, "exp_avg", w.dtype, group):  # (the setting changed)
-                state_storage.conform(state, w.dtype, state_dtype, state_storage.block_size(group))
+            if not state_storage.matches(state, "exp_avg", wd, group):  # (the setting changed)
+                state_storage.conform(state, wd, state_dtype, state_storage.block_size(group))
         if amsgrad:
             if "max_exp_avg_sq" not in state:  # amsgrad switched on after some steps
-                state_storage.create(state, "max_exp_avg_sq", w, group)
+                state_storage.create(state, "max_exp_avg_sq", w, group, wd)
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         owners.append(p)
         params.append(w)
@@ -206,7 +215,7 @@ def adam_group_step(state_of, group: dict, *, tensor_path: bool, grad_scale: Opt
     master_weights.step_with_masters(lambda *ls: adamw(*ls[:5], max_exp_avg_sqs=ls[5] if amsgrad else None,
                                                        state_seed=seeds.next(group), **_scales_kwargs(ls[n:]),
                                                        **hyper),
-                                     lists, owners, grad_scale)
+                                     lists, owners, grad_scale, group, state_of)
 
 
 def _scales_kwargs(scale_lists) -> dict:

@@ -12,6 +12,11 @@ the reduced eta is kept; no update when ``||g|| < 1e-8``.
 Memory: nothing per parameter (as torch's SGD). The trials move the parameters in place by
 ``(eta_prev - eta) * g`` (trial_points.py), so the accepted trial is the new point, no final pass;
 ``keep_start_point=True`` keeps a copy of w0 (+4 B/param) for the release's bits and an exact restore.
+
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from . import bucketing
 from . import initial_step
+from . import master_weights
 from ._closure import read_host
 from ._line_search import (LineSearchOptimizer, check_ls_hyperparameters, read_first,
                            reset_step_size)
@@ -36,16 +42,18 @@ class ArmijoSGD(LineSearchOptimizer):
 
     def __init__(self, params, n_batches_per_epoch=500, init_step_size=1.0, c=0.1, beta_b=0.9, gamma=2.0,
                  reset_option=1, max_backtracks=100, backend: Optional[str] = None, process_group=None,
-                 search="every", keep_start_point: bool = False):
+                 search="every", keep_start_point: bool = False,
+                 *, master_weights=False):
         check_ls_hyperparameters(n_batches_per_epoch, init_step_size, c, beta_b, gamma, max_backtracks)
         if reset_option not in (0, 1, 2):
             raise ValueError(f"Invalid reset_option {reset_option!r} (expected 0, 1 or 2)")
         defaults = dict(n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, c=c,
                         beta_b=beta_b, gamma=gamma, reset_option=reset_option, max_backtracks=max_backtracks,
-                        backend=bucketing._backends.validate(backend))
+                        backend=bucketing._backends.validate(backend), master_weights=master_weights)
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
 
+    @master_weights.line_search_step  # (master_weights= modes: fp32 working copies)
     def step(self, closure=None):
         """One SLS step. ``closure`` returns the loss and does not call backward. Returns the loss.
 

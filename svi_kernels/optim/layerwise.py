@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import initial_step
+from . import master_weights
 from ._line_search import reset_step_size
 from .adam_sls import AdamSLS
 from .trial_points import MOMENTUM
@@ -85,6 +86,7 @@ class LayerwiseAdamSLS(AdamSLS):
             self.merge_threshold = extra["merge_threshold"]
             self.criterion = extra.get("criterion", "code")
 
+    @master_weights.line_search_step  # (master_weights= modes: fp32 working copies)
     def step(self, closure=None):
         """One PLASLS step. ``closure`` returns the loss and does not call backward. Returns the loss."""
         with torch.no_grad():

@@ -25,6 +25,11 @@ deterministic models, including the package's own choices:
   stochastic rounding; ~2.03 B/param with ``state_dtype="int8"``; state_storage.py): the trials move the parameters in place (trial_points.py);
   ``keep_start_point=True`` keeps a copy of w0 (+4 B/param).
 
+``master_weights=`` (False, True, "kahan", "8bit", "stochastic"): fp16/bf16 parameters keep their precise
+value beside p (a float32 master, a compensation, an int8 code, or none with stochastic rounding); the
+search runs on float32 working copies and each trial forward sees the rounded point (master_weights.py,
+docs/api.md).
+
 Where the package is unsafe we differ (docs/api.md lists it): the RNG is replayed for every
 closure call of a step (the package reseeds from the wall clock), ``state_dict`` holds the step
 size and the averages (``ls_state``), param groups work (one step size each, searched in turn), a
@@ -45,6 +50,7 @@ from . import bucketing
 from . import hyperparams
 from . import initial_step
 from . import state_storage
+from . import master_weights
 from ._closure import read_host
 from ._line_search import LS_KEY, DeviceSums, LineSearchOptimizer, StepTensors, read_first, read_trial
 from .adamw import adam_scalars
@@ -82,7 +88,7 @@ class SaLSA(LineSearchOptimizer):
     def __init__(self, params, init_step_size=1.0, c=0.5, betas=(0.9, 0.999), smoothing=0.9, eps=1e-8,
                  weight_decay=0.0, beta_b=0.8, growth=1.1, search="salsa", momentum_direction=False,
                  max_backtracks=100, backend: Optional[str] = None, process_group=None,
-                 keep_start_point: bool = False, *, state_dtype: Optional[torch.dtype] = None,
+                 keep_start_point: bool = False, *, master_weights=False, state_dtype: Optional[torch.dtype] = None,
                  state_block_size: int = 256):
         check_salsa_hyperparameters(init_step_size, c, smoothing, beta_b, growth, max_backtracks)
         hyperparams.check_betas(betas)
@@ -93,7 +99,8 @@ class SaLSA(LineSearchOptimizer):
                         momentum_direction=hyperparams.check_bool(momentum_direction, "momentum_direction"),
                         max_backtracks=max_backtracks, backend=bucketing._backends.validate(backend),
                         state_dtype=state_storage.check_value(state_dtype),
-                        state_block_size=state_storage.check_block_size(state_block_size))
+                        state_block_size=state_storage.check_block_size(state_block_size),
+                        master_weights=master_weights)
         super().__init__(params, defaults, process_group=process_group, search=search,
                          keep_start_point=keep_start_point)
         ls = self.ls_state
@@ -107,6 +114,7 @@ class SaLSA(LineSearchOptimizer):
             ls["avg_sufficient"].append(0.0)
             ls["avg_decrease"].append(0.0)
 
+    @master_weights.line_search_step  # (master_weights= modes: fp32 working copies)
     def step(self, closure=None):
         """One SaLSA step; returns the loss at the start of the step."""
         with torch.no_grad():

@@ -153,29 +153,31 @@ def check_new_group(opt, opt_name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ state tensors
-def zeros(working: Tensor, state_dtype: Optional[torch.dtype]) -> Tensor:
+def zeros(working: Tensor, state_dtype: Optional[torch.dtype], as_dtype: Optional[torch.dtype] = None) -> Tensor:
     """A new state tensor of ``working`` (the parameter or its master): zeros with its layout and placement
-    (an FSDP2 DTensor's too), in its state dtype."""
-    return torch.zeros_like(working, dtype=dtype_for(working.dtype, state_dtype), memory_format=torch.preserve_format)
+    (an FSDP2 DTensor's too), in its state dtype (that of a working tensor of dtype ``as_dtype`` if given:
+    a parameter under a load/store master mode works in float32)."""
+    return torch.zeros_like(working, dtype=dtype_for(as_dtype or working.dtype, state_dtype),
+                            memory_format=torch.preserve_format)
 
 
 def block_size(group: dict) -> int:
     return group.get(BLOCK_KEY, DEFAULT_BLOCK_SIZE)
 
 
-def create(state: dict, key: str, working: Tensor, group: dict) -> Tensor:
+def create(state: dict, key: str, working: Tensor, group: dict, as_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``state[key]``: a new state tensor of ``working`` (the parameter or its master) in the group's
     storage: zeros in the state dtype with its layout and placement, or, for int8 state, zero codes
     (contiguous: the kernels walk flat memory) and zero scales in ``state[key + "_scale"]``."""
     sd = group.get(KEY)
     if sd != INT8:
-        state[key] = zeros(working, sd)
+        state[key] = zeros(working, sd, as_dtype)
         return state[key]
     if _sharding.is_sharded(working):  # FSDP2: blocks per local shard (see sharding.py, "int8 state")
-        state[key], state[key + SCALE] = _sharding.new_int8_state(working, dtype_for(working.dtype, sd, key),
-                                                                  block_size(group))
+        state[key], state[key + SCALE] = _sharding.new_int8_state(
+            working, dtype_for(as_dtype or working.dtype, sd, key), block_size(group))
         return state[key]
-    state[key] = torch.zeros(working.shape, dtype=dtype_for(working.dtype, sd, key), device=working.device)
+    state[key] = torch.zeros(working.shape, dtype=dtype_for(as_dtype or working.dtype, sd, key), device=working.device)
     state[key + SCALE] = torch.zeros(_bits.n_blocks(working.numel(), block_size(group)), dtype=F32, device=working.device)
     return state[key]
 
@@ -212,7 +214,7 @@ def conform(state: dict, working: torch.dtype, state_dtype, block: int = DEFAULT
     ``block``) and/or encoded with block size ``block`` (nearest in the code domain)."""
     for k in list(state):
         v = state.get(k)
-        if k == "step" or k == "master_param" or k.endswith(SCALE) or not isinstance(v, Tensor):
+        if k in ("step", "master_param", "master_correction") or k.endswith(SCALE) or not isinstance(v, Tensor):
             continue
         if k not in MOMENTS:
             if v.is_floating_point() and state_dtype != INT8 and v.dtype != dtype_for(working, state_dtype):
@@ -371,7 +373,7 @@ def keep_after_load(opt, kept: Sequence[tuple], state_dict=None) -> None:
             st = opt.state.get(p)
             if st:
                 master = st.get("master_param")
-                conform(st, master.dtype if isinstance(master, Tensor) else p.dtype, sd, block_size(group),
+                conform(st, master.dtype if isinstance(master, Tensor) else working_dtype(group, p), sd, block_size(group),
                         saved_blocks.get(p))
     if opt.param_groups:
         opt.param_groups[0].setdefault(CALLS_KEY, 0)

@@ -16,6 +16,7 @@ sync) and has a ``capturable`` mode (lr a number or a device tensor, steps on th
 
 ``master_weights=True``: as in ``AdamW``, every fp16/bf16 parameter is updated through a float32 copy
 (state ``master_param``; its momentum buffer or moments in float32) and rounded into the parameter.
+``"kahan"``, ``"8bit"``, ``"stochastic"``: as in ``AdamW`` (master_weights.py).
 
 ``state_dtype=``: the dtype of the momentum buffer or the moments, as in ``AdamW``: None (the working
 tensor's), ``torch.float32``, or ``torch.bfloat16`` (stored with stochastic rounding; not with capturable,
@@ -35,6 +36,7 @@ from . import bucketing
 from . import hyperparams
 from . import input_checks
 from . import master_weights
+from . import master_weights as master_weights_mod
 from . import tensor_ops
 from . import plain_step
 from . import state_storage
@@ -48,7 +50,7 @@ class SVI(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=None, weight_decay=0.0, base="sgd",
                  betas=(0.9, 0.999), eps=1e-8, *, dampening=0.0, maximize: bool = False, amsgrad: bool = False,
-                 capturable: bool = False, master_weights: bool = False, backend: Optional[str] = None,
+                 capturable: bool = False, master_weights=False, backend: Optional[str] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, differentiable: bool = False,
                  state_dtype: Optional[torch.dtype] = None, state_block_size: int = 256):
         foreach_of_adam = foreach if base == "adam" else None  # torch's SGD takes a tensor lr with foreach
@@ -72,7 +74,7 @@ class SVI(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
                         weight_decay=weight_decay, base=base, betas=betas, eps=eps, maximize=maximize,
                         amsgrad=bool(amsgrad), capturable=bool(capturable),
-                        master_weights=hyperparams.check_bool(master_weights, "master_weights"),
+                        master_weights=master_weights_mod.check_mode(master_weights),
                         backend=bucketing._backends.validate(backend), foreach=foreach, fused=fused,
                         differentiable=differentiable, state_dtype=state_storage.check_value(state_dtype),
                         state_block_size=state_storage.check_block_size(state_block_size))
@@ -81,6 +83,7 @@ class SVI(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        master_weights.check_new_group(self, "SVI")
         state_storage.check_new_group(self, "SVI")
 
     def __setstate__(self, state):
@@ -124,6 +127,10 @@ class SVI(Optimizer):
         _, kinds = input_checks.closure_then_check("SVI", None, groups, complex_ok=True,
                                         sparse_ok=lambda group: group["base"] == "sgd")
         for group, (_, has_sparse) in zip(groups, kinds):
+            if has_sparse and group["master_weights"] not in (False, True):
+                raise RuntimeError(f"SVI: sparse gradients take the plain PyTorch update of the parameter itself; "
+                                   f"master_weights={group['master_weights']!r} is not supported with them (use "
+                                   f"master_weights=False or True)")
             if has_sparse and group.get(state_storage.KEY) is not None:
                 raise RuntimeError(f"SVI: sparse gradients take the plain PyTorch update, which keeps the momentum "
                                    f"buffer in the parameter's dtype; state_dtype={group[state_storage.KEY]} is "
@@ -152,10 +159,11 @@ class SVI(Optimizer):
             if "momentum_buffer" not in st or st["momentum_buffer"] is None:
                 if group["fused"]:
                     F.check_fused_param(p)
-                state_storage.create(st, "momentum_buffer", w, group)
+                state_storage.create(st, "momentum_buffer", w, group, state_storage.working_dtype(group, p))
                 fresh.append(len(bufs))
-            elif not state_storage.matches(st, "momentum_buffer", w.dtype, group):  # (setting changed)
-                state_storage.conform(st, w.dtype, state_dtype, state_storage.block_size(group))
+            elif not state_storage.matches(st, "momentum_buffer", state_storage.working_dtype(group, p), group):
+                state_storage.conform(st, state_storage.working_dtype(group, p), state_dtype,
+                                      state_storage.block_size(group))  # (setting changed)
             bufs.append(st["momentum_buffer"])
         if has_complex:  # optimised as real views, as torch does (no copy)
             owners, params, grads, bufs = F.real_views_with_owners(owners, params, grads, bufs)
@@ -177,11 +185,12 @@ class SVI(Optimizer):
             master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **{**hyper, "dampening": 0.0},
                                                                  momentum_buffer_scales=_scales(ls),
                                                                  state_seed=seeds.next(group)), new,
-                                [owners[i] for i in fresh], grad_scale)
+                                [owners[i] for i in fresh], grad_scale, group, self.state)
             keep = [i for i in range(len(owners)) if i not in is_fresh]
             lists, owners = [[tl[i] for i in keep] for tl in lists], [owners[i] for i in keep]
         master_weights.step_with_masters(lambda *ls: svi_sgd(*ls[:3], **hyper, momentum_buffer_scales=_scales(ls),
-                                                             state_seed=seeds.next(group)), lists, owners, grad_scale)
+                                                             state_seed=seeds.next(group)), lists, owners, grad_scale,
+                                         group, self.state)
 
     def _plain_sgd_group_step(self, group) -> None:
         """differentiable=True or sparse gradients: torch.optim.SGD's update in plain PyTorch (plain_step.py)."""

@@ -326,8 +326,9 @@ def test_non_contiguous_low_precision_param():
 
 @pytest.mark.parametrize("make", [sk.AdamW, sk.SVI], ids=["AdamW", "SVI"])
 @pytest.mark.parametrize("bad", ["yes", 1, None])
-def test_master_weights_must_be_a_bool(make, bad):
-    with pytest.raises(TypeError, match="master_weights must be a bool"):
+def test_master_weights_must_be_a_mode(make, bad):
+    # (issue 24: the modes False, True, "kahan", "8bit", "stochastic"; tests/optim/test_master_modes.py)
+    with pytest.raises(ValueError, match=r"Invalid master_weights .*allowed values are False, True, 'kahan'"):
         make([torch.nn.Parameter(torch.zeros(2))], master_weights=bad)
 
 
