@@ -61,7 +61,7 @@ SLOWDOWN = {"fp32": 1.0, "state-bf16": 1.2, "state-int8": 1.5, "bf16": 1.2, "bf1
 
 
 def label(optimizer: str, arm: str) -> str:
-    return f"{optimizer}:{arm}"
+    return f"{optimizer}+{arm}"  # in run file names: no ":"
 
 
 def settings(scale: str = "study", seeds: Optional[List[int]] = None, arms: Optional[List[str]] = None,
@@ -91,7 +91,7 @@ def estimate_seconds(plan: List[C.Setting]) -> float:
         steps = math.ceil((s.subset or 500) / s.base["batch_size"]) * s.base["epochs"]
         evals = 1 + s.base["evals_per_epoch"] * s.base["epochs"]
         for arm in s.arms:
-            factor = (FORWARDS if arm.optimizer.endswith("-auto") else 1.0) * SLOWDOWN[arm.label.split(":")[1]]
+            factor = (FORWARDS if arm.optimizer.endswith("-auto") else 1.0) * SLOWDOWN[arm.label.split("+")[1]]
             total += len(s.seeds) * (steps * STEP_S[s.top_layers] * factor + evals * EVAL_S[s.top_layers])
     return total
 
@@ -113,14 +113,14 @@ def arm_stats(runs: List[dict]) -> dict:
 
 
 def score_setting(runs_by_arm: Dict[str, List[dict]]) -> dict:
-    """``runs_by_arm["<optimizer>:<arm>"]`` = the runs of every seed. Each arm against its optimizer's
+    """``runs_by_arm["<optimizer>+<arm>"]`` = the runs of every seed. Each arm against its optimizer's
     ``fp32`` arm: delta = (mean - fp32 mean) / fp32 std; within one std when |delta| <= 1."""
     out = {}
     for lab, runs in runs_by_arm.items():
-        opt = lab.split(":")[0]
+        opt = lab.split("+")[0]
         st = arm_stats(runs)
         ref = runs_by_arm.get(label(opt, "fp32"))
-        if ref is not None:
+        if ref is not None and len(ref) > 1:  # one seed has no std to measure against
             r = arm_stats(ref)
             diff = st["final_mean"] - r["final_mean"]
             st["diff"] = diff
@@ -153,7 +153,7 @@ def markdown(scores: Dict[str, dict]) -> str:
                   "param dtype | state dtypes | state B/param | training B/param | forwards/step | ms/step |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for lab, st in s["arms"].items():
-            opt, arm = lab.split(":")
+            opt, arm = lab.split("+")
             within = "—" if "within_one_std" not in st else ("yes" if st["within_one_std"] else "**no**")
             lines.append(f"| {opt} | {arm} | {st['n']} | {st['final_mean']:.4f} ± {st['final_std']:.4f} | "
                          f"{_f(st.get('diff_in_std'), '{:+.2f}')} | {within} | {st['param_dtype']} | "
