@@ -66,7 +66,7 @@ PARAM_DTYPES = {"": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16
 
 
 def same_config(saved: Optional[dict], cfg: "RunConfig") -> bool:
-    """A saved run's config equals ``cfg``; runs saved before the stabilizer fields had them off."""
+    """A saved run's config equals ``cfg``; runs saved before the stabilizer and precision fields had them off."""
     return saved is not None and {**STABILIZER_DEFAULTS, **saved} == asdict(cfg)
 
 
