@@ -9,6 +9,7 @@
     svi-finetune run --mode top1 --optimizer svi sgd --lr 0.01 0.03 --seeds 0 1
     svi-finetune report --out out/finetune --img-dir docs/img
     svi-finetune tuning-free --out out/finetune        # claim 5: lr-free peers and an AdamW sweep, 10 seeds
+    svi-finetune low-precision --out out/finetune      # issue 24: bf16/int8 state, bf16 params x master modes
 
 Each run is written to ``<out>/<claim>/runs/*.json`` as it finishes (a restarted command re-uses
 them); ``<out>/report.md`` holds the tables and plots. See docs/results.md for the protocol.
@@ -21,7 +22,7 @@ import sys
 import time
 
 from . import claims as C
-from . import optimizers, report, tuning_free
+from . import low_precision, optimizers, report, tuning_free
 
 STABILIZER_ARGS = ("mmr", "mmr_distance", "mmr_normalize", "heads", "heads_reduction", "surt_steps", "surt_lr",
                    "surt_mask_rate", "surt_head_steps")
@@ -169,6 +170,15 @@ def main(argv=None) -> int:
     tf.add_argument("--margin", type=float, default=tuning_free.MARGIN,
                     help="target = AdamW's best median final accuracy minus this")
     tf.add_argument("--estimate-only", action="store_true", help="print the runtime estimate and stop")
+    lp = sub.add_parser("low-precision", help="issue 24: AdamW and AdamSLS with bf16/int8 state and bf16 "
+                                              "parameters under each master_weights mode, beside fp32")
+    _common(lp)
+    lp.add_argument("--arms", nargs="+", choices=list(low_precision.ARMS), default=None,
+                    help="arms to run (default: all; fp32 is each optimizer's reference)")
+    lp.add_argument("--lp-optimizers", nargs="+", choices=low_precision.OPTIMIZERS, default=None,
+                    help="optimizers (default: both)")
+    lp.add_argument("--settings", nargs="+", default=None, help="setting names (default: all of the scale)")
+    lp.add_argument("--estimate-only", action="store_true", help="print the runtime estimate and stop")
     rep = sub.add_parser("report", help="rebuild report.md and the plots from the JSON files")
     rep.add_argument("--out", default="out/finetune")
     rep.add_argument("--img-dir", default=None)
@@ -183,6 +193,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.command == "tuning-free":
         return _tuning_free(a, parser, t0)
+    if a.command == "low-precision":
+        return _low_precision(a, parser, t0)
     if a.command == "run":
         seeds = a.seeds or [0]
         k = C.parse_mode(a.mode)
@@ -235,6 +247,33 @@ def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: flo
     C.run_claim(ctx, "tuning-free", plan)
     tuning_free.write_report(a.out, plan, a.img_dir, a.margin)
     print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'tuning-free.md')}", file=sys.stderr)
+    return 0
+
+
+def _low_precision(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
+    fixed = [f"--{k.replace('_', '-')}" for k in ("modes", "optimizers", "lr_grid", "tune_seeds", "epochs", "subset",
+                                                  "batch_size") + STABILIZER_ARGS if getattr(a, k, None) is not None]
+    if fixed:
+        parser.error(f"low-precision fixes its settings, arms and lrs (benchmarks/finetune/low_precision.py); "
+                     f"{', '.join(fixed)} would be ignored: use --seeds, --arms, --lp-optimizers, --settings, --scale")
+    scale = "smoke" if a.scale == "smoke" else "study"
+    if a.arms and "fp32" not in a.arms:
+        parser.error("--arms must include fp32: it is each optimizer's reference")
+    plan = low_precision.settings(scale, a.seeds, a.arms, a.lp_optimizers, a.settings)
+    if not plan:
+        parser.error(f"--settings: choose from {[s[0] for s in low_precision.SETTINGS[scale]]}")
+    n_runs = sum(len(s.seeds) for s in plan for _arm in s.arms)
+    est = low_precision.estimate_seconds(plan)
+    each = ", ".join(f"{s.name} ~{low_precision.estimate_seconds([s]) / 60:.0f}" for s in plan)
+    print(f"svi-finetune low-precision: {len(plan)} settings, {n_runs} runs; estimated runtime ~{est / 60:.0f} min "
+          f"({each}) with 1 thread on 2 shared cores (rough; plus encoding the frozen features once; finished "
+          f"runs are re-used)", file=sys.stderr, flush=True)
+    if a.estimate_only:
+        return 0
+    ctx = _context(a)
+    C.run_claim(ctx, "low-precision", plan)
+    low_precision.write_report(a.out, plan)
+    print(f"done in {time.time() - t0:.0f}s: {os.path.join(a.out, 'low-precision', 'report.md')}", file=sys.stderr)
     return 0
 
 

@@ -176,8 +176,10 @@ class TrainableTop(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, with_pooled: bool = False):
         """Logits [B, C]; with ``with_pooled``, (logits, pooler output) -- one call, so that module hooks
         (``svi.attach`` watches the first forward) see every training forward."""
+        if x.is_floating_point():  # cached features meet the trained part in its dtype (bf16 arms)
+            x = x.to(self.pooler.dense.weight.dtype)
         pooled = self.pooled(x, mask)
-        logits = self.classifier(self.dropout(pooled))
+        logits = self.classifier(self.dropout(pooled)).float()  # the loss in float32 (a no-op in fp32)
         return (logits, pooled) if with_pooled else logits
 
     def encoder_parameters(self) -> List[nn.Parameter]:

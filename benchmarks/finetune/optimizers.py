@@ -122,6 +122,27 @@ def _peer(name: str, params: list, top: nn.Module) -> Built:
         return Built(opt, False, "dog.LDoG (defaults) + PolynomialDecayAverager", averager=mod.PolynomialDecayAverager(top))
     return Built(opt, False, f"{module}.{cls} (defaults)")
 
+STATE_DTYPES = {"": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
+MASTER_MODES = {"": None, "false": False, "true": True, "kahan": "kahan", "8bit": "8bit", "stochastic": "stochastic"}
+PRECISION_OPTIMIZERS = {"adam", "adamw", "adamw-nobc", "adamsls", "adamsls-auto", "salsa", "salsa-auto",
+                        "salsa-every", "plasls", "plasls-paper", "plasls-auto", "svi", "svi-adam"}
+
+
+def precision_kwargs(state_dtype: str = "", master_weights: str = "") -> dict:
+    """RunConfig's text fields -> the ``state_dtype`` / ``master_weights`` keywords of our optimizers
+    (empty: the optimizer's default, no keyword passed)."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype {state_dtype!r}: choose from {sorted(STATE_DTYPES)}")
+    if master_weights not in MASTER_MODES:
+        raise ValueError(f"master_weights {master_weights!r}: choose from {sorted(MASTER_MODES)}")
+    out = {}
+    if STATE_DTYPES[state_dtype] is not None:
+        out["state_dtype"] = STATE_DTYPES[state_dtype]
+    if MASTER_MODES[master_weights] is not None:
+        out["master_weights"] = MASTER_MODES[master_weights]
+    return out
+
+
 def _decay_groups(top: nn.Module, weight_decay: float) -> list:
     """HF/Mosbach rule: no weight decay on biases and LayerNorm weights."""
     decay, no_decay = [], []
@@ -144,9 +165,17 @@ def _plasls_groups(full_model: nn.Module, n_groups: int) -> list:
 
 def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_per_epoch: int,
           weight_decay: float = 0.0, eps: float = 1e-8, momentum: float = 0.95,
-          sls_batches_per_epoch: int = 500, plasls_groups: int = 10, backend: Optional[str] = None) -> Built:
+          sls_batches_per_epoch: int = 500, plasls_groups: int = 10, backend: Optional[str] = None,
+          precision: Optional[dict] = None) -> Built:
+    """``precision``: ``state_dtype`` / ``master_weights`` keywords (``precision_kwargs``), for our
+    Adam-family optimizers only (``PRECISION_OPTIMIZERS``); no torch stand-in is used with them."""
     params = [p for p in top.parameters() if p.requires_grad]
     kw = {} if backend is None else {"backend": backend}
+    if precision:
+        if name not in PRECISION_OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} takes no state_dtype/master_weights here; "
+                             f"use one of {sorted(PRECISION_OPTIMIZERS)}")
+        kw.update(precision)
     if name == "sgd":
         return Built(torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True), False, "torch.optim.SGD")
     if name in ("svi", "svi-adam"):
@@ -168,6 +197,8 @@ def build(name: str, top: nn.Module, full_model: nn.Module, *, lr: float, steps_
                 opt = sk.AdamW(groups, lr=lr, eps=eps, weight_decay=wd, correct_bias=correct, **kw)
                 return Built(opt, False, f"svi_kernels.AdamW(correct_bias={correct})")
             except Exception as exc:  # still being written: fall back, and say so in the results
+                if precision:
+                    raise
                 why = f"svi_kernels.AdamW failed: {type(exc).__name__}: {exc}"
         if not correct:
             raise RuntimeError(f"adamw-nobc needs svi_kernels.AdamW(correct_bias=False) ({why})")

@@ -53,14 +53,20 @@ class RunConfig:
     surt_mask_rate: float = 0.15
     surt_head_steps: int = -1       # MLM-head-only steps first (-1: surt's default for a fresh head)
     surt_batch_size: int = 16
+    # issue 24's low-precision arms (svi-finetune low-precision); the defaults are the optimizer's own
+    state_dtype: str = ""           # "" (the optimizer's default) | fp32 | bf16 | int8
+    master_weights: str = ""        # "" (False) | false | true | kahan | 8bit | stochastic
+    param_dtype: str = ""           # "" (float32) | bf16: the trained part's parameters cast to bfloat16
 
 
 STABILIZER_DEFAULTS = {f.name: f.default for f in fields(RunConfig)
-                       if f.name.startswith(("mmr", "heads", "surt"))}
+                       if f.name.startswith(("mmr", "heads", "surt"))
+                       or f.name in ("state_dtype", "master_weights", "param_dtype")}
+PARAM_DTYPES = {"": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def same_config(saved: Optional[dict], cfg: "RunConfig") -> bool:
-    """A saved run's config equals ``cfg``; runs saved before the stabilizer fields had them off."""
+    """A saved run's config equals ``cfg``; runs saved before the stabilizer and precision fields had them off."""
     return saved is not None and {**STABILIZER_DEFAULTS, **saved} == asdict(cfg)
 
 
@@ -169,8 +175,12 @@ def run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, c
     original_head = _install_heads(backbone, top, cfg)
     try:
         surt_info = _surt(backbone, top, cfg, texts) if cfg.surt_steps else None
+        if PARAM_DTYPES[cfg.param_dtype] != torch.float32:
+            # the trained part in bf16 (TrainableTop casts its float input to match and returns fp32 logits)
+            top.to(PARAM_DTYPES[cfg.param_dtype])
         result = _run(backbone, top, train, val, cfg, progress)
     finally:
+        top.float()  # the shared modules back in float32 (reset() reloads the pretrained values)
         top.classifier = backbone.model.classifier = original_head
     if surt_info is not None:
         result["surt"] = surt_info
@@ -187,7 +197,8 @@ def _run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, 
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     built = optimizers.build(cfg.optimizer, top, backbone.model, lr=cfg.lr, steps_per_epoch=steps_per_epoch,
                              weight_decay=cfg.weight_decay, eps=cfg.eps,
-                             sls_batches_per_epoch=cfg.sls_batches_per_epoch, backend=cfg.backend)
+                             sls_batches_per_epoch=cfg.sls_batches_per_epoch, backend=cfg.backend,
+                             precision=optimizers.precision_kwargs(cfg.state_dtype, cfg.master_weights))
     opt = built.optimizer
     sched = None
     if not built.line_search and (cfg.schedule != "none" or cfg.warmup > 0):
@@ -202,6 +213,7 @@ def _run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, 
     try:
         loop.run()
         notes = _svi_notes(built)
+        memory = memory_stats(opt, loop.params)
     finally:
         built.close()  # detach SVI even when a run fails, so the next run starts clean
     stats = optimizers.line_search_stats(opt)
@@ -220,9 +232,26 @@ def _run(backbone: Backbone, top: TrainableTop, train: Features, val: Features, 
         "train_wall_s": wall, "train_cpu_s": cpu,
         "forwards_per_step": (fwd / max(1, step)) if isinstance(fwd, (int, float)) else 1.0,
         "line_search": stats,
+        "memory": memory,
         "history": history,
     }
     return result
+
+
+def memory_stats(opt: torch.optim.Optimizer, params: List[torch.Tensor]) -> dict:
+    """What training holds per trained parameter element, counted from the live tensors after the last
+    step: the optimizer's state (benchmarks/state_bytes.py: every tensor reachable from the optimizer,
+    parameters and gradients left out) and the whole training state (parameters + gradients, one per
+    parameter in its dtype, + that state)."""
+    from ..state_bytes import state_bytes_per_param
+
+    numel = sum(p.numel() for p in params)
+    state = state_bytes_per_param(opt, params)
+    pg = sum(2 * p.numel() * p.element_size() for p in params) / numel
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for st in opt.state.values() if isinstance(st, dict)
+                     for v in st.values() if torch.is_tensor(v) and v.numel() > 1})
+    return {"param_dtype": str(params[0].dtype).replace("torch.", ""), "state_dtypes": dtypes,
+            "state_bytes_per_param": state, "train_bytes_per_param": pg + state, "n_params": numel}
 
 
 def _svi_notes(built) -> List[str]:
