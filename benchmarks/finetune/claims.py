@@ -307,5 +307,7 @@ def run_claim(ctx: Context, claim: str, settings: List[Setting]) -> dict:
 
 def profile(scale: str, claim: str, overrides: dict) -> dict:
     p = copy.deepcopy(PROFILES[scale][claim])
-    p.update({k: v for k, v in overrides.items() if v is not None and k in p})
+    # tune_seeds is taken even where the profile has none (linesearch: its default is the first seed),
+    # so that --tune-seeds 0 keeps the rate chosen on seed 0 whatever the order of --seeds
+    p.update({k: v for k, v in overrides.items() if v is not None and (k in p or k == "tune_seeds")})
     return p

@@ -54,6 +54,18 @@ def test_stabilizer_options_reach_every_run(tmp_path):
         assert any("masked-LM head" in n for n in run["notes"])
 
 
+
+@pytest.mark.parametrize("seeds", [[0, 1, 2], [2, 1, 0]])
+def test_linesearch_tune_seeds_are_taken_whatever_the_seed_order(seeds):
+    """--tune-seeds picks the seeds Adam's rate is chosen on; without it the first of --seeds does
+    (the linesearch profile has no tune_seeds of its own, and used to drop the option)."""
+    C = cli.C
+    for scale in ("smoke", "study"):
+        p = C.profile(scale, "linesearch", {"seeds": seeds, "tune_seeds": [0]})
+        assert all(s.tune_seeds == [0] for s in C.linesearch_settings(p, ("adam",)))
+        p = C.profile(scale, "linesearch", {"seeds": seeds, "tune_seeds": None})
+        assert all(s.tune_seeds == seeds[:1] for s in C.linesearch_settings(p, ("adam",)))
+
 # --------------------------------------------------------------------------------------- data checks
 def _fake_sdist(path, csv_bytes):
     with tarfile.open(path, "w:gz") as tar:
