@@ -220,6 +220,15 @@ def _run_path(claim_dir: str, setting: Setting, arm: Arm, lr: float, seed: int) 
     return os.path.join(claim_dir, "runs", f"{setting.name}__{arm.label}__lr{lr:g}__s{seed}.json")
 
 
+def read_runs(claim_dir: str, setting: Setting, arm: Arm, lr: float) -> List[dict]:
+    """The finished runs of ``arm`` at ``lr`` over the setting's seeds, from their files."""
+    out = []
+    for seed in setting.seeds:
+        with open(_run_path(claim_dir, setting, arm, lr, seed)) as fh:
+            out.append(json.load(fh))
+    return out
+
+
 def _config(ctx: Context, setting: Setting, arm: Arm, lr: float, seed: int) -> RunConfig:
     kw = dict(setting.base)
     kw.update(arm.overrides)

@@ -223,21 +223,30 @@ def main(argv=None) -> int:
     return 0
 
 
-def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
+def _refuse_fixed_options(a: argparse.Namespace, parser: argparse.ArgumentParser, fixes: str, use: str) -> None:
+    """A claim whose protocol fixes the run options: any of them given is an error (it would be ignored)."""
     fixed = [f"--{k.replace('_', '-')}" for k in ("modes", "optimizers", "lr_grid", "tune_seeds", "epochs", "subset",
                                                   "batch_size") + STABILIZER_ARGS if getattr(a, k, None) is not None]
     if fixed:
-        parser.error(f"tuning-free fixes its settings, arms and lr grid (benchmarks/finetune/tuning_free.py); "
-                     f"{', '.join(fixed)} would be ignored: use --seeds, --arms, --scale or svi-finetune run")
+        parser.error(f"{fixes}; {', '.join(fixed)} would be ignored: use {use}")
+
+
+def _print_estimate(claim: str, plan, n_runs: int, estimate_seconds) -> None:
+    """The runtime estimate, printed before any work."""
+    each = ", ".join(f"{s.name} ~{estimate_seconds([s]) / 60:.0f}" for s in plan)
+    print(f"svi-finetune {claim}: {len(plan)} settings, {n_runs} runs; estimated runtime "
+          f"~{estimate_seconds(plan) / 60:.0f} min ({each}) with 1 thread on 2 shared cores (rough; plus encoding "
+          f"the frozen features once; finished runs are re-used)", file=sys.stderr, flush=True)
+
+
+def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
+    _refuse_fixed_options(a, parser, "tuning-free fixes its settings, arms and lr grid (benchmarks/finetune/"
+                          "tuning_free.py)", "--seeds, --arms, --scale or svi-finetune run")
     plan = tuning_free.settings("smoke" if a.scale == "smoke" else "study", a.seeds, a.arms)
     if a.arms and "adamw" not in a.arms:
         parser.error("--arms must include adamw: it sets each setting's target")
     n_runs = sum(len(arm.lrs) * len(s.seeds) for s in plan for arm in s.arms)
-    est = tuning_free.estimate_seconds(plan)
-    each = ", ".join(f"{s.name} ~{tuning_free.estimate_seconds([s]) / 60:.0f}" for s in plan)
-    print(f"svi-finetune tuning-free: {len(plan)} settings, {n_runs} runs; estimated runtime ~{est / 60:.0f} min "
-          f"({each}) with 1 thread on 2 shared cores (rough; plus encoding the frozen features once; finished "
-          f"runs are re-used)", file=sys.stderr, flush=True)
+    _print_estimate("tuning-free", plan, n_runs, tuning_free.estimate_seconds)
     if a.estimate_only:
         return 0
     missing = [o for o in tuning_free.PEERS if o in (a.arms or tuning_free.ARMS) and not optimizers.available(o)]
@@ -251,11 +260,8 @@ def _tuning_free(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: flo
 
 
 def _low_precision(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: float) -> int:
-    fixed = [f"--{k.replace('_', '-')}" for k in ("modes", "optimizers", "lr_grid", "tune_seeds", "epochs", "subset",
-                                                  "batch_size") + STABILIZER_ARGS if getattr(a, k, None) is not None]
-    if fixed:
-        parser.error(f"low-precision fixes its settings, arms and lrs (benchmarks/finetune/low_precision.py); "
-                     f"{', '.join(fixed)} would be ignored: use --seeds, --arms, --lp-optimizers, --settings, --scale")
+    _refuse_fixed_options(a, parser, "low-precision fixes its settings, arms and lrs (benchmarks/finetune/"
+                          "low_precision.py)", "--seeds, --arms, --lp-optimizers, --settings, --scale")
     scale = "smoke" if a.scale == "smoke" else "study"
     if a.arms and "fp32" not in a.arms:
         parser.error("--arms must include fp32: it is each optimizer's reference")
@@ -263,11 +269,7 @@ def _low_precision(a: argparse.Namespace, parser: argparse.ArgumentParser, t0: f
     if not plan:
         parser.error(f"--settings: choose from {[s[0] for s in low_precision.SETTINGS[scale]]}")
     n_runs = sum(len(s.seeds) for s in plan for _arm in s.arms)
-    est = low_precision.estimate_seconds(plan)
-    each = ", ".join(f"{s.name} ~{low_precision.estimate_seconds([s]) / 60:.0f}" for s in plan)
-    print(f"svi-finetune low-precision: {len(plan)} settings, {n_runs} runs; estimated runtime ~{est / 60:.0f} min "
-          f"({each}) with 1 thread on 2 shared cores (rough; plus encoding the frozen features once; finished "
-          f"runs are re-used)", file=sys.stderr, flush=True)
+    _print_estimate("low-precision", plan, n_runs, low_precision.estimate_seconds)
     if a.estimate_only:
         return 0
     ctx = _context(a)

@@ -131,14 +131,7 @@ def score_setting(runs_by_arm: Dict[str, List[dict]]) -> dict:
 
 
 def load_setting_runs(claim_dir: str, setting: C.Setting) -> Dict[str, List[dict]]:
-    out = {}
-    for arm in setting.arms:
-        runs = []
-        for seed in setting.seeds:
-            with open(C._run_path(claim_dir, setting, arm, arm.lrs[0], seed)) as fh:
-                runs.append(json.load(fh))
-        out[arm.label] = runs
-    return out
+    return {arm.label: C.read_runs(claim_dir, setting, arm, arm.lrs[0]) for arm in setting.arms}
 
 
 def _f(x, f="{:.2f}"):

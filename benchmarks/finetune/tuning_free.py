@@ -155,16 +155,7 @@ def performance_profile(scores: Dict[str, dict], taus: List[float]) -> Dict[str,
 
 # ------------------------------------------------------------------------------------------- running
 def load_setting_runs(claim_dir: str, setting: C.Setting) -> Dict[str, Dict[float, List[dict]]]:
-    out: Dict[str, Dict[float, List[dict]]] = {}
-    for arm in setting.arms:
-        out[arm.label] = {}
-        for lr in arm.lrs:
-            runs = []
-            for seed in setting.seeds:
-                with open(C._run_path(claim_dir, setting, arm, lr, seed)) as fh:
-                    runs.append(json.load(fh))
-            out[arm.label][lr] = runs
-    return out
+    return {arm.label: {lr: C.read_runs(claim_dir, setting, arm, lr) for lr in arm.lrs} for arm in setting.arms}
 
 
 def _fmt(x, f="{:.0f}"):
