@@ -233,11 +233,6 @@ def _layout(p, block: int) -> tuple:
     return tuple(shape) + (kmax,), tuple(placements), kmax
 
 
-def int8_scale_shape(p, block: int) -> tuple:
-    """The global shape of the scales of int8 state of the DTensor ``p`` (codes of p's shape)."""
-    return _layout(p, block)[0]
-
-
 def int8_scales_from_local(p, local_scales: Tensor, block: int):
     """A scale DTensor for p (``_layout``) whose local part begins with ``local_scales`` (zeros after)."""
     shape, placements, kmax = _layout(p, block)
