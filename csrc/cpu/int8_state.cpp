@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "svi_kernels/check.h"
@@ -137,12 +138,17 @@ Int8Call::Seg Int8Call::segment(const Segment& seg) const {
 
 namespace {
 
-// AVX2 when ATen's kernels use AVX2 or AVX-512 (cpu_kernels() made that choice, honouring
-// ATEN_CPU_CAPABILITY) and the AVX2 build exists; the same bits either way.
+// The widest build that the CPU kernels use (cpu_kernels() made that choice from the CPU and
+// ATEN_CPU_CAPABILITY) and that exists; the same bits from each.
+const Int8Loops* choose_loops() {
+  const std::string isa = cpu_kernels().isa;
+  if (isa == "avx512" && avx512_int8_loops() != nullptr) return avx512_int8_loops();
+  if (isa != "default" && avx2_int8_loops() != nullptr) return avx2_int8_loops();
+  return &baseline::kInt8Loops;
+}
+
 const Int8Loops& loops() {
-  static const Int8Loops* const chosen =
-      (std::strcmp(cpu_kernels().isa, "default") != 0 && avx2_int8_loops() != nullptr) ? avx2_int8_loops()
-                                                                                        : &baseline::kInt8Loops;
+  static const Int8Loops* const chosen = choose_loops();
   return *chosen;
 }
 

@@ -92,8 +92,10 @@ struct Int8Loops {
   void (*ls_final_adam_from_trial)(const Int8Call&, c10::ArrayRef<double>, double, double, double, double);
 };
 
-// The AVX2 build (int8_state_avx2.cpp), or nullptr where the compiler could not build it.
+// The AVX2 and AVX-512 builds (int8_state_avx2.cpp, int8_state_avx512.cpp), or nullptr where the
+// compiler could not build them.
 const Int8Loops* avx2_int8_loops();
+const Int8Loops* avx512_int8_loops();
 
 // The op loops (the build int8_state.cpp picks). per_tensor: one scalar set per tensor, or one for all.
 // Plain lists: params, grads; state: exp_avgs, exp_avg_sqs[, max_exp_avg_sqs when s.amsgrad].

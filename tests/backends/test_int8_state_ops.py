@@ -399,3 +399,55 @@ def test_skipped_step_writes_no_codes_or_scales(backend, op):
     for key, tensors in L.items():
         for a, b in zip(tensors, before[key]):
             assert torch.equal(a, b), f"{key} written by a skipped step"
+
+
+# ------------------------------------------------------------------------------------- builds
+_CAPABILITIES = ["default", "avx2", "avx512"]  # ATen's spelling (it ignores others with a warning)
+
+# Run in a process of one ATEN_CPU_CAPABILITY: every op and param dtype against the reference (codes
+# and scales bit for bit), then all lists the op wrote saved for the cross-build comparison.
+_BUILD_SCRIPT = """
+import sys, torch
+sys.path[:0] = sys.argv[2:4]
+import test_int8_state_ops as T
+from svi_kernels import _C
+out = {"isa": _C.cpu_isa()}
+for op in T.CALLS:
+    for tdt in (T.F32, T.F16, T.BF16):
+        ours = T.run_against_reference("cpu", op, tdt)
+        out[f"{op}/{tdt}"] = {name: ours[name] for name in T.WRITES[op].split()}
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_every_cpu_build_gives_the_same_bits(tmp_path):
+    """The int8 loops are built three times (baseline, AVX2, and AVX-512 with FMA contraction off:
+    csrc/cpu/int8_state*.cpp); ATEN_CPU_CAPABILITY picks which one runs, never a wider one than asked.
+    Each gives the reference's codes and scales, and all three write the same bits into every list
+    (params included, where the reference comparison has a tolerance). A CPU without AVX-512 runs its
+    widest build in that process instead (then compared with itself)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    dumps = {}
+    for cap in _CAPABILITIES:
+        path = str(tmp_path / f"{cap}.pt")
+        out = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, path, here, os.path.dirname(here)],
+                             env=dict(os.environ, ATEN_CPU_CAPABILITY=cap), cwd=root, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, f"ATEN_CPU_CAPABILITY={cap}:\n{out.stdout[-2000:]}{out.stderr[-3000:]}"
+        dumps[cap] = torch.load(path)
+        assert dumps[cap]["isa"] in _CAPABILITIES[:_CAPABILITIES.index(cap) + 1], (cap, dumps[cap]["isa"])
+    assert dumps["default"]["isa"] == "default"
+    base = dumps["default"]
+    for cap in _CAPABILITIES[1:]:
+        for key, lists in base.items():
+            if key == "isa":
+                continue
+            for name, tensors in lists.items():
+                for i, (a, b) in enumerate(zip(tensors, dumps[cap][key][name])):
+                    same = torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+                    assert same, f"{key} {name}[{i}]: the {dumps[cap]['isa']} build differs from the baseline's bits"
