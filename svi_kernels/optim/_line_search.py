@@ -317,13 +317,15 @@ class LineSearchOptimizer(Optimizer):
     def state_dict(self):
         """torch's layout, with the counters in ``param_groups[0]["ls"] = (ls_state,)`` (where
         torch.distributed.checkpoint's get/set_optimizer_state_dict keep them; see sharding.py) and every state tensor
-        present (zero before the first step), so a fresh optimizer's state_dict is a complete template
-        for DCP's in-place load."""
-        if self._uses_moments:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
+        present (zero before the first step; the master state of ``master_weights`` too), so a fresh
+        optimizer's state_dict is a complete template for DCP's in-place load (which loads only the
+        entries the template has: a master left out was lost on resume)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    if self._uses_moments:
                         self._moments(p, group, convert=False)
+                    master_weights.template_state(group, self.state[p], p)
         return sharding.counters_into_groups(super().state_dict(), LS_KEY)
 
     def load_state_dict(self, state_dict):

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import state_storage
+from . import sharding, state_storage
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -71,9 +71,6 @@ def check_new_group(opt, opt_name: str) -> None:
             raise ValueError(f"master_weights={group['master_weights']!r} with differentiable=True is not supported: "
                              "the differentiable step is the plain PyTorch update of the parameter itself; use "
                              "master_weights=False with it")
-        if group["master_weights"] not in (False, True) and state_storage._sharding.any_sharded(group["params"]):
-            raise ValueError(f"master_weights={group['master_weights']!r} with FSDP2 (DTensor) parameters is not "
-                             "supported yet (not tested); use master_weights=True or False with them")
         if group["master_weights"] == "stochastic" and group.get("capturable"):
             raise ValueError("master_weights='stochastic' with capturable=True is not supported: its rounding bits "
                              "change every step, and a replayed CUDA graph would replay the same bits (a biased "
@@ -106,7 +103,8 @@ def _ulp(p: Tensor) -> Tensor:
 
 
 def load(mode, p: Tensor, state: dict, group: Optional[dict] = None) -> Tensor:
-    """The float32 working values of p under ``mode`` (a new tensor, except True's master itself)."""
+    """The float32 working values of p under ``mode`` (a new tensor, except True's master itself; of an
+    FSDP2 p, the local shard's values, a plain tensor)."""
     if mode is True:
         return working_tensor(group if group is not None else {"master_weights": True}, state, p)
     return _with_correction(p, state)
@@ -114,13 +112,15 @@ def load(mode, p: Tensor, state: dict, group: Optional[dict] = None) -> Tensor:
 
 def _with_correction(p: Tensor, state: dict) -> Tensor:
     """p in float32 plus its correction, read by its dtype (int8: an 8bit code; p's dtype: a kahan
-    compensation), so a group switched between the modes keeps its precise values."""
-    w = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+    compensation), so a group switched between the modes keeps its precise values. Of an FSDP2 p: its
+    local shard's (every mode is elementwise; DTensor has no sharding rule for some of these ops)."""
+    pl = sharding.local(p.detach())
+    w = pl.to(torch.float32, memory_format=torch.preserve_format, copy=True)
     c = state.get(CORRECTION)
     if c is not None and c.dtype == torch.int8:
-        w += c.to(torch.float32) * (_ulp(p) / _CODE_UNITS)
+        w += sharding.local(c).to(torch.float32) * (_ulp(pl) / _CODE_UNITS)
     elif c is not None:
-        w += c.to(torch.float32)
+        w += sharding.local(c).to(torch.float32)
     return w
 
 
@@ -167,22 +167,24 @@ def _stochastic_round(w: Tensor, dtype: torch.dtype, key: int, index: int, r: Op
 
 def store(mode, p: Tensor, state: dict, w: Tensor, key: int = 0, index: int = 0,
           group: Optional[dict] = None) -> None:
-    """p (and its correction) <- the float32 working values ``w`` under ``mode``."""
-    if mode == "stochastic":
-        p.copy_(_stochastic_round(w, p.dtype, key, index))
+    """p (and its correction) <- the float32 working values ``w`` under ``mode``. Of an FSDP2 p, on its
+    local shard (``w`` a DTensor like p or its local values); the correction is a DTensor like p."""
+    pl, wl = sharding.local(p), sharding.local(w)
+    if mode == "stochastic":  # (FSDP2: the bits of each local element by its index in the shard)
+        pl.copy_(_stochastic_round(wl, p.dtype, key, index))
         state.pop(CORRECTION, None)
         return
     if mode is True:
         master = working_tensor(group if group is not None else {"master_weights": True}, state, p)
         if master is not w:
-            master.copy_(w)
-    p.copy_(w)
+            sharding.local(master).copy_(wl)
+    pl.copy_(wl)
     if mode == "kahan":
-        state[CORRECTION] = (w - p.to(torch.float32)).to(p.dtype)
+        state[CORRECTION] = sharding.like(p, (wl - pl.to(torch.float32)).to(p.dtype))
     elif mode == "8bit":
-        code = torch.round((w - p.to(torch.float32)) / (_ulp(p) / _CODE_UNITS))
+        code = torch.round((wl - pl.to(torch.float32)) / (_ulp(pl) / _CODE_UNITS))
         code = torch.nan_to_num(code, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-127, 127)
-        state[CORRECTION] = code.to(torch.int8)
+        state[CORRECTION] = sharding.like(p, code.to(torch.int8))
 
 
 def step_key(group: dict) -> int:
@@ -212,13 +214,23 @@ def working_tensor(group, state: dict, p: Tensor) -> Tensor:
         master = state.get("master_param")
         if master is None:
             state_storage.conform(state, torch.float32, state_dtype, state_storage.block_size(group))
-            master = state["master_param"] = _with_correction(p, state)  # (p itself without a correction)
+            master = state["master_param"] = sharding.like(p, _with_correction(p, state))  # (p without a correction)
             state.pop(CORRECTION, None)
         return master
     if "master_param" in state:
         del state["master_param"]
         state_storage.conform(state, p.dtype, state_dtype, state_storage.block_size(group))
     return p
+
+
+def template_state(group: dict, state: dict, p: Tensor) -> None:
+    """Creates p's master state where its first step would (a state_dict template for DCP): True's float32
+    copy of p, a zero kahan compensation or 8bit code (p is then exactly its working value)."""
+    mode = mode_of(group, p)
+    if mode is True:
+        working_tensor(group, state, p)
+    elif mode in ("kahan", "8bit") and CORRECTION not in state:
+        state[CORRECTION] = torch.zeros_like(p, dtype=p.dtype if mode == "kahan" else torch.int8)
 
 
 def step_with_masters(update, lists: List[List[Tensor]], params: List[Tensor],
@@ -252,15 +264,15 @@ def step_with_masters(update, lists: List[List[Tensor]], params: List[Tensor],
         low_grads = sub[1]
         sub[1] = [g.to(torch.float32) for g in low_grads]
         if loaded:
-            sub[0] = [load(mode, params[i], states[params[i]]) for i in chunk]
+            sub[0] = [sharding.like(params[i], load(mode, params[i], states[params[i]])) for i in chunk]
         update(*sub)
         if loaded:
             for i, w in zip(chunk, sub[0]):
                 store(mode, params[i], states[params[i]], w, key, position.get(id(params[i]), i))
         else:
-            torch._foreach_copy_([params[i] for i in chunk], sub[0])
-        if grad_scale is not None:
-            torch._foreach_copy_(low_grads, sub[1])
+            torch._foreach_copy_([sharding.local(params[i]) for i in chunk], sharding.local_lists([sub[0]])[0])
+        if grad_scale is not None:  # (FSDP2: DTensor has no sharding rule for _foreach_copy_; local shards)
+            torch._foreach_copy_(*sharding.local_lists([low_grads, sub[1]]))
 
 
 def _chunks(indices: List[int], tensors: Sequence[Tensor]):
@@ -338,7 +350,7 @@ def _searched_in_fp32(opt, closure, pairs):
     items = []  # (group, position, p, mode, its state dict, stashed master entries, w, p's start value)
     for g, k, p, mode in pairs:
         st = state[p]
-        w = load(mode, p, st, g).detach().clone()
+        w = sharding.like(p, load(mode, p, st, g).detach().clone())  # (FSDP2: a DTensor, as the search needs)
         stash = {key: st.pop(key) for key in ("master_param", CORRECTION) if key in st}
         w.requires_grad_(True)
         if p.grad is not None:
@@ -354,17 +366,18 @@ def _searched_in_fp32(opt, closure, pairs):
     bits = {}  # the SR bits of each "stochastic" parameter for this step (every trial and the final store)
 
     def rounded(g, k, p, w):
+        wl = sharding.local(w.detach())  # (FSDP2: the local shard, bits by its index there)
         r = bits.get(id(p))
         if r is None:
-            r = bits[id(p)] = sr_bits(w, keys[id(g)], k)
-        return _stochastic_round(w.detach(), p.dtype, keys[id(g)], k, r)
+            r = bits[id(p)] = sr_bits(wl, keys[id(g)], k)
+        return _stochastic_round(wl, p.dtype, keys[id(g)], k, r)
 
     def put_trial_points():
         for g, k, p, mode, st, stash, w, p0 in items:
             if mode == "stochastic":
-                p.copy_(rounded(g, k, p, w))
+                sharding.local(p).copy_(rounded(g, k, p, w))
             else:
-                p.copy_(w.detach())
+                sharding.local(p).copy_(sharding.local(w.detach()))
 
     def copy_grads():
         for g, k, p, mode, st, stash, w, p0 in items:
@@ -414,7 +427,7 @@ def _searched_in_fp32(opt, closure, pairs):
             scratch.pop(w, None)
             with torch.no_grad():
                 if ok and mode == "stochastic":
-                    p.copy_(rounded(g, k, p, w))
+                    sharding.local(p).copy_(rounded(g, k, p, w))
                     st.pop(CORRECTION, None)
                 elif ok:
                     store(mode, p, st, w.detach(), keys.get(id(g), 0), k, g)

@@ -43,6 +43,15 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if is_sharded(t) else t
 
 
+def like(p: Tensor, local_t: Tensor) -> Tensor:
+    """``local_t`` (a tensor of p's local shape) as state of p: a DTensor with p's mesh and placements
+    when p is one, else ``local_t`` itself (a DTensor already: itself)."""
+    if not is_sharded(p) or is_sharded(local_t):
+        return local_t
+    return DTensor.from_local(local_t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
 def any_sharded(tensors: Sequence[Tensor]) -> bool:
     return DTensor is not None and any(map(isinstance, tensors, repeat(DTensor)))
 
@@ -278,6 +287,4 @@ def local_scales(scales: Tensor, codes: Tensor, block: int) -> Tensor:
 
 def int8_to_dtensor(p, codes_local: Tensor, scales_local: Optional[Tensor], block: int) -> tuple:
     """Local codes (or float state, ``scales_local`` None) of p's shard as DTensor state of p."""
-    t = DTensor.from_local(codes_local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                           stride=p.stride())
-    return t, (None if scales_local is None else int8_scales_from_local(p, scales_local, block))
+    return like(p, codes_local), (None if scales_local is None else int8_scales_from_local(p, scales_local, block))

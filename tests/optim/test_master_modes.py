@@ -3,6 +3,7 @@ the load/store codec against float64 values, the precision a mode keeps where pl
 line-search trials (the closure sees the rounded point, the precise one is kept), failed searches,
 bit-identical resume, the refusals, and the memory each mode keeps, measured from live tensors.
 """
+import copy
 import importlib
 import io
 
@@ -556,6 +557,46 @@ def test_state_dict_resume_is_bit_identical(name, mode, state_dtype):
             assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
     if mode != "stochastic":
         assert (mw.CORRECTION in sa) == (mode in ("kahan", "8bit"))
+
+
+def _fill_in_place(template, saved):
+    """What DCP's load does: copy the saved values into the template's tensors; keys the template lacks
+    are not read."""
+    for k, v in template.items():
+        if isinstance(v, torch.Tensor) and isinstance(saved.get(k), torch.Tensor):
+            v.copy_(saved[k])
+        elif isinstance(v, dict) and isinstance(saved.get(k), dict):
+            _fill_in_place(v, saved[k])
+        elif k in saved:
+            template[k] = copy.deepcopy(saved[k])
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_fresh_state_dict_is_a_complete_template(name, mode):
+    """A line search's fresh state_dict holds the master state (True's float32 copy, a zero kahan
+    compensation / 8bit code) beside its moments, so an in-place load into it (DCP's) resumes bit for bit;
+    without it the master was lost (issue 24, found under FSDP2)."""
+    g = torch.Generator().manual_seed(9)
+    target = torch.randn(300, generator=g, dtype=torch.float64)
+    a = torch.nn.Parameter(torch.randn(300, generator=g).to(torch.bfloat16))
+    opt_a = ALL[name]([a], master_weights=mode)
+    run(name, a, opt_a, 3, target, seed=1)
+    b = torch.nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
+    opt_b = ALL[name]([b], master_weights=mode)
+    template = opt_b.state_dict()
+    want = {True: {"master_param"}, "kahan": {mw.CORRECTION}, "8bit": {mw.CORRECTION}, "stochastic": set()}[mode]
+    assert want <= set(template["state"][0]), sorted(template["state"][0])
+    _fill_in_place(template, opt_a.state_dict())
+    with torch.no_grad():
+        b.copy_(a)
+    opt_b.load_state_dict(template)
+    run(name, a, opt_a, 3, target, seed=2)
+    run(name, b, opt_b, 3, target, seed=2)
+    assert torch.equal(a.detach(), b.detach())
+    for k, v in opt_a.state[a].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, opt_b.state[b][k]), k
 
 
 # ---------------------------------------------------------------------------------------- memory
