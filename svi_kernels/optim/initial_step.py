@@ -21,10 +21,17 @@ failed trial. Ours, not the papers'; every other ``search=`` value keeps the pap
   (SaLSA, c = 0.5). After a second failure the loss along the line is not that quadratic (a
   cross-entropy line falls steeply, then rises about linearly, and the quadratic shrinks eta by ~0.8
   a trial there): the line through the last two trials meets the Armijo line at ``t_sec``, and the
-  next trial is at most ``beta_b * t_sec``. Kept between ``MIN_SHRINK * eta`` and ``beta_b * eta`` (a
-  non-finite trial loss: the lower bound). The papers multiply by ``beta_b`` (0.9 or 0.8): from
-  ``init_step_size`` to the accepted step size of a fine-tuning run that took 18-40 trials on the first
-  searches; on a pre-trained net of our own this takes 4-5 trials where the papers' took 21-30.
+  next trial is at most ``beta_b * t_sec``, but only where ``t_sec > 0``: a line through two trials
+  that lies above f0 at 0 (the two trials on a plateau: not convex with f0) meets the Armijo line at
+  t <= 0 and says nothing about where the test holds; the quadratic's step is taken. (Following it
+  sent the trial to the ``MIN_SHRINK`` floor. Issue 26: on the second search of a MiniLM fine-tuning
+  run, claim 2b n500, that happened twice in a row, the accepted step size was ~8x below the papers'
+  scan's, and AdamSLS's growth, 2^(1/500) a step, never recovered it: final step size 3.6e-5 where
+  the papers' search ends near 1e-4, 5/10 seeds reaching the target.) Kept between
+  ``MIN_SHRINK * eta`` and ``beta_b * eta`` (a non-finite trial loss: the lower bound). The papers
+  multiply by ``beta_b`` (0.9 or 0.8): from ``init_step_size`` to the accepted step size of a
+  fine-tuning run that took 18-40 trials on the first searches; on a pre-trained net of our own this
+  takes 4-5 trials where the papers' took 21-30.
 - *Headroom.* An accepted trial tells the schedule how much larger a step the test would have taken on
   the same quadratic (``accepted``): its climbing rule needs room to spare, not just a first trial.
 """
@@ -95,5 +102,7 @@ def backtrack(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float)
         # a second failure: the loss is not that quadratic (a cross-entropy line falls steeply, then
         # rises about linearly). The line through the last two trials meets the Armijo line at t_sec.
         slope = (previous[1] - f1) / (previous[0] - eta)
-        nxt = min(nxt, beta_b * (f0 - f1 + slope * eta) / (slope + c * s))
+        t_sec = (f0 - f1 + slope * eta) / (slope + c * s)
+        if t_sec > 0:  # else the line lies above f0 at 0: not convex there, the secant says nothing
+            nxt = min(nxt, beta_b * t_sec)
     return min(max(nxt, lo), hi)

@@ -63,6 +63,41 @@ def test_a_second_failure_backtracks_along_the_secant():
     assert I.backtrack(ls, group, 0.1, f0, f(0.1), s) == pytest.approx(eta2)
 
 
+def _search(f, eta, s, group, kind="auto"):
+    """One Armijo search on the line ``f`` from ``eta``: (accepted step size, trials)."""
+    ls = _ls(kind)
+    S.note_start(ls["search"], 0, eta, 1.0)
+    f0, trials = f(0.0), 0
+    while trials < 200:
+        trials += 1
+        f1 = f(eta)
+        if f1 <= f0 - group["c"] * eta * s:
+            return eta, trials
+        eta = I.backtrack(ls, group, eta, f0, f1, s)
+    raise AssertionError("no step size passed")
+
+
+def test_a_secant_above_f0_is_not_followed():
+    """A line that rises to a plateau (a fine-tuning run's loss along its second step rose to ~2.5
+    and flattened, issue 26): the secant through two trials on the plateau meets the Armijo line at
+    t <= 0, and following it cut eta by 10x (the floor) twice, to 7x below where the test starts to
+    hold; the search kept that step size for the run. Such a secant says nothing (the line is not
+    convex there): the next trial is the quadratic's."""
+    f0, s, c = 1.0, 100.0, 0.1
+    f = lambda t: min(f0 - s * t + 2e4 * t * t, 2.5 + 10 * t)  # noqa: E731  Armijo holds up to 0.0045
+    group = {"beta_b": 0.9, "c": c}
+    ls = _ls("auto")
+    S.note_start(ls["search"], 0, 0.02, 1.0)
+    I.backtrack(ls, group, 0.02, f0, f(0.02), s)  # on the plateau
+    nxt = I.backtrack(ls, group, 0.015, f0, f(0.015), s)  # on the plateau: the secant meets the Armijo line at t < 0
+    assert nxt > 0.1 * 0.015 * 1.5
+    papers, papers_trials = _search(f, 0.1, s, group, kind="every")
+    ours, trials = _search(f, 0.1, s, group)
+    assert 0.0045 * 0.9 <= papers <= 0.0045
+    assert 0.8 * papers <= ours <= 0.0045, (ours, papers)
+    assert trials < papers_trials / 4
+
+
 def test_start_catches_up_only_while_climbing():
     sls = {"gamma": 2.0, "n_batches_per_epoch": 10, "reset_option": 1}
     grow = 2.0 ** 0.1
