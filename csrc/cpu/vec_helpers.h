@@ -267,22 +267,28 @@ inline double for_each_element(const Operands<Ts...>& ops, int64_t n, const Body
   const auto ptr_of = [&p](auto k) { return static_cast<typename Ops::template T<decltype(k)::value>*>(p[k]); };
   // Only a reducing loop holds the accumulator: the others compile exactly as without one.
   std::conditional_t<kReduce, LaneSum<S>, NoSum> vsum;
-  int64_t i = 0;
-  for (; i + Ops::kStep <= n; i += Ops::kStep) {
+  // One vector step over kStep elements, element i of the segment first: operand k read from and
+  // written to at[k] (the segment at i, or the tail's buffer: kTail, ordinary stores, no prefetch);
+  // on_terms(x) receives the step's vectors after the body when kReduce.
+  const auto vector_step = [&](const std::array<void*, N>& at, int64_t i, auto tail, const auto& on_terms) {
+    constexpr bool kTail = decltype(tail)::value;
+    const auto at_k = [&at](auto k) { return static_cast<typename Ops::template T<decltype(k)::value>*>(at[k]); };
     std::array<Vec, N> x[kVecs];
     static_for<N>([&](auto k) {
       using IO = VecIO<typename Ops::template T<k>, S, kVecs>;
-      if constexpr (kPrefetch > 0 && (kLoad & bit(k)) != 0) prefetch_ahead(ptr_of(k) + i, kPrefetch);
+      if constexpr (!kTail && kPrefetch > 0 && (kLoad & bit(k)) != 0) prefetch_ahead(at_k(k), kPrefetch);
       if constexpr ((kLoad & bit(k)) != 0) {
         Vec v[kVecs];
-        IO::load(ptr_of(k) + i, v);
+        IO::load(at_k(k), v);
         for (int j = 0; j < kVecs; ++j) x[j][k] = v[j];
       }
     });
+    Vec terms[kVecs];
     for (int j = 0; j < kVecs; ++j) {
-      if constexpr (kReduce) vsum.add(body(x[j]));
+      if constexpr (kReduce) terms[j] = body(x[j]);
       else body(x[j]);
     }
+    if constexpr (kReduce) on_terms(terms);
     static_for<N>([&](auto k) {
       using IO = VecIO<typename Ops::template T<k>, S, kVecs>;
       if constexpr ((kStore & bit(k)) != 0) {
@@ -291,29 +297,48 @@ inline double for_each_element(const Operands<Ts...>& ops, int64_t n, const Body
                         "SR stores into bf16 state (read and written: no streaming store)");
           const uint32_t start = ops.sr_base[k] + static_cast<uint32_t>(i) * kSrIndexMul;
           constexpr uint32_t kNext = static_cast<uint32_t>(Vec::size()) * kSrIndexMul;
-          sr_pack_bf16(x[0][k], x[1][k], sr_bits_lanes(start), sr_bits_lanes(start + kNext)).store(ptr_of(k) + i);
+          sr_pack_bf16(x[0][k], x[1][k], sr_bits_lanes(start), sr_bits_lanes(start + kNext)).store(at_k(k));
         } else {
           Vec v[kVecs];
           for (int j = 0; j < kVecs; ++j) v[j] = x[j][k];
-          IO::template store<(kStream & bit(k)) != 0>(ptr_of(k) + i, v);
+          IO::template store<!kTail && (kStream & bit(k)) != 0>(at_k(k), v);
         }
       }
     });
-  }
-  double tail_sum = 0.0;
-  for (; i < n; ++i) {
-    std::array<S, N> x{};
-    static_for<N>([&](auto k) {
-      if constexpr ((kLoad & bit(k)) != 0) x[k] = static_cast<S>(ptr_of(k)[i]);
+  };
+  int64_t i = 0;
+  for (; i + Ops::kStep <= n; i += Ops::kStep) {
+    std::array<void*, N> at;
+    static_for<N>([&](auto k) { at[k] = ptr_of(k) + i; });
+    vector_step(at, i, std::false_type{}, [&vsum](const auto& terms) {
+      if constexpr (kReduce) {
+        for (int j = 0; j < kVecs; ++j) vsum.add(terms[j]);
+      }
     });
-    if constexpr (kReduce) tail_sum += static_cast<double>(body(x));
-    else body(x);
+  }
+  // The tail (fewer than kStep elements) through the same vector code, on a zero-padded copy: every
+  // element of a tensor gets the same operations whichever segment it falls in, and where the segment
+  // ends (a shard's or a chunk's size) cannot change a bit (FMA contraction differs between vector and
+  // scalar code). Its terms are added in element order, in double, as a scalar tail would add them.
+  double tail_sum = 0.0;
+  if (i < n) {
+    const int64_t rest = n - i;
+    alignas(64) unsigned char buf[N][Ops::kStep * sizeof(double)];
+    std::array<void*, N> at;
     static_for<N>([&](auto k) {
       using T = typename Ops::template T<k>;
-      if constexpr ((kStore & bit(k)) != 0) {
-        if constexpr ((kSr & bit(k)) != 0) ptr_of(k)[i] = sr_round_scalar(x[k], ops.sr_base[k], i);
-        else ptr_of(k)[i] = static_cast<T>(x[k]);
-      }
+      at[k] = buf[k];
+      std::memset(buf[k], 0, sizeof(buf[k]));
+      if constexpr ((kLoad & bit(k)) != 0) std::memcpy(buf[k], ptr_of(k) + i, rest * sizeof(T));
+    });
+    vector_step(at, i, std::true_type{}, [&](const auto& terms) {
+      S lanes[Ops::kStep];
+      for (int j = 0; j < kVecs; ++j) terms[j].store(lanes + j * Vec::size());
+      for (int64_t e = 0; e < rest; ++e) tail_sum += static_cast<double>(lanes[e]);
+    });
+    static_for<N>([&](auto k) {
+      using T = typename Ops::template T<k>;
+      if constexpr ((kStore & bit(k)) != 0) std::memcpy(ptr_of(k) + i, buf[k], rest * sizeof(T));
     });
   }
   if constexpr (kReduce) return vsum.total() + tail_sum;

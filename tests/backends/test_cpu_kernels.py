@@ -172,6 +172,46 @@ def test_many_tiny_tensors_then_a_large_one(cpu):
 
 
 # ------------------------------------------------------------------ float64 uses double math
+SPLITS = [[517, 483], [1, 15, 17, 967], [999, 1], [1000]]  # segment ends inside and between vectors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("op", ["adam", "adam_amsgrad", "sgd_momentum", "ls_trial_adam"])
+def test_element_bits_do_not_depend_on_where_a_segment_ends(cpu, dtype, op):
+    """The same 1000 values as one tensor or as several (a shard's or a chunk's split): the same bits.
+    The tail of a segment runs through the vector code on a zero-padded copy (vec_helpers.h), so where a
+    tensor ends cannot change an element's operations; the AVX builds contract to FMA in vector code,
+    and a scalar tail gave another last bit (7 elements of AdamW's 1000 after 30 steps, issue 24)."""
+    gen = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(1000, generator=gen, dtype=torch.float64) for k in ("p", "g", "m")}
+    base["v"] = torch.rand(1000, generator=gen, dtype=torch.float64) + 0.1
+    state_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    results = []
+    for sizes in SPLITS:
+        L = {k: [t.to(dtype if k in ("p", "g") else state_dtype).clone() for t in v.split(sizes)]
+             for k, v in base.items()}
+        vmax = [t.clone() for t in L["v"]]
+        for step in range(1, 6):
+            kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
+                      bias_correction1=1 - 0.9 ** step, bias_correction2_sqrt=math.sqrt(1 - 0.999 ** step),
+                      maximize=False)
+            if op == "adam":
+                cpu.adam_step(L["p"], L["g"], L["m"], L["v"], lr=3e-2, **kw)
+            elif op == "adam_amsgrad":
+                cpu.adam_step(L["p"], L["g"], L["m"], L["v"], lr=3e-2, max_exp_avg_sqs=vmax, **kw)
+            elif op == "sgd_momentum":
+                cpu.sgd_momentum_step(L["p"], L["g"], L["m"], lr=3e-2, momentum=0.9, weight_decay=0.01,
+                                      dampening=0.0, nesterov=True, maximize=False)
+            else:
+                cpu.ls_trial_adam(L["p"], L["p"], L["g"], L["v"], [0.3] * len(sizes), eps=1e-8,
+                                  bias_correction2_sqrt=0.5)
+        results.append({k: torch.cat(v) for k, v in L.items()})
+    for sizes, r in zip(SPLITS[1:], results[1:]):
+        for k in r:
+            diff = (r[k] != results[0][k]).nonzero().flatten().tolist()
+            assert not diff, f"{k} split {sizes}: elements {diff[:8]} differ from the split {SPLITS[0]}"
+
+
 def test_float64_all_ops(cpu):
     sizes = [1, 7, 4099, CHUNK + 9]
     tol = dict(rtol=1e-12, atol=1e-12)
