@@ -11,6 +11,7 @@ import torch
 
 import fsdp_jobs as J
 import rank_jobs
+import state_dtype_jobs as S
 import svi_kernels as sk
 
 MODES = (True, "kahan", "8bit", "stochastic")
@@ -25,15 +26,8 @@ def make_model(seed: int = 0) -> torch.nn.Sequential:
 
 
 def make_optimizer(name: str, model, mode, **kw):
-    params = list(model.parameters())
-    kw = dict(kw, backend="cpu" if sk.backends()["cpu"]["available"] else "reference", master_weights=mode)
-    if name == "AdamW":
-        return sk.AdamW(params, lr=3e-2, **kw)
-    if name == "SVI":
-        return sk.SVI(params, lr=3e-2, **kw)
-    if name == "AdamSLS":
-        return sk.AdamSLS(params, init_step_size=5.0, n_batches_per_epoch=4, **kw)
-    return sk.SaLSA(params, init_step_size=5.0, **kw)
+    backend = "cpu" if sk.backends()["cpu"]["available"] else "reference"
+    return S.make_optimizer(name, model, backend, state_dtype=None, master_weights=mode, **kw)
 
 
 def train(model, opt, name: str, steps) -> None:

@@ -16,9 +16,10 @@ BF16 = torch.bfloat16
 OPTIMIZERS = ["AdamW", "SVI", "AdamSLS", "SaLSA", "LayerwiseAdamSLS"]
 
 
-def make_optimizer(name: str, model: torch.nn.Module, backend: str, state_dtype=BF16):
+def make_optimizer(name: str, model: torch.nn.Module, backend: str, state_dtype=BF16, **extra):
+    """``extra``: more keywords for the optimizer (master_weights=, process_group=, ...)."""
     params = list(model.parameters())
-    kw = dict(backend=backend, state_dtype=state_dtype)
+    kw = dict(backend=backend, state_dtype=state_dtype, **extra)
     if name == "AdamW":
         return sk.AdamW(params, lr=3e-2, **kw)
     if name == "SVI":
