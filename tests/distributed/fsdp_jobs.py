@@ -143,6 +143,17 @@ def _dcp_state(model, opt) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
 
 
+def dcp_load_into(model, opt, path: str) -> None:
+    """Load the DCP checkpoint at ``path`` in place into ``model`` and ``opt`` (their state dicts are the
+    template: DCP reads only the entries they hold)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    sd = _dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
 def _local_state(opt) -> list:
     """Every state entry of every parameter, local shards, in parameter order (for bitwise comparison)."""
     out = []

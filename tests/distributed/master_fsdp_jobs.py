@@ -70,7 +70,6 @@ def dcp_resume(name: str, mode, ckpt_dir: str) -> dict:
     """Save with DCP after 2 steps and go on; a fresh model and optimizer (other initial values) loaded in
     place go on: the same bits (parameters and every state entry, master ones included)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"master-{name}-{mode}")
     model = make_model()
     J._shard(model)
@@ -81,10 +80,7 @@ def dcp_resume(name: str, mode, ckpt_dir: str) -> dict:
     model2 = make_model(seed=1)
     J._shard(model2)
     opt2 = make_optimizer(name, model2, mode)
-    sd = J._dcp_state(model2, opt2)
-    dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model2, sd["model"])
-    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    J.dcp_load_into(model2, opt2, path)
     train(model2, opt2, name, range(2, N_STEPS))
     s1, s2 = J._local_state(opt), J._local_state(opt2)
     return {"same_params": all(torch.equal(a.to_local(), b.to_local())

@@ -63,7 +63,6 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     """fsdp_jobs.dcp_resume with bf16 state: save after 2 steps, go on; a fresh model and optimizer loaded
     in place from the checkpoint go on with the same bits (the seed counter travels in param_groups[0])."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"bf16-{name}-{backend}")
     model = J.make_model()
     J._shard(model)
@@ -75,10 +74,7 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     model2 = J.make_model(seed=1)
     J._shard(model2)
     opt2 = make_optimizer(name, model2, backend)
-    sd = J._dcp_state(model2, opt2)
-    dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model2, sd["model"])
-    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    J.dcp_load_into(model2, opt2, path)
     calls_loaded = opt2.param_groups[0].get("state_seed_calls")
     dtypes_loaded = sorted({str(v.dtype) for st in opt2.state.values() if isinstance(st, dict)
                             for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor)})
