@@ -464,7 +464,8 @@ class LineSearchOptimizer(Optimizer):
         ``read(f1_tensor) -> (f1, s, skip)`` brings the trial loss (and, the first time, the pending
         reductions) to the host in ONE sync per trial. ``skip`` ends the search at once (accepting eta).
         Returns (eta, number of failed trials, found). After ``max_backtracks`` failures eta has been
-        reduced once per failure, as in the reference code. ``on_nonfinite()`` runs after a non-finite
+        reduced once per failure, as in the reference code (under ``"auto"`` the search ends sooner, at
+        the same eta: initial_step.exhausted). ``on_nonfinite()`` runs after a non-finite
         trial loss (TrialPoints.check_finite).
         """
         c = group["c"]
@@ -478,6 +479,8 @@ class LineSearchOptimizer(Optimizer):
                 return eta, e, True
             if on_nonfinite is not None and not math.isfinite(f1):
                 on_nonfinite()
+            if initial_step.exhausted(self.ls_state, eta):  # "auto": failed at the papers' last trial
+                return eta * group["beta_b"], e + 1, False
             eta = initial_step.backtrack(self.ls_state, group, eta, f0, f1, s)  # the papers': eta * beta_b
         return eta, int(group["max_backtracks"]), False
 

@@ -28,7 +28,10 @@ failed trial. Ours, not the papers'; every other ``search=`` value keeps the pap
   run, claim 2b n500, that happened twice in a row, the accepted step size was ~8x below the papers'
   scan's, and AdamSLS's growth, 2^(1/500) a step, never recovered it: final step size 3.6e-5 where
   the papers' search ends near 1e-4, 5/10 seeds reaching the target.) Kept between
-  ``MIN_SHRINK * eta`` and ``beta_b * eta`` (a non-finite trial loss: the lower bound). The papers
+  ``MIN_SHRINK * eta`` and ``beta_b * eta`` (a non-finite trial loss: the lower bound), and never below
+  the papers' last trial, ``start * beta_b^(max_backtracks - 1)``: a failure there ends the search, not
+  found, at ``floor * beta_b``, where the papers' exhausted scan ends (``exhausted``), after a handful of
+  trials where the papers' scan takes ``max_backtracks``. The papers
   multiply by ``beta_b`` (0.9 or 0.8): from ``init_step_size`` to the accepted step size of a
   fine-tuning run that took 18-40 trials on the first searches; on a pre-trained net of our own this
   takes 4-5 trials where the papers' took 21-30.
@@ -70,7 +73,21 @@ def start(ls: dict, paper_start: float, group: dict, gi: int) -> float:
     if search_schedule.climbing(state, gi):
         eta *= min(growth ** state["since"], MAX_CATCH_UP)
     search_schedule.note_start(state, gi, eta, growth)
+    # the papers' scan from here would try eta * beta_b^(max_backtracks - 1) last: ours goes no lower
+    state["floor"] = eta * float(group["beta_b"]) ** (int(group["max_backtracks"]) - 1)
     return eta
+
+
+def exhausted(ls: dict, eta: float) -> bool:
+    """Under ``"auto"``: did the search just fail at the papers' last trial step size (``floor``)?
+    Then it ends there, not found, as the papers' scan ends after its last trial (at ``floor * beta_b``).
+    Without it, interpolation (up to 10x a trial) took a search that no step size can pass (a
+    LayerwiseAdamSLS group whose trials see the other groups already moved, "code" criterion) through
+    all ``max_backtracks`` trials, to a step size of ~1e-104."""
+    if not ours(ls):
+        return False
+    floor = ls["search"].get("floor")
+    return floor is not None and eta <= floor
 
 
 def accepted(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float) -> None:
@@ -105,4 +122,4 @@ def backtrack(ls: dict, group: dict, eta: float, f0: float, f1: float, s: float)
         t_sec = (f0 - f1 + slope * eta) / (slope + c * s)
         if t_sec > 0:  # else the line lies above f0 at 0: not convex there, the secant says nothing
             nxt = min(nxt, beta_b * t_sec)
-    return min(max(nxt, lo), hi)
+    return max(min(max(nxt, lo), hi), state.get("floor") or 0.0)  # never below the papers' last trial

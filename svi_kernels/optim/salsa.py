@@ -230,5 +230,7 @@ class SaLSA(LineSearchOptimizer):
                 return eta, e, True
             if not math.isfinite(f1):
                 points.check_finite([gi])
+            if initial_step.exhausted(ls, eta):  # "auto": failed at the package's last trial
+                return eta * beta_b, e + 1, False
             eta = initial_step.backtrack(ls, group, eta, f0, f1, s.per_group[gi])  # the package's: eta * beta_b
         return eta, max_backtracks, False

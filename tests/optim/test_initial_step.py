@@ -98,15 +98,51 @@ def test_a_secant_above_f0_is_not_followed():
     assert trials < papers_trials / 4
 
 
+HOPELESS = {"AdamSLS": sk.AdamSLS, "SaLSA": sk.SaLSA, "ArmijoSGD": sk.ArmijoSGD, "LayerwiseAdamSLS": None}
+
+
+@pytest.mark.parametrize("name", list(HOPELESS))
+def test_a_search_no_step_size_passes_ends_where_the_papers_ends(name):
+    """Every trial's loss is above f0, however small the step (what a LayerwiseAdamSLS group's trials
+    see when the groups moved before it raised the loss, the "code" criterion; issue 26: one run's
+    search took all 100 trials, 10x smaller each, to a step size of 1.4e-104). "auto" stops after the
+    papers' last trial step size fails and keeps the papers' final step size, in a handful of trials."""
+    def run(search):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(7, 3)
+        ps = list(model.parameters())
+        opt = (sk.LayerwiseAdamSLS([{"params": [p]} for p in ps], warmup_steps=1, search=search)
+               if HOPELESS[name] is None else HOPELESS[name](ps, search=search))
+        x = torch.randn(16, 7)
+
+        def closure():
+            loss = model(x).pow(2).mean()
+            return loss if torch.is_grad_enabled() else loss + 1.0  # every trial (no grad) fails
+        opt.zero_grad()
+        opt.step(closure)
+        return opt.ls_state, [p.detach().clone() for p in ps]
+    papers, papers_params = run("every")
+    ours, our_params = run("auto")
+    assert papers["n_backtracks"][0] == 100 and not papers["found"][0]
+    assert not ours["found"][0] and ours["n_backtracks"][0] <= 12, ours["n_backtracks"]
+    assert ours["step_sizes"][0] == pytest.approx(papers["step_sizes"][0], rel=1e-9)
+    assert ours["step_sizes"][0] > 1e-10
+    for a, b in zip(our_params, papers_params):  # the same final move (trials move in place: a few ulps)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+SALSA_GROUP = {"growth": 1.1, "beta_b": 0.8, "max_backtracks": 100}
+
+
 def test_start_catches_up_only_while_climbing():
-    sls = {"gamma": 2.0, "n_batches_per_epoch": 10, "reset_option": 1}
+    sls = {"gamma": 2.0, "n_batches_per_epoch": 10, "reset_option": 1, "beta_b": 0.9, "max_backtracks": 100}
     grow = 2.0 ** 0.1
     assert I.start(_ls("every", since=0), 0.5, sls, 0) == 0.5
     assert I.start(_ls("auto", climb=0, since=4), 0.5, sls, 0) == 0.5  # the last search backtracked
     assert I.start(_ls("auto", climb=1, since=2), 0.5, sls, 0) == pytest.approx(0.5 * grow ** 2)
     assert I.start(_ls("auto", climb=1, since=20), 0.5, sls, 0) == pytest.approx(0.5 * I.MAX_CATCH_UP)
     assert I.start(_ls("auto", climb=1, since=20), 0.5, dict(sls, reset_option=2), 0) == 0.5
-    assert I.start(_ls("auto", climb=1, since=1), 0.5, {"growth": 1.1}, 0) == pytest.approx(0.55)
+    assert I.start(_ls("auto", climb=1, since=1), 0.5, SALSA_GROUP, 0) == pytest.approx(0.55)
 
 
 def test_climbing_searches_come_sooner():
@@ -118,7 +154,7 @@ def test_climbing_searches_come_sooner():
         if S.decide(st, step):
             steps.append(step)
             ls = {"search": st}
-            start = I.start(ls, eta * 1.1, {"growth": 1.1}, 0)
+            start = I.start(ls, eta * 1.1, SALSA_GROUP, 0)
             S.advance(st, True, {0: start}, {0: eta})  # accepted at once
             eta = start
         else:
