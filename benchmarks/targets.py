@@ -29,6 +29,9 @@ MANY_SMALL_MAX_COST = 2.0       # ns/byte on many-small vs ns/byte on huge, same
 # move), on BANDWIDTH_WORKLOADS; and the memory it keeps, with fp32 parameters (live tensors, B/param)
 STATE_DTYPE_RATIO_LIMITS = {"adamw_bf16_state": 0.8, "adamw_int8_state": 0.7}
 _LOW_PRECISION_ROWS = ("adamw", "adam_sls_bookkeeping", "salsa_search_bookkeeping", "layerwise_adam_sls_bookkeeping")
+# (not on HOST_WORKLOAD: its 64-element tensors carry what every tensor keeps whatever its size, AdamW's
+# 0-d float32 step (torch's convention, +0.06 B/param there) and at least one int8 block per moment
+# (two fp32 scales, +0.125): printed there, without a target)
 STATE_BYTES_LIMITS = {**{f"{name}_bf16_state": 4.05 for name in _LOW_PRECISION_ROWS},
                       **{f"{name}_int8_state": 2.1 for name in _LOW_PRECISION_ROWS}}
 
@@ -99,7 +102,7 @@ def evaluate(results: List[dict]) -> None:
                 limit = STATE_DTYPE_RATIO_LIMITS[r["name"]]
                 checks.append(_check(f"<= {limit:.3g}x torch fused AdamW", r["ratio_to_torch_fused_adamw"], limit,
                                      True, r.get("ratio_interval")))
-            if r["name"] in STATE_BYTES_LIMITS and r.get("dtype") == "fp32":
+            if r["name"] in STATE_BYTES_LIMITS and r.get("dtype") == "fp32" and r["workload"] != HOST_WORKLOAD:
                 limit = STATE_BYTES_LIMITS[r["name"]]
                 checks.append(_check(f"state <= {limit:g} B/param", r.get("state_bytes_per_param"), limit, True))
             if r["workload"] in BANDWIDTH_WORKLOADS:

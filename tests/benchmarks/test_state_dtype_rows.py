@@ -211,7 +211,8 @@ def test_state_dtype_targets():
     rows = [row("adamw_bf16_state", "huge", 0.75, 4.01), row("adamw_bf16_state", "bert-base", 0.85, 4.01),
             row("adamw_bf16_state", "minilm", 0.85, 4.2), row("adam_sls_bookkeeping_bf16_state", "minilm", 3.0, 4.0),
             row("adamw_bf16_state", "minilm", 0.85, 2.0, dtype="bf16"), row("adamw_int8_state", "huge", 0.65, 2.03),
-            row("adamw_int8_state", "huge", 0.75, 2.03), row("layerwise_adam_sls_bookkeeping_int8_state", "minilm", 3.0, 2.2)]
+            row("adamw_int8_state", "huge", 0.75, 2.03), row("layerwise_adam_sls_bookkeeping_int8_state", "minilm", 3.0, 2.2),
+            row("adamw_int8_state", "host-10k", 3.0, 2.19)]
     targets.evaluate(rows)
     assert rows[0]["status"] == "ok"
     assert "0.8x" in rows[1]["status"] and rows[1]["status"].startswith("MISSING")
@@ -219,3 +220,5 @@ def test_state_dtype_targets():
     assert rows[3]["status"] == "ok" and rows[4]["status"] == "-"  # the memory limit is for fp32 parameters
     assert rows[5]["status"] == "ok" and "0.7x" in rows[6]["status"] and rows[6]["status"].startswith("MISSING")
     assert "state <= 2.1 B/param" in rows[7]["status"] and rows[7]["status"].startswith("MISSING")
+    # 64-element tensors: AdamW's per-tensor step and an int8 block per moment are printed, not held to it
+    assert "state <=" not in rows[8]["status"]
