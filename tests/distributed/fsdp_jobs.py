@@ -169,7 +169,6 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     """Save with DCP after 2 steps and go on; load into a fresh model and optimizer and go on: same bits.
     Then load it back into the first model and optimizer and go on again: the same bits once more."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"{name}-{backend}")
     model = make_model()
     _shard(model)
@@ -181,10 +180,7 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     model2 = make_model(seed=1)  # other initial values: only the checkpoint can make them equal
     _shard(model2)
     opt2 = make_optimizer(name, model2, backend)
-    sd = _dcp_state(model2, opt2)
-    dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model2, sd["model"])
-    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    dcp_load_into(model2, opt2, path)
     ls_loaded = copy.deepcopy(opt2.ls_state) if name in LINE_SEARCH else None
     train(model2, opt2, name, range(2, N_STEPS), rank, world)
     same_params = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
@@ -192,10 +188,7 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     same_state = len(s1) == len(s2) and all(
         a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(s1, s2))
     # Roll the trained model and optimizer back to the checkpoint (their step plans were built) and go on.
-    sd = _dcp_state(model, opt)
-    dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model, sd["model"])
-    set_optimizer_state_dict(model, opt, sd["optim"])
+    dcp_load_into(model, opt, path)
     train(model, opt, name, range(2, N_STEPS), rank, world)
     rolled_back = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
     return {"same_params": same_params, "same_state": same_state, "ls_loaded_step": (ls_loaded or {}).get("step"),

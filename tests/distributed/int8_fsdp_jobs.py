@@ -194,7 +194,6 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     """Save with DCP after 2 steps and go on; a fresh model and optimizer loaded in place go on: the same
     bits (parameters, codes, scales, line-search state). Each rank trains on its slice of the batch."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"int8-{name}-{backend}")
     model = make_model()
     J._shard(model)
@@ -207,10 +206,7 @@ def dcp_resume(rank: int, world: int, name: str, backend: str, ckpt_dir: str) ->
     model2 = make_model(seed=1)
     J._shard(model2)
     opt2 = make_optimizer(name, layers(model2), backend)
-    sd = J._dcp_state(model2, opt2)
-    dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model2, sd["model"])
-    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    J.dcp_load_into(model2, opt2, path)
     loaded_state = J._local_state(opt2)
     same_loaded = _same(saved_state, loaded_state)
     ls_loaded = copy.deepcopy(opt2.ls_state) if name in J.LINE_SEARCH else None
@@ -241,22 +237,17 @@ def dcp_refused(rank: int, world: int, name: str, backend: str, ckpt_dir: str, h
     optimizer with state_block_size 64) or "mesh" (HSDP on a 2 x 1 mesh: replicated, whole tensors as
     shards, so the blocks are those of whole tensors). The load raises before anything is written: the
     fresh model and optimizer are as they were."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"int8-{name}-{backend}")
     mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")) if how == "mesh" else None
     model, opt = _fresh(name, backend, 64 if how == "block" else BLOCK, mesh)
     J.train(model, opt, name, range(1), rank, world)
     before_params = [p.to_local().clone() for p in model.parameters()]
     before_state = J._local_state(opt)
-    sd = J._dcp_state(model, opt)
     error = None
     try:
-        dcp.load(sd, checkpoint_id=path)
-        set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, opt, sd["optim"])
+        J.dcp_load_into(model, opt, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (CheckpointException is a BaseException)
         error = f"{type(e).__name__}: {e}"
     unchanged = (all(torch.equal(a, b.to_local()) for a, b in zip(before_params, model.parameters()))
@@ -385,7 +376,6 @@ def dcp_across_dtypes(rank: int, world: int, name: str, backend: str, ckpt_dir: 
     an int8 optimizer. Each is refused (what was raised) or loaded (the state's dtypes after)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     out = {}
     f32_path = os.path.join(ckpt_dir, f"f32-{name}-{backend}")
     model = make_model()
@@ -398,11 +388,8 @@ def dcp_across_dtypes(rank: int, world: int, name: str, backend: str, ckpt_dir: 
         model2 = make_model(seed=1)
         J._shard(model2)
         opt2 = make_optimizer(name, layers(model2), backend, state_dtype=sd_type)
-        sd = J._dcp_state(model2, opt2)
         try:
-            dcp.load(sd, checkpoint_id=path)
-            set_model_state_dict(model2, sd["model"])
-            set_optimizer_state_dict(model2, opt2, sd["optim"])
+            J.dcp_load_into(model2, opt2, path)
             out[case] = ("loaded", sorted({str(v.dtype) for st in J._local_state(opt2) for k, v in st.items()
                                            if k != "step"}))
         except (Exception, CheckpointException) as e:  # noqa: BLE001
