@@ -98,39 +98,6 @@ def test_a_secant_above_f0_is_not_followed():
     assert trials < papers_trials / 4
 
 
-HOPELESS = {"AdamSLS": sk.AdamSLS, "SaLSA": sk.SaLSA, "ArmijoSGD": sk.ArmijoSGD, "LayerwiseAdamSLS": None}
-
-
-@pytest.mark.parametrize("name", list(HOPELESS))
-def test_a_search_no_step_size_passes_ends_where_the_papers_ends(name):
-    """Every trial's loss is above f0, however small the step (what a LayerwiseAdamSLS group's trials
-    see when the groups moved before it raised the loss, the "code" criterion; issue 26: one run's
-    search took all 100 trials, 10x smaller each, to a step size of 1.4e-104). "auto" stops after the
-    papers' last trial step size fails and keeps the papers' final step size, in a handful of trials."""
-    def run(search):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(7, 3)
-        ps = list(model.parameters())
-        opt = (sk.LayerwiseAdamSLS([{"params": [p]} for p in ps], warmup_steps=1, search=search)
-               if HOPELESS[name] is None else HOPELESS[name](ps, search=search))
-        x = torch.randn(16, 7)
-
-        def closure():
-            loss = model(x).pow(2).mean()
-            return loss if torch.is_grad_enabled() else loss + 1.0  # every trial (no grad) fails
-        opt.zero_grad()
-        opt.step(closure)
-        return opt.ls_state, [p.detach().clone() for p in ps]
-    papers, papers_params = run("every")
-    ours, our_params = run("auto")
-    assert papers["n_backtracks"][0] == 100 and not papers["found"][0]
-    assert not ours["found"][0] and ours["n_backtracks"][0] <= 12, ours["n_backtracks"]
-    assert ours["step_sizes"][0] == pytest.approx(papers["step_sizes"][0], rel=1e-9)
-    assert ours["step_sizes"][0] > 1e-10
-    for a, b in zip(our_params, papers_params):  # the same final move (trials move in place: a few ulps)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 SALSA_GROUP = {"growth": 1.1, "beta_b": 0.8, "max_backtracks": 100}
 
 
@@ -233,6 +200,35 @@ def _layerwise(ps, **kw):
 
 
 AT_DEFAULTS = {"AdamSLS": sk.AdamSLS, "SaLSA": sk.SaLSA, "ArmijoSGD": sk.ArmijoSGD, "LayerwiseAdamSLS": _layerwise}
+
+
+@pytest.mark.parametrize("name", list(AT_DEFAULTS))
+def test_a_search_no_step_size_passes_ends_where_the_papers_ends(name):
+    """Every trial's loss is above f0, however small the step (what a LayerwiseAdamSLS group's trials
+    see when the groups moved before it raised the loss, the "code" criterion; issue 26: one run's
+    search took all 100 trials, 10x smaller each, to a step size of 1.4e-104). "auto" stops after the
+    papers' last trial step size fails and keeps the papers' final step size, in a handful of trials."""
+    def run(search):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(7, 3)
+        ps = list(model.parameters())
+        opt = AT_DEFAULTS[name](ps, search=search)
+        x = torch.randn(16, 7)
+
+        def closure():
+            loss = model(x).pow(2).mean()
+            return loss if torch.is_grad_enabled() else loss + 1.0  # every trial (no grad) fails
+        opt.zero_grad()
+        opt.step(closure)
+        return opt.ls_state, [p.detach().clone() for p in ps]
+    papers, papers_params = run("every")
+    ours, our_params = run("auto")
+    assert papers["n_backtracks"][0] == 100 and not papers["found"][0]
+    assert not ours["found"][0] and ours["n_backtracks"][0] <= 12, ours["n_backtracks"]
+    assert ours["step_sizes"][0] == pytest.approx(papers["step_sizes"][0], rel=1e-9)
+    assert ours["step_sizes"][0] > 1e-10
+    for a, b in zip(our_params, papers_params):  # the same final move (trials move in place: a few ulps)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tanh-deep", "relu-xor", "finetune"])
